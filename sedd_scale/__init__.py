@@ -1,0 +1,1 @@
+"""sedd-scale: Score Entropy Discrete Diffusion language models at any scale."""

@@ -1,0 +1,116 @@
+"""Workarounds for megatron-core and DeepSpeed on a machine without CUDA (CPU torch, gloo).
+
+Every other module imports megatron-core and DeepSpeed through this one, so the fixes are in
+place before the first use. Each fix is applied only when its trigger is present:
+
+1. megatron-core >= 0.19 imports `triton` unguarded in `transformer/moe/ops/paged_stash.py`
+   (pulled in by the pipeline schedules). CPU wheels ship no triton, and a global fake `triton`
+   breaks `torch._dynamo`, so only that MoE-only module is stubbed.
+2. Without CUDA, megatron-core places buffers on `torch.cuda.current_device()`, seeds and forks
+   its RNG tracker through `torch.cuda.{get_rng_state,manual_seed}` and sets states with a lazy
+   CUDA call that silently never runs. They are mapped onto the CPU device and generator,
+   which is what CPU tensors use anyway.
+3. The pipeline schedules allocate `torch.zeros(..., device="cuda")`; that module gets a torch
+   whose factory functions map "cuda" to "cpu".
+4. DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op (about a minute on two
+   cores) inside `init_distributed`; it only serves CPU inference, so the build is skipped.
+
+On a CUDA machine only fix 1 can apply (when triton is missing), and nothing else changes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import types
+
+import torch
+
+APPLIED: list[str] = []
+
+
+def _stub_paged_stash() -> None:
+    if importlib.util.find_spec("triton") is not None:
+        return
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    spec = importlib.util.find_spec("megatron")  # a namespace package: finding it runs nothing
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    if name in sys.modules or not any(
+        os.path.exists(os.path.join(r, "core/transformer/moe/ops/paged_stash.py")) for r in roots
+    ):
+        return
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("paged-stash triton kernels need CUDA and triton (stubbed by sedd_scale.compat)")
+
+    stub = types.ModuleType(name)
+    stub.GLOBAL_BLOCK_SIZE = 1024
+    stub.paged_stash_copy_kernel = unavailable
+    stub.paged_stash_pop_kernel = unavailable
+    sys.modules[name] = stub
+    APPLIED.append("megatron paged_stash stub")
+
+
+class _CudaToCpuTorch:
+    """A view of `torch` whose tensor factories turn device="cuda" into the CPU."""
+
+    _FACTORIES = frozenset({"zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn"})
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        attr = getattr(self._real, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+def _cuda_to_cpu() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    torch.cuda.random.manual_seed = torch.cuda.manual_seed
+    torch.cuda.synchronize = lambda device=None: None
+
+    import megatron.core.pipeline_parallel.schedules as schedules
+    import megatron.core.tensor_parallel.random as mrandom
+
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    # The tracker warns on every fork that the "CPU RNG changed inside the GPU RNG context":
+    # on CPU both are the same generator by construction.
+    logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
+    schedules.torch = _CudaToCpuTorch(torch)
+    APPLIED.append("cuda->cpu device and RNG shims")
+
+
+def _skip_deepspeed_shm_build() -> None:
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    importlib.import_module("deepspeed.comm.torch")
+    # `deepspeed.comm.torch` as an attribute is the real torch module: patch through sys.modules.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    APPLIED.append("deepspeed shm-op build skipped")
+
+
+def apply() -> list[str]:
+    """Apply the fixes this machine needs (idempotent); returns their names."""
+    if APPLIED:
+        return APPLIED
+    _stub_paged_stash()
+    if not torch.cuda.is_available():
+        _cuda_to_cpu()
+        _skip_deepspeed_shm_build()
+    APPLIED.append("checked")
+    return APPLIED
+
+
+apply()

@@ -1,0 +1,65 @@
+"""Run a function in N real processes joined by a gloo process group (CPU), collect results."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port that is free on the loopback interface right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, fn, args, queue):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        # A timeout turns a hang (mismatched collectives) into an error instead of a stuck CI.
+        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=120))
+        queue.put((rank, True, fn(*args)))
+    except BaseException:  # report any failure, including SystemExit, to the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn, world_size: int, *args, timeout: float = 600.0) -> list:
+    """Call fn(*args) on ranks 0..world_size-1 (spawned processes); return the per-rank results."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    while len(results) + len(errors) < world_size:
+        if datetime.datetime.now() > deadline or not any(p.is_alive() for p in procs) and queue.empty():
+            break
+        if queue.empty():
+            for p in procs:
+                p.join(timeout=0.05)
+            continue
+        rank, ok, value = queue.get()
+        (results.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+    if errors:
+        raise RuntimeError("distributed worker failed\n" + "\n".join(errors))
+    if len(results) != world_size:
+        raise RuntimeError(f"only ranks {sorted(results)} of {world_size} reported (crash or timeout)")
+    return [results[r] for r in range(world_size)]
