@@ -39,8 +39,8 @@ def launch(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=True)
-             for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=False)
+             for r in range(world_size)]  # not daemonic: ranks may start DataLoader workers
     for p in procs:
         p.start()
     results, errors = {}, []
