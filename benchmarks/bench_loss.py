@@ -1,0 +1,164 @@
+"""Head + score-entropy loss, fwd+bwd: naive (full logits, reference loss) vs fused chunked vocab-parallel.
+
+    python benchmarks/bench_loss.py                    # tokens 8x1024, H 768, V 50258 (slow on 2 CPU cores)
+    python benchmarks/bench_loss.py --tokens 1024      # quick run
+
+Every row runs in fresh processes (TP=2: two ranks joined by gloo), so peaks do not mix. Peak memory is
+the growth during one fwd+bwd step over what was allocated before it (hidden states, head parameters, ids):
+on CUDA from the caching allocator (`torch.cuda.max_memory_allocated`), on CPU from the process's resident
+set (the kernel's VmHWM high-water mark, reset through /proc/self/clear_refs before the step). Time is the
+mean wall time of the measured steps after one warm-up step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sedd_scale.diffusion import get_graph, get_noise, to_log_score  # noqa: E402
+from sedd_scale.loss import ScoreEntropyHeadConfig, score_entropy_head, weighted_score_entropy_head  # noqa: E402
+
+ROWS = (("naive", 1), ("fused per-token", 1), ("fused weighted", 1), ("fused weighted", 2))
+
+
+def _rss_peak_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+
+def _reset_peak(device: torch.device) -> int:
+    """Reset the peak counter; return the current usage in bytes."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    return _rss_peak_kib() * 1024
+
+
+def _peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _rss_peak_kib() * 1024
+
+
+def _setup(args, tp: int, rank: int, device: torch.device):
+    """Inputs of one training step: hidden states, this rank's head shard, noised ids, noise and rates."""
+    g = torch.Generator().manual_seed(0)
+    batch, length = args.batch, args.tokens // args.batch
+    num_tokens = args.vocab - (args.graph == "absorb")
+    v_pad = -(-args.vocab // (128 * tp)) * 128 * tp  # megatron pads to a multiple of 128 x TP
+    vl = v_pad // tp
+    dtype = getattr(torch, args.dtype)
+    graph = get_graph(args.graph, num_tokens)
+    noise = get_noise("loglinear" if args.graph == "absorb" else "geometric")
+    t = 1e-3 + (1 - 1e-3) * torch.rand(batch, generator=g)
+    sigma, rate = noise(t)
+    x0 = torch.randint(0, num_tokens, (batch, length), generator=g)
+    xt = graph.sample_transition(x0, sigma, generator=g)
+    w = torch.randn(v_pad, args.hidden, generator=g) * 0.02
+    b = torch.randn(v_pad, generator=g) * 0.02
+    h = torch.randn(batch, length, args.hidden, generator=g)
+    to = lambda x: x.to(device)  # noqa: E731
+    return dict(
+        graph=graph, hidden=to(h.to(dtype)).requires_grad_(True),
+        weight=to(w[rank * vl:(rank + 1) * vl].to(dtype)).requires_grad_(True),
+        bias=to(b[rank * vl:(rank + 1) * vl].to(dtype)).requires_grad_(True),
+        x_t=to(xt), x_0=to(x0), sigma=to(sigma), rate=to(rate), batch=batch,
+        cfg=ScoreEntropyHeadConfig(args.graph, num_tokens, args.graph == "absorb", args.chunk_size))
+
+
+def _step(kind: str, d: dict, group) -> None:
+    """One fwd+bwd of head + loss (the loss is the batch mean of per-sequence sigma-weighted sums)."""
+    h, w, b, cfg = d["hidden"], d["weight"], d["bias"], d["cfg"]
+    if kind == "naive":
+        gr = d["graph"]
+        logits = torch.nn.functional.linear(h, w, b)
+        ls = to_log_score(logits, d["x_t"], d["sigma"], num_tokens=cfg.num_tokens, graph_dim=gr.dim,
+                          scale_by_sigma=cfg.scale_by_sigma)
+        se = gr.score_entropy(ls[..., : gr.dim], d["sigma"], d["x_t"], d["x_0"])
+        loss = (d["rate"][:, None] * se).sum() / d["batch"]
+    elif kind == "fused per-token":
+        se = score_entropy_head(h, w, b, d["x_t"], d["x_0"], d["sigma"], cfg, tp_group=group)
+        loss = (d["rate"][:, None] * se).sum() / d["batch"]
+    else:
+        loss, _ = weighted_score_entropy_head(h, w, b, d["x_t"], d["x_0"], d["sigma"], d["rate"] / d["batch"],
+                                              cfg, tp_group=group)
+    loss.backward()
+    for p in (h, w, b):
+        p.grad = None
+
+
+def _worker(rank: int, tp: int, kind: str, args, port: int, out_dir: str) -> None:
+    device = torch.device(args.device)
+    group = None
+    if tp > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(max(1, torch.get_num_threads() // tp))
+        dist.init_process_group("gloo", rank=rank, world_size=tp)
+        group = dist.group.WORLD
+    d = _setup(args, tp, rank, device)
+    _step(kind, d, group)  # warm-up
+    base = _reset_peak(device)
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        _step(kind, d, group)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / args.iters
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(dict(peak=_peak(device) - base, time=elapsed), f)
+    if tp > 1:
+        dist.destroy_process_group()
+
+
+def run_row(kind: str, tp: int, args) -> dict:
+    """Run one row in fresh processes; return the largest per-rank peak and the slowest rank's time."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(tp, kind, args, 29500 + os.getpid() % 1000, out_dir), nprocs=tp, join=True)
+        ranks = [json.load(open(os.path.join(out_dir, f"{r}.json"))) for r in range(tp)]
+    return dict(peak=max(r["peak"] for r in ranks), time=max(r["time"] for r in ranks))
+
+
+def main() -> None:
+    """Parse options, run every row, print the table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8 * 1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=50258, help="graph states (absorb: 50257 tokens + MASK)")
+    p.add_argument("--graph", choices=("absorb", "uniform"), default="absorb")
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--iters", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    if args.tokens % args.batch:
+        p.error("--tokens must be a multiple of --batch")
+    print(f"tokens {args.batch}x{args.tokens // args.batch}, H {args.hidden}, V {args.vocab}, graph {args.graph}, "
+          f"chunk {args.chunk_size}, {args.dtype}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"peak = {'CUDA allocator' if args.device.startswith('cuda') else 'RSS high-water'} growth over the step",
+          flush=True)
+    print("| path | TP | peak / rank (MiB) | naive peak / this | time (s) | time / naive |")
+    print("|---|---|---|---|---|---|", flush=True)
+    naive = None
+    for kind, tp in ROWS:  # rows print as they finish (naive first: the ratios' denominator)
+        r = run_row(kind, tp, args)
+        naive = naive or r
+        print(f"| {kind} | {tp} | {r['peak'] / 2**20:.0f} | {naive['peak'] / max(r['peak'], 1):.1f}x | "
+              f"{r['time']:.3f} | {r['time'] / naive['time']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""The fused, chunked, vocabulary-parallel score entropy vs the single-process reference and a float64 oracle.
+
+Inputs are on a dyadic grid (hidden in k/4, weight in k/8, bias in k/8) so every logit is exact in float32
+whatever the matmul blocking or the vocabulary split: the comparisons then measure the loss, not the GEMM.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sedd_scale.diffusion import get_graph, to_log_score
+from sedd_scale.loss import ScoreEntropyHeadConfig, score_entropy_head, weighted_score_entropy_head
+from tests.dist import launch
+
+N = 37  # real tokens; absorb has 38 states
+V_PAD = 64  # at TP=4 the last rank holds only padding; at TP=2 rank 1 holds MASK and padding
+B, L, H = 6, 7, 24
+SIGMAS = (1e-5, 1e-3, 0.1, 1.0, 5.0, 20.0)  # one total noise per sequence
+CASES = (("absorb", False), ("absorb", True), ("uniform", False))
+RTOL = 1e-6
+
+
+def make_case(graph: str, seed: int = 0) -> dict:
+    """A batch with vocabulary padding, ids in the first and last real columns, and both kinds of x_t."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, N, (B, L), generator=g)
+    x0[0, 0], x0[1, 1] = N - 1, 0
+    if graph == "absorb":
+        xt = torch.where(torch.rand(B, L, generator=g) < 0.6, N, x0)
+        xt[:, 2] = N  # every noise level has a masked token
+    else:
+        xt = torch.where(torch.rand(B, L, generator=g) < 0.5, torch.randint(0, N, (B, L), generator=g), x0)
+        xt[:, 2], xt[:, 3] = (x0[:, 2] + 1) % N, x0[:, 3]  # every noise level has both x_t != x_0 and x_t == x_0
+        xt[2, 4] = N - 1
+    return dict(
+        hidden=torch.randint(-8, 9, (B, L, H), generator=g).float() / 4,
+        weight=torch.randint(-4, 5, (V_PAD, H), generator=g).float() / 8,
+        bias=torch.randint(-8, 9, (V_PAD,), generator=g).float() / 8,
+        x_t=xt, x_0=x0, sigma=torch.tensor(SIGMAS), rate=torch.rand(B, generator=g) + 0.5,
+    )
+
+
+def reference(case: dict, graph: str, scale_by_sigma: bool, dtype=torch.float64):
+    """Single-process reference: full logits, `to_log_score`, the graph's score entropy; loss and grads."""
+    gr = get_graph(graph, N)
+    h, w, b = (case[k].to(dtype, copy=True).requires_grad_(True) for k in ("hidden", "weight", "bias"))
+    sigma = case["sigma"].to(dtype)
+    log_score = to_log_score(h @ w.t() + b, case["x_t"], sigma, num_tokens=N, graph_dim=gr.dim,
+                             scale_by_sigma=scale_by_sigma)
+    loss = gr.score_entropy(log_score[..., : gr.dim], sigma, case["x_t"], case["x_0"])
+    grads = torch.autograd.grad((case["rate"].to(dtype)[:, None] * loss).sum(), (h, w, b))
+    return loss.detach(), grads
+
+
+def oracle_loss(h, w, b, case: dict, graph: str, scale_by_sigma: bool):
+    """sedd-math 2.1 written out in float64 (exp-sum / linear-sum form) for float64 head leaves h, w, b."""
+    xt, x0 = case["x_t"], case["x_0"]
+    e = torch.expm1(case["sigma"].double()[:, None].expand(B, L))
+    ls = (h @ w.t() + b)[..., :N]  # real tokens only: no MASK column, no padding
+    if scale_by_sigma:
+        ls = ls - (torch.log(e) + math.log(N))[..., None]
+    l0 = ls.gather(-1, x0[..., None])[..., 0]
+    k = lambda a: a * (torch.log(a) - 1)  # noqa: E731
+    if graph == "absorb":
+        loss = ls.exp().sum(-1) - l0 / e + k(1 / e)
+        return torch.where(xt == N, loss, torch.zeros_like(loss))
+    not_self = torch.ones_like(ls).scatter_(-1, xt[..., None], 0.0)
+    s_exp, s_lin = (ls.exp() * not_self).sum(-1) / N, (ls * not_self).sum(-1) / N
+    a = e / (e + N)
+    same = s_exp - a * s_lin + (N - 1) / N * k(a)
+    moved = s_exp - s_lin - l0 / e + (k(1 / a) - (N - 2)) / N
+    return torch.where(xt == x0, same, moved)
+
+
+def oracle(case: dict, graph: str, scale_by_sigma: bool, upstream=None):
+    """Oracle per-token loss and the float64 grads of sum(upstream * loss) (upstream: rate per sequence)."""
+    h, w, b = (case[k].to(torch.float64, copy=True).requires_grad_(True) for k in ("hidden", "weight", "bias"))
+    loss = oracle_loss(h, w, b, case, graph, scale_by_sigma)
+    up = case["rate"].double()[:, None] if upstream is None else upstream
+    return loss.detach(), torch.autograd.grad((up * loss).sum(), (h, w, b))
+
+
+def fused(case: dict, graph: str, scale_by_sigma: bool, *, weighted: bool, chunk_size: int = 5,
+          tp: int = 1, rank: int = 0, dtype=torch.float32, group=None):
+    """This rank's fused loss (per token) and grads (hidden, weight shard, bias shard)."""
+    vl = V_PAD // tp
+    cfg = ScoreEntropyHeadConfig(graph, N, scale_by_sigma, chunk_size)
+    h = case["hidden"].to(dtype, copy=True).requires_grad_(True)
+    w = case["weight"][rank * vl:(rank + 1) * vl].to(dtype, copy=True).requires_grad_(True)
+    b = case["bias"][rank * vl:(rank + 1) * vl].to(dtype, copy=True).requires_grad_(True)
+    args = (h, w, b, case["x_t"], case["x_0"], case["sigma"].to(dtype))
+    if weighted:
+        total, loss = weighted_score_entropy_head(*args, case["rate"].to(dtype), cfg, tp_group=group)
+    else:
+        loss = score_entropy_head(*args, cfg, tp_group=group)
+        total = (case["rate"].to(dtype)[:, None] * loss).sum()
+    total.backward()
+    return loss.detach(), (h.grad, w.grad, b.grad), total.detach()
+
+
+def assert_close(actual, expected, rtol=RTOL, what="", floor=1e-6):
+    """max |a - e| / (|e| + floor * max|e|) <= rtol: floor 1e-6 is relative per entry (losses are sums of
+    non-negative terms); floor 1 is relative to the tensor's largest entry (gradients, whose entries are sums
+    of cancelling terms: an entry near zero has no relative precision in any float32 computation)."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().clamp(min=1e-300)
+    err = ((actual - expected).abs() / (expected.abs() + floor * scale)).max().item()
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:g}"
+
+
+def check_against(ref, got, rtol, what):
+    """Compare (per-token loss, (grad hidden, grad weight, grad bias))."""
+    assert_close(got[0], ref[0], rtol, f"{what} loss")
+    for name, r, a in zip(("hidden", "weight", "bias"), ref[1], got[1]):
+        assert_close(a, r, rtol, f"{what} grad {name}", floor=1.0)
+
+
+@pytest.mark.parametrize("graph,scale_by_sigma", CASES)
+def test_oracle_agrees_with_reference(graph, scale_by_sigma):
+    """The two float64 formulations of sedd-math 2.1 (the test's and the reference's) agree."""
+    case = make_case(graph)
+    check_against(oracle(case, graph, scale_by_sigma), reference(case, graph, scale_by_sigma), 1e-10, "oracle")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("graph,scale_by_sigma", CASES)
+def test_fused_float64_matches_oracle(graph, scale_by_sigma, weighted):
+    """In float64 the fused path is the oracle to rounding (chunks of 5 over 42 tokens)."""
+    case = make_case(graph, seed=1)
+    loss, grads, _ = fused(case, graph, scale_by_sigma, weighted=weighted, dtype=torch.float64)
+    check_against(oracle(case, graph, scale_by_sigma), (loss, grads), 1e-11, "fused fp64")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 4096])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("graph,scale_by_sigma", CASES)
+def test_fused_float32_tp1_matches_reference(graph, scale_by_sigma, weighted, chunk_size):
+    """float32 fused loss and grads equal the reference, run in float32 and in float64, within rtol 1e-6."""
+    case = make_case(graph, seed=2)
+    ref = reference(case, graph, scale_by_sigma)
+    loss, grads, total = fused(case, graph, scale_by_sigma, weighted=weighted, chunk_size=chunk_size)
+    check_against(ref, (loss, grads), RTOL, "fused fp32 vs reference fp64")
+    check_against(reference(case, graph, scale_by_sigma, torch.float32), (loss, grads), RTOL,
+                  "fused fp32 vs reference fp32")
+    assert_close(total, (case["rate"].double()[:, None] * ref[0]).sum(), RTOL, "weighted total")
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    if graph == "absorb":  # unmasked positions have exactly zero loss and hidden-state gradient
+        keep = case["x_t"] != N
+        assert torch.all(loss[keep] == 0) and torch.all(grads[0][keep] == 0)
+    assert torch.all(grads[1][N:] == 0) and torch.all(grads[2][N:] == 0)  # MASK and padding rows
+
+
+def test_grad_output_scales_and_single_backward():
+    """Per-token mode honours any upstream gradient; the weighted mode scales by d(total); one backward only."""
+    case = make_case("uniform", seed=3)
+    cfg = ScoreEntropyHeadConfig("uniform", N, chunk_size=7)
+    h = case["hidden"].clone().requires_grad_(True)
+    w, b = case["weight"].clone().requires_grad_(True), case["bias"].clone().requires_grad_(True)
+    up = torch.randn(B, L, dtype=torch.float64)
+    loss = score_entropy_head(h, w, b, case["x_t"], case["x_0"], case["sigma"], cfg)
+    (loss * up.float()).sum().backward()
+    _, ref = oracle(case, "uniform", False, upstream=up)
+    for a, r, name in zip((h.grad, w.grad, b.grad), ref, ("hidden", "weight", "bias")):
+        assert_close(a, r, RTOL, f"grad {name}", floor=1.0)
+    h.grad = w.grad = b.grad = None
+    total, _ = weighted_score_entropy_head(h, w, b, case["x_t"], case["x_0"], case["sigma"], case["rate"], cfg)
+    (total / 4).backward()
+    _, ref = oracle(case, "uniform", False)
+    assert_close(w.grad, ref[1] / 4, RTOL, "weighted grad / 4", floor=1.0)
+    total, _ = weighted_score_entropy_head(h, w, b, case["x_t"], case["x_0"], case["sigma"], case["rate"], cfg)
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        total.backward()
+
+
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+def test_log_scores_up_to_80_do_not_overflow(graph):
+    """Log-scores in [-80, 80] (far beyond training values) give finite float32 losses and grads = oracle."""
+    case = make_case(graph, seed=5)
+    g = torch.Generator().manual_seed(5)
+    case["bias"] = torch.randint(-640, 641, (V_PAD,), generator=g) / 8  # on the grid: logits stay exact
+    case["bias"][:3] = torch.tensor([79.5, -80.0, 79.0])
+    case["weight"] = case["weight"] / 64  # keeps |logit - bias| < 1
+    loss, grads, _ = fused(case, graph, False, weighted=False)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(t).all() for t in grads)
+    assert loss.max() > 1e33  # the e^80 entries are really in there
+    check_against(oracle(case, graph, False), (loss, grads), RTOL, "extreme logits")
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    """bf16 hidden/head: float32 per-token loss, bf16 grads, close to the float64 reference of the same inputs."""
+    case = make_case("uniform", seed=6)  # grid values are exact in bf16
+    loss, grads, _ = fused(case, "uniform", False, weighted=False, dtype=torch.bfloat16)
+    assert loss.dtype == torch.float32 and all(t.dtype == torch.bfloat16 for t in grads)
+    ref = reference(case, "uniform", False)
+    # bf16 logits/grad products carry ~2^-8 relative rounding: loose tolerance, but far below any real bug
+    check_against(ref, (loss, grads), 3e-2, "bf16")
+
+
+def test_bad_input_is_rejected_with_a_clear_error():
+    """Wrong ids, noise, shapes and configs name the problem."""
+    case = make_case("absorb")
+    cfg = ScoreEntropyHeadConfig("absorb", N)
+    args = lambda **o: {**dict(hidden=case["hidden"], weight=case["weight"], bias=case["bias"],  # noqa: E731
+                               x_t=case["x_t"], x_0=case["x_0"], total_noise=case["sigma"], cfg=cfg), **o}
+    with pytest.raises(ValueError, match="x_0 holds ids"):
+        score_entropy_head(**args(x_0=torch.full((B, L), N)))  # MASK is not a clean token
+    with pytest.raises(ValueError, match="total_noise must be > 0"):
+        score_entropy_head(**args(total_noise=torch.zeros(B)))
+    with pytest.raises(ValueError, match="hidden"):
+        score_entropy_head(**args(hidden=case["hidden"][:, :3]))
+    with pytest.raises(ValueError, match="covers"):
+        score_entropy_head(**args(weight=case["weight"][:20], bias=case["bias"][:20]))
+    with pytest.raises(ValueError, match="share a dtype"):
+        score_entropy_head(**args(weight=case["weight"].double()))
+    with pytest.raises(ValueError, match="scale_by_sigma"):
+        ScoreEntropyHeadConfig("uniform", N, scale_by_sigma=True)
+    with pytest.raises(ValueError, match="unknown graph"):
+        ScoreEntropyHeadConfig("gaussian", N)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ScoreEntropyHeadConfig("absorb", N, chunk_size=0)
+
+
+def _numpy(result):
+    """Tensors -> numpy (plain pickles across the process boundary)."""
+    loss, grads, total = result
+    return loss.numpy(), tuple(g.numpy() for g in grads), total.numpy()
+
+
+def _megatron_head_check(case, graph, scale_by_sigma):
+    """Fused loss through a real ColumnParallelLinear's parameters vs that layer's own forward + reference loss."""
+    from sedd_scale import compat  # noqa: F401
+    from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
+
+    rank, tp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                                 perform_initialization=False, gradient_accumulation_fusion=False,
+                                 params_dtype=torch.float32)
+    head = tensor_parallel.ColumnParallelLinear(H, V_PAD, config=config, init_method=torch.nn.init.zeros_,
+                                                bias=True, gather_output=False)
+    vl = V_PAD // tp
+    with torch.no_grad():
+        head.weight.copy_(case["weight"][rank * vl:(rank + 1) * vl])
+        head.bias.copy_(case["bias"][rank * vl:(rank + 1) * vl])
+    gr = get_graph(graph, N)
+    cfg = ScoreEntropyHeadConfig(graph, N, scale_by_sigma, chunk_size=4)
+    out = {}
+    for path in ("fused", "megatron"):
+        head.zero_grad(set_to_none=True)
+        h = case["hidden"].clone().requires_grad_(True)
+        if path == "fused":  # default tp_group: megatron's
+            loss = score_entropy_head(h, head.weight, head.bias, case["x_t"], case["x_0"], case["sigma"], cfg)
+        else:
+            local, _ = head(h)
+            full = tensor_parallel.gather_from_tensor_model_parallel_region(local)
+            log_score = to_log_score(full, case["x_t"], case["sigma"], num_tokens=N, graph_dim=gr.dim,
+                                     scale_by_sigma=scale_by_sigma)
+            loss = gr.score_entropy(log_score[..., : gr.dim], case["sigma"], case["x_t"], case["x_0"])
+        (case["rate"][:, None] * loss).sum().backward()
+        out[path] = _numpy((loss.detach(), (h.grad, head.weight.grad, head.bias.grad), loss.detach().sum()))
+    return out
+
+
+def tp_worker(tp: int) -> dict:
+    """Every case and mode on this rank (explicit WORLD group), plus the megatron-head check at TP=2."""
+    import torch.distributed as dist
+
+    rank, results = dist.get_rank(), {}
+    for graph, scale_by_sigma in CASES:
+        case = make_case(graph, seed=4)
+        for weighted in (False, True):
+            results[graph, scale_by_sigma, weighted] = _numpy(
+                fused(case, graph, scale_by_sigma, weighted=weighted, tp=tp, rank=rank, group=dist.group.WORLD))
+    if tp == 2:
+        from sedd_scale import compat  # noqa: F401
+        from megatron.core import parallel_state
+
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        for graph, scale_by_sigma in (("absorb", True), ("uniform", False)):
+            results["megatron", graph] = _megatron_head_check(make_case(graph, seed=7), graph, scale_by_sigma)
+        parallel_state.destroy_model_parallel()
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.megatron
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_matches_reference(tp):
+    """TP = 2, 4 (gloo processes): per-token loss, grad hidden (same on every rank) and the concatenated
+    weight/bias shard grads equal the single-process reference within rtol 1e-6, both graphs and modes."""
+    per_rank = launch(tp_worker, tp, tp)
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    for graph, scale_by_sigma in CASES:
+        case = make_case(graph, seed=4)
+        refs = {64: reference(case, graph, scale_by_sigma), 32: reference(case, graph, scale_by_sigma, torch.float32)}
+        for weighted in (False, True):
+            ranks = [r[graph, scale_by_sigma, weighted] for r in per_rank]
+            for r in ranks:  # every rank holds the full loss and hidden-state gradient
+                assert_close(t(r[0]), t(ranks[0][0]), 0.0, "loss across ranks")
+                assert_close(t(r[1][0]), t(ranks[0][1][0]), 0.0, "grad hidden across ranks", floor=1.0)
+            got = (t(ranks[0][0]), (t(ranks[0][1][0]), torch.cat([t(r[1][1]) for r in ranks]),
+                                   torch.cat([t(r[1][2]) for r in ranks])))
+            for bits, ref in refs.items():
+                check_against(ref, got, RTOL, f"TP={tp} {graph} sbs={scale_by_sigma} weighted={weighted} vs fp{bits}")
+    if tp == 2:
+        for graph in ("absorb", "uniform"):
+            ranks = [r["megatron", graph] for r in per_rank]
+            for r in ranks:
+                fused_r, mega_r = r["fused"], r["megatron"]
+                check_against((t(mega_r[0]), tuple(map(t, mega_r[1]))), (t(fused_r[0]), tuple(map(t, fused_r[1]))),
+                              RTOL, f"megatron ColumnParallelLinear {graph}")
