@@ -16,6 +16,7 @@ bound(x0) = integral_0^1 sigma(t) sum_i E_{x_t ~ p_t|0}[score_entropy_i] dt + KL
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,17 +70,31 @@ class ElboEstimate:
         return math.exp(self.nats_per_token)
 
 
-def _dwdse(log_score_fn: LogScoreFn, graph: Graph, x0: Tensor, total: Tensor, generator) -> Tensor:
+ScoreEntropyFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""(x_t (B, L), total_noise (B,), x0 (B, L)) -> per-token score entropy (B, L), no rate weight."""
+
+
+def score_entropy_fn(log_score_fn: LogScoreFn, graph: Graph) -> ScoreEntropyFn:
+    """The per-token score entropy of a model given by its (full-vocabulary) log-scores."""
+    def fn(x_t: Tensor, total: Tensor, x0: Tensor) -> Tensor:
+        return graph.score_entropy(log_score_fn(x_t, total)[..., : graph.dim], total, x_t, x0)
+    return fn
+
+
+def _dwdse(se_fn: ScoreEntropyFn, graph: Graph, x0: Tensor, total: Tensor, generator) -> Tensor:
     """sum_i score_entropy_i at total noise `total` (B,), one x_t draw per sequence, float64."""
     x_t = graph.sample_transition(x0, total, generator=generator)
-    log_score = log_score_fn(x_t, total)[..., : graph.dim]
-    return graph.score_entropy(log_score, total, x_t, x0).to(torch.float64).sum(-1)
+    return se_fn(x_t, total, x0).to(torch.float64).sum(-1)
 
 
 @torch.no_grad()
-def elbo_per_sequence(log_score_fn: LogScoreFn, graph: Graph, noise: Noise, x0: Tensor, *, num_samples: int = 8,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def elbo_per_sequence(model: LogScoreFn | ScoreEntropyFn, graph: Graph, noise: Noise, x0: Tensor, *,
+                      num_samples: int = 8, generator: torch.Generator | None = None,
+                      fused: bool = False) -> tuple[Tensor, Tensor]:
     """(bound, variance of its MC mean) per sequence, float64, from K = num_samples stratified draws.
+
+    `model` is a log-score function, or with `fused=True` a ScoreEntropyFn (e.g. the vocab-parallel
+    head loss, which never materialises full-vocabulary log-scores).
 
     The integral is taken over total noise from 0: t in (0, 1] covers [sigma_bar(0), sigma_bar(1)],
     and where sigma_bar(0) > 0 (geometric) the piece [0, sigma_bar(0)] gets max(2, K // 4) draws.
@@ -87,26 +102,28 @@ def elbo_per_sequence(log_score_fn: LogScoreFn, graph: Graph, noise: Noise, x0: 
     if num_samples < 2:
         raise ValueError("num_samples must be >= 2 to estimate a standard error")
     batch, device = x0.shape[0], x0.device
+    se_fn = model if fused else score_entropy_fn(model, graph)
 
     def strata(k: int, count: int) -> Tensor:  # a point in stratum k of (0, 1]; never exactly 0
         return 1.0 - (k + torch.rand(batch, dtype=torch.float64, device=device, generator=generator)) / count
 
-    main = torch.stack([noise.rate_noise(t) * _dwdse(log_score_fn, graph, x0, noise.total_noise(t), generator)
+    main = torch.stack([noise.rate_noise(t) * _dwdse(se_fn, graph, x0, noise.total_noise(t), generator)
                         for t in (strata(k, num_samples) for k in range(num_samples))])
     bound = main.mean(0) + prior_kl(graph, noise, x0)
     variance = main.var(0) / num_samples
     sigma0 = float(noise.total_noise(torch.zeros((), dtype=torch.float64)))
     if sigma0 > 0:
         count = max(2, num_samples // 4)
-        head = torch.stack([sigma0 * _dwdse(log_score_fn, graph, x0, sigma0 * strata(k, count), generator)
+        head = torch.stack([sigma0 * _dwdse(se_fn, graph, x0, sigma0 * strata(k, count), generator)
                             for k in range(count)])
         bound = bound + head.mean(0)
         variance = variance + head.var(0) / count
     return bound, variance
 
 
-def elbo(log_score_fn: LogScoreFn, graph: Graph, noise: Noise, x0: Tensor, *, num_samples: int = 8,
-         generator: torch.Generator | None = None) -> ElboEstimate:
+def elbo(model: LogScoreFn | ScoreEntropyFn, graph: Graph, noise: Noise, x0: Tensor, *, num_samples: int = 8,
+         generator: torch.Generator | None = None, fused: bool = False) -> ElboEstimate:
     """The bound summed over the batch, ready to merge with other batches and ranks."""
-    bound, var = elbo_per_sequence(log_score_fn, graph, noise, x0, num_samples=num_samples, generator=generator)
+    bound, var = elbo_per_sequence(model, graph, noise, x0, num_samples=num_samples, generator=generator,
+                                   fused=fused)
     return ElboEstimate(float(bound.sum()), float(var.sum()), x0.numel(), x0.shape[0])
