@@ -14,8 +14,16 @@ place before the first use. Each fix is applied only when its trigger is present
    whose factory functions map "cuda" to "cpu".
 4. DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op (about a minute on two
    cores) inside `init_distributed`; it only serves CPU inference, so the build is skipped.
+5. megatron-core's linear autograd functions carry autocast into their backward with
+   `custom_fwd/custom_bwd(device_type="cuda")`: under CPU autocast the backward would multiply a
+   bf16 gradient by fp32 weights and fail. On CPU they are wrapped to do the same for "cpu".
+6. Not CPU-specific, applied on every machine: megatron-core < 0.19's `tensor_parallel.mappings._reduce`
+   all-reduces a `.contiguous()` copy but returns the original tensor, so a non-contiguous input
+   (e.g. the expanded gradient of a sum reaching `copy_to_tensor_model_parallel_region`'s backward)
+   is returned unreduced. It is replaced by the fixed function of 0.19.2 (the same code, returning
+   the reduced copy). 0.17-0.18 (Python >= 3.12) were not checked; the fixed code is correct there too.
 
-On a CUDA machine only fix 1 can apply (when triton is missing), and nothing else changes.
+On a CUDA machine only fixes 1 (when triton is missing) and 6 (old megatron-core) can apply.
 """
 from __future__ import annotations
 
@@ -101,6 +109,50 @@ def _skip_deepspeed_shm_build() -> None:
     APPLIED.append("deepspeed shm-op build skipped")
 
 
+def _cpu_autocast_in_megatron_linears() -> None:
+    import megatron.core.tensor_parallel.layers as layers
+
+    for fn in (layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight):
+        forward, backward = fn.forward, fn.backward
+
+        def fwd(ctx, *args, _forward=forward):
+            ctx.sedd_cpu_autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+            return _forward(ctx, *args)
+
+        def bwd(ctx, *grads, _backward=backward):
+            enabled, dtype = ctx.sedd_cpu_autocast
+            with torch.autocast("cpu", enabled=enabled, dtype=dtype):
+                return _backward(ctx, *grads)
+
+        fn.forward, fn.backward = staticmethod(fwd), staticmethod(bwd)
+    APPLIED.append("cpu autocast in megatron linear backward")
+
+
+def _fix_megatron_reduce() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        if Version(version("megatron-core")) >= Version("0.19"):
+            return
+    except PackageNotFoundError:
+        return
+    import megatron.core.tensor_parallel.mappings as mappings
+
+    def _reduce(input_, group):
+        """All-reduce the input tensor across the model-parallel group (returns the reduced tensor)."""
+        assert group is not None, "group should not be None"
+        if group.size() == 1:
+            return input_
+        input_ = input_.contiguous()
+        torch.distributed.all_reduce(input_, group=group)
+        return input_
+
+    mappings._reduce = _reduce  # the autograd functions look it up in the module at call time
+    APPLIED.append("megatron-core _reduce fix")
+
+
 def apply() -> list[str]:
     """Apply the fixes this machine needs (idempotent); returns their names."""
     if APPLIED:
@@ -109,6 +161,8 @@ def apply() -> list[str]:
     if not torch.cuda.is_available():
         _cuda_to_cpu()
         _skip_deepspeed_shm_build()
+        _cpu_autocast_in_megatron_linears()
+    _fix_megatron_reduce()
     APPLIED.append("checked")
     return APPLIED
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import socket
 import traceback
@@ -26,7 +27,10 @@ def _entry(rank, world_size, port, fn, args, queue):
         # A timeout turns a hang (mismatched collectives) into an error instead of a stuck CI.
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=120))
-        queue.put((rank, True, fn(*args)))
+        # Tensors crossing a process boundary as shared memory die with the worker: send bytes.
+        buffer = io.BytesIO()
+        torch.save(fn(*args), buffer)
+        queue.put((rank, True, buffer.getvalue()))
     except BaseException:  # report any failure, including SystemExit, to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -53,7 +57,10 @@ def launch(fn, world_size: int, *args, timeout: float = 600.0) -> list:
                 p.join(timeout=0.05)
             continue
         rank, ok, value = queue.get()
-        (results.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
+        if ok:
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+        else:
+            errors.append(f"rank {rank}:\n{value}")
     for p in procs:
         p.join(timeout=5)
         if p.is_alive():

@@ -1,0 +1,261 @@
+"""The reference's hub checkpoint format (sedd-math section 7) <-> `SEDD` at any TP size, strictly.
+
+A hub directory holds `config.json` (the reference's nested hydra config) and `model.safetensors`
+(the reference module's full, unsharded `state_dict`). Loading slices every tensor for this TP
+rank (padding the vocabulary, regrouping qkv rows by heads); export gathers the shards back. Any
+missing, unexpected or mis-shaped key is an error that lists all of them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from sedd_scale import parallel
+from sedd_scale.model import rotary
+from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
+from sedd_scale.model.transformer import SEDD
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INV_FREQ = "rotary_emb.inv_freq"  # a buffer derived from the config: checked on load, recomputed on export
+
+# How a hub tensor is split over TP ranks. "rep": replicated; "vocab": rows of the padded vocabulary;
+# "rows": output features (column-parallel); "cols": input features (row-parallel); "qkv": rows
+# regrouped so rank r holds [q | k | v] of its own heads.
+_TOP = {
+    "vocab_embed.embedding": ("input_layer.vocab_embed.weight", "vocab"),
+    "sigma_map.mlp.0.weight": ("input_layer.sigma_map.mlp.0.weight", "rep"),
+    "sigma_map.mlp.0.bias": ("input_layer.sigma_map.mlp.0.bias", "rep"),
+    "sigma_map.mlp.2.weight": ("input_layer.sigma_map.mlp.2.weight", "rep"),
+    "sigma_map.mlp.2.bias": ("input_layer.sigma_map.mlp.2.bias", "rep"),
+    "output_layer.norm_final.weight": ("output_layer.norm_final.weight", "rep"),
+    "output_layer.adaLN_modulation.weight": ("output_layer.adaLN_modulation.weight", "rep"),
+    "output_layer.adaLN_modulation.bias": ("output_layer.adaLN_modulation.bias", "rep"),
+    "output_layer.linear.weight": ("output_layer.linear.weight", "vocab"),
+    "output_layer.linear.bias": ("output_layer.linear.bias", "vocab"),
+}
+_BLOCK = {
+    "norm1.weight": ("norm1.weight", "rep"),
+    "attn_qkv.weight": ("attn_qkv.weight", "qkv"),
+    "attn_out.weight": ("attn_out.weight", "cols"),
+    "norm2.weight": ("norm2.weight", "rep"),
+    "mlp.0.weight": ("mlp_in.weight", "rows"),
+    "mlp.0.bias": ("mlp_in.bias", "rows"),
+    "mlp.2.weight": ("mlp_out.weight", "cols"),
+    "mlp.2.bias": ("mlp_out.bias", "rep"),
+    "adaLN_modulation.weight": ("adaLN_modulation.weight", "rep"),
+    "adaLN_modulation.bias": ("adaLN_modulation.bias", "rep"),
+}
+
+
+class HubFormatError(ValueError):
+    """A hub checkpoint that does not fit the model: the message lists every offending key."""
+
+
+def key_map(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
+    """hub key -> (model key, split kind) for every learned tensor."""
+    out = dict(_TOP)
+    for i in range(cfg.n_blocks):
+        out.update({f"blocks.{i}.{k}": (f"blocks.{i}.{m}", kind) for k, (m, kind) in _BLOCK.items()})
+    return out
+
+
+def hub_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The reference module's state-dict shapes for this config (unpadded vocabulary)."""
+    h, c, v, f = cfg.hidden_size, cfg.cond_dim, cfg.vocab_size, cfg.mlp_ratio * cfg.hidden_size
+    top = {"vocab_embed.embedding": (v, h), "sigma_map.mlp.0.weight": (c, SIGMA_FEATURES), "sigma_map.mlp.0.bias": (c,),
+           "sigma_map.mlp.2.weight": (c, c), "sigma_map.mlp.2.bias": (c,), INV_FREQ: (cfg.head_dim // 2,),
+           "output_layer.norm_final.weight": (h,), "output_layer.adaLN_modulation.weight": (2 * h, c),
+           "output_layer.adaLN_modulation.bias": (2 * h,), "output_layer.linear.weight": (v, h),
+           "output_layer.linear.bias": (v,)}
+    block = {"norm1.weight": (h,), "attn_qkv.weight": (3 * h, h), "attn_out.weight": (h, h), "norm2.weight": (h,),
+             "mlp.0.weight": (f, h), "mlp.0.bias": (f,), "mlp.2.weight": (h, f), "mlp.2.bias": (h,),
+             "adaLN_modulation.weight": (6 * h, c), "adaLN_modulation.bias": (6 * h,)}
+    for i in range(cfg.n_blocks):
+        top.update({f"blocks.{i}.{k}": s for k, s in block.items()})
+    return top
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+def model_config_from_hub(hub: dict[str, Any], **overrides) -> ModelConfig:
+    """ModelConfig from the reference's nested config dict (keys it reads: tokens, graph.type, model.*)."""
+    wanted = ["tokens", "graph.type"] + [f"model.{k}" for k in ("hidden_size", "cond_dim", "n_blocks", "n_heads",
+                                                                  "dropout", "scale_by_sigma")]
+    values, missing = {}, []
+    for path in wanted:
+        node = hub
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        (missing.append(path) if node is None else values.__setitem__(path, node))
+    if missing:
+        raise HubFormatError(f"config.json lacks {missing} (the reference SEDD reads them)")
+    model = hub["model"]
+    fields = dict(num_tokens=values["tokens"], graph=values["graph.type"], hidden_size=values["model.hidden_size"],
+                  cond_dim=values["model.cond_dim"], n_blocks=values["model.n_blocks"],
+                  n_heads=values["model.n_heads"], dropout=float(values["model.dropout"]),
+                  scale_by_sigma=bool(values["model.scale_by_sigma"]), name=str(model.get("name", "custom")))
+    if "length" in model:
+        fields["length"] = model["length"]
+    return ModelConfig(**{**fields, **overrides})
+
+
+# The sections of the reference's configs/config.yaml that its network does not read, with its
+# defaults; `hub_config` writes them so an exported config.json has the reference's key set.
+REFERENCE_SECTIONS: dict[str, Any] = {
+    "ngpus": 8,
+    "training": {"batch_size": 512, "accum": 1, "n_iters": 1300001, "snapshot_freq": 50000, "log_freq": 50,
+                 "eval_freq": 100, "snapshot_freq_for_preemption": 10000, "weight": "standard",
+                 "snapshot_sampling": True, "ema": 0.9999},
+    "data": {"train": "openwebtext", "valid": "wikitext103", "cache_dir": "data"},
+    "graph": {"file": "data", "report_all": False},
+    "noise": {"type": "loglinear", "sigma_min": 0.0001, "sigma_max": 20},
+    "sampling": {"predictor": "euler", "steps": 128, "noise_removal": True},
+    "eval": {"batch_size": 512, "perplexity": True, "perplexity_batch_size": 32},
+    "optim": {"weight_decay": 0, "optimizer": "AdamW", "lr": 0.0003, "beta1": 0.9, "beta2": 0.999, "eps": 1e-08,
+              "warmup": 2500, "grad_clip": 1.0},
+}
+_ORDER = ("ngpus", "tokens", "training", "data", "graph", "noise", "sampling", "eval", "optim", "model")
+
+
+def hub_config(cfg: ModelConfig, *, noise: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The reference's config dict for `cfg`: `base` (default: the reference's defaults; e.g. a loaded
+    config.json) with the keys the reference reads set from `cfg` and `noise` (its noise section,
+    e.g. {"type": "geometric", "sigma_min": 1e-4, "sigma_max": 20})."""
+    out = json.loads(json.dumps(REFERENCE_SECTIONS if base is None else base))  # a deep copy
+    out["tokens"] = cfg.num_tokens
+    out["graph"] = {"type": cfg.graph, **{k: v for k, v in out.get("graph", {}).items() if k != "type"}}
+    out["noise"] = {**out.get("noise", {}), **noise}
+    model = out.get("model", {})
+    out["model"] = {**model, "name": cfg.name, "type": model.get("type", "ddit"), "hidden_size": cfg.hidden_size,
+                    "cond_dim": cfg.cond_dim, "length": cfg.length, "n_blocks": cfg.n_blocks, "n_heads": cfg.n_heads,
+                    "scale_by_sigma": cfg.scale_by_sigma, "dropout": cfg.dropout}
+    return {**{k: out[k] for k in _ORDER if k in out}, **out}
+
+
+def read_hub(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(config dict, full state dict) of a hub checkpoint directory."""
+    path = Path(path)
+    files = [path / CONFIG_FILE, path / WEIGHTS_FILE]
+    absent = [str(f) for f in files if not f.is_file()]
+    if absent:
+        raise FileNotFoundError(f"hub checkpoint {str(path)!r} lacks {absent} "
+                                f"(a directory with {CONFIG_FILE} and {WEIGHTS_FILE} is expected)")
+    return json.loads(files[0].read_text()), load_file(str(files[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+def check_hub_state(cfg: ModelConfig, state: dict[str, Tensor]) -> None:
+    """Raise HubFormatError listing missing, unexpected and mis-shaped keys, or a foreign rotary buffer."""
+    shapes = hub_shapes(cfg)
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    wrong = sorted(f"{k}: {tuple(state[k].shape)} (expected {shapes[k]})"
+                   for k in set(shapes) & set(state) if tuple(state[k].shape) != shapes[k])
+    problems = [f"{name} ({len(keys)}): {keys}" for name, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", wrong)) if keys]
+    if problems:
+        raise HubFormatError(f"hub state dict does not fit {cfg.name!r} ({cfg.n_blocks} blocks x "
+                             f"{cfg.hidden_size}, vocab {cfg.vocab_size}):\n  " + "\n  ".join(problems))
+    expected = rotary.inv_freq(cfg.head_dim, cfg.rotary_base)
+    if not torch.equal(state[INV_FREQ].float(), expected):
+        raise HubFormatError(f"{INV_FREQ} differs from 1/base^(2k/D) with base={cfg.rotary_base}: "
+                             "set ModelConfig.rotary_base to the checkpoint's base")
+
+
+def _shard(t: Tensor, kind: str, cfg: ModelConfig, rank: int, tp: int) -> Tensor:
+    if kind == "rep":
+        return t
+    if kind == "vocab":
+        pad = cfg.padded_vocab(tp) - t.shape[0]
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+        return t.chunk(tp, 0)[rank]
+    if kind == "rows":
+        return t.chunk(tp, 0)[rank]
+    if kind == "cols":
+        return t.chunk(tp, 1)[rank]
+    h = cfg.hidden_size  # qkv: (3H, H) as [q | k | v], heads contiguous within each
+    return t.view(3, tp, h // tp, h)[:, rank].reshape(3 * h // tp, h)
+
+
+def _unshard(parts: list[Tensor], kind: str, cfg: ModelConfig) -> Tensor:
+    if kind == "rep":
+        return parts[0]
+    if kind == "vocab":
+        return torch.cat(parts, 0)[: cfg.vocab_size]
+    if kind == "rows":
+        return torch.cat(parts, 0)
+    if kind == "cols":
+        return torch.cat(parts, 1)
+    h, tp = cfg.hidden_size, len(parts)
+    return torch.stack([p.view(3, h // tp, h) for p in parts], 1).reshape(3 * h, h)
+
+
+def shard_hub_state(cfg: ModelConfig, state: dict[str, Tensor], rank: int, tp: int) -> dict[str, Tensor]:
+    """The model-side state dict of TP rank `rank` of `tp` from a full hub state dict (checked first)."""
+    check_hub_state(cfg, state)
+    cfg.check_tp(tp)
+    return {mkey: _shard(state[hkey], kind, cfg, rank, tp).clone() for hkey, (mkey, kind) in key_map(cfg).items()}
+
+
+def load_hub_state(model: SEDD, state: dict[str, Tensor]) -> None:
+    """Load a full hub state dict into this rank's model shards (strict: every parameter is set)."""
+    local = shard_hub_state(model.config, state, parallel.tp_rank(), parallel.tp_size())
+    params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if set(params) != set(local):  # a model built for another config or a changed module layout
+        raise HubFormatError(f"model keys without a hub tensor: {sorted(set(params) - set(local))}; "
+                             f"hub tensors without a model key: {sorted(set(local) - set(params))}")
+    bad = [f"{k}: {tuple(local[k].shape)} vs model {tuple(p.shape)}" for k, p in params.items()
+           if local[k].shape != p.shape]
+    if bad:
+        raise HubFormatError(f"shard shapes differ from the model's: {bad}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(local[k])
+
+
+def gather_hub_state(model: SEDD, values: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The full hub state dict (float32, CPU) gathered from all TP ranks; a collective over the TP group.
+
+    `values` (model key -> local tensor) gathers other per-parameter tensors instead, e.g. gradients.
+    """
+    cfg, tp = model.config, parallel.tp_size()
+    params = model.state_dict() if values is None else values
+    out = {}
+    for hkey, (mkey, kind) in key_map(cfg).items():
+        local = params[mkey].detach().float().contiguous()
+        parts = [local] if kind == "rep" or tp == 1 else None
+        if parts is None:
+            parts = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(parts, local, group=parallel.tp_group())
+        out[hkey] = _unshard(parts, kind, cfg).cpu().contiguous()
+    out[INV_FREQ] = rotary.inv_freq(cfg.head_dim, cfg.rotary_base)
+    return dict(sorted(out.items()))
+
+
+def save_hub(model: SEDD, path: str | Path, config: dict[str, Any]) -> None:
+    """Write `config` and the gathered weights as a hub directory (collective; TP rank 0 writes).
+
+    `config` is the reference's config dict (see `hub_config`); its model keys must agree with the model.
+    """
+    derived = model_config_from_hub(config, precision=model.config.precision,
+                                    vocab_multiple=model.config.vocab_multiple,
+                                    rotary_base=model.config.rotary_base, mlp_ratio=model.config.mlp_ratio)
+    keys = ("num_tokens", "graph", "hidden_size", "cond_dim", "n_blocks", "n_heads", "scale_by_sigma")
+    differ = {k: (getattr(derived, k), getattr(model.config, k)) for k in keys
+              if getattr(derived, k) != getattr(model.config, k)}
+    if differ:
+        raise HubFormatError(f"config disagrees with the model (config, model): {differ}; build it with hub_config()")
+    state = gather_hub_state(model)
+    if parallel.tp_rank() == 0:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(path / WEIGHTS_FILE))
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))

@@ -1,0 +1,89 @@
+"""Process groups for a TP x PP x DP layout (megatron-core `parallel_state`) and small TP helpers."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from sedd_scale import compat  # noqa: F401  (before megatron.core)
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core import tensor_parallel  # noqa: E402
+
+
+def default_backend() -> str:
+    """nccl when CUDA is present, else gloo."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> None:
+    """Join the default process group: from torchrun's environment, or as a lone process when it is unset."""
+    if dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = backend or default_backend()
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    with socket.socket() as s:  # a single process still needs a rendezvous address
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
+
+
+def init_parallel(tp: int = 1, pp: int = 1, *, seed: int | None = None) -> None:
+    """Create megatron's TP/PP/DP groups (DP = world / (tp * pp)); seed the RNGs when `seed` is given."""
+    init_distributed()
+    world = dist.get_world_size()
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}: "
+                         f"launch a multiple of {tp * pp} processes or change tp/pp")
+    if ps.model_parallel_is_initialized():
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        if have != (tp, pp):
+            raise RuntimeError(f"parallel groups already exist for tp={have[0]}, pp={have[1]}; "
+                               f"call sedd_scale.parallel.destroy_parallel() before asking for tp={tp}, pp={pp}")
+    else:
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if seed is not None:
+        seed_parallel(seed)
+
+
+def destroy_parallel() -> None:
+    """Forget megatron's groups (the default process group stays)."""
+    ps.destroy_model_parallel()
+
+
+def seed_parallel(seed: int) -> None:
+    """Seed the default RNG (seed + 100 * pp_rank: equal on all TP ranks, so dropout in replicated regions
+    agrees) and megatron's tracker (a different stream per TP rank, for dropout in TP-sharded regions)."""
+    seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def tp_rank() -> int:
+    """This process's tensor-parallel rank."""
+    return ps.get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    """Tensor-parallel world size."""
+    return ps.get_tensor_model_parallel_world_size()
+
+
+def tp_group():
+    """The tensor-parallel process group."""
+    return ps.get_tensor_model_parallel_group()
+
+
+def gather_tp(t: Tensor, dim: int = -1) -> Tensor:
+    """Concatenate the TP ranks' shards of `t` along `dim` (no autograd; e.g. vocab-sharded log-scores)."""
+    if tp_size() == 1:
+        return t
+    parts = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(tp_size())]
+    dist.all_gather(parts, t.contiguous(), group=tp_group())
+    return torch.cat(parts, dim=dim)
