@@ -12,7 +12,7 @@ import torch
 from tests.dist import launch
 from tests.test_model import ATOL, FIXTURE, expected_raw_scores, fixture_io, random_hub_state, write_hub
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.megatron]  # megatron: rerun under 0.19.x by tools/test.sh
 
 TINY = dict(hidden_size=64, n_heads=4, n_blocks=2, cond_dim=32, num_tokens=50, vocab_multiple=1, dropout=0.0)
 
