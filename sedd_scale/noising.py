@@ -1,9 +1,11 @@
 """Layout-independent noising of training batches.
 
-Each global micro-batch draws its times and per-token noise from a generator seeded by
-(seed, step, micro-batch), over all of its rows, and each data-parallel rank keeps its own rows.
-So TP/PP/DP layouts, and runs resumed from a checkpoint, see exactly the same noised tokens as a
-single process, and pipeline stages that each prepare the batch agree without communicating.
+An optimizer step's global batch is one list of rows: micro-batch m of data-parallel rank r holds
+rows m * (micro * dp) + r * micro + [0, micro). The step's times and per-token noise are drawn for
+all rows from a generator seeded by (seed, step), and each micro-batch keeps its own rows. So a
+row's noise does not depend on how the batch is split (TP/PP/DP, gradient accumulation), runs
+resumed from a checkpoint see the same noise, and pipeline stages that each prepare the batch
+agree without communicating.
 """
 from __future__ import annotations
 
@@ -27,14 +29,19 @@ class NoisedBatch:
     rate: Tensor
 
 
-def noise_batch(x0: Tensor, graph: Graph, noise: Noise, *, seed: int, step: int, micro: int, row_offset: int,
+def global_row_offset(micro: int, dp_rank: int, micro_batch: int, dp: int) -> int:
+    """First row, in the step's global batch, of micro-batch `micro` on data-parallel rank `dp_rank`."""
+    return micro * micro_batch * dp + dp_rank * micro_batch
+
+
+def noise_batch(x0: Tensor, graph: Graph, noise: Noise, *, seed: int, step: int, row_offset: int,
                 global_rows: int, sampling_eps: float = 1e-3, stratified: bool = False) -> NoisedBatch:
-    """Noise rows [row_offset, row_offset + len(x0)) of global micro-batch (step, micro)."""
+    """Noise rows [row_offset, row_offset + len(x0)) of step `step`'s global batch of `global_rows`."""
     rows, length = x0.shape
     if row_offset < 0 or row_offset + rows > global_rows:
-        raise ValueError(f"rows [{row_offset}, {row_offset + rows}) fall outside the global micro-batch of {global_rows}")
+        raise ValueError(f"rows [{row_offset}, {row_offset + rows}) fall outside the global batch of {global_rows}")
     gen = torch.Generator(device=x0.device)
-    gen.manual_seed((seed * 0x9E3779B1 + step * 0x85EBCA77 + micro * 0xC2B2AE3D) % (1 << 63))
+    gen.manual_seed((seed * 0x9E3779B1 + step * 0x85EBCA77) % (1 << 63))
     t = sample_times(global_rows, eps=sampling_eps, stratified=stratified, device=x0.device, generator=gen)
     full = torch.zeros(global_rows, length, dtype=x0.dtype, device=x0.device)
     full[row_offset : row_offset + rows] = x0

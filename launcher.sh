@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Train a recipe: one process, torchrun on this node, or every task of a slurm allocation.
+#
+#   ./launcher.sh [RECIPE.yaml] [--nproc N] [--set key=value ...] [other sedd_scale.train flags]
+#
+#   RECIPE       default recipes/cpu-tiny.yaml
+#   --nproc N    processes per node. Without slurm: 1 (default) runs python directly, N > 1 runs
+#                torchrun on this node. Inside a slurm allocation (SLURM_JOB_ID set, e.g. from
+#                tools/slurm.sbatch): default is the allocation's task count; N sets the tasks per
+#                node instead. One srun task per rank: RANK/LOCAL_RANK/WORLD_SIZE come from
+#                SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, MASTER_ADDR is the first host of the job's
+#                node list (MASTER_PORT from the job id unless set), and the venv's python must be
+#                on a filesystem every node sees.
+#   --set k=v    recipe overrides (several after one --set, or repeat --set)
+#
+# The virtual environment comes from tools/bootstrap.sh (a no-op once built). The recipe and the
+# layout for the world size are checked before anything is started; the resolved layout is printed.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+die() { echo "launcher: $*" >&2; exit 2; }
+
+recipe="" nproc="" sets=() extra=()
+while (($#)); do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --nproc) [ $# -ge 2 ] || die "--nproc needs a number"; nproc="$2"; shift 2 ;;
+    --nproc=*) nproc="${1#*=}"; shift ;;
+    --set) shift
+      [ $# -ge 1 ] && [[ "$1" == *=* ]] || die "--set needs key=value (e.g. --set optim.lr=1e-4)"
+      while (($#)) && [[ "$1" == *=* && "$1" != -* ]]; do sets+=("$1"); shift; done ;;
+    --set=*) sets+=("${1#--set=}"); shift ;;
+    -*) extra+=("$1"); shift ;;  # passed to sedd_scale.train (e.g. --layout-only)
+    *) [ -z "$recipe" ] || die "two recipes given: '$recipe' and '$1'"; recipe="$1"; shift ;;
+  esac
+done
+recipe="${recipe:-$root/recipes/cpu-tiny.yaml}"
+[[ -z "$nproc" || "$nproc" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$nproc'"
+
+py="$("$root/tools/bootstrap.sh")" || die "tools/bootstrap.sh failed (see its log above)"
+
+set_args=()
+for s in ${sets[@]+"${sets[@]}"}; do set_args+=(--set "$s"); done
+train=(-m sedd_scale.train "$recipe" ${set_args[@]+"${set_args[@]}"} ${extra[@]+"${extra[@]}"})
+
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  command -v srun >/dev/null || die "SLURM_JOB_ID is set but srun is not on PATH"
+  nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+  if [ -n "$nproc" ]; then
+    world=$((nodes * nproc))
+    srun_args=(--nodes="$nodes" --ntasks="$world" --ntasks-per-node="$nproc")
+  else
+    world="${SLURM_NTASKS:?inside an allocation without SLURM_NTASKS: pass --nproc (tasks per node)}"
+    srun_args=(--ntasks="$world")
+  fi
+  mode="slurm: $nodes node(s), srun $world tasks"
+else
+  world="${nproc:-1}"
+  if [ "$world" -eq 1 ]; then mode="single process"; else mode="torchrun: $world processes on this node"; fi
+fi
+
+# Pre-flight: refuse an impossible recipe or layout before any process starts.
+PYTHONWARNINGS=ignore "$py" -m sedd_scale.config "$recipe" --world-size "$world" ${set_args[@]+"${set_args[@]}"} || exit $?
+echo "launcher: $mode (recipe $recipe)"
+
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  # Read the whole list (with pipefail, `| head -n 1` can kill scontrol with SIGPIPE).
+  hosts="$(scontrol show hostnames "$SLURM_JOB_NODELIST")" || die "scontrol show hostnames failed"
+  MASTER_ADDR="${hosts%%$'\n'*}"
+  [ -n "$MASTER_ADDR" ] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no host"
+  export MASTER_ADDR MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+  echo "launcher: master $MASTER_ADDR:$MASTER_PORT"
+  # Each task maps slurm's ids to torch.distributed's variables, then becomes the trainer.
+  exec srun --kill-on-bad-exit=1 "${srun_args[@]}" bash -c \
+    'export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_NTASKS"; exec "$@"' \
+    sedd-task "$py" "${train[@]}"
+elif [ "$world" -eq 1 ]; then
+  exec "$py" "${train[@]}"
+else
+  exec "$py" -m torch.distributed.run --standalone --nproc-per-node "$world" "${train[@]}"
+fi

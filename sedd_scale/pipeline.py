@@ -1,0 +1,102 @@
+"""The SEDD network as a DeepSpeed pipeline of megatron-core TP layers, and its training loss.
+
+Stages exchange (h, c): the hidden state and the noise-level conditioning. The first stage takes
+(x_t, total_noise); the last stage ends with the output layer's modulated features, and the loss
+(`HeadLoss`) projects them through that layer's vocab-parallel head inside the fused, chunked
+score entropy, with labels (x0, x_t, total_noise, rate). PP = 1 uses the same loss on `SEDD`.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
+from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
+
+from sedd_scale.loss import ScoreEntropyHeadConfig, weighted_score_entropy_head  # noqa: E402
+from sedd_scale.model import SEDD, Block, InputLayer, ModelConfig, OutputLayer  # noqa: E402
+from sedd_scale.model.transformer import _megatron_config  # noqa: E402
+
+
+def head_loss_config(model: ModelConfig, chunk_size: int = 1024) -> ScoreEntropyHeadConfig:
+    """The fused loss settings that match a model."""
+    return ScoreEntropyHeadConfig(graph=model.graph, num_tokens=model.num_tokens,
+                                  scale_by_sigma=model.scale_by_sigma, chunk_size=chunk_size)
+
+
+def head_loss(output_layer: OutputLayer, features: Tensor, x0: Tensor, x_t: Tensor, total_noise: Tensor,
+              rate: Tensor, cfg: ScoreEntropyHeadConfig) -> Tensor:
+    """Mean over the micro-batch of sum_i rate * score_entropy_i (the per-sequence training loss)."""
+    linear = output_layer.linear
+    loss, _ = weighted_score_entropy_head(features, linear.weight, linear.bias, x_t, x0, total_noise,
+                                          (rate / x0.shape[0])[:, None].to(features.dtype), cfg,
+                                          vocab_start=output_layer.vocab_start)
+    return loss
+
+
+class SEDDTrainModule(nn.Module):
+    """PP = 1: (x0, x_t, total_noise, rate) -> the micro-batch loss through the fused head."""
+
+    def __init__(self, model: SEDD, loss_cfg: ScoreEntropyHeadConfig):
+        super().__init__()
+        self.model, self.loss_cfg = model, loss_cfg
+
+    def forward(self, x0: Tensor, x_t: Tensor, total_noise: Tensor, rate: Tensor) -> Tensor:
+        """The loss to backpropagate."""
+        h, c = self.model.hidden(x_t, total_noise)
+        features = self.model.output_layer.features(h, c)
+        return head_loss(self.model.output_layer, features, x0, x_t, total_noise, rate, self.loss_cfg)
+
+
+class InputStage(InputLayer):
+    """(x_t, total_noise) -> (h, c)."""
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # noqa: D102
+        x_t, total_noise = inputs
+        return super().forward(x_t, total_noise.detach())
+
+
+class BlockStage(Block):
+    """(h, c) -> (h, c)."""
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # noqa: D102
+        return super().forward(*inputs)
+
+
+class OutputStage(OutputLayer):
+    """(h, c) -> modulated features; the head projection happens inside the loss."""
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:  # noqa: D102
+        return self.features(*inputs)
+
+
+class HeadLoss:
+    """DeepSpeed pipeline loss_fn: needs the last stage's OutputStage, bound after construction."""
+
+    def __init__(self, cfg: ScoreEntropyHeadConfig):
+        self.cfg, self.output_stage = cfg, None
+
+    def bind(self, pipe: PipelineModule) -> None:
+        """Find this rank's OutputStage (present on the last pipeline stage only)."""
+        stages = [m for m in pipe.modules() if isinstance(m, OutputStage)]
+        self.output_stage = stages[0] if stages else None
+
+    def __call__(self, features: Tensor, labels: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+        if self.output_stage is None:
+            raise RuntimeError("HeadLoss called on a rank without the output stage (not the last pipeline stage)")
+        x0, x_t, total_noise, rate = labels
+        return head_loss(self.output_stage, features, x0, x_t, total_noise.detach(), rate.detach(), self.cfg)
+
+
+def build_pipeline(model: ModelConfig, topology: PipeModelDataParallelTopology, loss_cfg: ScoreEntropyHeadConfig,
+                   device) -> PipelineModule:
+    """A PipelineModule over `topology`'s pipe axis; blocks are balanced across stages."""
+    mcfg = _megatron_config(model, device)
+    layers = [LayerSpec(InputStage, model, mcfg, device),
+              *[LayerSpec(BlockStage, model, mcfg, device) for _ in range(model.n_blocks)],
+              LayerSpec(OutputStage, model, mcfg, device)]
+    loss = HeadLoss(loss_cfg)
+    pipe = PipelineModule(layers=layers, loss_fn=loss, topology=topology, partition_method="type:BlockStage",
+                          activation_checkpoint_interval=0)
+    loss.bind(pipe)
+    return pipe

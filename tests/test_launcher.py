@@ -1,0 +1,172 @@
+"""launcher.sh: single process, torchrun, and slurm (simulated: SLURM_* variables plus stand-in
+`srun` / `scontrol` on PATH that start local processes), and refusals before anything starts.
+
+The launcher runs from a copy whose tools/bootstrap.sh is a stand-in printing this interpreter,
+so a test never rebuilds the real virtual environment.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "recipes" / "cpu-tiny.yaml")
+RANK_LINE = re.compile(r"rank (\d+)/(\d+) local (\d+) master (\S+):(\d+) \| tp (\d+) pp (\d+) dp (\d+)")
+
+FAKE_SRUN = """\
+#!{python}
+# Stand-in for slurm's srun: starts --ntasks local processes with slurm's per-task variables.
+# Options must be written --key=value (as launcher.sh does). FAKE_SRUN_DRY=1: record only.
+import os, subprocess, sys
+args, opts = sys.argv[1:], {{}}
+while args and args[0].startswith("-"):
+    key, _, value = args.pop(0).partition("=")
+    opts[key] = value
+with open(os.environ["FAKE_SLURM_LOG"], "a") as log:
+    log.write("srun " + " ".join(f"{{k}}={{v}}" for k, v in opts.items()) + "\\n")
+if os.environ.get("FAKE_SRUN_DRY"):
+    sys.exit(0)
+ntasks = int(opts.get("--ntasks") or os.environ["SLURM_NTASKS"])
+per_node = int(opts.get("--ntasks-per-node") or ntasks // int(os.environ["SLURM_JOB_NUM_NODES"]))
+procs = [subprocess.Popen(args, env=dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID=str(i % per_node),
+                                         SLURM_NODEID=str(i // per_node), SLURM_NTASKS=str(ntasks), SLURM_STEP_ID="0"))
+         for i in range(ntasks)]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+FAKE_SCONTROL = """\
+#!{python}
+# Stand-in for `scontrol show hostnames LIST`: one host per comma-separated item.
+import os, sys
+with open(os.environ["FAKE_SLURM_LOG"], "a") as log:
+    log.write("scontrol " + " ".join(sys.argv[1:]) + "\\n")
+assert sys.argv[1:3] == ["show", "hostnames"], sys.argv
+print("\\n".join(sys.argv[3].split(",")))
+"""
+
+FAKE_BOOTSTRAP = """\
+#!/usr/bin/env bash
+echo "[bootstrap] stand-in: using {python}" >&2
+touch "$(dirname "$0")/../bootstrap-ran"
+echo "{python}"
+"""
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """A launcher copy with a stand-in bootstrap, stand-in slurm tools, and a clean environment."""
+    root = tmp_path / "repo"
+    (root / "tools").mkdir(parents=True)
+    shutil.copy(REPO / "launcher.sh", root / "launcher.sh")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for path, text in [(root / "tools" / "bootstrap.sh", FAKE_BOOTSTRAP), (bin_dir / "srun", FAKE_SRUN),
+                       (bin_dir / "scontrol", FAKE_SCONTROL)]:
+        path.write_text(textwrap.dedent(text).format(python=sys.executable))
+        path.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                       "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_SLURM_LOG=str(tmp_path / "slurm.log"), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1")
+    return root, env, tmp_path / "slurm.log"
+
+
+def run(sandbox, *args, env=None, timeout=300):
+    """Run the sandboxed launcher; returns the completed process (text)."""
+    root, base, _ = sandbox
+    return subprocess.run([str(root / "launcher.sh"), *args], env={**base, **(env or {})}, cwd=root,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def rank_lines(out: str) -> list[tuple]:
+    """(rank, world, local, master, port, tp, pp, dp) for every rank line, sorted by rank."""
+    return sorted((int(m[1]), int(m[2]), int(m[3]), m[4], int(m[5]), int(m[6]), int(m[7]), int(m[8]))
+                  for m in RANK_LINE.finditer(out))
+
+
+SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "4",
+             "SLURM_JOB_NODELIST": "localhost,node-b"}
+
+
+def test_help(sandbox):
+    """--help prints the usage."""
+    p = run(sandbox, "--help")
+    assert p.returncode == 0 and "--nproc N" in p.stdout and "--set k=v" in p.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nproc", "2", "--set", "parallel.pp=2", "parallel.zero_stage=2"], "supports ZeRO-1 only"),
+    (["--nproc", "3", "--set", "parallel.tp=2"], "world size 3 is not divisible by tp*pp"),
+    (["--set", "parallel.tp=3"], "tensor-parallel size 3 does not divide n_heads=4"),
+    (["--set", "optim.lrr=1"], "did you mean 'optim.lr'"),
+    (["--nproc", "0"], "--nproc must be a positive integer"),
+    (["--set", "lr"], "--set needs key=value"),
+])
+def test_refused_before_launch(sandbox, args, message):
+    """Impossible recipes and layouts stop the launcher with the reason; no process is started."""
+    p = run(sandbox, TINY, *args)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr
+    assert "launcher: torchrun" not in p.stdout and "rank 0/" not in p.stdout
+
+
+def test_slurm_refusal_starts_no_task(sandbox):
+    """In slurm mode an impossible layout (4 tasks, TP=3) is refused before srun is called."""
+    p = run(sandbox, TINY, "--set", "parallel.tp=3", "parallel.pp=1", env=SLURM_ENV)
+    assert p.returncode == 2 and "does not divide" in p.stderr
+    assert not sandbox[2].exists() or "srun" not in sandbox[2].read_text()
+    assert (sandbox[0] / "bootstrap-ran").exists()
+
+
+def test_slurm_nproc_sets_tasks_per_node(sandbox):
+    """With --nproc inside an allocation, srun gets nodes x nproc tasks, nproc per node."""
+    p = run(sandbox, TINY, "--nproc", "2", "--set", "parallel.micro_batch=8",
+            env={**SLURM_ENV, "SLURM_NTASKS": "", "FAKE_SRUN_DRY": "1"})
+    assert p.returncode == 0, p.stderr
+    log = sandbox[2].read_text()
+    assert "scontrol show hostnames localhost,node-b" in log
+    assert "--nodes=2 --ntasks=4 --ntasks-per-node=2" in log
+    assert "layout: world 4 = TP 1 x PP 1 x DP 4 | ZeRO-0 | batch 32 = micro 8 x DP 4 x grad accum 1" in p.stdout
+    assert "launcher: master localhost:24242" in p.stdout  # port 20000 + job id % 20000
+
+
+@pytest.mark.slow
+def test_single_process(sandbox):
+    """--nproc 1 (the default) runs one process that forms a world of one."""
+    p = run(sandbox, TINY, "--layout-only")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "launcher: single process" in p.stdout
+    assert p.stdout.count("layout: world 1 = TP 1 x PP 1 x DP 1 | ZeRO-0 | batch 32 = micro 16 x DP 1 x grad accum 2") == 2
+    assert [r[:3] for r in rank_lines(p.stdout)] == [(0, 1, 0)]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(sandbox):
+    """--nproc 2 starts torchrun; two ranks form TP=2 with the layout printed."""
+    p = run(sandbox, TINY, "--nproc", "2", "--set", "parallel.tp=2", "--layout-only")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "launcher: torchrun: 2 processes on this node" in p.stdout
+    assert "layout: world 2 = TP 2 x PP 1 x DP 1 | ZeRO-0 | batch 32 = micro 16 x DP 1 x grad accum 2" in p.stdout
+    ranks = rank_lines(p.stdout)
+    assert [(r[0], r[1], r[2], r[5], r[6], r[7]) for r in ranks] == [(0, 2, 0, 0, 0, 0), (1, 2, 1, 1, 0, 0)]
+
+
+@pytest.mark.slow
+def test_slurm_two_nodes(sandbox):
+    """Inside a (simulated) 2-node allocation of 4 tasks: srun starts 4 ranks, TP=2 x PP=2, master = first host."""
+    p = run(sandbox, TINY, "--set", "parallel.tp=2", "parallel.pp=2", "--layout-only", env=SLURM_ENV)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "launcher: slurm: 2 node(s), srun 4 tasks" in p.stdout
+    assert "layout: world 4 = TP 2 x PP 2 x DP 1 | ZeRO-0 | batch 32 = micro 16 x DP 1 x grad accum 2" in p.stdout
+    ranks = rank_lines(p.stdout)
+    # (rank, world, local rank, master, port, tp, pp, dp): megatron/DeepSpeed order rank = tp + 2 * pp
+    assert ranks == [(r, 4, r % 2, "localhost", 24242, r % 2, r // 2, 0) for r in range(4)], ranks
+    assert "srun --kill-on-bad-exit=1 --ntasks=4" in sandbox[2].read_text()

@@ -1,0 +1,120 @@
+"""The trainer with real processes: every layout gives the losses of one process, resumes are exact."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from tests.dist import launch
+
+pytestmark = [pytest.mark.slow, pytest.mark.megatron]
+
+STEPS = 3
+LOSS_RTOL = 2e-5  # fp32, different reduction orders (TP all-reduces, DP averaging, ZeRO partitions)
+
+
+def recipe_dict(tmp: str, **parallel) -> dict:
+    """A tiny model on synthetic tokens; dropout off so that layouts can match exactly."""
+    return {
+        "model": {"hidden_size": 32, "n_heads": 4, "n_blocks": 2, "cond_dim": 16, "num_tokens": 11, "length": 8,
+                  "vocab_multiple": 1, "dropout": 0.0, "graph": "absorb", "scale_by_sigma": True},
+        "data": {"manifests": ["unused.json"], "tokenizer": None, "seq_len": 8, "num_workers": 0},
+        "optim": {"lr": 1e-2, "warmup": 1, "grad_clip": 0.5},
+        "parallel": {"micro_batch": 2, "global_batch": 8, "zero_stage": 0, **parallel},
+        "train": {"steps": 100, "ema": 0.9, "seed": 5, "save_every": 1000, "eval_every": 1000, "log_every": 1000},
+        "checkpoint": {"dir": tmp},
+    }
+
+
+class SyntheticTokens:
+    """Each step's global batch drawn from (seed, step); a rank's micro-batches hold its rows of it
+    (the row convention of `noising.global_row_offset`), so every layout trains on the same rows."""
+
+    def __init__(self, num_tokens: int, seq_len: int, layout, dp_rank: int, seed: int = 0):
+        self.num_tokens, self.seq_len, self.layout, self.dp_rank, self.seed = num_tokens, seq_len, layout, dp_rank, seed
+        self.count = 0
+
+    def __iter__(self):
+        from sedd_scale.noising import global_row_offset
+
+        lay = self.layout
+        while True:
+            step, micro = divmod(self.count, lay.grad_accum)
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + step)
+            full = torch.randint(0, self.num_tokens, (lay.global_batch, self.seq_len), generator=gen)
+            start = global_row_offset(micro, self.dp_rank, lay.micro_batch, lay.dp)
+            self.count += 1
+            yield full[start:start + lay.micro_batch]
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+
+def _run(recipe_data: dict, steps: int, resume_at: int | None = None) -> list[float]:
+    """Train `steps` steps (optionally: stop at `resume_at`, save, rebuild everything, resume)."""
+    from megatron.core import parallel_state as ps
+
+    from sedd_scale import engine, parallel
+    from sedd_scale.config import Recipe, from_dict
+    from sedd_scale.trainer import Trainer
+
+    recipe = from_dict(Recipe, copy.deepcopy(recipe_data))
+
+    def build():
+        layout, topology = engine.setup(recipe)
+        data = SyntheticTokens(recipe.model.num_tokens, recipe.data.seq_len, layout, ps.get_data_parallel_rank())
+        return Trainer(recipe, layout, topology, loader=data)
+
+    try:
+        trainer = build()
+        if resume_at is None:
+            return trainer.fit(max_steps=steps).losses
+        losses = trainer.fit(max_steps=resume_at).losses
+        trainer.save()
+        parallel.destroy_parallel()
+        trainer = build()  # a fresh model, optimizer, EMA and data source, as after a restart
+        assert trainer.resume() and trainer.step == resume_at
+        return losses + trainer.fit(max_steps=steps - resume_at).losses
+    finally:
+        parallel.destroy_parallel()  # the next layout in this process builds its own groups
+
+
+def one_process(tmp: str) -> list[float]:
+    return _run(recipe_dict(tmp + "/single"), STEPS)
+
+
+def two_processes(tmp: str) -> dict:
+    layouts = {"dp2-zero0": {}, "dp2-zero1": {"zero_stage": 1}, "dp2-zero2": {"zero_stage": 2},
+               "dp2-zero3": {"zero_stage": 3}, "tp2": {"tp": 2}, "pp2": {"pp": 2, "zero_stage": 1}}
+    out = {name: _run(recipe_dict(f"{tmp}/{name}", **p), STEPS) for name, p in layouts.items()}
+    for name, p in (("dp2-resume", {"zero_stage": 1}), ("pp2-resume", {"pp": 2, "zero_stage": 1})):
+        out[name] = _run(recipe_dict(f"{tmp}/{name}", **p), 4, resume_at=2)
+        out[name + "-ref"] = _run(recipe_dict(f"{tmp}/{name}-ref", **p), 4)
+    return out
+
+
+def four_processes(tmp: str) -> dict:
+    return {"tp2-pp2": _run(recipe_dict(f"{tmp}/tp2pp2", tp=2, pp=2, zero_stage=1), STEPS)}
+
+
+def test_layouts_match_one_process_and_resume_exactly(tmp_path):
+    reference = launch(one_process, 1, str(tmp_path))[0]
+    assert len(reference) == STEPS and all(math.isfinite(v) for v in reference)
+    two = launch(two_processes, 2, str(tmp_path))
+    four = launch(four_processes, 4, str(tmp_path))
+    for results in (two, four):
+        for name, losses in results[0].items():
+            assert all(r[name] == losses for r in results), f"{name}: ranks disagree"
+    measured = {name: losses for name, losses in {**two[0], **four[0]}.items() if "resume" not in name}
+    for name, losses in measured.items():
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=LOSS_RTOL, atol=0,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    for name in ("dp2-resume", "pp2-resume"):
+        assert two[0][name] == two[0][name + "-ref"], f"{name}: resumed run differs from the uninterrupted one"
+    worst = {k: max(abs(a - b) / abs(b) for a, b in zip(v, reference)) for k, v in measured.items()}
+    print("single-process losses", [round(x, 6) for x in reference], "max relative deviation per layout", worst)
