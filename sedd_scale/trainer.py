@@ -107,6 +107,7 @@ class Trainer:
         self.checkpoints = CheckpointDir(recipe.checkpoint.dir, keep_last=recipe.train.keep_last)
         self.step = 0
         self.tokens_seen = 0
+        self.stop = _StopFlag()  # installed now: a pre-emption signal during setup is honoured too
 
     # -- state ---------------------------------------------------------------------------------
     def _local_params(self) -> list[torch.Tensor]:
@@ -267,7 +268,6 @@ class Trainer:
         tc = self.recipe.train
         end = tc.steps if max_steps is None else min(tc.steps, self.step + max_steps)
         result = TrainResult(start_step=self.step)
-        stop = _StopFlag()
         flops = training_flops_per_token(matmul_params=self.model_cfg.num_params(self.layout.tp),
                                          num_layers=self.model_cfg.n_blocks, hidden=self.model_cfg.hidden_size,
                                          seq_len=self.recipe.data.seq_len)
@@ -312,7 +312,7 @@ class Trainer:
                     texts = self.samples(2, steps=tc.sample_steps)
                     if texts is not None and decode is not None:
                         metrics.text(self.step, "samples", "\n\n---\n\n".join(decode(t.tolist()) for t in texts))
-            if stop.any_rank(self.device):
+            if self.stop.any_rank(self.device):
                 self.save()
                 result.stopped_by_signal = True
                 return result

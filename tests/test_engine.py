@@ -11,6 +11,8 @@ norms rel 1e-5, weights abs 5e-6 (fp32 arithmetic vs float64; one Adam step move
 from __future__ import annotations
 
 import pytest
+
+pytestmark = pytest.mark.megatron  # rerun under megatron-core 0.19.x by tools/test.sh
 import torch
 
 D, F, BLOCKS = 8, 16, 2  # width, hidden width (TP-split), blocks (PP-split)

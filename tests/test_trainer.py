@@ -23,7 +23,8 @@ def recipe_dict(tmp: str, **parallel) -> dict:
         "data": {"manifests": ["unused.json"], "tokenizer": None, "seq_len": 8, "num_workers": 0},
         "optim": {"lr": 1e-2, "warmup": 1, "grad_clip": 0.5},
         "parallel": {"micro_batch": 2, "global_batch": 8, "zero_stage": 0, **parallel},
-        "train": {"steps": 100, "ema": 0.9, "seed": 5, "save_every": 1000, "eval_every": 1000, "log_every": 1000},
+        "train": {"steps": 100, "ema": 0.9, "seed": 5, "save_every": 1000, "eval_every": 1000, "log_every": 1000,
+                  "max_nonfinite_steps": 3},
         "checkpoint": {"dir": tmp},
     }
 
@@ -55,29 +56,31 @@ class SyntheticTokens:
         self.count = state["count"]
 
 
-def _run(recipe_data: dict, steps: int, resume_at: int | None = None) -> list[float]:
-    """Train `steps` steps (optionally: stop at `resume_at`, save, rebuild everything, resume)."""
+def _build(recipe_data: dict):
     from megatron.core import parallel_state as ps
 
-    from sedd_scale import engine, parallel
+    from sedd_scale import engine
     from sedd_scale.config import Recipe, from_dict
     from sedd_scale.trainer import Trainer
 
     recipe = from_dict(Recipe, copy.deepcopy(recipe_data))
+    layout, topology = engine.setup(recipe)
+    data = SyntheticTokens(recipe.model.num_tokens, recipe.data.seq_len, layout, ps.get_data_parallel_rank())
+    return Trainer(recipe, layout, topology, loader=data)
 
-    def build():
-        layout, topology = engine.setup(recipe)
-        data = SyntheticTokens(recipe.model.num_tokens, recipe.data.seq_len, layout, ps.get_data_parallel_rank())
-        return Trainer(recipe, layout, topology, loader=data)
+
+def _run(recipe_data: dict, steps: int, resume_at: int | None = None) -> list[float]:
+    """Train `steps` steps (optionally: stop at `resume_at`, save, rebuild everything, resume)."""
+    from sedd_scale import parallel
 
     try:
-        trainer = build()
+        trainer = _build(recipe_data)
         if resume_at is None:
             return trainer.fit(max_steps=steps).losses
         losses = trainer.fit(max_steps=resume_at).losses
         trainer.save()
         parallel.destroy_parallel()
-        trainer = build()  # a fresh model, optimizer, EMA and data source, as after a restart
+        trainer = _build(recipe_data)  # a fresh model, optimizer, EMA and data source, as after a restart
         assert trainer.resume() and trainer.step == resume_at
         return losses + trainer.fit(max_steps=steps - resume_at).losses
     finally:
@@ -118,3 +121,50 @@ def test_layouts_match_one_process_and_resume_exactly(tmp_path):
         assert two[0][name] == two[0][name + "-ref"], f"{name}: resumed run differs from the uninterrupted one"
     worst = {k: max(abs(a - b) / abs(b) for a, b in zip(v, reference)) for k, v in measured.items()}
     print("single-process losses", [round(x, 6) for x in reference], "max relative deviation per layout", worst)
+
+
+def signals_nonfinite_and_layout_checks(tmp: str) -> dict:
+    """One process: SIGUSR1 -> checkpoint and stop; NaN gradients -> skipped steps, then a clear stop
+    with the last good checkpoint kept; a checkpoint of another layout is refused."""
+    import os
+    import signal
+
+    from sedd_scale import parallel
+    from sedd_scale.checkpoint.sharded import CheckpointError
+
+    out = {}
+    trainer = _build(recipe_dict(tmp))
+    os.kill(os.getpid(), signal.SIGUSR1)  # as slurm does before the time limit
+    result = trainer.fit(max_steps=5)
+    out["signal"] = (result.stopped_by_signal, trainer.step, trainer.checkpoints.latest().name)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    trainer.stop.raised = False  # the run would exit here; this test goes on with the same trainer
+
+    with torch.no_grad():
+        next(trainer.engine.module.parameters()).fill_(float("nan"))
+    try:
+        trainer.fit(max_steps=10)
+        out["nonfinite"] = "no error"
+    except FloatingPointError as e:
+        out["nonfinite"] = str(e)
+    out["skipped"] = trainer._optimizer().skipped_total
+    out["latest_after_nan"] = trainer.checkpoints.latest().name
+    parallel.destroy_parallel()
+
+    other = recipe_dict(tmp)
+    other["parallel"]["zero_stage"] = 1
+    try:
+        _build(other).resume()
+        out["layout"] = "no error"
+    except CheckpointError as e:
+        out["layout"] = str(e)
+    parallel.destroy_parallel()
+    return out
+
+
+def test_signal_save_nonfinite_stop_and_layout_refusal(tmp_path):
+    out = launch(signals_nonfinite_and_layout_checks, 1, str(tmp_path))[0]
+    assert out["signal"] == (True, 1, "step_000000001"), out
+    assert "3 consecutive steps had non-finite" in out["nonfinite"] and "last good checkpoint" in out["nonfinite"]
+    assert out["skipped"] == 3 and out["latest_after_nan"] == "step_000000001", out
+    assert "zero_stage: saved 0 vs now 1" in out["layout"] and "convert_checkpoint" in out["layout"], out
