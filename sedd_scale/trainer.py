@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import signal
 import time
 from collections.abc import Iterator
@@ -108,6 +109,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.stop = _StopFlag()  # installed now: a pre-emption signal during setup is honoured too
+        self.data_wait = 0.0  # seconds spent waiting for the loader in the current step
 
     # -- state ---------------------------------------------------------------------------------
     def _local_params(self) -> list[torch.Tensor]:
@@ -163,9 +165,15 @@ class Trainer:
                            row_offset=global_row_offset(micro, self.dp_rank, lay.micro_batch, lay.dp),
                            global_rows=lay.global_batch, sampling_eps=d.sampling_eps, stratified=d.stratified)
 
+    def _next_batch(self) -> torch.Tensor:
+        started = time.perf_counter()
+        batch = next(self.batches)
+        self.data_wait += time.perf_counter() - started
+        return batch
+
     def _pipe_micro_batches(self, step: int) -> Iterator:
         for micro in range(self.layout.grad_accum):
-            nb = self._noised(next(self.batches), step, micro)
+            nb = self._noised(self._next_batch(), step, micro)
             yield (nb.x_t, nb.total_noise), (nb.x0, nb.x_t, nb.total_noise, nb.rate)
 
     def train_step(self) -> float:
@@ -176,7 +184,7 @@ class Trainer:
         else:
             losses = []
             for micro in range(self.layout.grad_accum):
-                nb = self._noised(next(self.batches), self.step, micro)
+                nb = self._noised(self._next_batch(), self.step, micro)
                 loss = self.engine(nb.x0, nb.x_t, nb.total_noise, nb.rate)
                 self.engine.backward(loss)
                 self.engine.step()
@@ -195,8 +203,12 @@ class Trainer:
     def _eval_loss(self, nb: NoisedBatch) -> float:
         """Mean over the micro-batch of sum_i rate * score entropy (the per-sequence DWDSE estimate)."""
         if self.is_pipe:
+            # Stages cache the shapes they exchange; validation batches may differ from training's.
+            self.engine.reset_activation_shape()
             batch = iter([((nb.x_t, nb.total_noise), (nb.x0, nb.x_t, nb.total_noise, nb.rate))])
-            return float(self.engine.eval_batch(batch, num_micro_batches=1, reduce_output="avg", bcast_loss=True))
+            loss = float(self.engine.eval_batch(batch, num_micro_batches=1, reduce_output="avg", bcast_loss=True))
+            self.engine.reset_activation_shape()
+            return loss
         return float(self.engine.module(nb.x0, nb.x_t, nb.total_noise, nb.rate))
 
     @torch.no_grad()
@@ -234,7 +246,10 @@ class Trainer:
                         means.append(self._eval_loss(NoisedBatch(x0, x_t, total_noise.float(), rate.float())))
                     means_t = torch.tensor(means, dtype=torch.float64)
                     batch_total += rows * float(means_t.mean())
-                    batch_var += rows**2 * float(means_t.var()) / count
+                    # The pipeline engine returns the mean over DP ranks (equal row counts assumed):
+                    # the rank's own mean varies dp times more than that.
+                    spread = self.layout.dp if self.is_pipe else 1
+                    batch_var += rows**2 * spread * float(means_t.var()) / count
                 total, variance = total + batch_total, variance + batch_var
                 tokens, seqs = tokens + x0.numel(), seqs + rows
         estimate = ElboEstimate(total, variance, tokens, seqs)
@@ -272,7 +287,7 @@ class Trainer:
                                          num_layers=self.model_cfg.n_blocks, hidden=self.model_cfg.hidden_size,
                                          seq_len=self.recipe.data.seq_len)
         while self.step < end:
-            started = time.perf_counter()
+            started, self.data_wait = time.perf_counter(), 0.0
             loss = self.train_step()
             elapsed = time.perf_counter() - started
             opt = self._optimizer()
@@ -300,8 +315,11 @@ class Trainer:
                     scalars["train/grad_norm"] = float(norm)
                 if tc.peak_tflops:
                     scalars["train/mfu"] = scalars["train/model_tflops_per_s"] / tc.peak_tflops
+                scalars["train/data_wait_fraction"] = self.data_wait / elapsed
                 if torch.cuda.is_available():
                     scalars["train/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                else:  # the process's peak resident memory (Linux reports KiB)
+                    scalars["train/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 metrics.scalars(self.step, scalars)
             if valid_batches and (self.step % tc.eval_every == 0 or self.step == end):
                 result.valid = self.validate(valid_batches, draws=tc.eval_draws)
