@@ -100,7 +100,7 @@ def run(recipe, layout, topology):
         print(f"step {trainer.step}: validation ELBO {v.nats_per_token:.4f} +- {v.stderr:.4f} nats/token, "
               f"perplexity <= {v.perplexity_bound:.2f} ({v.num_sequences} sequences, EMA weights)", flush=True)
     texts = trainer.samples(3, steps=recipe.train.sample_steps)
-    if rank0 and texts is not None and tokenizer is not None:
+    if rank0 and tokenizer is not None:
         for i, ids in enumerate(texts.tolist()):
             print(f"--- sample {i} ---\n{tokenizer.decode(ids)}", flush=True)
     return result

@@ -261,15 +261,35 @@ class Trainer:
         return estimate
 
     @torch.no_grad()
-    def samples(self, count: int, steps: int) -> torch.Tensor | None:
-        """A few unconditional samples with EMA weights (analytic sampler); None under pipeline parallelism."""
-        if self.is_pipe:
-            return None
-        model: SEDD = self.engine.module.model
-        model.eval()
+    def _pipe_log_scores(self, x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary log-scores through the pipeline, made on the last stage and sent to every stage."""
+        total = total.float()
+        self.engine.reset_activation_shape()
+        # The engine also evaluates the loss (its running total breaks without one); the labels are
+        # placeholders of the right kinds and the value is discarded.
+        batch = iter([((x, total), (torch.zeros_like(x), x, total, torch.ones_like(total)))])
+        _, features = self.engine.eval_batch(batch, return_logits=True, bcast_loss=False, num_micro_batches=1)
+        self.engine.reset_activation_shape()
+        group = ps.get_pipeline_model_parallel_group()
+        stage = self.engine.module.loss_fn.output_stage
+        if stage is not None:  # the last stage
+            out = parallel.gather_tp(stage.log_score(stage.linear(features)[0], x, total))
+        else:
+            out = torch.empty(*x.shape, self.model_cfg.padded_vocab(self.layout.tp), device=self.device)
+        dist.broadcast(out, src=dist.get_process_group_ranks(group)[-1], group=group)
+        return out
 
-        def log_score(x, total):
-            return parallel.gather_tp(model(x, total.float()))
+    @torch.no_grad()
+    def samples(self, count: int, steps: int) -> torch.Tensor:
+        """A few unconditional samples with EMA weights (analytic sampler), the same on every rank."""
+        if self.is_pipe:
+            log_score = self._pipe_log_scores
+        else:
+            model: SEDD = self.engine.module.model
+            model.eval()
+
+            def log_score(x, total):
+                return parallel.gather_tp(model(x, total.float()))
 
         gen = torch.Generator(device=self.device).manual_seed(self.recipe.train.seed + self.step)
         with self.ema.applied(self._local_params()):
@@ -328,7 +348,7 @@ class Trainer:
                                                 "valid/elbo_stderr": result.valid.stderr,
                                                 "valid/perplexity_bound": result.valid.perplexity_bound})
                     texts = self.samples(2, steps=tc.sample_steps)
-                    if texts is not None and decode is not None:
+                    if decode is not None:
                         metrics.text(self.step, "samples", "\n\n---\n\n".join(decode(t.tolist()) for t in texts))
             if self.stop.any_rank(self.device):
                 self.save()

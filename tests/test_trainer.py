@@ -84,7 +84,9 @@ def _run(recipe_data: dict, steps: int, resume_at: int | None = None) -> list[fl
             rows = torch.randint(0, 11, (8, 8), generator=torch.Generator().manual_seed(99))
             dp, rank = trainer.layout.dp, trainer.dp_rank
             valid = trainer.validate([rows[rank * 8 // dp:(rank + 1) * 8 // dp]], draws=2)
-            return losses + [valid.nats_per_token]
+            samples = trainer.samples(3, steps=4)  # through this layout's model (pipeline stages too)
+            assert samples.shape == (3, 8) and int(samples.min()) >= 0 and int(samples.max()) < 11
+            return losses + [valid.nats_per_token] + [float(v) for v in samples.flatten()]
         losses = trainer.fit(max_steps=resume_at).losses
         trainer.save()
         parallel.destroy_parallel()
@@ -115,7 +117,7 @@ def four_processes(tmp: str) -> dict:
 
 def test_layouts_match_one_process_and_resume_exactly(tmp_path):
     reference = launch(one_process, 1, str(tmp_path))[0]
-    assert len(reference) == STEPS + 1 and all(math.isfinite(v) for v in reference)  # losses + validation
+    assert len(reference) == STEPS + 1 + 24 and all(math.isfinite(v) for v in reference)  # losses, valid, samples
     two = launch(two_processes, 2, str(tmp_path))
     four = launch(four_processes, 4, str(tmp_path))
     for results in (two, four):
@@ -125,16 +127,17 @@ def test_layouts_match_one_process_and_resume_exactly(tmp_path):
     for name, losses in measured.items():
         torch.testing.assert_close(torch.tensor(losses[:STEPS]), torch.tensor(reference[:STEPS]), rtol=LOSS_RTOL,
                                    atol=0, msg=lambda m, n=name: f"{n}: {m}")
-        assert math.isfinite(losses[-1]) and losses[-1] > 0
+        valid, ref_valid = losses[STEPS], reference[STEPS]
+        assert math.isfinite(valid) and valid > 0
         if name in ("tp2", "pp2", "tp2-pp2"):
             # After the last Adam step: m / sqrt(v) turns last-bit differences of near-zero gradients
             # into lr-sized weight differences, so the weights (not the arithmetic) differ at ~1e-5.
-            assert abs(losses[-1] - reference[-1]) < VALID_RTOL * reference[-1], (name, losses[-1], reference[-1])
+            assert abs(valid - ref_valid) < VALID_RTOL * ref_valid, (name, valid, ref_valid)
     for name in ("dp2-resume", "pp2-resume"):
-        resumed, uninterrupted = two[0][name], two[0][name + "-ref"][:4]  # (the reference ends with validation)
+        resumed, uninterrupted = two[0][name], two[0][name + "-ref"][:4]  # (the reference also validates, samples)
         assert resumed == uninterrupted, f"{name}: resumed run differs from the uninterrupted one"
     worst = {k: max(abs(a - b) / abs(b) for a, b in zip(v[:STEPS], reference)) for k, v in measured.items()}
-    print("single-process losses", [round(x, 6) for x in reference], "max relative deviation per layout", worst)
+    print("single-process losses and validation", [round(x, 6) for x in reference[:STEPS + 1]], "max relative deviation per layout", worst)
 
 
 def signals_nonfinite_and_layout_checks(tmp: str) -> dict:
