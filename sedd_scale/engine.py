@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from typing import Any
 
 from sedd_scale import compat  # noqa: F401  (CPU workarounds before megatron / deepspeed)
@@ -45,7 +44,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     if "RANK" not in os.environ:  # `python -m sedd_scale.train` without a launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(parallel.free_port()))
     if torch.cuda.is_available():  # before NCCL creates its communicators on the wrong device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # A timeout turns a hang (mismatched collectives, a dead rank) into an error.
@@ -54,12 +53,6 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend=parallel.default_backend(), auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_parallel(layout: Layout) -> PipeModelDataParallelTopology:

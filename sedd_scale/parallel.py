@@ -28,10 +28,16 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
         return
-    with socket.socket() as s:  # a single process still needs a rendezvous address
+    # A single process still needs a rendezvous address.
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port that is free on the loopback interface right now."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
+        return s.getsockname()[1]
 
 
 def init_parallel(tp: int = 1, pp: int = 1, *, seed: int | None = None) -> None:

@@ -4,19 +4,11 @@ from __future__ import annotations
 import datetime
 import io
 import os
-import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    """A TCP port that is free on the loopback interface right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world_size, port, fn, args, queue):
@@ -42,6 +34,8 @@ def launch(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     """Call fn(*args) on ranks 0..world_size-1 (spawned processes); return the per-rank results."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
+    from sedd_scale.parallel import free_port  # here: workers importing this module skip megatron
+
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=False)
              for r in range(world_size)]  # not daemonic: ranks may start DataLoader workers
