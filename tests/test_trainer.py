@@ -59,9 +59,8 @@ class SyntheticTokens:
 
 
 def _build(recipe_data: dict):
+    from sedd_scale import engine  # first: it applies sedd_scale.compat before megatron loads
     from megatron.core import parallel_state as ps
-
-    from sedd_scale import engine
     from sedd_scale.config import Recipe, from_dict
     from sedd_scale.trainer import Trainer
 
