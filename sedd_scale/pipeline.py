@@ -15,7 +15,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noq
 
 from sedd_scale.loss import ScoreEntropyHeadConfig, weighted_score_entropy_head  # noqa: E402
 from sedd_scale.model import SEDD, Block, InputLayer, ModelConfig, OutputLayer  # noqa: E402
-from sedd_scale.model.transformer import _megatron_config  # noqa: E402
+from sedd_scale.model.transformer import megatron_config  # noqa: E402
 
 
 def head_loss_config(model: ModelConfig, chunk_size: int = 1024) -> ScoreEntropyHeadConfig:
@@ -91,7 +91,7 @@ class HeadLoss:
 def build_pipeline(model: ModelConfig, topology: PipeModelDataParallelTopology, loss_cfg: ScoreEntropyHeadConfig,
                    device) -> PipelineModule:
     """A PipelineModule over `topology`'s pipe axis; blocks are balanced across stages."""
-    mcfg = _megatron_config(model, device)
+    mcfg = megatron_config(model, device)
     layers = [LayerSpec(InputStage, model, mcfg, device),
               *[LayerSpec(BlockStage, model, mcfg, device) for _ in range(model.n_blocks)],
               LayerSpec(OutputStage, model, mcfg, device)]

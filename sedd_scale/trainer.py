@@ -29,7 +29,8 @@ from sedd_scale import engine as ds_engine  # noqa: E402
 from sedd_scale import parallel  # noqa: E402
 from sedd_scale.checkpoint.sharded import CheckpointDir, check_layout, read_meta  # noqa: E402
 from sedd_scale.config import Layout, Recipe, to_dict  # noqa: E402
-from sedd_scale.diffusion import ElboEstimate, get_graph, get_noise, prior_kl, sample  # noqa: E402
+from sedd_scale.diffusion import ElboEstimate, get_graph, get_noise, prior_kl, sample
+from sedd_scale.diffusion.elbo import noise_draws  # noqa: E402
 from sedd_scale.ema import EMA  # noqa: E402
 from sedd_scale.metrics import Metrics, training_flops_per_token  # noqa: E402
 from sedd_scale.model import SEDD, ModelConfig  # noqa: E402
@@ -221,35 +222,22 @@ class Trainer:
         self.engine.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.recipe.train.seed + 7919)
         total, variance, tokens, seqs = 0.0, 0.0, 0, 0
-        sigma0 = float(self.noise.total_noise(torch.zeros((), dtype=torch.float64)))
         with self.ema.applied(self._local_params()):
             for x0 in batches:
                 x0 = x0.to(self.device)
                 rows = x0.shape[0]
-                pieces = [(draws, lambda k: 1.0 - (k + torch.rand(rows, dtype=torch.float64, device=self.device,
-                                                                     generator=gen)) / draws, None)]
-                if sigma0 > 0:  # geometric: the [0, sigma_bar(0)] piece, as in diffusion.elbo
-                    count = max(2, draws // 4)
-                    pieces.append((count, lambda k, c=count: sigma0 * (1.0 - (k + torch.rand(
-                        rows, dtype=torch.float64, device=self.device, generator=gen)) / c), sigma0))
                 batch_total, batch_var = float(prior_kl(self.graph, self.noise, x0).sum()), 0.0
-                for count, draw, head in pieces:
+                for piece in noise_draws(self.noise, rows, draws, device=self.device, generator=gen):
                     means = []
-                    for k in range(count):
-                        if head is None:
-                            t = draw(k)
-                            total_noise, rate = self.noise(t)
-                        else:
-                            total_noise = draw(k)
-                            rate = torch.full_like(total_noise, head)
+                    for total_noise, weight in piece:
                         x_t = self.graph.sample_transition(x0, total_noise, generator=gen)
-                        means.append(self._eval_loss(NoisedBatch(x0, x_t, total_noise.float(), rate.float())))
+                        means.append(self._eval_loss(NoisedBatch(x0, x_t, total_noise.float(), weight.float())))
                     means_t = torch.tensor(means, dtype=torch.float64)
                     batch_total += rows * float(means_t.mean())
                     # The pipeline engine returns the mean over DP ranks (equal row counts assumed):
                     # the rank's own mean varies dp times more than that.
                     spread = self.layout.dp if self.is_pipe else 1
-                    batch_var += rows**2 * spread * float(means_t.var()) / count
+                    batch_var += rows**2 * spread * float(means_t.var()) / len(piece)
                 total, variance = total + batch_total, variance + batch_var
                 tokens, seqs = tokens + x0.numel(), seqs + rows
         estimate = ElboEstimate(total, variance, tokens, seqs)

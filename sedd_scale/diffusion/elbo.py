@@ -87,37 +87,43 @@ def _dwdse(se_fn: ScoreEntropyFn, graph: Graph, x0: Tensor, total: Tensor, gener
     return se_fn(x_t, total, x0).to(torch.float64).sum(-1)
 
 
+def noise_draws(noise: Noise, rows: int, num_samples: int, *, device=None,
+                generator: torch.Generator | None = None) -> list[list[tuple[Tensor, Tensor]]]:
+    """The ELBO's quadrature over total noise from 0, as pieces of (total_noise, weight) draws per row.
+
+    Piece 1: num_samples stratified t in (0, 1] (never exactly 0), weight sigma(t): covers
+    [sigma_bar(0), sigma_bar(1)]. Piece 2, where sigma_bar(0) > 0 (geometric): max(2, K // 4)
+    stratified total noise in (0, sigma_bar(0)], weight sigma_bar(0). Each piece's mean of
+    weight * sum_i score_entropy estimates its part of the integral.
+    """
+    if num_samples < 2:
+        raise ValueError("num_samples must be >= 2 to estimate a standard error")
+
+    def strata(count: int) -> list[Tensor]:
+        return [1.0 - (k + torch.rand(rows, dtype=torch.float64, device=device, generator=generator)) / count
+                for k in range(count)]
+
+    pieces = [[(noise.total_noise(t), noise.rate_noise(t)) for t in strata(num_samples)]]
+    sigma0 = float(noise.total_noise(torch.zeros((), dtype=torch.float64)))
+    if sigma0 > 0:
+        pieces.append([(sigma0 * u, torch.full_like(u, sigma0)) for u in strata(max(2, num_samples // 4))])
+    return pieces
+
+
 @torch.no_grad()
 def elbo_per_sequence(model: LogScoreFn | ScoreEntropyFn, graph: Graph, noise: Noise, x0: Tensor, *,
                       num_samples: int = 8, generator: torch.Generator | None = None,
                       fused: bool = False) -> tuple[Tensor, Tensor]:
-    """(bound, variance of its MC mean) per sequence, float64, from K = num_samples stratified draws.
+    """(bound, variance of its MC mean) per sequence, float64, over the draws of `noise_draws`.
 
     `model` is a log-score function, or with `fused=True` a ScoreEntropyFn (e.g. the vocab-parallel
     head loss, which never materialises full-vocabulary log-scores).
-
-    The integral is taken over total noise from 0: t in (0, 1] covers [sigma_bar(0), sigma_bar(1)],
-    and where sigma_bar(0) > 0 (geometric) the piece [0, sigma_bar(0)] gets max(2, K // 4) draws.
     """
-    if num_samples < 2:
-        raise ValueError("num_samples must be >= 2 to estimate a standard error")
-    batch, device = x0.shape[0], x0.device
     se_fn = model if fused else score_entropy_fn(model, graph)
-
-    def strata(k: int, count: int) -> Tensor:  # a point in stratum k of (0, 1]; never exactly 0
-        return 1.0 - (k + torch.rand(batch, dtype=torch.float64, device=device, generator=generator)) / count
-
-    main = torch.stack([noise.rate_noise(t) * _dwdse(se_fn, graph, x0, noise.total_noise(t), generator)
-                        for t in (strata(k, num_samples) for k in range(num_samples))])
-    bound = main.mean(0) + prior_kl(graph, noise, x0)
-    variance = main.var(0) / num_samples
-    sigma0 = float(noise.total_noise(torch.zeros((), dtype=torch.float64)))
-    if sigma0 > 0:
-        count = max(2, num_samples // 4)
-        head = torch.stack([sigma0 * _dwdse(se_fn, graph, x0, sigma0 * strata(k, count), generator)
-                            for k in range(count)])
-        bound = bound + head.mean(0)
-        variance = variance + head.var(0) / count
+    bound, variance = prior_kl(graph, noise, x0), torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+    for piece in noise_draws(noise, x0.shape[0], num_samples, device=x0.device, generator=generator):
+        values = torch.stack([weight * _dwdse(se_fn, graph, x0, total, generator) for total, weight in piece])
+        bound, variance = bound + values.mean(0), variance + values.var(0) / len(piece)
     return bound, variance
 
 

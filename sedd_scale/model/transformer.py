@@ -48,7 +48,8 @@ def _uniform_init(fan_in: int):
     return lambda w: nn.init.uniform_(w, -bound, bound)
 
 
-def _megatron_config(cfg: ModelConfig, device: torch.device) -> ModelParallelConfig:
+def megatron_config(cfg: ModelConfig, device: torch.device) -> ModelParallelConfig:
+    """megatron-core layer settings for this model on `device` (CPU-safe: no fusions, no sequence parallel)."""
     return ModelParallelConfig(
         tensor_model_parallel_size=parallel.tp_size(),
         params_dtype=cfg.params_dtype,
@@ -245,7 +246,7 @@ class SEDD(nn.Module):
     def __init__(self, config: ModelConfig, device: torch.device | str | None = None):
         super().__init__()
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        mcfg = _megatron_config(config, device)
+        mcfg = megatron_config(config, device)
         self.config = config
         self.input_layer = InputLayer(config, mcfg, device)
         self.blocks = nn.ModuleList(Block(config, mcfg, device) for _ in range(config.n_blocks))
