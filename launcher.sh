@@ -13,6 +13,11 @@
 #                on a filesystem every node sees.
 #   --set k=v    recipe overrides (several after one --set, or repeat --set)
 #
+#   ./launcher.sh [--nproc N] --tool NAME [ARGS ...]
+#
+#   --tool NAME  run tools/NAME.py (evaluate, sample) on every rank instead of training; all
+#                arguments after NAME are the tool's (e.g. --tool evaluate runs/x --split test)
+#
 # The virtual environment comes from tools/bootstrap.sh (a no-op once built). The recipe and the
 # layout for the world size are checked before anything is started; the resolved layout is printed.
 set -euo pipefail
@@ -21,9 +26,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "launcher: $*" >&2; exit 2; }
 
-recipe="" nproc="" sets=() extra=()
+recipe="" nproc="" sets=() extra=() tool="" tool_args=()
 while (($#)); do
   case "$1" in
+    --tool) [ $# -ge 2 ] || die "--tool needs a name (evaluate, sample)"
+      tool="$2"; shift 2; tool_args=("$@"); break ;;
     -h|--help) usage; exit 0 ;;
     --nproc) [ $# -ge 2 ] || die "--nproc needs a number"; nproc="$2"; shift 2 ;;
     --nproc=*) nproc="${1#*=}"; shift ;;
@@ -35,6 +42,11 @@ while (($#)); do
     *) [ -z "$recipe" ] || die "two recipes given: '$recipe' and '$1'"; recipe="$1"; shift ;;
   esac
 done
+if [ -n "$tool" ]; then
+  [ -z "$recipe" ] && [ ${#sets[@]} -eq 0 ] && [ ${#extra[@]} -eq 0 ] || \
+    die "--tool takes no recipe, --set or training flags: the tool's own arguments follow its name"
+  [[ "$tool" =~ ^[a-z_]+$ && -f "$root/tools/$tool.py" ]] || die "unknown tool '$tool' (evaluate, sample)"
+fi
 recipe="${recipe:-$root/recipes/cpu-tiny.yaml}"
 [[ -z "$nproc" || "$nproc" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$nproc'"
 
@@ -43,6 +55,7 @@ py="$("$root/tools/bootstrap.sh")" || die "tools/bootstrap.sh failed (see its lo
 set_args=()
 for s in ${sets[@]+"${sets[@]}"}; do set_args+=(--set "$s"); done
 train=(-m sedd_scale.train "$recipe" ${set_args[@]+"${set_args[@]}"} ${extra[@]+"${extra[@]}"})
+[ -z "$tool" ] || train=("$root/tools/$tool.py" ${tool_args[@]+"${tool_args[@]}"})
 
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   command -v srun >/dev/null || die "SLURM_JOB_ID is set but srun is not on PATH"
@@ -60,9 +73,13 @@ else
   if [ "$world" -eq 1 ]; then mode="single process"; else mode="torchrun: $world processes on this node"; fi
 fi
 
-# Pre-flight: refuse an impossible recipe or layout before any process starts.
-PYTHONWARNINGS=ignore "$py" -m sedd_scale.config "$recipe" --world-size "$world" ${set_args[@]+"${set_args[@]}"} || exit $?
-echo "launcher: $mode (recipe $recipe)"
+if [ -z "$tool" ]; then
+  # Pre-flight: refuse an impossible recipe or layout before any process starts.
+  PYTHONWARNINGS=ignore "$py" -m sedd_scale.config "$recipe" --world-size "$world" ${set_args[@]+"${set_args[@]}"} || exit $?
+  echo "launcher: $mode (recipe $recipe)"
+else
+  echo "launcher: $mode (tools/$tool.py)"
+fi
 
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   # Read the whole list (with pipefail, `| head -n 1` can kill scontrol with SIGPIPE).
@@ -71,7 +88,7 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   [ -n "$MASTER_ADDR" ] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no host"
   export MASTER_ADDR MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
   echo "launcher: master $MASTER_ADDR:$MASTER_PORT"
-  # Each task maps slurm's ids to torch.distributed's variables, then becomes the trainer.
+  # Each task maps slurm's ids to torch.distributed's variables, then becomes the trainer (or tool).
   exec srun --kill-on-bad-exit=1 "${srun_args[@]}" bash -c \
     'export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_NTASKS"; exec "$@"' \
     sedd-task "$py" "${train[@]}"

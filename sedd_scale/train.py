@@ -78,12 +78,13 @@ def run(recipe, layout, topology):
     prepare_missing_data(recipe)
     d, dp_rank = recipe.data, ps.get_data_parallel_rank()
     loader = TokenLoader(LoaderConfig(manifests=list(d.manifests), seq_len=d.seq_len, micro_batch=layout.micro_batch,
-                                      weights=d.weights, seed=recipe.train.seed, num_workers=d.num_workers),
+                                      weights=d.weights, seed=recipe.train.seed, num_workers=d.num_workers,
+                                      global_batch=layout.global_batch),
                          dp_rank, layout.dp)
     loader.check_compatible(recipe.model.num_tokens, d.seq_len)
     evaluation = EvalLoader(d.valid or d.manifests[0], "valid", layout.micro_batch, dp_rank, layout.dp)
     evaluation.check_compatible(recipe.model.num_tokens, d.seq_len)
-    valid = [b.tokens[b.valid] for b, _ in zip(evaluation, range(recipe.train.eval_batches)) if bool(b.valid.any())]
+    valid = [b for b, _ in zip(evaluation, range(recipe.train.eval_batches))]
     trainer = Trainer(recipe, layout, topology, loader=loader)
     rank0 = dist.get_rank() == 0
     if trainer.resume() and rank0:

@@ -8,12 +8,13 @@ resumed run needs to continue bit-identically is in the checkpoint: model and op
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import resource
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,10 @@ from megatron.core import tensor_parallel  # noqa: E402
 
 from sedd_scale import engine as ds_engine  # noqa: E402
 from sedd_scale import parallel  # noqa: E402
-from sedd_scale.checkpoint.sharded import CheckpointDir, check_layout, read_meta  # noqa: E402
+from sedd_scale.checkpoint.sharded import CheckpointDir, CheckpointError, check_layout, read_meta  # noqa: E402
 from sedd_scale.config import Layout, Recipe, to_dict  # noqa: E402
-from sedd_scale.diffusion import ElboEstimate, get_graph, get_noise, prior_kl, sample
-from sedd_scale.diffusion.elbo import noise_draws  # noqa: E402
+from sedd_scale.diffusion import ElboEstimate, get_graph, get_noise, sample  # noqa: E402
+from sedd_scale.evaluation import evaluate  # noqa: E402
 from sedd_scale.ema import EMA  # noqa: E402
 from sedd_scale.metrics import Metrics, training_flops_per_token  # noqa: E402
 from sedd_scale.model import SEDD, ModelConfig  # noqa: E402
@@ -127,7 +128,7 @@ class Trainer:
             self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
             extra = {"step": self.step, "tokens_seen": self.tokens_seen, "ema": self.ema.state_dict(),
                      "rng": _rng_state(), "loader": self.loader.state_dict(),
-                     "skipped_total": self._optimizer().skipped_total}
+                     "skipped_total": self.base_optimizer().skipped_total}
             tmp = folder / f".rank_{self.rank:05d}.pt.tmp"
             torch.save(extra, tmp)
             os.replace(tmp, folder / f"rank_{self.rank:05d}.pt")
@@ -141,19 +142,28 @@ class Trainer:
         latest = self.checkpoints.latest() if self.recipe.checkpoint.resume else None
         if latest is None:
             return False
-        check_layout(read_meta(latest), self.layout_dict())
-        self.engine.load_checkpoint(str(latest), tag="deepspeed", load_optimizer_states=True,
+        self.load(latest)
+        return True
+
+    def load(self, path: Path) -> None:
+        """Restore everything from the checkpoint folder `path` (written under this layout)."""
+        path = Path(path)
+        check_layout(read_meta(path), self.layout_dict())
+        missing = [str(path / f) for f in ("deepspeed", f"rank_{self.rank:05d}.pt") if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {missing} missing (copy the whole step folder)")
+        self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
-        extra = torch.load(latest / f"rank_{self.rank:05d}.pt", weights_only=False)
+        extra = torch.load(path / f"rank_{self.rank:05d}.pt", weights_only=False)
         self.step, self.tokens_seen = extra["step"], extra["tokens_seen"]
         self.ema.load_state_dict(extra["ema"])
         _set_rng_state(extra["rng"])
         self.loader.load_state_dict(extra["loader"])
         self.batches = iter(self.loader)
-        self._optimizer().skipped_total = extra["skipped_total"]
-        return True
+        self.base_optimizer().skipped_total = extra["skipped_total"]
 
-    def _optimizer(self):
+    def base_optimizer(self):
+        """The torch optimizer inside DeepSpeed's wrappers (it holds the AdamW state and the skip counters)."""
         opt = self.engine.optimizer
         while not hasattr(opt, "skipped_in_a_row"):  # DeepSpeed's ZeRO/bf16 wrappers hold ours as .optimizer
             opt = opt.optimizer
@@ -193,7 +203,7 @@ class Trainer:
             loss = torch.stack(losses).mean()
             dist.all_reduce(loss, group=ps.get_data_parallel_group())
             loss = loss / self.layout.dp
-        if not self._optimizer().last_skipped:
+        if not self.base_optimizer().last_skipped:
             self.ema.update(self._local_params())
         self.step += 1
         self.tokens_seen += self.layout.global_batch * self.recipe.data.seq_len
@@ -201,52 +211,36 @@ class Trainer:
 
     # -- evaluation and samples ----------------------------------------------------------------
     @torch.no_grad()
-    def _eval_loss(self, nb: NoisedBatch) -> float:
-        """Mean over the micro-batch of sum_i rate * score entropy (the per-sequence DWDSE estimate)."""
-        if self.is_pipe:
-            # Stages cache the shapes they exchange; validation batches may differ from training's.
-            self.engine.reset_activation_shape()
-            batch = iter([((nb.x_t, nb.total_noise), (nb.x0, nb.x_t, nb.total_noise, nb.rate))])
-            loss = float(self.engine.eval_batch(batch, num_micro_batches=1, reduce_output="avg", bcast_loss=True))
-            self.engine.reset_activation_shape()
-            return loss
-        return float(self.engine.module(nb.x0, nb.x_t, nb.total_noise, nb.rate))
+    def eval_loss(self, x0: torch.Tensor, x_t: torch.Tensor, total_noise: torch.Tensor, rate: torch.Tensor) -> float:
+        """Mean over the micro-batch of rate * sum_i score entropy through this layout (the same value on every rank)."""
+        if not self.is_pipe:
+            return float(self.engine.module(x0, x_t, total_noise, rate))
+        # Stages cache the shapes they exchange; evaluation batches may differ from training's.
+        self.engine.reset_activation_shape()
+        batch = iter([((x_t, total_noise), (x0, x_t, total_noise, rate))])
+        # No reduction: the engine would average over DP ranks, which evaluate different batches.
+        out = self.engine.eval_batch(batch, num_micro_batches=1, reduce_output=None, bcast_loss=False)
+        self.engine.reset_activation_shape()
+        value = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if self.engine.is_last_stage():
+            value[0] = float(out[0])
+        group = ps.get_pipeline_model_parallel_group()
+        dist.broadcast(value, src=dist.get_process_group_ranks(group)[-1], group=group)
+        return float(value)
 
     @torch.no_grad()
-    def validate(self, batches: list[torch.Tensor], draws: int) -> ElboEstimate:
-        """The ELBO over `batches` with EMA weights: `draws` stratified t per sequence, over all noise from 0.
+    def validate(self, batches: Iterable, draws: int, *, antithetic: bool = True, seed: int | None = None,
+                 ema: bool = True, progress=None) -> ElboEstimate:
+        """The ELBO over `batches` (.tokens, .valid, .index: `EvalLoader`'s) with EMA (or raw) weights.
 
-        Same estimator as `diffusion.elbo`, computed through the training engine (so TP/PP layouts
-        never gather the vocabulary); its variance is estimated from the per-draw batch means.
+        `sedd_scale.evaluation.evaluate` through the training engine, so TP/PP layouts never gather
+        the vocabulary; DP ranks evaluate their own batches and the result is independent of DP.
         """
         self.engine.eval()
-        gen = torch.Generator(device=self.device).manual_seed(self.recipe.train.seed + 7919)
-        total, variance, tokens, seqs = 0.0, 0.0, 0, 0
-        with self.ema.applied(self._local_params()):
-            for x0 in batches:
-                x0 = x0.to(self.device)
-                rows = x0.shape[0]
-                batch_total, batch_var = float(prior_kl(self.graph, self.noise, x0).sum()), 0.0
-                for piece in noise_draws(self.noise, rows, draws, device=self.device, generator=gen):
-                    means = []
-                    for total_noise, weight in piece:
-                        x_t = self.graph.sample_transition(x0, total_noise, generator=gen)
-                        means.append(self._eval_loss(NoisedBatch(x0, x_t, total_noise.float(), weight.float())))
-                    means_t = torch.tensor(means, dtype=torch.float64)
-                    batch_total += rows * float(means_t.mean())
-                    # The pipeline engine returns the mean over DP ranks (equal row counts assumed):
-                    # the rank's own mean varies dp times more than that.
-                    spread = self.layout.dp if self.is_pipe else 1
-                    batch_var += rows**2 * spread * float(means_t.var()) / len(piece)
-                total, variance = total + batch_total, variance + batch_var
-                tokens, seqs = tokens + x0.numel(), seqs + rows
-        estimate = ElboEstimate(total, variance, tokens, seqs)
-        if self.layout.dp > 1:
-            stats = torch.tensor([estimate.total_nats, estimate.total_variance, tokens, seqs], dtype=torch.float64,
-                                 device=self.device)
-            dist.all_reduce(stats, group=ps.get_data_parallel_group())
-            estimate = ElboEstimate(float(stats[0]), float(stats[1]), int(stats[2]), int(stats[3]))
-        return estimate
+        seed = self.recipe.train.seed + 7919 if seed is None else seed
+        with self.ema.applied(self._local_params()) if ema else contextlib.nullcontext():
+            return evaluate(self.eval_loss, self.graph, self.noise, batches, draws=draws, antithetic=antithetic,
+                            seed=seed, device=self.device, dp_group=ps.get_data_parallel_group(), progress=progress)
 
     @torch.no_grad()
     def _pipe_log_scores(self, x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -285,7 +279,7 @@ class Trainer:
                           predictor="analytic", device=self.device, generator=gen)
 
     # -- the loop ------------------------------------------------------------------------------
-    def fit(self, *, valid_batches: list[torch.Tensor] | None = None, decode=None, metrics: Metrics | None = None,
+    def fit(self, *, valid_batches: list | None = None, decode=None, metrics: Metrics | None = None,
             max_steps: int | None = None) -> TrainResult:
         """Train to recipe.train.steps (or `max_steps` more steps); save periodically, on signals and at the end."""
         tc = self.recipe.train
@@ -298,7 +292,7 @@ class Trainer:
             started, self.data_wait = time.perf_counter(), 0.0
             loss = self.train_step()
             elapsed = time.perf_counter() - started
-            opt = self._optimizer()
+            opt = self.base_optimizer()
             result.losses.append(loss)
             if opt.last_skipped:
                 result.skipped_steps += 1

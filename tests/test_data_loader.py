@@ -1,4 +1,5 @@
-"""Training/eval loaders: exact resume, DP x worker partitioning, shuffling, blending, state checks."""
+"""Training/eval loaders: one global stream whatever the DP layout, exact resume (also resharded), shuffling,
+blending, workers, state checks."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import torch
 from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader
 from sedd_scale.data.manifest import TokenizerInfo
 from sedd_scale.data.prepare import write_sequences
+from sedd_scale.noising import global_row_offset
 
 VOCAB = TokenizerInfo("gpt2", 50257, 50256)
 
@@ -38,7 +40,7 @@ def take(loader: TokenLoader, n: int) -> list[torch.Tensor]:
 
 
 def resumed_stream(config: LoaderConfig, cuts: list[int], dp_rank: int = 0, dp_size: int = 1) -> list[torch.Tensor]:
-    """Batches of a run killed after each cut (fresh loader + JSON round-tripped state each time)."""
+    """Micro-batches of a run killed after each cut (fresh loader + JSON round-tripped state each time)."""
     out, state = [], None
     for n in cuts:
         loader = TokenLoader(config, dp_rank, dp_size)
@@ -56,51 +58,139 @@ def data(tmp_path_factory) -> dict[str, str]:
     return {"a": make_dataset(root / "a", 203, valid=29), "b": make_dataset(root / "b", 61, first_id=10_000)}
 
 
+def assemble(per_rank: list[list[torch.Tensor]], micro_batch: int, global_batch: int) -> list[torch.Tensor]:
+    """Global batches from each rank's micro-batches, every row at its global index (the trainer's convention)."""
+    dp = len(per_rank)
+    accum = global_batch // (micro_batch * dp)
+    steps = len(per_rank[0]) // accum
+    assert all(len(p) == steps * accum for p in per_rank)
+    out = []
+    for j in range(steps):
+        batch = torch.full((global_batch, per_rank[0][0].shape[1]), -1, dtype=torch.int64)
+        for m in range(accum):
+            for r in range(dp):
+                o = global_row_offset(m, r, micro_batch, dp)
+                assert (batch[o:o + micro_batch] == -1).all()  # no row is handed out twice
+                batch[o:o + micro_batch] = per_rank[r][j * accum + m]
+        assert (batch >= 0).all()  # every row of the step is handed out
+        out.append(batch)
+    return out
+
+
+def layout_batches(manifests: list[str], dp: int, micro_batch: int, global_batch: int, steps: int, *,
+                   seed: int = 0, workers: int = 0, state: dict | None = None) -> list[torch.Tensor]:
+    """`steps` global batches as `dp` ranks of `micro_batch` rows see them (each rank from `state` if given)."""
+    accum = global_batch // (micro_batch * dp)
+    config = LoaderConfig(manifests, 8, micro_batch, seed=seed, num_workers=workers, global_batch=global_batch)
+    per_rank = []
+    for r in range(dp):
+        loader = TokenLoader(config, r, dp)
+        if state is not None:
+            loader.load_state_dict(json.loads(json.dumps(state)))
+        per_rank.append(take(loader, steps * accum))
+    return assemble(per_rank, micro_batch, global_batch)
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Bitwise equal lists of batches."""
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_exact(data, workers):
-    config = LoaderConfig([data["a"]], seq_len=8, micro_batch=4, seed=3, num_workers=workers)
-    reference = take(TokenLoader(LoaderConfig([data["a"]], 8, 4, seed=3)), 130)  # 0 workers, ~2.6 epochs
+    # global batch 8 = 2 micro-batches of 4: odd cuts leave mid-step states, resumed under the same layout
+    config = LoaderConfig([data["a"]], seq_len=8, micro_batch=4, seed=3, num_workers=workers, global_batch=8)
+    reference = take(TokenLoader(LoaderConfig([data["a"]], 8, 4, seed=3, global_batch=8)), 130)  # ~2.6 epochs
     got = resumed_stream(config, [1, 17, 33, 50, 29])  # cuts mid-epoch and across epoch ends (50 batches/epoch)
     assert all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))
     assert all(b.dtype == torch.int64 and b.shape == (4, 8) for b in got)
 
 
 def test_reiterating_continues_and_micro_batch_may_change(data):
-    config = LoaderConfig([data["a"]], seq_len=8, micro_batch=4, seed=1)
+    config = LoaderConfig([data["a"]], seq_len=8, micro_batch=4, seed=1, global_batch=20)
     reference = ids(take(TokenLoader(config), 40))
     loader = TokenLoader(config)
-    first = ids(take(loader, 9)) + ids(take(loader, 11))  # a new iterator continues after the old one
+    first = ids(take(loader, 9)) + ids(take(loader, 11))  # a new iterator continues after the old one (mid-step)
     state = loader.state_dict()
-    other = TokenLoader(LoaderConfig([data["a"]], seq_len=8, micro_batch=5, seed=1, num_workers=2))
+    assert (state["steps"], state["micro"]) == (4, 0)
+    other = TokenLoader(LoaderConfig([data["a"]], seq_len=8, micro_batch=5, seed=1, num_workers=2, global_batch=20))
     other.load_state_dict(state)
     assert first + ids(take(other, 16)) == reference
 
 
-def test_epochs_cover_everything_shuffled_and_seeded(data):
-    loader = TokenLoader(LoaderConfig([data["a"]], seq_len=8, micro_batch=7, seed=5))
-    stream = ids(take(loader, 3 * 203 // 7 + 1))
+# The layouts of one global batch of 8: (dp, micro_batch), grad_accum = 8 / (dp * micro_batch).
+LAYOUTS = [(1, 8), (1, 2), (2, 2), (4, 2), (2, 4), (4, 1)]
+
+
+def test_global_batches_do_not_depend_on_the_layout(data):
+    manifests = [data["a"], data["b"]]
+    steps = 40  # 320 sequences: past the end of an epoch of a (203) and of b (61)
+    reference = layout_batches(manifests, 1, 8, 8, steps, seed=7)
+    stream = ids(take(TokenLoader(LoaderConfig(manifests, 8, 1, seed=7, global_batch=1)), 8 * steps))
+    assert ids(reference) == stream  # step j holds global sequences [8j, 8j+8): the stream is G-independent too
+    assert sum(i >= 10_000 for i in stream) > 61 and sum(i < 10_000 for i in stream) > 203
+    for dp, mb in LAYOUTS[1:]:
+        assert same(layout_batches(manifests, dp, mb, 8, steps, seed=7), reference), (dp, mb)
+    assert same(layout_batches(manifests, 2, 2, 8, steps, seed=7, workers=2), reference)
+    assert not same(layout_batches(manifests, 2, 2, 8, steps, seed=8), reference)  # the comparison can fail
+
+
+def test_resume_across_layouts(data):
+    manifests, k, n = [data["a"], data["b"]], 13, 27  # 40 steps in all: across both sources' epoch ends
+    reference = layout_batches(manifests, 1, 8, 8, k + n, seed=5)
+    config = LoaderConfig(manifests, 8, 2, seed=5, global_batch=8)
+    ranks = [TokenLoader(config, r, 2) for r in range(2)]
+    assert same(assemble([take(l, 2 * k) for l in ranks], 2, 8), reference[:k])
+    state = ranks[0].state_dict()
+    assert state["steps"] == k and state["micro"] == 0 and state["layout"] is None
+    assert ranks[1].state_dict() == state  # the same on every rank ...
+    for dp, mb in [(1, 8), (4, 1)]:  # ... and under every layout of the global batch
+        others = [TokenLoader(LoaderConfig(manifests, 8, mb, seed=5, global_batch=8), r, dp) for r in range(dp)]
+        for l in others:
+            take(l, k * 8 // (dp * mb))
+        assert all(l.state_dict() == state for l in others)
+    for dp, mb, workers in [(1, 8, 0), (4, 2, 0), (4, 1, 2), (2, 2, 2), (1, 2, 2)]:
+        assert same(layout_batches(manifests, dp, mb, 8, n, seed=5, workers=workers, state=state),
+                    reference[k:]), (dp, mb, workers)
+    # A mid-step state resumes under its own layout only.
+    take(ranks[0], 1)
+    mid = ranks[0].state_dict()
+    assert (mid["steps"], mid["micro"], mid["layout"]) == (k, 1, {"dp_size": 2, "micro_batch": 2})
+    for dp, mb in [(4, 2), (1, 4), (2, 1)]:
+        with pytest.raises(ValueError, match=r"middle of an optimizer step .* dp_size=2, micro_batch=2; this loader "
+                                             rf"has dp_size={dp}, micro_batch={mb}"):
+            TokenLoader(LoaderConfig(manifests, 8, mb, seed=5, global_batch=8), 0, dp).load_state_dict(mid)
+    resumed = TokenLoader(config, 0, 2)
+    resumed.load_state_dict(json.loads(json.dumps(mid)))
+    rest = take(resumed, 1)[0]  # rank 0's second micro-batch of step k: global rows [4, 6)
+    assert torch.equal(rest, reference[k][global_row_offset(1, 0, 2, 2):][:2])
+
+
+def dp_stream(manifest: str, dp_size: int, micro_batch: int, steps: int, seed: int) -> list[int]:
+    """Sequence ids of the first `steps` global batches (no accumulation) assembled from `dp_size` ranks."""
+    config = LoaderConfig([manifest], 8, micro_batch, seed=seed)
+    return ids(assemble([take(TokenLoader(config, r, dp_size), steps) for r in range(dp_size)], micro_batch,
+                        micro_batch * dp_size))
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 3])
+def test_epochs_cover_everything_shuffled_and_seeded(data, dp_size):
+    mb = 7
+    steps = -(-3 * 203 // (mb * dp_size))  # at least 3 epochs of 203 sequences
+    loaders = [TokenLoader(LoaderConfig([data["a"]], 8, mb, seed=5), r, dp_size) for r in range(dp_size)]
+    assert all(l.sequences_per_epoch == [203] for l in loaders)  # every sequence, on every rank
+    stream = ids(assemble([take(l, steps) for l in loaders], mb, mb * dp_size))
     epochs = [stream[e * 203:(e + 1) * 203] for e in range(3)]
-    assert all(sorted(e) == list(range(203)) for e in epochs)  # dp=1: no remainder at all
-    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != sorted(epochs[0])
-    assert stream == ids(take(TokenLoader(LoaderConfig([data["a"]], 8, 7, seed=5)), len(stream) // 7 + 1))[:len(stream)]
-    assert stream[:203] != ids(take(TokenLoader(LoaderConfig([data["a"]], 8, 7, seed=6)), 30))[:203]
-    assert loader.epochs[0] == pytest.approx(len(stream) / 203)
-
-
-@pytest.mark.parametrize("dp_size", [2, 3])
-def test_dp_partition_covers_an_epoch_once(data, dp_size):
-    loaders = [TokenLoader(LoaderConfig([data["a"]], seq_len=8, micro_batch=4, seed=2), r, dp_size)
-               for r in range(dp_size)]
-    per_rank = 203 // dp_size
-    assert all(l.sequences_per_epoch == [per_rank] for l in loaders)
-    streams = [ids(take(l, per_rank // 4 + 1)) for l in loaders]  # equal batch counts by construction
-    epoch = [s[:per_rank] for s in streams]
-    seen = [i for e in epoch for i in e]
-    assert len(seen) == len(set(seen)) == dp_size * per_rank  # disjoint
-    assert 203 - len(seen) == 203 % dp_size < dp_size  # the documented remainder
-    # the next epoch is a new shuffle and its remainder is (typically) different sequences
-    nxt = {i for s in streams for i in s[per_rank:]}
-    assert nxt and nxt <= set(range(203))
+    assert all(sorted(e) == list(range(203)) for e in epochs)  # each epoch once, no remainder dropped
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != sorted(epochs[0])  # reshuffled every epoch
+    assert stream == dp_stream(data["a"], dp_size, mb, steps, seed=5)  # seeded
+    assert stream[:203] != dp_stream(data["a"], dp_size, mb, steps, seed=6)[:203]
+    assert all(l.epochs[0] == pytest.approx(len(stream) / 203) for l in loaders)
+    if dp_size > 1:  # the ranks get different rows of each global batch
+        mine = [set(ids(take(TokenLoader(LoaderConfig([data["a"]], 8, mb, seed=5), r, dp_size), 5)))
+                for r in range(dp_size)]
+        assert all(len(m) == 5 * mb for m in mine) and not set.intersection(*mine)
+        assert len(set.union(*mine)) == 5 * mb * dp_size
 
 
 def test_blending_is_deterministic_and_weighted(data):
@@ -116,26 +206,41 @@ def test_blending_is_deterministic_and_weighted(data):
     assert sorted(b_sub[:61]) == list(range(10_000, 10_061))  # 100 sequences of b: a full epoch, then more
     assert ids(resumed_stream(LoaderConfig([data["a"], data["b"]], 8, 4, weights=[3.0, 1.0], seed=4,
                                            num_workers=2), [13, 41, 46])) == stream
+    two = [TokenLoader(LoaderConfig([data["a"], data["b"]], 8, 2, weights=[3.0, 1.0], seed=4, global_batch=4), r, 2)
+           for r in range(2)]
+    assert ids(assemble([take(l, 100) for l in two], 2, 4)) == stream  # blended per global row, not per rank
     default = TokenLoader(LoaderConfig([data["a"], data["b"]], 8, 4))
     assert default.weights.tolist() == pytest.approx([203 / 264, 61 / 264])  # default: by size
 
 
+def test_global_batch_must_split_evenly(data):
+    with pytest.raises(ValueError, match="global_batch must be a positive multiple of micro_batch=4, got 10"):
+        LoaderConfig([data["a"]], 8, 4, global_batch=10)
+    with pytest.raises(ValueError, match=r"global_batch=12 is not a multiple of micro_batch x dp_size = 4 x 2 = 8"):
+        TokenLoader(LoaderConfig([data["a"]], 8, 4, global_batch=12), 0, 2)
+    loader = TokenLoader(LoaderConfig([data["a"]], 8, 4, global_batch=24), 1, 3)
+    assert (loader.global_batch, loader.grad_accum) == (24, 2)
+    assert TokenLoader(LoaderConfig([data["a"]], 8, 4), 0, 3).global_batch == 12  # default: no accumulation
+
+
 def test_state_refuses_a_different_stream(data, tmp_path):
-    config = LoaderConfig([data["a"]], seq_len=8, micro_batch=4, seed=0)
+    config = LoaderConfig([data["a"]], seq_len=8, micro_batch=4, seed=0, global_batch=8)
     loader = TokenLoader(config, 0, 2)
     take(loader, 3)
     state = loader.state_dict()
-    with pytest.raises(ValueError, match="dp_size=2 but this run has dp_size=4"):
-        TokenLoader(config, 0, 4).load_state_dict(state)
-    with pytest.raises(ValueError, match="dp_rank 0 given to dp_rank 1"):
-        TokenLoader(config, 1, 2).load_state_dict(state)
+    TokenLoader(LoaderConfig([data["a"]], 8, 2, seed=0, global_batch=8), 3, 4).load_state_dict(state)  # fine
+    with pytest.raises(ValueError, match="global batch of 8 sequences per optimizer step, this run has 16"):
+        TokenLoader(LoaderConfig([data["a"]], 8, 4, seed=0, global_batch=16), 0, 2).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
-        TokenLoader(LoaderConfig([data["a"]], 8, 4, seed=1), 0, 2).load_state_dict(state)
+        TokenLoader(LoaderConfig([data["a"]], 8, 4, seed=1, global_batch=8), 0, 2).load_state_dict(state)
     changed = make_dataset(tmp_path / "a2", 203, first_id=1)  # same shape, different content
     with pytest.raises(ValueError, match="manifest's content changed"):
-        TokenLoader(LoaderConfig([changed], 8, 4, seed=0), 0, 2).load_state_dict(state)
+        TokenLoader(LoaderConfig([changed], 8, 4, seed=0, global_batch=8), 0, 2).load_state_dict(state)
     with pytest.raises(ValueError, match="blends 1 manifests, this loader 2"):
-        TokenLoader(LoaderConfig([data["a"], data["b"]], 8, 4, seed=0), 0, 2).load_state_dict(state)
+        TokenLoader(LoaderConfig([data["a"], data["b"]], 8, 4, seed=0, global_batch=8), 0, 2).load_state_dict(state)
+    old = {"format": "sedd-scale-loader", "version": 1, "dp_size": 2, "dp_rank": 0, "step": 3, "consumed": [12]}
+    with pytest.raises(ValueError, match="version 1, this loader reads version 2 .*start the data stream afresh"):
+        TokenLoader(config, 0, 2).load_state_dict(old)
 
 
 def test_loader_iterator_goes_stale_after_load(data):
@@ -169,13 +274,17 @@ def _dp_ranks(manifest: str) -> dict:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    config = LoaderConfig([manifest], seq_len=8, micro_batch=4, seed=9, num_workers=2)
-    reference = ids(take(TokenLoader(LoaderConfig([manifest], 8, 4, seed=9), rank, world), 60))  # uninterrupted
-    cuts = [[5, 31, 24], [19, 41]][rank]  # each rank is interrupted at its own steps
-    resumed = ids(resumed_stream(config, cuts, rank, world))
+    # global batch 8 = 2 ranks x 2 micro-batches x 2 accumulation steps
+    config = LoaderConfig([manifest], seq_len=8, micro_batch=2, seed=9, num_workers=2, global_batch=8)
+    uninterrupted = TokenLoader(LoaderConfig([manifest], 8, 2, seed=9, global_batch=8), rank, world)
+    reference = take(uninterrupted, 60)
+    cuts = [[5, 31, 24], [19, 41]][rank]  # each rank is interrupted at its own (also mid-step) points
+    resumed = resumed_stream(config, cuts, rank, world)
+    states = [None] * world
+    dist.all_gather_object(states, uninterrupted.state_dict())  # after 30 steps: at a step boundary
     everyone = [None] * world
     dist.all_gather_object(everyone, reference)
-    return {"reference": reference, "resumed": resumed, "all": everyone}
+    return {"reference": reference, "resumed": resumed, "all": everyone, "states": states}
 
 
 @pytest.mark.slow
@@ -184,10 +293,11 @@ def test_two_dp_processes_resume_and_partition(data):
 
     results = launch(_dp_ranks, 2, data["a"])
     for r in results:
-        assert r["resumed"] == r["reference"]
-    per_rank = 203 // 2
-    epoch0 = [results[0]["all"][r][:per_rank] for r in range(2)]
-    assert epoch0[0] == results[0]["reference"][:per_rank] and epoch0[1] == results[1]["reference"][:per_rank]
-    assert not set(epoch0[0]) & set(epoch0[1]) and len(set(epoch0[0]) | set(epoch0[1])) == 202
-    single = [TokenLoader(LoaderConfig([data["a"]], 8, 4, seed=9), r, 2) for r in range(2)]
-    assert [ids(take(l, 60)) for l in single] == [r["reference"] for r in results]  # same as in one process
+        assert same(r["resumed"], r["reference"])
+        assert same(r["all"][0], results[0]["reference"]) and same(r["all"][1], results[1]["reference"])
+    batches = assemble([r["reference"] for r in results], 2, 8)  # 30 global batches, 240 sequences
+    single = TokenLoader(LoaderConfig([data["a"]], 8, 8, seed=9))
+    assert same(batches, take(single, 30))  # the same global batches as one rank of 8 rows
+    assert sorted(ids(batches)[:203]) == list(range(203))  # the two ranks cover the epoch exactly once
+    states = results[0]["states"]
+    assert states[0] == states[1] == single.state_dict() and states[0]["steps"] == 30

@@ -111,7 +111,7 @@ def train_and_sample(folder: str) -> dict:
     loader.check_compatible(N, LENGTH)
     trainer = Trainer(recipe, layout, topology, loader=loader)
     untrained = tv(draw_samples(trainer, SAMPLES, seed=1))
-    valid = [b.tokens for b, _ in zip(EvalLoader(manifest, "valid", 128), range(2))]
+    valid = [b for b, _ in zip(EvalLoader(manifest, "valid", 128), range(2))]
     result = trainer.fit(valid_batches=valid)
     # The trainer's own sampler on a few rows: the same draws as the deduplicated path (same generator).
     direct = trainer.samples(500, steps=64)

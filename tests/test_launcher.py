@@ -170,3 +170,29 @@ def test_slurm_two_nodes(sandbox):
     # (rank, world, local rank, master, port, tp, pp, dp): megatron/DeepSpeed order rank = tp + 2 * pp
     assert ranks == [(r, 4, r % 2, "localhost", 24242, r % 2, r // 2, 0) for r in range(4)], ranks
     assert "srun --kill-on-bad-exit=1 --ntasks=4" in sandbox[2].read_text()
+
+
+PROBE_TOOL = """\
+import os, sys
+print(f"probe rank {os.environ.get('RANK')}/{os.environ.get('WORLD_SIZE')} args {sys.argv[1:]}")
+"""
+
+
+def test_tool_runs_on_every_rank_with_its_own_arguments(sandbox):
+    """--tool NAME runs tools/NAME.py (no recipe pre-flight) on one process, torchrun ranks, or slurm tasks."""
+    root = sandbox[0]
+    (root / "tools" / "probe.py").write_text(PROBE_TOOL)
+    p = run(sandbox, "--tool", "probe", "ckpt", "--split", "test")
+    assert p.returncode == 0, p.stderr
+    assert "launcher: single process (tools/probe.py)" in p.stdout
+    assert "probe rank None/None args ['ckpt', '--split', 'test']" in p.stdout  # a world of one: no launcher vars
+    p = run(sandbox, "--nproc", "2", "--tool", "probe", "x")
+    assert p.returncode == 0, p.stderr
+    assert sorted(re.findall(r"probe rank (\d)/2 args \['x'\]", p.stdout)) == ["0", "1"]
+    p = run(sandbox, "--tool", "probe", "--nproc", "9", env=SLURM_ENV)  # after NAME everything is the tool's
+    assert p.returncode == 0, p.stderr
+    assert sorted(re.findall(r"probe rank (\d)/4 args \['--nproc', '9'\]", p.stdout)) == ["0", "1", "2", "3"]
+    for args, message in (((TINY, "--tool", "probe"), "takes no recipe"), (("--tool", "nope"), "unknown tool"),
+                          (("--tool",), "needs a name")):
+        p = run(sandbox, *args)
+        assert p.returncode == 2 and message in p.stderr, (args, p.stderr)

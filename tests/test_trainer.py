@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from sedd_scale.data.loader import EvalBatch
 from tests.dist import launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.megatron]
@@ -52,10 +53,12 @@ class SyntheticTokens:
             yield full[start:start + lay.micro_batch]
 
     def state_dict(self) -> dict:
-        return {"count": self.count}
+        """The position in the global stream (the same on every rank and layout at a step boundary)."""
+        step, micro = divmod(self.count, self.layout.grad_accum)
+        return {"step": step, "micro": micro}
 
     def load_state_dict(self, state: dict) -> None:
-        self.count = state["count"]
+        self.count = state["step"] * self.layout.grad_accum + state["micro"]
 
 
 def _build(recipe_data: dict):
@@ -82,7 +85,8 @@ def _run(recipe_data: dict, steps: int, resume_at: int | None = None) -> list[fl
             # fixed batch: TP and PP must reproduce one process (DP draws other t for other rows).
             rows = torch.randint(0, 11, (8, 8), generator=torch.Generator().manual_seed(99))
             dp, rank = trainer.layout.dp, trainer.dp_rank
-            valid = trainer.validate([rows[rank * 8 // dp:(rank + 1) * 8 // dp]], draws=2)
+            batch = EvalBatch(rows[rank * 8 // dp:(rank + 1) * 8 // dp], torch.ones(8 // dp, dtype=torch.bool), rank)
+            valid = trainer.validate([batch], draws=2)
             samples = trainer.samples(3, steps=4)  # through this layout's model (pipeline stages too)
             assert samples.shape == (3, 8) and int(samples.min()) >= 0 and int(samples.max()) < 11
             return losses + [valid.nats_per_token] + [float(v) for v in samples.flatten()]
@@ -170,7 +174,7 @@ def signals_nonfinite_and_layout_checks(tmp: str) -> dict:
         out["nonfinite"] = "no error"
     except FloatingPointError as e:
         out["nonfinite"] = str(e)
-    out["skipped"] = trainer._optimizer().skipped_total
+    out["skipped"] = trainer.base_optimizer().skipped_total
     out["latest_after_nan"] = trainer.checkpoints.latest().name
     parallel.destroy_parallel()
 

@@ -170,7 +170,13 @@ def check_hub_state(cfg: ModelConfig, state: dict[str, Tensor]) -> None:
                              "set ModelConfig.rotary_base to the checkpoint's base")
 
 
-def _shard(t: Tensor, kind: str, cfg: ModelConfig, rank: int, tp: int) -> Tensor:
+def model_kinds(cfg: ModelConfig) -> dict[str, str]:
+    """model key (the TP=1 `SEDD` parameter name) -> how it splits over TP ranks, for every learned tensor."""
+    return {mkey: kind for mkey, kind in key_map(cfg).values()}
+
+
+def shard_tensor(t: Tensor, kind: str, cfg: ModelConfig, rank: int, tp: int) -> Tensor:
+    """TP rank `rank`'s slice of a whole (unpadded) tensor split as `kind`."""
     if kind == "rep":
         return t
     if kind == "vocab":
@@ -185,7 +191,8 @@ def _shard(t: Tensor, kind: str, cfg: ModelConfig, rank: int, tp: int) -> Tensor
     return t.view(3, tp, h // tp, h)[:, rank].reshape(3 * h // tp, h)
 
 
-def _unshard(parts: list[Tensor], kind: str, cfg: ModelConfig) -> Tensor:
+def unshard_tensors(parts: list[Tensor], kind: str, cfg: ModelConfig) -> Tensor:
+    """The whole (unpadded) tensor from every TP rank's slice, in rank order."""
     if kind == "rep":
         return parts[0]
     if kind == "vocab":
@@ -198,20 +205,31 @@ def _unshard(parts: list[Tensor], kind: str, cfg: ModelConfig) -> Tensor:
     return torch.stack([p.view(3, h // tp, h) for p in parts], 1).reshape(3 * h, h)
 
 
-def shard_hub_state(cfg: ModelConfig, state: dict[str, Tensor], rank: int, tp: int) -> dict[str, Tensor]:
-    """The model-side state dict of TP rank `rank` of `tp` from a full hub state dict (checked first)."""
+def hub_to_model(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A full hub state dict (checked first) renamed to model keys, whole tensors (no TP split)."""
     check_hub_state(cfg, state)
-    cfg.check_tp(tp)
-    return {mkey: _shard(state[hkey], kind, cfg, rank, tp).clone() for hkey, (mkey, kind) in key_map(cfg).items()}
+    return {mkey: state[hkey] for hkey, (mkey, _) in key_map(cfg).items()}
 
 
-def load_hub_state(model: SEDD, state: dict[str, Tensor]) -> None:
-    """Load a full hub state dict into this rank's model shards (strict: every parameter is set)."""
-    local = shard_hub_state(model.config, state, parallel.tp_rank(), parallel.tp_size())
+def model_to_hub(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Whole model-keyed tensors renamed to the hub's keys, with the rotary buffer the reference saves."""
+    missing = sorted(set(model_kinds(cfg)) - set(state))
+    if missing:
+        raise HubFormatError(f"state lacks {len(missing)} model tensors: {missing}")
+    out = {hkey: state[mkey] for hkey, (mkey, _) in key_map(cfg).items()}
+    out[INV_FREQ] = rotary.inv_freq(cfg.head_dim, cfg.rotary_base)
+    return dict(sorted(out.items()))
+
+
+def load_weights(model: SEDD, state: dict[str, Tensor]) -> None:
+    """Load whole model-keyed tensors into this TP rank's shards (strict: every parameter is set once)."""
+    cfg, rank, tp = model.config, parallel.tp_rank(), parallel.tp_size()
+    kinds = model_kinds(cfg)
     params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    if set(params) != set(local):  # a model built for another config or a changed module layout
-        raise HubFormatError(f"model keys without a hub tensor: {sorted(set(params) - set(local))}; "
-                             f"hub tensors without a model key: {sorted(set(local) - set(params))}")
+    if set(params) != set(kinds) or set(state) != set(kinds):  # another config or a changed module layout
+        raise HubFormatError(f"model keys without a tensor: {sorted(set(params) - set(state))}; "
+                             f"tensors without a model key: {sorted(set(state) - set(params))}")
+    local = {k: shard_tensor(state[k], kinds[k], cfg, rank, tp) for k in params}
     bad = [f"{k}: {tuple(local[k].shape)} vs model {tuple(p.shape)}" for k, p in params.items()
            if local[k].shape != p.shape]
     if bad:
@@ -221,23 +239,33 @@ def load_hub_state(model: SEDD, state: dict[str, Tensor]) -> None:
             p.copy_(local[k])
 
 
-def gather_hub_state(model: SEDD, values: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """The full hub state dict (float32, CPU) gathered from all TP ranks; a collective over the TP group.
+def gather_weights(model: SEDD, values: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Whole model-keyed tensors (float32, CPU) gathered from all TP ranks; a collective over the TP group.
 
     `values` (model key -> local tensor) gathers other per-parameter tensors instead, e.g. gradients.
     """
-    cfg, tp = model.config, parallel.tp_size()
     params = model.state_dict() if values is None else values
-    out = {}
-    for hkey, (mkey, kind) in key_map(cfg).items():
-        local = params[mkey].detach().float().contiguous()
-        parts = [local] if kind == "rep" or tp == 1 else None
-        if parts is None:
-            parts = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(parts, local, group=parallel.tp_group())
-        out[hkey] = _unshard(parts, kind, cfg).cpu().contiguous()
-    out[INV_FREQ] = rotary.inv_freq(cfg.head_dim, cfg.rotary_base)
-    return dict(sorted(out.items()))
+    return {k: gather_tp_tensor(params[k], kind, model.config) for k, kind in model_kinds(model.config).items()}
+
+
+def gather_tp_tensor(local: Tensor, kind: str, cfg: ModelConfig) -> Tensor:
+    """The whole tensor (float32, CPU) from this TP rank's slice `local` split as `kind`; a TP collective."""
+    local, tp = local.detach().float().contiguous(), parallel.tp_size()
+    if kind == "rep" or tp == 1:
+        return unshard_tensors([local], kind, cfg).cpu().clone()
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local, group=parallel.tp_group())
+    return unshard_tensors(parts, kind, cfg).cpu().contiguous()
+
+
+def load_hub_state(model: SEDD, state: dict[str, Tensor]) -> None:
+    """Load a full hub state dict into this rank's model shards (strict: every parameter is set)."""
+    load_weights(model, hub_to_model(model.config, state))
+
+
+def gather_hub_state(model: SEDD, values: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The full hub state dict (float32, CPU) gathered from all TP ranks; a collective over the TP group."""
+    return model_to_hub(model.config, gather_weights(model, values))
 
 
 def save_hub(model: SEDD, path: str | Path, config: dict[str, Any]) -> None:
@@ -255,7 +283,12 @@ def save_hub(model: SEDD, path: str | Path, config: dict[str, Any]) -> None:
         raise HubFormatError(f"config disagrees with the model (config, model): {differ}; build it with hub_config()")
     state = gather_hub_state(model)
     if parallel.tp_rank() == 0:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(path / WEIGHTS_FILE))
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        write_hub(path, state, config)
+
+
+def write_hub(path: str | Path, state: dict[str, Tensor], config: dict[str, Any]) -> None:
+    """Write a hub directory: `config` as config.json and the full hub state dict as model.safetensors."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / WEIGHTS_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))

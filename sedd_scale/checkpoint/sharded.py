@@ -28,7 +28,7 @@ class CheckpointError(RuntimeError):
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small file so that readers see the old or the new content, never a partial one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -1,25 +1,36 @@
-"""The training loader: seeded, DP-partitioned, blended, multi-worker and exactly resumable.
+"""The training loader: seeded, blended, multi-worker, exactly resumable, and independent of the DP layout.
 
-Design (every choice serves exact resume and equal batch counts):
+Design (every choice serves exact resume and one data stream whatever the parallel layout):
 
 * Each manifest split is a *source* of N sequences in shards. Epoch e of a source is a seeded
-  permutation of its shards, each shard's sequences permuted by its own seeded permutation:
-  an ordered list of all N sequences, different every epoch, identical on every run.
-* Data-parallel partitioning is by contiguous blocks of that list: rank r owns positions
-  [r*n, (r+1)*n) with n = N // dp_size, so a rank reads about 1/dp of the shards (a small corpus
-  in a single shard works too). The last N - dp*n (< dp_size) sequences of each epoch are the
-  documented remainder; they differ per epoch, so nothing is skipped systematically.
-* A rank's stream for a source is its block of epoch 0, then of epoch 1, ... (infinite), so
-  every rank yields the same number of batches, forever, and batches run across epoch ends.
-* Blending is per sequence and deterministic: the i-th sequence of a rank's stream comes from
-  the source with the largest deficit w_d * (i+1) - consumed_d (Megatron's blending rule). The
-  choice depends on i only, so all ranks agree and the per-source consumed counts are the state.
-* Batch j is stream sequences [j*mb, (j+1)*mb). DataLoader worker w makes batches j = w, w+W,
-  ...; the DataLoader's round-robin returns them in order, so the stream does not depend on the
-  number of workers (and 0 workers gives the same batches).
-* The state is the per-source consumed counts (after the batches the trainer received, not the
-  ones prefetched). Restoring it continues with exactly the next sequences; micro batch size and
-  worker count may change. The rank blocks depend on dp_size, so a different dp_size is refused.
+  permutation of its shards, each shard's sequences permuted by its own seeded permutation: an
+  ordered list of all N sequences, different every epoch, identical on every run. Position k of a
+  source's stream is entry k % N of epoch k // N, so every epoch gives every sequence exactly once
+  (no remainder is dropped) and the stream runs across epoch ends forever.
+* Blending makes one *global stream*: global sequence i comes from the source with the largest
+  deficit w_d * (i+1) - consumed_d (Megatron's blending rule). The choice depends on the per-source
+  consumed counts only, so every rank agrees and those counts are the state.
+* Optimizer step j consumes global sequences [j*G, (j+1)*G), G = global batch (rows per step over
+  all DP ranks and micro-batches). Micro-batch m of DP rank r holds rows [o, o+mb) of that batch,
+  o = sedd_scale.noising.global_row_offset(m, r, mb, dp) = m*mb*dp + r*mb: the convention by which
+  the trainer noises a row by its global index, and what Megatron's GPTDataset does. The union over
+  ranks and micro-batches of a step is the same G sequences whatever dp, micro_batch and grad_accum
+  are, so a checkpoint resharded to another layout with the same G trains on the same sequences.
+* Each rank blends the whole global batch (G choices, cheap) to find its rows. The tradeoff: a
+  global batch is a contiguous stretch of the stream and every rank has rows in every one, so every
+  rank reads, sha256-checks and decodes every shard the stream passes through (per-rank blocks, the
+  earlier design, read about 1/dp of them). A rank's decode work thus follows the job's global token
+  rate, not its own; DataLoader workers share it. A rank's positions in a source only increase, so
+  a cache of two decoded shards per source (per worker) decodes each shard once while it is in use.
+* A rank's micro-batches are numbered t = 0, 1, ... (micro-batch t % A of step t // A, A = grad_accum
+  = G / (mb*dp)). DataLoader worker w makes t = w, w+W, ...; the DataLoader's round robin returns them
+  in order, so the batches do not depend on the number of workers (0 workers gives the same).
+* The state counts only micro-batches handed to the trainer (not prefetched ones): completed steps,
+  the per-source consumed counts after them, and the micro-batches of the current step this rank has
+  already handed out. At a step boundary (micro == 0, where the trainer checkpoints) it is the same
+  on every rank and under every layout, and a loader with any dp_size / micro_batch / worker count
+  and the same global batch continues from it. A mid-step state resumes only under the same dp_size
+  and micro_batch, since the rest of that step's rows are split by that layout.
 """
 from __future__ import annotations
 
@@ -34,8 +45,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sedd_scale.data.manifest import Manifest, ManifestError, ShardInfo
 from sedd_scale.data.shards import check_present, read_shard, verify_shard
+from sedd_scale.noising import global_row_offset
 
-STATE_FORMAT, STATE_VERSION = "sedd-scale-loader", 1
+STATE_FORMAT, STATE_VERSION = "sedd-scale-loader", 2
 
 
 @dataclass
@@ -52,6 +64,7 @@ class LoaderConfig:
     skip_corrupt: bool = False  # opt-in: verify all shards at start and leave out the bad ones
     verify_sha256: bool = True  # check each shard's sha256 when it is read
     prefetch_factor: int = 4  # batches in flight per worker
+    global_batch: int | None = None  # sequences per optimizer step over all DP ranks; None: micro_batch * dp_size
 
     def __post_init__(self):
         if not self.manifests:
@@ -64,18 +77,20 @@ class LoaderConfig:
                 raise ValueError(f"weights must be >= 0 with a positive sum, got {self.weights}")
         if self.seq_len < 1 or self.micro_batch < 1:
             raise ValueError(f"seq_len and micro_batch must be >= 1, got {self.seq_len}, {self.micro_batch}")
+        if self.global_batch is not None and (self.global_batch < 1 or self.global_batch % self.micro_batch):
+            raise ValueError(f"global_batch must be a positive multiple of micro_batch={self.micro_batch}, "
+                             f"got {self.global_batch}")
         if self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError(f"num_workers must be >= 0 and prefetch_factor >= 1, got {self.num_workers}, "
                              f"{self.prefetch_factor}")
 
 
 class _Source:
-    """One manifest split seen by one DP rank: maps stream positions to sequences."""
+    """One manifest split: maps positions of its global stream to sequences."""
 
-    _CACHE = 2  # shards kept decoded: a batch touches at most two consecutive ones
+    _CACHE = 2  # shards kept decoded: positions only increase, so a micro-batch touches at most two in a row
 
-    def __init__(self, manifest: Manifest, split: str, index: int, seed: int, dp_rank: int, dp_size: int,
-                 skip_corrupt: bool, verify: bool):
+    def __init__(self, manifest: Manifest, split: str, index: int, seed: int, skip_corrupt: bool, verify: bool):
         self.manifest, self.index, self.seed, self.verify = manifest, index, seed, verify
         self.seq_len, self.dtype = manifest.seq_len, manifest.dtype
         shards = [(manifest.shard_path(s), s) for s in manifest.split(split).shards]
@@ -92,10 +107,6 @@ class _Source:
         self.shards: list[tuple[Path, ShardInfo]] = shards
         self.sizes = np.array([info.num_sequences for _, info in shards], dtype=np.int64)
         self.total = int(self.sizes.sum())
-        self.dp_rank, self.per_rank = dp_rank, self.total // dp_size
-        if self.per_rank == 0:
-            raise ManifestError(f"split {split!r} of {manifest.path} has {self.total} usable sequences, fewer than "
-                                f"the {dp_size} data-parallel ranks: prepare more data or a shorter --seq-len")
         self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._layouts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -129,10 +140,9 @@ class _Source:
                             self._CACHE)
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
-        """The sequences at this rank's stream `positions`, shape (len(positions), seq_len)."""
+        """The sequences at stream `positions` of this source, shape (len(positions), seq_len)."""
         out = np.empty((len(positions), self.seq_len), dtype=self.manifest.np_dtype)
-        epochs = positions // self.per_rank
-        q = self.dp_rank * self.per_rank + positions % self.per_rank  # position in the epoch's global order
+        epochs, q = np.divmod(positions, self.total)  # q: position in the epoch's order of all N sequences
         for epoch in np.unique(epochs):
             in_epoch = np.flatnonzero(epochs == epoch)
             order, ends = self._layout(int(epoch))
@@ -152,44 +162,78 @@ def _blend(weights: np.ndarray, consumed: list[int], n: int) -> tuple[np.ndarray
         return np.zeros(n, dtype=np.int64), [consumed[0] + n]
     choices = np.empty(n, dtype=np.int64)
     w = weights.tolist()
+    sources = range(len(w))
+    total = sum(consumed)
     for k in range(n):
-        i1 = sum(consumed) + 1
-        d = max(range(len(w)), key=lambda s: (w[s] * i1 - consumed[s], -s))
+        i1 = total + k + 1
+        d = max(sources, key=lambda s: (w[s] * i1 - consumed[s], -s))
         consumed[d] += 1
         choices[k] = d
     return choices, consumed
 
 
+def _plan(weights: np.ndarray, consumed: list[int], global_batch: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Source and source-stream position of each row of the global batch starting at `consumed`; counts after."""
+    choices, after = _blend(weights, consumed, global_batch)
+    if len(consumed) == 1:
+        return choices, consumed[0] + np.arange(global_batch, dtype=np.int64), after
+    positions = np.empty(global_batch, dtype=np.int64)
+    for d, start in enumerate(consumed):
+        rows = np.flatnonzero(choices == d)
+        positions[rows] = start + np.arange(len(rows))
+    return choices, positions, after
+
+
 class _BatchStream(IterableDataset):
-    """Infinite batches of one rank from a consumed-counts state; worker w makes batches w, w+W, ..."""
+    """One rank's infinite micro-batches from a state; worker w makes the rank's micro-batches w, w+W, ..."""
 
-    def __init__(self, sources: list[_Source], weights: np.ndarray, micro_batch: int, consumed: list[int]):
-        self.sources, self.weights, self.micro_batch = sources, weights, micro_batch
-        self.consumed = list(consumed)
+    def __init__(self, sources: list[_Source], weights: np.ndarray, global_batch: int, micro_batch: int,
+                 dp_rank: int, dp_size: int, steps: int, consumed: list[int], micro: int):
+        self.sources, self.weights, self.global_batch = sources, weights, global_batch
+        self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
+        self.accum = global_batch // (micro_batch * dp_size)
+        self.steps, self.consumed, self.micro = steps, list(consumed), micro
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, tuple[int, ...]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, tuple[int, list[int], int]]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        consumed, j = list(self.consumed), 0
-        seq_len = self.sources[0].seq_len
+        mb, seq_len = self.micro_batch, self.sources[0].seq_len
+        step, consumed, first, t = self.steps, list(self.consumed), self.micro, 0
         while True:
-            choices, after = _blend(self.weights, consumed, self.micro_batch)
-            if j % num_workers == worker:
-                out = np.empty((self.micro_batch, seq_len), dtype=np.int64)
-                for d in np.unique(choices):
-                    rows = np.flatnonzero(choices == d)
-                    out[rows] = self.sources[d].gather(consumed[d] + np.arange(len(rows)))
-                yield torch.from_numpy(out), tuple(after)
-            consumed, j = after, j + 1
+            choices, positions, after = _plan(self.weights, consumed, self.global_batch)
+            for m in range(first, self.accum):
+                if t % num_workers == worker:
+                    o = global_row_offset(m, self.dp_rank, mb, self.dp_size)
+                    src, pos = choices[o:o + mb], positions[o:o + mb]
+                    out = np.empty((mb, seq_len), dtype=np.int64)
+                    for d in np.unique(src):
+                        rows = np.flatnonzero(src == d)
+                        out[rows] = self.sources[d].gather(pos[rows])
+                    # the state once the trainer has this micro-batch: counts move on only at a step's end
+                    state = (step + 1, after, 0) if m + 1 == self.accum else (step, consumed, m + 1)
+                    yield torch.from_numpy(out), state
+                t += 1
+            step, consumed, first = step + 1, after, 0
 
 
 class TokenLoader:
-    """Infinite (micro_batch, seq_len) LongTensor batches for one data-parallel rank, exactly resumable."""
+    """Infinite (micro_batch, seq_len) LongTensor micro-batches for one data-parallel rank, exactly resumable.
+
+    The rank's rows of each global batch of `config.global_batch` sequences; the stream of global
+    batches does not depend on dp_size, micro_batch or the number of workers.
+    """
 
     def __init__(self, config: LoaderConfig, dp_rank: int = 0, dp_size: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
         self.config, self.dp_rank, self.dp_size = config, dp_rank, dp_size
+        mb = config.micro_batch
+        self.global_batch = config.global_batch if config.global_batch is not None else mb * dp_size
+        if self.global_batch % (mb * dp_size):
+            raise ValueError(f"global_batch={self.global_batch} is not a multiple of micro_batch x dp_size = "
+                             f"{mb} x {dp_size} = {mb * dp_size}: every rank must get the same whole number of "
+                             "micro-batches (gradient accumulation steps) per optimizer step")
+        self.grad_accum = self.global_batch // (mb * dp_size)
         self.manifests = [Manifest.load(p) for p in config.manifests]
         first = self.manifests[0]
         for m in self.manifests:
@@ -200,25 +244,32 @@ class TokenLoader:
             if m.tokenizer != first.tokenizer:
                 raise ManifestError(f"cannot blend {m.path} ({m.tokenizer}) with {first.path} ({first.tokenizer}): "
                                     "all manifests must use the same tokenizer")
-        self.sources = [_Source(m, config.split, i, config.seed, dp_rank, dp_size, config.skip_corrupt,
-                                config.verify_sha256) for i, m in enumerate(self.manifests)]
+        self.sources = [_Source(m, config.split, i, config.seed, config.skip_corrupt, config.verify_sha256)
+                        for i, m in enumerate(self.manifests)]
+        for m, s in zip(self.manifests, self.sources):
+            # The stream needs only N >= 1; a split that cannot give each rank one sequence per epoch is a
+            # preparation mistake (seq_len too long for the corpus, the wrong split), so say so up front.
+            if s.total < dp_size:
+                raise ManifestError(f"split {config.split!r} of {m.path} has {s.total} usable sequences, fewer than "
+                                    f"the {dp_size} data-parallel ranks: prepare more data or a shorter --seq-len")
         raw = config.weights if config.weights is not None else [s.total for s in self.sources]
         self.weights = np.asarray(raw, dtype=np.float64) / float(sum(raw))
         self.skipped_shards: list[str] = [p for s in self.sources for p in s.skipped]
         self._fingerprints = [m.fingerprint() for m in self.manifests]
-        self._consumed = [0] * len(self.sources)
-        self.step = 0  # batches handed out since the start (or the restored state)
+        self.steps = 0  # optimizer steps (global batches) completed by the micro-batches handed out
+        self.micro = 0  # micro-batches of the current step handed out by this rank
+        self._consumed = [0] * len(self.sources)  # per source, after `steps` global batches
         self._generation = 0
 
     @property
     def sequences_per_epoch(self) -> list[int]:
-        """Sequences each source gives this rank per epoch (the same on every rank)."""
-        return [s.per_rank for s in self.sources]
+        """Sequences in one epoch of each source: all of its usable sequences (the global stream has no remainder)."""
+        return [s.total for s in self.sources]
 
     @property
     def epochs(self) -> list[float]:
-        """Epochs of each source consumed so far by this rank."""
-        return [c / s.per_rank for c, s in zip(self._consumed, self.sources)]
+        """Epochs of each source consumed by the completed global batches."""
+        return [c / s.total for c, s in zip(self._consumed, self.sources)]
 
     def check_compatible(self, vocab_size: int, seq_len: int) -> None:
         """Refuse a recipe whose tokenizer vocabulary or sequence length differs from the manifests'."""
@@ -226,47 +277,54 @@ class TokenLoader:
             m.check_compatible(vocab_size, seq_len)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        """Batches from the current state on, forever; a new iterator continues where the last one stopped."""
+        """Micro-batches from the current state on, forever; a new iterator continues where the last one stopped."""
         self._generation += 1
         generation = self._generation
-        stream = _BatchStream(self.sources, self.weights, self.config.micro_batch, self._consumed)
+        stream = _BatchStream(self.sources, self.weights, self.global_batch, self.config.micro_batch, self.dp_rank,
+                              self.dp_size, self.steps, self._consumed, self.micro)
         if self.config.num_workers == 0:
             batches = iter(stream)
         else:
             batches = iter(DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
                                       prefetch_factor=self.config.prefetch_factor))
-        for tokens, consumed in batches:
+        for tokens, (steps, consumed, micro) in batches:
             if generation != self._generation:
                 raise RuntimeError("this TokenLoader was re-iterated or its state was loaded: "
                                    "this older iterator is stale, use the new one")
-            self._consumed, self.step = list(consumed), self.step + 1
+            self.steps, self._consumed, self.micro = int(steps), [int(c) for c in consumed], int(micro)
             yield tokens
 
     def _identity(self) -> dict[str, Any]:
-        return {"dp_size": self.dp_size, "seed": self.config.seed, "split": self.config.split,
-                "seq_len": self.config.seq_len,
+        return {"seed": self.config.seed, "split": self.config.split, "seq_len": self.config.seq_len,
+                "global_batch": self.global_batch,
                 "sources": [{"manifest": str(m.path), "fingerprint": f, "weight": float(w), "skipped": s.skipped}
                             for m, f, s, w in zip(self.manifests, self._fingerprints, self.sources, self.weights)]}
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's position: per-source consumed sequences plus what must match on resume."""
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "dp_rank": self.dp_rank, "step": self.step,
-                "consumed": list(self._consumed), **self._identity()}
+        """The stream position (steps, per-source consumed, micro) plus what must match on resume.
+
+        At a step boundary (micro == 0) it is the same on every rank and under every DP layout; mid-step
+        it also records the dp_size and micro_batch that split the current step.
+        """
+        layout = None if self.micro == 0 else {"dp_size": self.dp_size, "micro_batch": self.config.micro_batch}
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "steps": self.steps,
+                "consumed": list(self._consumed), "micro": self.micro, "layout": layout, **self._identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly after the batches recorded in `state`; refuse a state from different data or DP size."""
-        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            raise ValueError(f"not a {STATE_FORMAT} v{STATE_VERSION} state dict")
-        if state["dp_size"] != self.dp_size:
-            raise ValueError(
-                f"the loader state was saved with dp_size={state['dp_size']} but this run has dp_size={self.dp_size}: "
-                "each rank's share of every epoch depends on dp_size, so resuming would repeat or skip sequences. "
-                f"Resume with {state['dp_size']} data-parallel ranks (e.g. change tp/pp instead), or start the data "
-                "stream afresh")
-        if state["dp_rank"] != self.dp_rank:
-            raise ValueError(f"loader state of dp_rank {state['dp_rank']} given to dp_rank {self.dp_rank}: "
-                             "each rank must load its own state")
+        """Continue exactly after the micro-batches recorded in `state` (from any rank, any DP layout at a step
+        boundary); refuse a state from different data, another global batch, or a mid-step state of another layout."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a {STATE_FORMAT} state dict")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"the loader state is version {state.get('version')}, this loader reads version "
+                             f"{STATE_VERSION} (one global stream split over DP ranks; version 1 had per-rank "
+                             "blocks): it cannot be continued exactly, start the data stream afresh")
         mine = self._identity()
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(f"the loader state was saved with a global batch of {state['global_batch']} sequences "
+                             f"per optimizer step, this run has {self.global_batch}: step j reads global sequences "
+                             "[j*G, (j+1)*G), so resuming would shift the stream. Keep the global batch "
+                             "(dp x micro_batch x grad_accum) when changing the layout")
         for key in ("seed", "split", "seq_len"):
             if state[key] != mine[key]:
                 raise ValueError(f"loader state has {key}={state[key]!r}, this loader {mine[key]!r}: "
@@ -281,15 +339,30 @@ class TokenLoader:
                 if old[key] != new[key]:
                     raise ValueError(f"cannot resume on {new['manifest']}: {what} since the state was saved "
                                      f"({old[key]!r} -> {new[key]!r}); resuming would not continue the same stream")
-        self._consumed, self.step = [int(c) for c in state["consumed"]], int(state["step"])
+        micro = int(state["micro"])
+        if micro:
+            saved = state["layout"]
+            here = {"dp_size": self.dp_size, "micro_batch": self.config.micro_batch}
+            if saved != here:
+                raise ValueError(
+                    f"the loader state was saved in the middle of an optimizer step ({micro} micro-batches of it "
+                    f"handed out) with dp_size={saved['dp_size']}, micro_batch={saved['micro_batch']}; this loader "
+                    f"has dp_size={self.dp_size}, micro_batch={self.config.micro_batch}: the rest of that step's "
+                    "rows are split by the saved layout. Resume mid-step with the same dp_size and micro_batch, or "
+                    "reshard from a state saved at a step boundary (the trainer's checkpoints are)")
+            if not 0 < micro < self.grad_accum:
+                raise ValueError(f"loader state has micro={micro}, outside [0, grad_accum={self.grad_accum})")
+        self.steps, self._consumed, self.micro = int(state["steps"]), [int(c) for c in state["consumed"]], micro
         self._generation += 1  # an iterator made before this load is stale
 
 
 class EvalBatch(NamedTuple):
-    """An evaluation batch: tokens (micro_batch, seq_len) and which rows are real (the rest is EOS padding)."""
+    """An evaluation batch: tokens (micro_batch, seq_len), which rows are real (the rest is EOS padding),
+    and its global index (rank r's g-th batch is g * dp_size + r: the same rows under any DP size)."""
 
     tokens: torch.Tensor
     valid: torch.Tensor
+    index: int
 
 
 @dataclass
@@ -346,4 +419,4 @@ class EvalLoader:
                     info = self._info.shards[shard]
                     loaded = shard, read_shard(m.shard_path(info), info, m.seq_len, m.dtype, self.verify_sha256)
                 tokens[row] = loaded[1][idx[row] - (ends[shard] - self._info.shards[shard].num_sequences)]
-            yield EvalBatch(torch.from_numpy(tokens), torch.from_numpy(valid))
+            yield EvalBatch(torch.from_numpy(tokens), torch.from_numpy(valid), g * self.dp_size + self.dp_rank)

@@ -87,21 +87,24 @@ def _dwdse(se_fn: ScoreEntropyFn, graph: Graph, x0: Tensor, total: Tensor, gener
     return se_fn(x_t, total, x0).to(torch.float64).sum(-1)
 
 
-def noise_draws(noise: Noise, rows: int, num_samples: int, *, device=None,
-                generator: torch.Generator | None = None) -> list[list[tuple[Tensor, Tensor]]]:
+def noise_draws(noise: Noise, rows: int, num_samples: int, *, device=None, generator: torch.Generator | None = None,
+                antithetic: bool = False) -> list[list[tuple[Tensor, Tensor]]]:
     """The ELBO's quadrature over total noise from 0, as pieces of (total_noise, weight) draws per row.
 
     Piece 1: num_samples stratified t in (0, 1] (never exactly 0), weight sigma(t): covers
     [sigma_bar(0), sigma_bar(1)]. Piece 2, where sigma_bar(0) > 0 (geometric): max(2, K // 4)
     stratified total noise in (0, sigma_bar(0)], weight sigma_bar(0). Each piece's mean of
-    weight * sum_i score_entropy estimates its part of the integral.
+    weight * sum_i score_entropy estimates its part of the integral. `antithetic`: strata 2j and
+    2j+1 share one uniform u, placed at u and 1 - u within them (each draw stays uniform in its stratum).
     """
     if num_samples < 2:
         raise ValueError("num_samples must be >= 2 to estimate a standard error")
 
     def strata(count: int) -> list[Tensor]:
-        return [1.0 - (k + torch.rand(rows, dtype=torch.float64, device=device, generator=generator)) / count
-                for k in range(count)]
+        u = [torch.rand(rows, dtype=torch.float64, device=device, generator=generator)
+             for _ in range((count + 1) // 2 if antithetic else count)]
+        offsets = [u[k // 2] if k % 2 == 0 else 1.0 - u[k // 2] for k in range(count)] if antithetic else u
+        return [1.0 - (k + offsets[k]) / count for k in range(count)]
 
     pieces = [[(noise.total_noise(t), noise.rate_noise(t)) for t in strata(num_samples)]]
     sigma0 = float(noise.total_noise(torch.zeros((), dtype=torch.float64)))

@@ -1,0 +1,189 @@
+"""Our consolidated checkpoint: one layout-free directory, written atomically and verified on write.
+
+    <dir>/config.json               format, model config, noise schedule, which weights, provenance
+    <dir>/model.safetensors         whole fp32 tensors by model key (EMA or raw weights, as chosen)
+    <dir>/training/                 optional: everything needed to resume training under any layout
+        weights.safetensors         fp32 master weights (raw)
+        ema.safetensors             EMA shadow
+        exp_avg.safetensors         AdamW first moments
+        exp_avg_sq.safetensors      AdamW second moments
+        counters.pt                 step, tokens, optimizer step, LR schedule, data position, RNG
+
+Model keys are the parameter names of `SEDD` at TP = 1; the vocabulary is unpadded, so the
+directory loads into any TP size (`hub.load_weights`) and converts to the reference's hub format
+by renaming keys (`hub.model_to_hub`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from sedd_scale.checkpoint.hub import model_kinds
+from sedd_scale.config import from_dict, to_dict
+from sedd_scale.model.config import ModelConfig
+
+FORMAT = "sedd-scale/consolidated-v1"
+CONFIG_FILE, WEIGHTS_FILE, TRAINING_DIR, COUNTERS_FILE = "config.json", "model.safetensors", "training", "counters.pt"
+TRAINING_CATEGORIES = ("weights", "ema", "exp_avg", "exp_avg_sq")
+
+
+class ConsolidatedError(ValueError):
+    """A consolidated checkpoint that is missing, malformed, or does not fit the model asked for."""
+
+
+@dataclass
+class Consolidated:
+    """An opened consolidated checkpoint (tensors are read lazily, a key at a time)."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @property
+    def model(self) -> ModelConfig:
+        """The model's config."""
+        return from_dict(ModelConfig, dict(self.config["model"]), "model")
+
+    @property
+    def noise(self) -> dict[str, Any]:
+        """The noise schedule: {"type": "loglinear" | "geometric", plus get_noise's keyword arguments}."""
+        return dict(self.config["noise"])
+
+    @property
+    def has_training_state(self) -> bool:
+        """Whether optimizer moments, EMA and counters are included (resharding needs them)."""
+        return (self.path / TRAINING_DIR).is_dir()
+
+    def weights(self) -> Mapping[str, Tensor]:
+        """The model weights the checkpoint was written with (EMA or raw, see config["weights"])."""
+        return LazyTensors(self.path / WEIGHTS_FILE)
+
+    def training_tensors(self) -> dict[str, Mapping[str, Tensor]]:
+        """{category: lazy tensors} of the training state."""
+        self._need_training()
+        return {c: LazyTensors(self.path / TRAINING_DIR / f"{c}.safetensors") for c in TRAINING_CATEGORIES}
+
+    def counters(self) -> dict[str, Any]:
+        """The training counters (step, LR schedule, data position, ...)."""
+        self._need_training()
+        return torch.load(self.path / TRAINING_DIR / COUNTERS_FILE, weights_only=False)
+
+    def _need_training(self) -> None:
+        if not self.has_training_state:
+            raise ConsolidatedError(f"{self.path} holds model weights only: consolidate the training checkpoint "
+                                    "again with --training-state to carry optimizer and EMA state")
+
+
+class LazyTensors(Mapping):
+    """A safetensors file as a read-only mapping that loads one tensor per lookup (ranks read only their keys)."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise ConsolidatedError(f"{path} is missing: the consolidated checkpoint is incomplete")
+        self.path = path
+        with safe_open(str(path), framework="pt") as f:
+            self._keys = list(f.keys())
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(f"{key} not in {self.path}")
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def is_consolidated(path: str | Path) -> bool:
+    """Whether `path` looks like a consolidated checkpoint (its config.json names our format)."""
+    config = Path(path) / CONFIG_FILE
+    if not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("format") == FORMAT
+
+
+def open_consolidated(path: str | Path) -> Consolidated:
+    """Open and check a consolidated checkpoint directory."""
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ConsolidatedError(f"{path} is not a consolidated checkpoint (no {CONFIG_FILE})")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != FORMAT:
+        raise ConsolidatedError(f"{config_path}: format {config.get('format')!r}, expected {FORMAT!r}")
+    ckpt = Consolidated(path, config)
+    check_tensors(ckpt.model, ckpt.weights(), str(path / WEIGHTS_FILE))
+    return ckpt
+
+
+def check_tensors(cfg: ModelConfig, tensors: Mapping[str, Tensor], where: str) -> None:
+    """Refuse tensors whose keys or shapes do not fit `cfg`, listing every problem."""
+    expected = expected_shapes(cfg)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [f"{k}: {tuple(tensors[k].shape)} (expected {expected[k]})" for k in sorted(set(expected) & set(tensors))
+             if tuple(tensors[k].shape) != expected[k]]
+    problems = [f"{n} ({len(v)}): {v}" for n, v in (("missing", missing), ("unexpected", unexpected),
+                                                    ("mis-shaped", wrong)) if v]
+    if problems:
+        raise ConsolidatedError(f"{where} does not fit model {cfg.name!r} ({cfg.n_blocks} blocks x {cfg.hidden_size}, "
+                                f"vocab {cfg.vocab_size}):\n  " + "\n  ".join(problems))
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Whole-tensor shapes by model key (the hub's shapes under our names)."""
+    from sedd_scale.checkpoint.hub import hub_shapes, key_map
+
+    shapes = hub_shapes(cfg)
+    return {mkey: shapes[hkey] for hkey, (mkey, _) in key_map(cfg).items()}
+
+
+def write(path: str | Path, cfg: ModelConfig, noise: dict[str, Any], weights: dict[str, Tensor], *,
+          which: str, provenance: dict[str, Any], training: tuple[dict[str, dict[str, Tensor]], dict] | None = None
+          ) -> Path:
+    """Write a consolidated checkpoint atomically, then reread every tensor and compare it bitwise.
+
+    `which` says what `weights` are ("ema" or "raw"); `training` is (tensors by category, counters).
+    An existing `path` is never replaced.
+    """
+    path = Path(path)
+    if path.exists():
+        raise ConsolidatedError(f"{path} exists: choose a new output directory (nothing is overwritten)")
+    if set(weights) != set(model_kinds(cfg)):
+        raise ConsolidatedError(f"weights do not match the model's keys: {sorted(set(weights) ^ set(model_kinds(cfg)))}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        files = {tmp / WEIGHTS_FILE: weights}
+        if training is not None:
+            tensors, counters = training
+            (tmp / TRAINING_DIR).mkdir()
+            files.update({tmp / TRAINING_DIR / f"{c}.safetensors": tensors[c] for c in TRAINING_CATEGORIES})
+            torch.save(counters, tmp / TRAINING_DIR / COUNTERS_FILE)
+        for file, tensors in files.items():
+            save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(file))
+        config = {"format": FORMAT, "model": to_dict(cfg), "noise": noise, "weights": which, **provenance}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        for file, tensors in files.items():  # verify: what is on disk is what was meant
+            reread = LazyTensors(file)
+            bad = [k for k, v in tensors.items() if not torch.equal(reread[k], v.float())]
+            if bad or set(reread) != set(tensors):
+                raise ConsolidatedError(f"verification of {file} failed: {bad or 'key sets differ'}")
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,265 @@
+"""The layout-free training state: whole tensors by model key, gathered from or loaded into a
+`Trainer` under any TP x PP x DP x ZeRO layout. Resharding is `gather` under one layout, then
+`load` under another.
+
+Tensor categories: "weights" (the fp32 master weights the optimizer updates), "ema" (the EMA
+shadow), "exp_avg" and "exp_avg_sq" (AdamW's moments). Every tensor is whole: TP slices joined by
+their split kind (`hub.model_kinds`, vocabulary padding dropped), ZeRO partitions gathered,
+pipeline stages collected. `counters` hold the rest of what an exact resume needs.
+
+Where DeepSpeed keeps masters and moments: ZeRO-1/2 and its bf16 optimizer in flat per-group
+fp32 partitions, ZeRO-3 in flat per-rank partitions, both reached per parameter through
+`deepspeed.utils.safe_{get,set}_full_*`; without ZeRO the torch optimizer holds them per
+parameter. A fresh engine has no AdamW state until its first step, so `load` creates it.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,  # noqa: E402
+                             safe_set_full_fp32_param, safe_set_full_optimizer_state)
+from megatron.core import parallel_state as ps  # noqa: E402
+
+from sedd_scale.checkpoint.hub import gather_tp_tensor, model_kinds, shard_tensor  # noqa: E402
+from sedd_scale.checkpoint.sharded import CheckpointError  # noqa: E402
+from sedd_scale.config import to_dict  # noqa: E402
+
+CATEGORIES = ("weights", "ema", "exp_avg", "exp_avg_sq")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+# Counters that must survive a conversion unchanged (the verification compares them).
+CARRIED = ("step", "tokens_seen", "skipped_total", "optimizer_step", "lrs", "ema_num_updates", "loader")
+
+
+@dataclass
+class FullState:
+    """Whole tensors {category: {model key: tensor}} and the counters of one training state."""
+
+    tensors: dict[str, dict[str, Tensor]]
+    counters: dict[str, Any]
+
+
+def local_keys(trainer) -> list[tuple[str, nn.Parameter]]:
+    """(model key, parameter) of this rank, in `engine.module.parameters()` order (the EMA's order)."""
+    n_blocks, out = trainer.model_cfg.n_blocks, []
+    for name, p in trainer.engine.module.named_parameters():
+        if trainer.is_pipe:  # DeepSpeed names pipeline layers by their index: input, blocks, output
+            index, rest = name.split(".", 1)
+            i = int(index)
+            key = (f"input_layer.{rest}" if i == 0 else f"output_layer.{rest}" if i == n_blocks + 1
+                   else f"blocks.{i - 1}.{rest}")
+        else:
+            key = name.removeprefix("model.")
+        out.append((key, p))
+    unknown = sorted(set(k for k, _ in out) - set(model_kinds(trainer.model_cfg)))
+    if unknown:
+        raise RuntimeError(f"parameters without a model key (a changed module layout?): {unknown}")
+    return out
+
+
+def _updated_tensors(trainer) -> list[tuple[Tensor, dict]]:
+    """(tensor AdamW updates, its param group): parameters, or DeepSpeed's flat fp32 partitions."""
+    base, wrapper = trainer.base_optimizer(), trainer.engine.optimizer
+    flat = getattr(wrapper, "fp32_partitioned_groups_flat", None)
+    if flat is not None:  # ZeRO-3 takes its partitions out of the param groups between steps
+        return [(t, base.param_groups[wrapper.sub_group_to_group_id[i]]) for i, t in enumerate(flat)]
+    return [(p, g) for g in base.param_groups for p in g["params"]]
+
+
+def _ensure_moments(trainer) -> None:
+    """Create AdamW's state where a fresh engine has none yet, and link DeepSpeed's per-parameter views to it."""
+    base = trainer.base_optimizer()
+    for p, group in _updated_tensors(trainer):
+        on_device = bool(group.get("fused") or group.get("capturable"))  # where torch's AdamW keeps `step`
+        if not base.state.get(p):
+            base.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                             "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    for p in trainer.engine.module.parameters():
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            continue
+        flat = base.param_groups[mapping.param_group_index]["params"][0]
+        if mapping.hp_fragment.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+            raise RuntimeError("DeepSpeed's fp32 fragment of a parameter is not in its optimizer group's flat "
+                               "partition: this DeepSpeed version lays out ZeRO state differently")
+        mapping.set_optim_state_fragment(flat, base.state[flat])
+
+
+def _partitioned(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")  # a ZeRO-3 parameter
+
+
+def _fragmented(p: nn.Parameter) -> bool:
+    return hasattr(p, "_hp_mapping")  # ZeRO-1/2 or DeepSpeed's bf16 optimizer: fp32 state in flat partitions
+
+
+def _shape(p: nn.Parameter) -> torch.Size:
+    return p.ds_shape if _partitioned(p) else p.shape
+
+
+def _get(trainer, p: nn.Parameter, key: str | None) -> Tensor:
+    """This TP rank's whole fp32 master weight (key None) or AdamW moment of `p` (a DP collective under ZeRO)."""
+    if _partitioned(p) or _fragmented(p):
+        value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        return value.detach().float().reshape(_shape(p)).cpu()
+    value = p if key is None else trainer.base_optimizer().state[p][key]
+    return value.detach().float().cpu().clone()
+
+
+def _set(trainer, p: nn.Parameter, key: str | None, value: Tensor) -> None:
+    """Set this TP rank's whole fp32 master weight (and the module's copy) or an AdamW moment of `p`."""
+    value = value.to(p.device)
+    if _partitioned(p) or _fragmented(p):
+        (safe_set_full_fp32_param(p, value) if key is None else safe_set_full_optimizer_state(p, value, key))
+    elif key is not None:
+        trainer.base_optimizer().state[p][key].copy_(value)
+    if key is not None:
+        return
+    if _partitioned(p):  # the module's own partition of the (possibly bf16) parameter
+        part, dp, rank = p.ds_tensor, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        flat = F.pad(value.flatten(), (0, part.numel() * dp - value.numel()))
+        part.data.copy_(flat[rank * part.numel():(rank + 1) * part.numel()])
+    else:
+        p.data.copy_(value)
+
+
+def _ema_whole(p: nn.Parameter, shadow: Tensor) -> Tensor:
+    """The whole (TP-local) EMA tensor of `p`; under ZeRO-3 the shadow is this rank's flat partition."""
+    if not _partitioned(p):
+        return shadow.detach().float().cpu().clone()
+    parts = [torch.empty_like(shadow) for _ in range(ps.get_data_parallel_world_size())]
+    dist.all_gather(parts, shadow.contiguous(), group=ps.get_data_parallel_group())
+    return torch.cat(parts)[: p.ds_numel].view(p.ds_shape).float().cpu()
+
+
+def _ema_local(p: nn.Parameter, whole: Tensor, like: Tensor) -> Tensor:
+    if not _partitioned(p):
+        return whole.to(like.device, torch.float32).reshape(like.shape).clone()
+    n, rank = like.numel(), ps.get_data_parallel_rank()
+    flat = F.pad(whole.flatten(), (0, n * ps.get_data_parallel_world_size() - whole.numel()))
+    return flat[rank * n:(rank + 1) * n].to(like.device, torch.float32).clone()
+
+
+def _optimizer_step(trainer) -> int:
+    steps = {float(s["step"]) for s in trainer.base_optimizer().state.values() if "step" in s}
+    if len(steps) > 1:
+        raise CheckpointError(f"AdamW's step differs between parameter groups ({sorted(steps)}): cannot carry it")
+    return int(steps.pop()) if steps else 0
+
+
+def counters(trainer) -> dict[str, Any]:
+    """The non-tensor state a resume needs, checked to be the same on every rank where it must be."""
+    base = trainer.base_optimizer()
+    loader = trainer.loader.state_dict()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, loader)
+    if any(s != loader for s in everyone):
+        raise CheckpointError("the ranks' data-loader states differ (a loader whose stream depends on the "
+                              "layout): the data position cannot be carried to another layout")
+    return {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "skipped_total": base.skipped_total,
+            "optimizer_step": _optimizer_step(trainer), "lrs": [float(g["lr"]) for g in base.param_groups],
+            "lr_scheduler": trainer.engine.lr_scheduler.state_dict(), "ema_num_updates": trainer.ema.num_updates,
+            "loader": loader, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                      "numpy": np.random.get_state()},
+            "recipe": to_dict(trainer.recipe), "layout": trainer.layout_dict()}
+
+
+def gather(trainer) -> FullState | None:
+    """The whole training state on global rank 0 (None on other ranks); a collective over every rank."""
+    cfg, kinds = trainer.model_cfg, model_kinds(trainer.model_cfg)
+    _ensure_moments(trainer)
+    meta = counters(trainer)
+    local: dict[str, dict[str, Tensor]] = {c: {} for c in CATEGORIES}
+    for (key, p), shadow in zip(local_keys(trainer), trainer.ema.shadow, strict=True):
+        local["weights"][key] = _get(trainer, p, None)
+        for m in MOMENTS:
+            local[m][key] = _get(trainer, p, m)
+        local["ema"][key] = _ema_whole(p, shadow)
+    if ps.get_data_parallel_rank() != 0:  # DP replicas hold the same whole tensors
+        return None
+    stage = {c: {k: gather_tp_tensor(v, kinds[k], cfg) for k, v in d.items()} for c, d in local.items()}
+    if ps.get_tensor_model_parallel_rank() != 0:
+        return None
+    stages = [stage]
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        group = ps.get_pipeline_model_parallel_group()
+        stages = [None] * ps.get_pipeline_model_parallel_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(stage, stages, dst=0, group=group)
+    if dist.get_rank() != 0:
+        return None
+    tensors = {c: {k: v for s in stages for k, v in s[c].items()} for c in CATEGORIES}
+    missing = sorted(set(kinds) - set(tensors["weights"]))
+    if missing:
+        raise RuntimeError(f"no pipeline stage holds {missing}")
+    return FullState({c: dict(sorted(d.items())) for c, d in tensors.items()}, meta)
+
+
+def load(trainer, tensors: Mapping[str, Mapping[str, Tensor]], meta: dict[str, Any] | None) -> None:
+    """Set this rank's shards from whole tensors (every rank reads only its own keys) and the counters.
+
+    `meta` None starts training afresh from `tensors["weights"]` (EMA = weights, no AdamW moments, step 0).
+    """
+    cfg, kinds = trainer.model_cfg, model_kinds(trainer.model_cfg)
+    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    if meta is not None:
+        _ensure_moments(trainer)
+    keys = local_keys(trainer)
+
+    def local(category: str, key: str) -> Tensor:
+        return shard_tensor(tensors[category][key].float(), kinds[key], cfg, tp_rank, tp).contiguous()
+
+    with torch.no_grad():
+        for i, (key, p) in enumerate(keys):
+            weight = local("weights", key)
+            _set(trainer, p, None, weight)
+            trainer.ema.shadow[i] = _ema_local(p, local("ema", key) if meta is not None else weight,
+                                               trainer.ema.shadow[i])
+            if meta is not None:
+                for m in MOMENTS:
+                    _set(trainer, p, m, local(m, key))
+    if meta is None:
+        return
+    base = trainer.base_optimizer()
+    for state in base.state.values():
+        state["step"].fill_(meta["optimizer_step"])
+    if len(meta["lrs"]) != len(base.param_groups):
+        raise CheckpointError(f"the state has {len(meta['lrs'])} optimizer groups, this model "
+                              f"{len(base.param_groups)}")
+    for group, lr in zip(base.param_groups, meta["lrs"]):
+        group["lr"] = lr
+    trainer.engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    trainer.ema.num_updates = meta["ema_num_updates"]
+    trainer.step, trainer.tokens_seen = meta["step"], meta["tokens_seen"]
+    base.skipped_total = meta["skipped_total"]
+    trainer.loader.load_state_dict(meta["loader"])
+    torch.set_rng_state(meta["rng"]["torch"])
+    random.setstate(meta["rng"]["python"])
+    np.random.set_state(meta["rng"]["numpy"])
+
+
+def differences(a: FullState, b: FullState, *, categories=CATEGORIES, counters: bool = True) -> list[str]:
+    """What differs between two states (bitwise tensors, carried counters); empty when identical."""
+    out = []
+    for c in categories:
+        if set(a.tensors[c]) != set(b.tensors[c]):
+            out.append(f"{c}: keys differ ({sorted(set(a.tensors[c]) ^ set(b.tensors[c]))})")
+            continue
+        for k, t in a.tensors[c].items():
+            u = b.tensors[c][k]
+            if t.shape != u.shape or not torch.equal(t.float(), u.float()):
+                detail = (f"shape {tuple(t.shape)} vs {tuple(u.shape)}" if t.shape != u.shape
+                          else f"max |diff| {float((t.float() - u.float()).abs().max()):.3g}")
+                out.append(f"{c}/{k}: {detail}")
+    for k in CARRIED if counters else ():
+        if a.counters.get(k) != b.counters.get(k):
+            out.append(f"counter {k}: {a.counters.get(k)!r} vs {b.counters.get(k)!r}")
+    return out

@@ -1,0 +1,135 @@
+"""tools/evaluate.py with real processes: the same result for any DP size, TP/PP agree with one process,
+training checkpoints evaluate in their layout, bad requests fail before any work."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.dist import launch
+from tests.test_convert import train
+from tests.test_convert_formats import tiny_consolidated
+from tests.test_trainer import recipe_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def evaluate(argv: list[str]) -> dict | None:
+    """tools/evaluate.py's run() on this rank (the process group already exists)."""
+    from sedd_scale import parallel
+
+    tool = _tool()
+    try:
+        return tool.run(tool.parser().parse_args(argv))
+    finally:
+        parallel.destroy_parallel()
+
+
+def manifest(tmp: Path) -> str:
+    """valid and test splits of 13 and 11 sequences of the tiny model's 11 tokens (length 8)."""
+    from sedd_scale.data.manifest import TokenizerInfo
+    from sedd_scale.data.prepare import write_sequences
+
+    rng = np.random.default_rng(0)
+    splits = {s: rng.integers(0, 10, (n, 8)).astype(np.int64) for s, n in (("train", 4), ("valid", 13), ("test", 11))}
+    write_sequences(tmp / "data", splits, TokenizerInfo("synthetic", 11, 10), seqs_per_sample=2, seqs_per_shard=4)
+    return str(tmp / "data" / "manifest.json")
+
+
+def test_any_dp_size_gives_the_same_result_and_layouts_agree(tmp_path):
+    data = manifest(tmp_path)
+    ckpt = str(tiny_consolidated(tmp_path / "c"))
+    common = [ckpt, "--manifest", data, "--draws", "4", "--seed", "3", "--batch-size", "2"]
+    one = launch(evaluate, 1, common + ["--out", str(tmp_path / "one.json")])[0]
+    dp2 = launch(evaluate, 2, common)[0]
+    dp3 = launch(evaluate, 3, common)[0]
+    tp2 = launch(evaluate, 2, common + ["--tp", "2"])[0]
+    pp2 = launch(evaluate, 2, common + ["--pp", "2"])[0]
+    assert one["split"] == "test" and one["sequences"] == 11 and one["tokens"] == 88  # padding rows count nothing
+    for other in (dp2, dp3):
+        assert (other["nats_per_token"], other["stderr"]) == (one["nats_per_token"], one["stderr"])
+    for other in (tp2, pp2):  # other reduction orders inside the model only
+        assert math.isclose(other["nats_per_token"], one["nats_per_token"], rel_tol=1e-5)
+    assert json.loads((tmp_path / "one.json").read_text())["nats_per_token"] == one["nats_per_token"]
+    assert 0 < one["stderr"] < one["nats_per_token"] and one["perplexity_bound"] == math.exp(one["nats_per_token"])
+    other_seed = launch(evaluate, 1, [ckpt, "--manifest", data, "--draws", "4", "--seed", "4", "--batch-size", "2"])[0]
+    assert other_seed["nats_per_token"] != one["nats_per_token"]
+    # The bound holds for random weights too: at least the entropy of the data's uniform 10 tokens is paid.
+    assert one["nats_per_token"] > math.log(10) - 4 * one["stderr"]
+
+
+def test_training_checkpoint_evaluates_in_its_layout(tmp_path):
+    from sedd_scale import convert
+
+    data = manifest(tmp_path)
+    recipe = recipe_dict(str(tmp_path / "run"), pp=2, zero_stage=1)
+    launch(train, 2, recipe, 2)
+    args = ["--manifest", data, "--split", "valid", "--draws", "4", "--seed", "1"]
+    piped = launch(evaluate, 2, [str(tmp_path / "run")] + args)[0]
+    convert.consolidate(tmp_path / "run", tmp_path / "ema", weights="ema")
+    single = launch(evaluate, 1, [str(tmp_path / "ema"), "--pp", "1", "--batch-size", "2"] + args)[0]
+    assert piped["step"] == 2 and piped["sequences"] == 13
+    assert math.isclose(piped["nats_per_token"], single["nats_per_token"], rel_tol=1e-5)
+    with pytest.raises(RuntimeError, match="launch 2 ranks"):
+        launch(evaluate, 1, [str(tmp_path / "run")] + args)
+
+
+def test_bad_requests_exit_2_before_any_work(tmp_path):
+    ckpt = str(tiny_consolidated(tmp_path / "c"))
+    data = manifest(tmp_path)
+    cases = {"does not exist": [str(tmp_path / "nope")],
+             "--draws must be >= 2": [ckpt, "--draws", "1"],
+             "GPT-2-vocabulary": [ckpt, "--protocol", "ptb"],
+             "seq_len": [ckpt, "--manifest", str(_other_length(tmp_path))],
+             "exists": [ckpt, "--manifest", data, "--out", data]}
+    for message, argv in cases.items():
+        run = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *argv], capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 2 and message in run.stderr, (message, run.stderr[-2000:])
+
+
+def _other_length(tmp: Path) -> Path:
+    from sedd_scale.data.manifest import TokenizerInfo
+    from sedd_scale.data.prepare import write_sequences
+
+    splits = {s: np.zeros((4, 16), dtype=np.int64) for s in ("train", "valid")}
+    write_sequences(tmp / "len16", splits, TokenizerInfo("synthetic", 11, 10), seqs_per_sample=2, seqs_per_shard=4)
+    return tmp / "len16" / "manifest.json"
+
+
+def test_ptb_zero_shot_protocol_blocks_the_test_split(tmp_path):
+    """--protocol ptb: the detokenized PTB test lines, GPT-2 tokens + EOS each, cut into model-length blocks."""
+    from sedd_scale.checkpoint import consolidated as cons
+    from sedd_scale.data.corpora import load_corpus
+    from sedd_scale.data.manifest import Manifest
+    from sedd_scale.data.tokenizer import get_tokenizer
+    from sedd_scale.model.config import ModelConfig
+
+    cfg = ModelConfig(hidden_size=32, n_heads=4, n_blocks=1, cond_dim=16, num_tokens=50257, length=64,
+                      vocab_multiple=1, dropout=0.0)
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: 0.05 * torch.randn(s, generator=gen) for k, s in cons.expected_shapes(cfg).items()}
+    path = cons.write(tmp_path / "gpt2-vocab", cfg, {"type": "loglinear", "eps": 1e-3}, weights, which="raw",
+                      provenance={})
+    result = launch(evaluate, 1, [str(path), "--protocol", "ptb", "--max-batches", "2", "--batch-size", "2",
+                                  "--draws", "2"])[0]
+    assert result["split"] == "test" and result["tokens"] == 2 * 2 * 64 and math.isfinite(result["nats_per_token"])
+    manifest = Manifest.load(result["manifest"])
+    tok = get_tokenizer("gpt2")
+    total = sum(len(tok.encode(line)) + 1 for line in load_corpus("ptb")["test"])  # + EOS per line
+    assert manifest.seq_len == 64 and manifest.splits["test"].num_sequences == total // 64  # remainder dropped

@@ -1,0 +1,225 @@
+"""Distributed ELBO evaluation: nats/token, the perplexity upper bound, its standard error, token count.
+
+    python tools/evaluate.py runs/cpu-tiny --split test                       # one process
+    torchrun --nproc-per-node 8 tools/evaluate.py runs/x --split test --draws 16 --out x-test.json
+    python tools/evaluate.py hub-or-consolidated-dir --protocol ptb          # the paper's zero-shot PTB
+
+CHECKPOINT is a training checkpoint (run dir or step folder; evaluated in its own layout, so launch
+as many ranks as it was trained with), or a consolidated / hub directory (TP and PP from --tp/--pp,
+default the trained layout; DP = the remaining ranks). Data-parallel ranks split the batches; each
+batch's noise comes from (seed, batch index), so any DP size gives the same result. Every sequence
+gets --draws stratified t (antithetic pairs by default) over the whole noise range, plus the prior term.
+
+--protocol ptb: the SEDD paper's zero-shot Penn Treebank number: the official test split,
+detokenized like the reference, GPT-2 tokens with EOS after each line, cut into blocks of the
+model's length (no sliding window, the remainder dropped); prepared once into $SEDD_CACHE.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from sedd_scale.checkpoint.consolidated import ConsolidatedError  # noqa: E402
+from sedd_scale.checkpoint.hub import HubFormatError  # noqa: E402
+from sedd_scale.checkpoint.sharded import CheckpointError  # noqa: E402
+from sedd_scale.config import RecipeError  # noqa: E402
+from sedd_scale.data.manifest import ManifestError  # noqa: E402
+
+
+class EvaluationError(ValueError):
+    """A request that cannot be evaluated as asked."""
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--manifest", default=None, help="data manifest.json (default: the recipe's validation data)")
+    ap.add_argument("--split", default=None, help="split to evaluate (default: test when present, else valid)")
+    ap.add_argument("--protocol", choices=("ptb",), default=None, help="the paper's zero-shot PTB test protocol")
+    ap.add_argument("--draws", type=int, default=8, help="Monte-Carlo t draws per sequence")
+    ap.add_argument("--no-antithetic", dest="antithetic", action="store_false", help="independent draws per stratum")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per rank per forward (default: the recipe's)")
+    ap.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches per rank")
+    ap.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                    help="training checkpoints: EMA or raw weights (other formats hold one set)")
+    ap.add_argument("--tp", type=int, default=None, help="consolidated/hub: tensor-parallel size")
+    ap.add_argument("--pp", type=int, default=None, help="consolidated/hub: pipeline stages")
+    ap.add_argument("--out", default=None, help="results JSON (written atomically by rank 0)")
+    ap.add_argument("--tensorboard", default=None, help="tensorboard log dir for the results")
+    return ap
+
+
+def _ptb_manifest(length: int, num_tokens: int) -> Path:
+    """The PTB test blocks for a model of `length` tokens (prepared once; rank 0 prepares, the others wait)."""
+    import torch.distributed as dist
+
+    from sedd_scale.data.fetch import cache_dir
+
+    if num_tokens != 50257:
+        raise EvaluationError(f"--protocol ptb needs a GPT-2-vocabulary model (50257 tokens); this one has {num_tokens}")
+    out = cache_dir() / "eval" / f"ptb-gpt2-{length}"
+    if dist.get_rank() == 0 and not (out / "manifest.json").is_file():
+        from sedd_scale.data.corpora import load_corpus
+        from sedd_scale.data.prepare import PrepareConfig, prepare
+
+        prepare(load_corpus("ptb"), PrepareConfig(out=out, tokenizer="gpt2", seq_len=length, progress=False),
+                {"corpus": "ptb", "protocol": "SEDD zero-shot: detokenized test split, EOS per line, blocks"})
+    dist.barrier()
+    return out / "manifest.json"
+
+
+def _recipe_for_weights(saved: dict | None, model: dict, noise: dict, manifest: str, *, tp: int, pp: int,
+                        micro_batch: int, dp: int) -> dict:
+    """A recipe (as data) to run a weights-only checkpoint under TP x PP x DP: the saved one when there is one."""
+    data = copy.deepcopy(saved) if saved else {"model": model, "data": {"manifests": [manifest], "tokenizer": None,
+                                                                      "seq_len": model["length"]}}
+    kind = noise["type"]
+    data["diffusion"] = {**data.get("diffusion", {}), "noise": kind,
+                         **({"noise_eps": noise["eps"]} if kind == "loglinear" else
+                            {"sigma_min": noise["sigma_min"], "sigma_max": noise["sigma_max"]})}
+    data["parallel"] = {"tp": tp, "pp": pp, "zero_stage": 0, "micro_batch": micro_batch,
+                        "global_batch": micro_batch * dp}
+    data["checkpoint"] = {"dir": os.devnull, "resume": False}
+    return data
+
+
+def build(args, world: int):
+    """The trainer holding the checkpoint's weights under the evaluation layout, and the recipe."""
+    from sedd_scale import convert
+    from sedd_scale.checkpoint import consolidated as cons
+    from sedd_scale.checkpoint import full_state, hub
+    from sedd_scale.checkpoint.sharded import read_meta
+
+    path = Path(args.checkpoint)
+    if not path.exists():
+        raise EvaluationError(f"checkpoint {path} does not exist")
+    if cons.is_consolidated(path) or (path / hub.CONFIG_FILE).is_file():
+        if cons.is_consolidated(path):
+            ckpt = cons.open_consolidated(path)
+            model, noise, saved, weights = ckpt.config["model"], ckpt.noise, ckpt.config.get("recipe"), ckpt.weights()
+        else:
+            config, state = hub.read_hub(path)
+            cfg = hub.model_config_from_hub(config)
+            from sedd_scale.config import to_dict
+
+            model, saved, weights = to_dict(cfg), None, hub.hub_to_model(cfg, state)
+            n = config.get("noise") or {}
+            noise = {"type": "loglinear", "eps": 1e-3} if n.get("type") == "loglinear" else \
+                {"type": "geometric", "sigma_min": float(n["sigma_min"]), "sigma_max": float(n["sigma_max"])}
+        trained = (saved or {}).get("parallel", {})
+        tp, pp = args.tp or trained.get("tp", 1), args.pp or trained.get("pp", 1)
+        if world % (tp * pp):
+            raise EvaluationError(f"{world} ranks cannot hold TP {tp} x PP {pp}: launch a multiple of {tp * pp}")
+        micro = args.batch_size or trained.get("micro_batch", 8)
+        manifest = args.manifest or "unused"
+        recipe = _recipe_for_weights(saved, model, noise, manifest, tp=tp, pp=pp, micro_batch=micro,
+                                     dp=world // (tp * pp))
+        trainer = convert.build_trainer(recipe)
+        full_state.load(trainer, {"weights": weights}, None)  # the EMA starts as these weights
+        return trainer, recipe
+    step = convert.find_step(path)
+    meta = read_meta(step)
+    if meta["world_size"] != world:
+        raise EvaluationError(f"{step} was written by {meta['world_size']} ranks and is evaluated in its own layout: "
+                              f"launch {meta['world_size']} ranks, or consolidate it first "
+                              "(tools/convert_checkpoint.py consolidate) to evaluate under any layout")
+    if args.tp or args.pp:
+        raise EvaluationError("--tp/--pp apply to consolidated and hub checkpoints; a training checkpoint runs "
+                              "in its trained layout")
+    recipe = copy.deepcopy(meta["recipe"])
+    if args.batch_size:
+        raise EvaluationError("--batch-size: a training checkpoint evaluates with its micro-batch size "
+                              f"({recipe['parallel']['micro_batch']})")
+    recipe["checkpoint"] = {"dir": str(step.parent), "resume": False}
+    trainer = convert.build_trainer(recipe)
+    trainer.load(step)
+    return trainer, recipe
+
+
+def run(args) -> dict | None:
+    """Evaluate on every rank; rank 0 returns (and writes) the results."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from sedd_scale import engine
+    from sedd_scale.data.loader import EvalLoader
+    from sedd_scale.data.manifest import Manifest
+    from sedd_scale.metrics import Metrics
+
+    if args.draws < 2:
+        raise EvaluationError(f"--draws must be >= 2 (a standard error needs two), got {args.draws}")
+    if args.out and Path(args.out).exists():
+        raise EvaluationError(f"{args.out} exists: choose another --out (results are never overwritten)")
+    started = time.perf_counter()
+    engine.init_distributed()
+    trainer, recipe = build(args, dist.get_world_size())
+    cfg = trainer.model_cfg
+    if args.protocol == "ptb":
+        manifest, split = str(_ptb_manifest(cfg.length, cfg.num_tokens)), "test"
+    else:
+        data = recipe["data"]
+        manifest = args.manifest or data.get("valid") or data["manifests"][0]
+        split = args.split or ("test" if "test" in Manifest.load(manifest).splits else "valid")
+    layout = trainer.layout
+    loader = EvalLoader(manifest, split, layout.micro_batch, ps.get_data_parallel_rank(), layout.dp)
+    loader.check_compatible(cfg.num_tokens, cfg.length)
+    batches = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
+    rank0 = dist.get_rank() == 0
+    metrics = Metrics(args.tensorboard or os.devnull, total_steps=batches, enabled=rank0 and bool(args.tensorboard))
+    bar = None
+    if rank0 and not args.tensorboard:
+        from tqdm import tqdm
+
+        bar = tqdm(total=batches, unit="batch", dynamic_ncols=True, mininterval=1.0)
+    estimate = trainer.validate(islice(loader, batches), args.draws, antithetic=args.antithetic, seed=args.seed,
+                                ema=args.weights == "ema", progress=(bar.update if bar else metrics.advance))
+    if bar:
+        bar.close()
+    result = {"checkpoint": str(args.checkpoint), "step": trainer.step, "manifest": manifest, "split": split,
+              "protocol": args.protocol, "weights": args.weights, "nats_per_token": estimate.nats_per_token,
+              "stderr": estimate.stderr, "perplexity_bound": estimate.perplexity_bound, "tokens": estimate.num_tokens,
+              "sequences": estimate.num_sequences, "draws": args.draws, "antithetic": args.antithetic,
+              "seed": args.seed, "layout": layout.describe(), "seconds": round(time.perf_counter() - started, 1)}
+    metrics.scalars(trainer.step, {f"eval/{split}/elbo_nats_per_token": estimate.nats_per_token,
+                                   f"eval/{split}/elbo_stderr": estimate.stderr,
+                                   f"eval/{split}/perplexity_bound": estimate.perplexity_bound})
+    metrics.close()
+    if rank0 and args.out:
+        from sedd_scale.checkpoint.sharded import atomic_write_text
+
+        atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    return result if rank0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, evaluate, print the table on rank 0; bad input exits with 2 and the reason."""
+    import torch.distributed as dist
+
+    args = parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (EvaluationError, ConsolidatedError, HubFormatError, CheckpointError, RecipeError, ManifestError,
+            FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        width = max(len(k) for k in result)
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()), flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

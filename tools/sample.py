@@ -1,0 +1,248 @@
+"""Sample a trained SEDD model (unconditional, prefix/suffix, or templates with blanks) and report metrics.
+
+    python tools/sample.py CKPT --out samples.jsonl [--num-samples 8] [--batch-size 8] [--steps 1024]
+        [--predictor analytic|euler] [--length L] [--seed 0] [--tp 1] [--tokenizer auto|gpt2|byte|none]
+        [--prefix TEXT] [--suffix TEXT] | [--template "The [BLANK] sat on the [BLANK:3]." --blank-len 8]
+        [--gen-ppl-model HF_DIR [--gen-ppl-tokens auto|ids|text] [--gen-ppl-batch-size N]]
+        [--eps 1e-5] [--no-denoise] [--precision fp32|bf16|bf16-mixed] [--summary PATH] [--overwrite]
+    torchrun --nproc-per-node 8 tools/sample.py CKPT --tp 2 --out samples.jsonl ...
+
+CKPT is any directory `sedd_scale.pretrained.load_pretrained` accepts; the weights it holds (EMA or
+raw) are the ones sampled. With W processes and --tp T, DP = W / T replicas each draw their share
+of the batches: batch b (global index) uses a generator seeded from (--seed, b) and goes to DP rank
+b mod DP, so the samples do not depend on the number of processes. Rank 0 writes the JSONL (one
+line per sample: index, ids, text, conditioning, unigram_entropy, gen_ppl) and a JSON summary next
+to it (`<out minus .jsonl>.summary.json`), both atomically, and prints a table.
+
+Templates: `[BLANK]` is a blank of --blank-len tokens, `[BLANK:N]` one of N tokens; the text
+between is tokenised piece by piece as written (GPT-2 BPE: a space before a blank is its own token,
+so write "The[BLANK] sat" to let the blank begin with " cat"). Without --length a template sets the
+length; with a longer --length the positions after it are generated too.
+
+Metrics, both over whole samples (given tokens included): unigram entropy = entropy (nats) of each
+sample's empirical token distribution, -sum_v p_v ln p_v with p_v = count(v) / length, averaged over
+samples. Generative perplexity (--gen-ppl-model, a local Hugging Face causal LM; nothing is
+downloaded): the reference's mean over samples of exp(mean next-token NLL), and the token-weighted
+exp(total NLL / total tokens). GPT-2-vocabulary samples are scored as ids, as the reference does;
+otherwise the text is re-tokenised with the scorer's tokenizer (see CausalLMScorer).
+
+Bad input (missing checkpoint, too long a prefix/suffix/template, --tp not dividing the world size
+or the heads, an existing --out without --overwrite) exits with code 2 before any work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from sedd_scale.generation import (CausalLMScorer, Conditioning, GenerationError, ModelMeta, atomic_write,  # noqa: E402
+                                   batch_plan, build_conditioning, check_layout, choose_tokenizer, collect_samples,
+                                   generate_batches, meta_of, model_log_score_fn, peek_meta, sample_records,
+                                   score_samples, unigram_entropy)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint directory: hub (config.json + model.safetensors) or consolidated")
+    p.add_argument("--out", required=True, help="JSONL file of samples (rank 0 writes it)")
+    p.add_argument("--summary", help="JSON summary file (default: <out without .jsonl>.summary.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --out / --summary files")
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="samples per sampler call (per DP rank)")
+    p.add_argument("--steps", type=int, default=1024, help="predictor steps (the reference's default: 1024)")
+    p.add_argument("--predictor", choices=("analytic", "euler"), default="analytic")
+    p.add_argument("--length", type=int, help="tokens per sample (default: the template's, else the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (divides the world size and heads)")
+    p.add_argument("--eps", type=float, default=1e-5, help="last time of the sampler's grid")
+    p.add_argument("--no-denoise", action="store_true", help="skip the final denoising jump")
+    p.add_argument("--precision", choices=("fp32", "bf16", "bf16-mixed"),
+                   help="model numerics (default: the checkpoint loader's, fp32)")
+    p.add_argument("--tokenizer", default="auto", choices=("auto", "gpt2", "byte", "none"),
+                   help="auto: gpt2 for 50257 tokens, byte for 257, else none (ids only)")
+    cond = p.add_argument_group("conditioning (text; needs a tokenizer)")
+    cond.add_argument("--prefix", help="text the samples start with")
+    cond.add_argument("--suffix", help="text the samples end with")
+    cond.add_argument("--template", help='text with blanks, e.g. "The [BLANK] sat on the [BLANK:3]."')
+    cond.add_argument("--blank-len", type=int, default=8, help="tokens of a [BLANK] without :N")
+    ppl = p.add_argument_group("generative perplexity")
+    ppl.add_argument("--gen-ppl-model", help="local Hugging Face causal-LM directory (e.g. GPT-2 large)")
+    ppl.add_argument("--gen-ppl-tokens", choices=("auto", "ids", "text"), default="auto",
+                     help="score our ids directly, or re-tokenised text (auto: ids when the vocabularies match)")
+    ppl.add_argument("--gen-ppl-batch-size", type=int, default=8)
+    p.add_argument("--show", type=int, default=2, help="samples to print")
+    return p.parse_args(argv)
+
+
+def summary_path(args: argparse.Namespace) -> Path:
+    """Where the JSON summary goes."""
+    if args.summary:
+        return Path(args.summary)
+    out = Path(args.out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
+
+
+class Plan:
+    """Everything decided from the inputs before any process group or model exists."""
+
+    def __init__(self, args: argparse.Namespace, meta: ModelMeta, world: int):
+        check_layout(world, args.tp, meta.n_heads)
+        if args.steps < 1:
+            raise GenerationError(f"--steps must be >= 1, got {args.steps}")
+        if args.seed < 0:
+            raise GenerationError(f"--seed must be >= 0, got {args.seed}")
+        self.meta = meta
+        self.tokenizer = choose_tokenizer(args.tokenizer, meta.num_tokens)
+        self.conditioning: Conditioning = build_conditioning(
+            self.tokenizer, model_length=meta.length, length=args.length, prefix=args.prefix, suffix=args.suffix,
+            template=args.template, blank_len=args.blank_len)
+        self.scorer: CausalLMScorer | None = None
+        if args.gen_ppl_model:
+            # Weights are loaded on rank 0 only (see `run`); every rank checks vocabularies and lengths here.
+            self.scorer = CausalLMScorer(args.gen_ppl_model, tokenizer=self.tokenizer, num_tokens=meta.num_tokens,
+                                         mode=args.gen_ppl_tokens, batch_size=args.gen_ppl_batch_size,
+                                         load_weights=False)
+            self.scorer.check_length(self.conditioning.length)
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """Checkpoint, scorer and output paths, before anything is loaded."""
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise GenerationError(f"checkpoint directory {str(ckpt)!r} does not exist: pass the directory holding "
+                              "the model (config.json + model.safetensors)")
+    if args.gen_ppl_model and not (Path(args.gen_ppl_model) / "config.json").is_file():
+        raise GenerationError(f"--gen-ppl-model {args.gen_ppl_model!r} is not a local Hugging Face model directory "
+                              "(no config.json): pass the folder written by save_pretrained; nothing is downloaded")
+    for path in (Path(args.out), summary_path(args)):
+        if path.exists() and not args.overwrite:
+            raise GenerationError(f"{str(path)!r} exists: pass --overwrite to replace it, or another --out/--summary")
+    batch_plan(args.num_samples, args.batch_size)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check, sample, collect on rank 0, score and write; returns the exit code."""
+    check_files(args)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    check_layout(world, args.tp)
+    meta = peek_meta(args.checkpoint)
+    plan = Plan(args, meta, world) if meta is not None else None
+    if plan is not None and plan.scorer is not None and rank == 0:
+        # Before any sampling: a broken scorer fails here, and a launcher then stops the other ranks.
+        plan.scorer = CausalLMScorer(args.gen_ppl_model, tokenizer=plan.tokenizer, num_tokens=meta.num_tokens,
+                                     mode=args.gen_ppl_tokens, batch_size=args.gen_ppl_batch_size)
+
+    import torch.distributed as dist
+
+    from sedd_scale import parallel  # megatron-core from here on
+    from megatron.core import parallel_state as ps
+    from sedd_scale.pretrained import load_pretrained
+
+    if torch.cuda.is_available():  # before NCCL creates its communicators on the wrong device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    created = not dist.is_initialized()
+    parallel.init_distributed()
+    try:
+        overrides = {"precision": args.precision} if args.precision else {}
+        try:
+            model, graph, noise = load_pretrained(args.checkpoint, tp_size=args.tp, device=device, **overrides)
+        except (ValueError, FileNotFoundError) as e:  # a checkpoint or layout the loader refuses: bad input
+            raise GenerationError(f"cannot load {args.checkpoint!r} at --tp {args.tp}: {e}") from e
+        loaded = meta_of(model)
+        if plan is None:  # a format peek_meta does not read: the checks that needed the model's config happen now
+            plan = Plan(args, loaded, world)
+            if plan.scorer is not None and rank == 0:
+                plan.scorer = CausalLMScorer(args.gen_ppl_model, tokenizer=plan.tokenizer,
+                                             num_tokens=loaded.num_tokens, mode=args.gen_ppl_tokens,
+                                             batch_size=args.gen_ppl_batch_size)
+        elif (loaded.num_tokens, loaded.n_heads) != (plan.meta.num_tokens, plan.meta.n_heads):
+            raise RuntimeError(f"config.json says {plan.meta}, the loaded model is {loaded}")
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        cond, batches = plan.conditioning, batch_plan(args.num_samples, args.batch_size)
+        if rank == 0:
+            uniform = cond.infill is not None and loaded.graph == "uniform"
+            note = " (uniform graph: clamping is the paper's heuristic)" if uniform else ""
+            print(f"[sample] {args.num_samples} samples x {cond.length} tokens, {args.steps} {args.predictor} steps, "
+                  f"{len(batches)} batches over DP={dp_size} x TP={args.tp}, {cond.info['type']}{note}", flush=True)
+        started = time.perf_counter()
+
+        def progress(b: int, _x: torch.Tensor) -> None:
+            if rank == 0:
+                print(f"[sample] batch {b + 1}/{len(batches)} done ({time.perf_counter() - started:.1f}s)", flush=True)
+
+        local = generate_batches(model_log_score_fn(model), graph, noise, plan=batches, length=cond.length,
+                                 steps=args.steps, predictor=args.predictor, seed=args.seed, dp_rank=dp_rank,
+                                 dp_size=dp_size, infill=cond.infill, eps=args.eps, denoise=not args.no_denoise,
+                                 device=device, on_batch=progress)
+        ids = collect_samples(local, len(batches), contribute=parallel.tp_rank() == 0)
+        seconds = time.perf_counter() - started
+        if rank == 0:
+            report(args, plan, ids, seconds, world, dp_size, device)
+    finally:
+        if created:
+            parallel.destroy_parallel()
+            dist.destroy_process_group()
+    return 0
+
+
+def report(args, plan: Plan, ids: torch.Tensor, seconds: float, world: int, dp_size: int, device) -> None:
+    """Rank 0: metrics, the JSONL and summary files, the printed table."""
+    entropy = unigram_entropy(ids)
+    summary = {"checkpoint": str(args.checkpoint), "out": str(args.out), "num_samples": int(ids.shape[0]),
+               "length": int(ids.shape[1]), "steps": args.steps, "predictor": args.predictor, "seed": args.seed,
+               "batch_size": args.batch_size, "eps": args.eps, "denoise": not args.no_denoise,
+               "world_size": world, "tp": args.tp, "dp": dp_size,
+               "tokenizer": None if plan.tokenizer is None else plan.tokenizer.name,
+               "conditioning": plan.conditioning.record(), "sampling_seconds": round(seconds, 3),
+               "unigram_entropy": float(entropy.mean()), "unigram_entropy_std": float(entropy.std(unbiased=False))}
+    per_sample_ppl = None
+    if plan.scorer is not None:
+        plan.scorer.device = device
+        ppl, per_sample_ppl = score_samples(plan.scorer, ids)
+        summary.update(ppl)
+    records = sample_records(ids, plan.conditioning, plan.tokenizer, entropy, per_sample_ppl)
+    atomic_write(args.out, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write(summary_path(args), [json.dumps(summary, indent=2) + "\n"])
+    for rec in records[: max(args.show, 0)]:
+        if "text" in rec:
+            print(f"--- sample {rec['index']} ---\n{rec['text']}")
+    rows = [("samples", f"{summary['num_samples']} x {summary['length']} tokens"),
+            ("sampler", f"{args.predictor}, {args.steps} steps, seed {args.seed}"),
+            ("layout", f"world {world} = DP {dp_size} x TP {args.tp}"),
+            ("time", f"{seconds:.1f} s ({summary['num_samples'] * summary['length'] / max(seconds, 1e-9):.0f} tok/s)"),
+            ("unigram entropy", f"{summary['unigram_entropy']:.4f} nats (mean over samples, std "
+                                f"{summary['unigram_entropy_std']:.4f})")]
+    if plan.scorer is not None:
+        rows += [("gen ppl", f"{summary['gen_ppl']:.3f} (mean over samples of exp(mean NLL); "
+                             f"{summary['gen_ppl_mode']} scoring)"),
+                 ("gen ppl (tokens)", f"{summary['gen_ppl_token']:.3f} (exp(total NLL / "
+                                      f"{summary['gen_ppl_scored_tokens']} tokens))")]
+        if summary["gen_ppl_truncated"] or summary["gen_ppl_skipped"]:
+            rows.append(("gen ppl notes", f"{summary['gen_ppl_truncated']} truncated to the scorer's context, "
+                                          f"{summary['gen_ppl_skipped']} too short to score"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print(f"wrote {args.out} and {summary_path(args)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: exit code 0, or 2 for input that cannot work (the message says what to change)."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except GenerationError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
