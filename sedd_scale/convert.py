@@ -26,7 +26,7 @@ import torch
 
 from sedd_scale.checkpoint import consolidated as cons
 from sedd_scale.checkpoint import hub
-from sedd_scale.checkpoint.sharded import CheckpointDir, CheckpointError, atomic_write_text, read_meta
+from sedd_scale.checkpoint.sharded import CheckpointDir, CheckpointError, atomic_write_text, read_meta, staged_dir
 from sedd_scale.config import Recipe, RecipeError, apply_overrides, from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
 
@@ -195,7 +195,6 @@ def _shard_rank(source: str, recipe_data: dict, out_root: str) -> dict | None:
     trainer = build_trainer({**recipe_data, "checkpoint": {"dir": out_root, "resume": False}},
                              meta["loader"] if meta else None)
     full_state.load(trainer, tensors, meta)
-    checked = full_state.CATEGORIES if exact else ("weights",)
     expected = full_state.FullState(dict(tensors), meta or {})
 
     def verify(what: str) -> None:
@@ -241,19 +240,13 @@ def shard(source: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dp: 
         from_dict(Recipe, copy.deepcopy(recipe_data)).layout(world)
     except RecipeError as e:
         raise ConversionError(f"layout TP {tp} x PP {pp} x DP {dp}: {e}") from None
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_dir(out) as staging:
         summary = _launch(_shard_rank, world, str(ckpt.path), recipe_data, str(staging))[0]
         # The ranks wrote under the staging name: record the run directory the checkpoint will live in.
         meta_path = staging / Path(summary["checkpoint"]).name / "meta.json"
         meta = json.loads(meta_path.read_text())
         meta["recipe"]["checkpoint"] = {**recipe_data.get("checkpoint", {}), "dir": str(out)}
         atomic_write_text(meta_path, json.dumps(meta, indent=2))
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     summary["checkpoint"] = str(out / Path(summary["checkpoint"]).name)
     return {**summary, "exact": ckpt.has_training_state, "out": str(out)}
 
@@ -292,20 +285,13 @@ def to_hub(source: str | Path, out: str | Path) -> Path:
     weights = dict(ckpt.weights())
     state = hub.model_to_hub(cfg, weights)
     config = hub.hub_config(cfg, noise=hub_noise)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged_dir(out) as staging:
         hub.write_hub(staging, state, config)
         config_back, state_back = hub.read_hub(staging)
         back = hub.hub_to_model(hub.model_config_from_hub(config_back, **_non_hub_fields(cfg)), state_back)
         bad = [k for k in back if not torch.equal(back[k], weights[k])]
         if bad or config_back != config:
             raise ConversionError(f"verification of {out} failed: {bad or 'config.json differs'}")
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

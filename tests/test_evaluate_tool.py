@@ -55,7 +55,7 @@ def test_any_dp_size_gives_the_same_result_and_layouts_agree(tmp_path):
     data = manifest(tmp_path)
     ckpt = str(tiny_consolidated(tmp_path / "c"))
     common = [ckpt, "--manifest", data, "--draws", "4", "--seed", "3", "--batch-size", "2"]
-    one = launch(evaluate, 1, common + ["--out", str(tmp_path / "one.json")])[0]
+    one = launch(evaluate, 1, common + ["--out", str(tmp_path / "one.json"), "--tensorboard", str(tmp_path / "tb")])[0]
     dp2 = launch(evaluate, 2, common)[0]
     dp3 = launch(evaluate, 3, common)[0]
     tp2 = launch(evaluate, 2, common + ["--tp", "2"])[0]
@@ -66,6 +66,9 @@ def test_any_dp_size_gives_the_same_result_and_layouts_agree(tmp_path):
     for other in (tp2, pp2):  # other reduction orders inside the model only
         assert math.isclose(other["nats_per_token"], one["nats_per_token"], rel_tol=1e-5)
     assert json.loads((tmp_path / "one.json").read_text())["nats_per_token"] == one["nats_per_token"]
+    logged = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["eval/test/elbo_nats_per_token"] == one["nats_per_token"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
     assert 0 < one["stderr"] < one["nats_per_token"] and one["perplexity_bound"] == math.exp(one["nats_per_token"])
     other_seed = launch(evaluate, 1, [ckpt, "--manifest", data, "--draws", "4", "--seed", "4", "--batch-size", "2"])[0]
     assert other_seed["nats_per_token"] != one["nats_per_token"]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from sedd_scale import parallel
@@ -53,17 +52,6 @@ def write_hub(path: Path, config: dict, state: dict[str, torch.Tensor]) -> Path:
     (path / "config.json").write_text(json.dumps(config, indent=2))
     save_file(state, str(path / "model.safetensors"))
     return path
-
-
-@pytest.fixture(scope="module")
-def tp1():
-    """megatron's groups for one process (TP = PP = DP = 1)."""
-    created = not dist.is_initialized()
-    parallel.init_parallel(1)
-    yield
-    if created:
-        parallel.destroy_parallel()
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,21 +127,6 @@ def test_conditioning_builder_and_template_syntax():
         build_conditioning(tok, model_length=9, template="a[BLANK]", prefix="b")
 
 
-@pytest.fixture(scope="module")
-def tp1():
-    """megatron's groups for this process (TP = DP = 1), torn down afterwards."""
-    import torch.distributed as dist
-
-    from sedd_scale import parallel
-
-    created = not dist.is_initialized()
-    parallel.init_parallel(1)
-    yield
-    if created:
-        parallel.destroy_parallel()
-        dist.destroy_process_group()
-
-
 @pytest.mark.megatron
 def test_prefix_suffix_infill_and_dp_split_in_process(tp1, byte_ckpt):
     from sedd_scale.generation import generate_batches, model_log_score_fn, sample_records

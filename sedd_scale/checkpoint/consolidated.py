@@ -16,8 +16,6 @@ by renaming keys (`hub.model_to_hub`).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sedd_scale.checkpoint.hub import model_kinds
+from sedd_scale.checkpoint.sharded import staged_dir
 from sedd_scale.config import from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
 
@@ -162,11 +161,7 @@ def write(path: str | Path, cfg: ModelConfig, noise: dict[str, Any], weights: di
         raise ConsolidatedError(f"{path} exists: choose a new output directory (nothing is overwritten)")
     if set(weights) != set(model_kinds(cfg)):
         raise ConsolidatedError(f"weights do not match the model's keys: {sorted(set(weights) ^ set(model_kinds(cfg)))}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(path) as tmp:
         files = {tmp / WEIGHTS_FILE: weights}
         if training is not None:
             tensors, counters = training
@@ -182,8 +177,4 @@ def write(path: str | Path, cfg: ModelConfig, noise: dict[str, Any], weights: di
             bad = [k for k, v in tensors.items() if not torch.equal(reread[k], v.float())]
             if bad or set(reread) != set(tensors):
                 raise ConsolidatedError(f"verification of {file} failed: {bad or 'key sets differ'}")
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

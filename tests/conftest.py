@@ -1,0 +1,19 @@
+"""Fixtures shared by test modules."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    """megatron's groups for this process (TP = PP = DP = 1), torn down afterwards."""
+    import torch.distributed as dist
+
+    from sedd_scale import parallel
+
+    created = not dist.is_initialized()
+    parallel.init_parallel(1)
+    yield
+    if created:
+        parallel.destroy_parallel()
+        dist.destroy_process_group()
