@@ -11,7 +11,7 @@ import torch
 from tests.dist import launch
 from tests.test_trainer import LOSS_RTOL, SyntheticTokens, recipe_dict
 
-pytestmark = [pytest.mark.slow, pytest.mark.megatron]
+pytestmark = pytest.mark.slow
 
 
 def _trainer(recipe_data: dict):
@@ -84,6 +84,7 @@ def test_reshard_resumes_with_the_same_losses(tmp_path):
     print("reference losses", reference, "resumed", resumed)
 
 
+@pytest.mark.megatron  # megatron's parameter names and TP splits: rerun under megatron-core 0.19
 def test_round_trip_tp2pp2_consolidated_tp4_hub_and_back(tmp_path):
     from sedd_scale import convert
     from sedd_scale.checkpoint import consolidated

@@ -136,4 +136,6 @@ def check_layout(meta: dict, layout: dict) -> None:
         changes = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in diff.items())
         raise CheckpointError(
             f"checkpoint step {meta.get('step')} was written under another layout ({changes}); reshard it first "
-            f"with tools/convert_checkpoint.py, or resume with the saved layout")
+            f"(python tools/convert_checkpoint.py reshard RUN_DIR NEW_RUN_DIR --tp {layout.get('tp')} "
+            f"--pp {layout.get('pp')} --dp {layout.get('dp')} --zero-stage {layout.get('zero_stage')}), "
+            "or resume with the saved layout")
