@@ -24,6 +24,9 @@ def load_pretrained(path: str | Path, tp_size: int = 1, *, device: torch.device 
     the log-scores (`sedd_scale.parallel.gather_tp` joins the shards). `config_overrides` set
     ModelConfig fields the file does not fix, e.g. precision="bf16-mixed", vocab_multiple=1.
     """
+    if (Path(path) / "meta.json").is_file() or (Path(path) / "latest").is_file():
+        raise HubFormatError(f"{path} is a sharded training checkpoint: consolidate it first "
+                             f"(python tools/convert_checkpoint.py consolidate {path} OUT --weights ema)")
     if consolidated.is_consolidated(path):
         ckpt = consolidated.open_consolidated(path)
         cfg = dataclasses.replace(ckpt.model, **config_overrides)

@@ -64,7 +64,7 @@ def test_reshard_resumes_with_the_same_losses(tmp_path):
 
     source = recipe_dict(str(tmp_path / "a"), tp=2, pp=2, zero_stage=1)
     reference = launch(train, 4, source, 4, 2)[0]  # 4 steps, checkpoint after 2
-    targets = {"tp4-zero2": dict(tp=4, pp=1, dp=1, zero_stage=2),
+    targets = {"tp4-zero0": dict(tp=4, pp=1, dp=1, zero_stage=0),
                "dp2-zero3-accum2": dict(tp=1, pp=1, dp=2, zero_stage=3, micro_batch=2),
                "pp2-dp2": dict(tp=1, pp=2, dp=2, zero_stage=1, micro_batch=4)}
     resumed = {}

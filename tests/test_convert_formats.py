@@ -102,6 +102,12 @@ def test_incomplete_training_checkpoint_is_refused(tmp_path):
         convert.consolidate(tmp_path / "run", tmp_path / "out")
     with pytest.raises(convert.ConversionError, match="neither"):
         convert.consolidate(tmp_path, tmp_path / "out")
+    from sedd_scale.checkpoint.hub import HubFormatError
+    from sedd_scale.pretrained import load_pretrained
+
+    for path in (tmp_path / "run", step):  # the inference loader points at the conversion
+        with pytest.raises(HubFormatError, match="convert_checkpoint.py consolidate"):
+            load_pretrained(path)
 
 
 def test_differences_catch_any_changed_bit():

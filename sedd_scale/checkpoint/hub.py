@@ -3,7 +3,8 @@
 A hub directory holds `config.json` (the reference's nested hydra config) and `model.safetensors`
 (the reference module's full, unsharded `state_dict`). Loading slices every tensor for this TP
 rank (padding the vocabulary, regrouping qkv rows by heads); export gathers the shards back. Any
-missing, unexpected or mis-shaped key is an error that lists all of them.
+missing, unexpected or mis-shaped key is an error that lists all of them. The TP split rules
+(`model_kinds`, `shard_tensor`, `gather_tp_tensor`) also serve our consolidated format and resharding.
 """
 from __future__ import annotations
 
