@@ -214,6 +214,17 @@ class DiffusionConfig:
             return {"eps": self.noise_eps}
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
+    def noise_spec(self) -> dict[str, Any]:
+        """The schedule as checkpoints record it: {"type": self.noise, **noise_kwargs()}."""
+        return {"type": self.noise, **self.noise_kwargs()}
+
+    @staticmethod
+    def section_for(spec: dict[str, Any]) -> dict[str, Any]:
+        """The recipe's `diffusion` keys that select the schedule `spec` (a `noise_spec()`)."""
+        if spec["type"] == "loglinear":
+            return {"noise": "loglinear", "noise_eps": spec["eps"]}
+        return {"noise": spec["type"], "sigma_min": spec["sigma_min"], "sigma_max": spec["sigma_max"]}
+
 
 @dataclass
 class DataConfig:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import torch
 
 from sedd_scale.checkpoint import consolidated as cons
 from sedd_scale.checkpoint import hub
-from sedd_scale.checkpoint.sharded import CheckpointDir, CheckpointError, atomic_write_text, read_meta, staged_dir
+from sedd_scale.checkpoint.sharded import CheckpointDir, CheckpointError, read_meta, staged_dir
 from sedd_scale.config import Recipe, RecipeError, apply_overrides, from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
 
@@ -95,11 +95,18 @@ def _threads(world: int) -> int:
 
 
 def _launch(fn, world: int, *args) -> list:
-    # Conversion runs on CPU (gloo) on whatever node it is started: hide GPUs from the workers.
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from sedd_scale.spawn import launch
 
-    return launch(fn, world, *args, timeout=24 * 3600.0, group_timeout_s=3600.0, threads=_threads(world))
+    # Conversion runs on CPU (gloo) on whatever node it is started: the workers inherit hidden GPUs.
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        return launch(fn, world, *args, timeout=24 * 3600.0, group_timeout_s=3600.0, threads=_threads(world))
+    finally:
+        if saved is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
 def build_trainer(recipe_data: dict, loader_state: dict | None = None):
@@ -112,18 +119,13 @@ def build_trainer(recipe_data: dict, loader_state: dict | None = None):
     return Trainer(recipe, layout, topology, loader=CarriedLoader(loader_state))
 
 
-def _noise_of(recipe: Recipe) -> dict[str, Any]:
-    return {"type": recipe.diffusion.noise, **recipe.diffusion.noise_kwargs()}
-
-
 # ---------------------------------------------------------------------------------------------
 # consolidate
-def _consolidate_rank(step: str, recipe_data: dict, out: str, which: str, training: bool,
-                      saved_recipe: dict) -> dict | None:
+def _consolidate_rank(step: str, saved_recipe: dict, out: str, which: str, training: bool) -> dict | None:
     from sedd_scale import parallel
     from sedd_scale.checkpoint import full_state
 
-    trainer = build_trainer(recipe_data)
+    trainer = build_trainer({**saved_recipe, "checkpoint": {"dir": str(Path(step).parent), "resume": False}})
     trainer.load(Path(step))
     state = full_state.gather(trainer)
     parallel.destroy_parallel()
@@ -133,7 +135,7 @@ def _consolidate_rank(step: str, recipe_data: dict, out: str, which: str, traini
     weights = state.tensors["ema" if which == "ema" else "weights"]
     provenance = {"source": str(step), "step": state.counters["step"], "tokens_seen": state.counters["tokens_seen"],
                   "layout": state.counters["layout"], "recipe": saved_recipe}
-    cons.write(out, recipe.model, _noise_of(recipe), weights, which=which, provenance=provenance,
+    cons.write(out, recipe.model, recipe.diffusion.noise_spec(), weights, which=which, provenance=provenance,
                training=(state.tensors, state.counters) if training else None)
     return {"step": state.counters["step"], "tensors": len(weights),
             "parameters": sum(t.numel() for t in weights.values())}
@@ -147,18 +149,17 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, weights: str = "ema"
     meta = read_meta(step)
     check_complete(step, meta)
     _check_output(out)
-    recipe_data = copy.deepcopy(meta["recipe"])
-    recipe_data["checkpoint"] = {"dir": str(step.parent), "resume": False}
-    summary = _launch(_consolidate_rank, int(meta["world_size"]), str(step), recipe_data, str(out), weights,
-                      training_state, meta["recipe"])[0]
+    summary = _launch(_consolidate_rank, int(meta["world_size"]), str(step), meta["recipe"], str(out), weights,
+                      training_state)[0]
     return {**summary, "layout": meta["layout"], "out": str(out)}
 
 
 # ---------------------------------------------------------------------------------------------
 # shard
-def target_recipe(source: cons.Consolidated, *, recipe: str | Path | None, tp: int, pp: int,
+def target_recipe(source: cons.Consolidated, *, recipe: str | Path | None, tp: int, pp: int, dp: int,
                   zero_stage: int | None, micro_batch: int | None, overrides: list[str] = ()) -> dict:
-    """The recipe (as data) the new checkpoint is written under: the saved one (or `recipe`) with the new layout."""
+    """The recipe (as data) the new checkpoint is written under: the saved one (or `recipe`) with the new
+    layout, checked (model, layout) before any work."""
     if recipe is not None:
         from sedd_scale.config import parse_yaml
 
@@ -177,6 +178,10 @@ def target_recipe(source: cons.Consolidated, *, recipe: str | Path | None, tp: i
     data["parallel"] = parallel
     data = apply_overrides(data, list(overrides))
     parsed = from_dict(Recipe, copy.deepcopy(data))  # RecipeError for impossible layouts, before any work
+    try:
+        parsed.layout(tp * pp * dp)
+    except RecipeError as e:
+        raise ConversionError(f"layout TP {tp} x PP {pp} x DP {dp}: {e}") from None
     saved, wanted = source.model, parsed.model
     differ = {f: (getattr(saved, f), getattr(wanted, f)) for f in ARCHITECTURE if getattr(saved, f) != getattr(wanted, f)}
     if differ:
@@ -184,7 +189,7 @@ def target_recipe(source: cons.Consolidated, *, recipe: str | Path | None, tp: i
     return data
 
 
-def _shard_rank(source: str, recipe_data: dict, out_root: str) -> dict | None:
+def _shard_rank(source: str, recipe_data: dict, staging: str) -> dict | None:
     from sedd_scale import parallel
     from sedd_scale.checkpoint import full_state
 
@@ -192,38 +197,38 @@ def _shard_rank(source: str, recipe_data: dict, out_root: str) -> dict | None:
     exact = ckpt.has_training_state
     tensors = ckpt.training_tensors() if exact else {"weights": ckpt.weights()}
     meta = ckpt.counters() if exact else None
-    trainer = build_trainer({**recipe_data, "checkpoint": {"dir": out_root, "resume": False}},
-                             meta["loader"] if meta else None)
-    full_state.load(trainer, tensors, meta)
-    expected = full_state.FullState(dict(tensors), meta or {})
+    # A fresh start (weights only) must come out with the EMA equal to the weights and no carried counters.
+    expected = full_state.FullState(dict(tensors) if exact else {**tensors, "ema": tensors["weights"]}, meta or {})
+    categories = full_state.CATEGORIES if exact else ("weights", "ema")
 
-    def verify(what: str) -> None:
+    def build():
+        # The recipe names the final run directory; the shards go to the staging one renamed into place later.
+        trainer = build_trainer(recipe_data, meta["loader"] if meta else None)
+        trainer.checkpoints = CheckpointDir(staging, keep_last=trainer.checkpoints.keep_last)
+        return trainer
+
+    def verify(trainer, what: str) -> None:
         import torch.distributed as dist
 
-        state, problems = full_state.gather(trainer), []
-        if state is not None and exact:
-            problems = full_state.differences(state, expected)
-        elif state is not None:  # a fresh start: the weights as given, the EMA starting from them
-            problems = full_state.differences(state, expected, categories=("weights",), counters=False)
-            ema = full_state.FullState({"weights": state.tensors["ema"]}, {})
-            problems += [f"ema {p}" for p in full_state.differences(ema, expected, categories=("weights",),
-                                                                      counters=False)]
-        verdict = [problems]
+        state = full_state.gather(trainer)
+        verdict = [[] if state is None else
+                   full_state.differences(state, expected, categories=categories, counters=exact)]
         dist.broadcast_object_list(verdict, src=0)  # every rank stops together, nothing half-written stays
         if verdict[0]:
             raise CheckpointError(f"{what}: the converted state differs from the source:\n  " +
                                   "\n  ".join(verdict[0][:20]))
 
-    verify("after loading into the new layout")
+    trainer = build()
+    full_state.load(trainer, tensors, meta)
+    verify(trainer, "after loading into the new layout")
     written = trainer.save()
     parallel.destroy_parallel()
-    trainer = build_trainer({**recipe_data, "checkpoint": {"dir": out_root, "resume": False}})
+    trainer = build()
     trainer.load(written)  # a fresh engine reads what was written
-    verify(f"after rereading {written}")
-    layout = trainer.layout_dict()
-    step = trainer.step
+    verify(trainer, f"after rereading {written}")
+    summary = {"step": trainer.step, "layout": trainer.layout_dict(), "checkpoint": written.name}
     parallel.destroy_parallel()
-    return {"step": step, "layout": layout, "checkpoint": str(written)}
+    return summary
 
 
 def shard(source: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dp: int = 1,
@@ -233,22 +238,13 @@ def shard(source: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dp: 
     out = Path(out)
     _check_output(out)
     ckpt = cons.open_consolidated(source)
-    recipe_data = target_recipe(ckpt, recipe=recipe, tp=tp, pp=pp, zero_stage=zero_stage, micro_batch=micro_batch,
-                                overrides=overrides)
-    world = tp * pp * dp
-    try:
-        from_dict(Recipe, copy.deepcopy(recipe_data)).layout(world)
-    except RecipeError as e:
-        raise ConversionError(f"layout TP {tp} x PP {pp} x DP {dp}: {e}") from None
+    recipe_data = target_recipe(ckpt, recipe=recipe, tp=tp, pp=pp, dp=dp, zero_stage=zero_stage,
+                                micro_batch=micro_batch, overrides=overrides)
+    recipe_data["checkpoint"] = {**recipe_data.get("checkpoint", {}), "dir": str(out)}
     with staged_dir(out) as staging:
-        summary = _launch(_shard_rank, world, str(ckpt.path), recipe_data, str(staging))[0]
-        # The ranks wrote under the staging name: record the run directory the checkpoint will live in.
-        meta_path = staging / Path(summary["checkpoint"]).name / "meta.json"
-        meta = json.loads(meta_path.read_text())
-        meta["recipe"]["checkpoint"] = {**recipe_data.get("checkpoint", {}), "dir": str(out)}
-        atomic_write_text(meta_path, json.dumps(meta, indent=2))
-    summary["checkpoint"] = str(out / Path(summary["checkpoint"]).name)
-    return {**summary, "exact": ckpt.has_training_state, "out": str(out)}
+        summary = _launch(_shard_rank, tp * pp * dp, str(ckpt.path), recipe_data, str(staging))[0]
+    return {**summary, "checkpoint": str(out / summary["checkpoint"]), "exact": ckpt.has_training_state,
+            "out": str(out)}
 
 
 def reshard(checkpoint: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dp: int = 1,
@@ -256,14 +252,11 @@ def reshard(checkpoint: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
     """A training checkpoint -> the same training state under another layout (through a temporary consolidated dir)."""
     out = Path(out)
     _check_output(out)
-    full = out.with_name(f".{out.name}.consolidated-{os.getpid()}")
-    shutil.rmtree(full, ignore_errors=True)
-    try:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.consolidated-") as tmp:
+        full = Path(tmp) / "full"
         consolidate(checkpoint, full, weights="raw", training_state=True)
         return shard(full, out, tp=tp, pp=pp, dp=dp, zero_stage=zero_stage, micro_batch=micro_batch,
                      overrides=overrides)
-    finally:
-        shutil.rmtree(full, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,17 +269,11 @@ def to_hub(source: str | Path, out: str | Path) -> Path:
     cfg = ckpt.model
     if cfg.mlp_ratio != 4:
         raise ConversionError(f"the hub format has no mlp_ratio (the reference uses 4); this model has {cfg.mlp_ratio}")
-    noise = ckpt.noise
-    kind = noise.pop("type")
-    hub_noise = {"type": kind, **({"sigma_min": noise["sigma_min"], "sigma_max": noise["sigma_max"]}
-                                  if kind == "geometric" else {})}
-    if kind == "loglinear" and noise.get("eps", 1e-3) != 1e-3:
-        raise ConversionError(f"the reference's loglinear schedule fixes eps = 1e-3; this model used {noise['eps']}")
     weights = dict(ckpt.weights())
     state = hub.model_to_hub(cfg, weights)
-    config = hub.hub_config(cfg, noise=hub_noise)
+    config = hub.hub_config(cfg, noise=hub.noise_to_hub(ckpt.noise))
     with staged_dir(out) as staging:
-        hub.write_hub(staging, state, config)
+        hub.write_hub(staging, config, state)
         config_back, state_back = hub.read_hub(staging)
         back = hub.hub_to_model(hub.model_config_from_hub(config_back, **_non_hub_fields(cfg)), state_back)
         bad = [k for k in back if not torch.equal(back[k], weights[k])]
@@ -308,15 +295,8 @@ def from_hub(source: str | Path, out: str | Path, **model_overrides) -> Path:
     _check_output(out)
     config, state = hub.read_hub(source)
     cfg = hub.model_config_from_hub(config, **model_overrides)
-    weights = hub.hub_to_model(cfg, state)
-    noise = dict(config.get("noise") or {})
-    kind = noise.get("type")
-    if kind not in ("loglinear", "geometric"):
-        raise ConversionError(f"{source}/config.json: noise.type {kind!r} (expected loglinear or geometric)")
-    # The reference's loglinear ignores sigma_min/max (eps = 1e-3); geometric reads them.
-    ours = {"type": "loglinear", "eps": 1e-3} if kind == "loglinear" else {
-        "type": "geometric", "sigma_min": float(noise["sigma_min"]), "sigma_max": float(noise["sigma_max"])}
-    return cons.write(out, cfg, ours, weights, which="hub", provenance={"source": str(source), "hub_config": config})
+    return cons.write(out, cfg, hub.noise_from_hub(config), hub.hub_to_model(cfg, state), which="hub",
+                      provenance={"source": str(source), "hub_config": config})
 
 
 def describe(path: str | Path) -> dict:

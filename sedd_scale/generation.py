@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sedd_scale.data.tokenizer import TOKENIZERS, Tokenizer, get_tokenizer
+from sedd_scale.model.config import ModelConfig
 from sedd_scale.diffusion.sampling import Infill, sample
 
 BLANK = re.compile(r"\[BLANK(?::(\d+))?\]")
@@ -46,42 +47,23 @@ class GenerationError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Model metadata, tokenizer
-@dataclass(frozen=True)
-class ModelMeta:
-    """What input checks need to know about a checkpoint: vocabulary, length, heads, graph."""
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The model config of a hub or consolidated directory from its config.json (no weights, no megatron-core)."""
+    from sedd_scale.checkpoint import consolidated, hub
 
-    num_tokens: int
-    length: int
-    n_heads: int
-    graph: str
-
-
-def peek_meta(path: str | Path) -> ModelMeta | None:
-    """ModelMeta from `config.json` without loading weights (hub or consolidated format); None for anything else."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    data = json.loads(config.read_text())
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict):
-        return None
-    from sedd_scale.model.config import ModelConfig  # no megatron: the config module only
-
-    if isinstance(data.get("tokens"), int) and "n_heads" in model:  # the reference's hub config
-        graph = (data.get("graph") or {}).get("type")
-        return None if not graph else ModelMeta(num_tokens=data["tokens"], n_heads=int(model["n_heads"]),
-                                                length=int(model.get("length", ModelConfig.length)), graph=str(graph))
-    if isinstance(model.get("num_tokens"), int) and "n_heads" in model:  # ours: ModelConfig fields
-        return ModelMeta(num_tokens=model["num_tokens"], n_heads=int(model["n_heads"]),
-                         length=int(model.get("length", ModelConfig.length)),
-                         graph=str(model.get("graph", ModelConfig.graph)))
-    return None
-
-
-def meta_of(model) -> ModelMeta:
-    """ModelMeta of a loaded SEDD."""
-    cfg = model.config
-    return ModelMeta(num_tokens=cfg.num_tokens, length=cfg.length, n_heads=cfg.n_heads, graph=cfg.graph)
+    path = Path(path)
+    try:
+        if consolidated.is_consolidated(path):
+            return consolidated.open_consolidated(path).model
+        if (path / "meta.json").is_file() or (path / "latest").is_file():
+            raise GenerationError(f"{path} is a sharded training checkpoint: consolidate it first (python "
+                                  f"tools/convert_checkpoint.py consolidate {path} OUT --weights ema)")
+        if not (path / hub.CONFIG_FILE).is_file():
+            raise GenerationError(f"{path} holds no config.json: pass a hub or consolidated checkpoint directory "
+                                  "(config.json + model.safetensors)")
+        return hub.model_config_from_hub(json.loads((path / hub.CONFIG_FILE).read_text()))
+    except (consolidated.ConsolidatedError, hub.HubFormatError) as e:
+        raise GenerationError(f"cannot read {str(path)!r}: {e}") from e
 
 
 def check_layout(world_size: int, tp: int, n_heads: int | None = None) -> None:

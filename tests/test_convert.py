@@ -123,5 +123,5 @@ def test_bf16_reshard_carries_fp32_masters(tmp_path):
     assert summary["exact"] and summary["layout"]["zero_stage"] == 2
     recipe = json.loads((tmp_path / "b" / "step_000000002" / "meta.json").read_text())["recipe"]
     resumed = launch(train, 2, recipe, 2, None, True)[0]
-    # bf16 activations and another TP split: rounding differs at the 1e-5..1e-3 level (measured 1.1e-5).
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference[2:]), rtol=1e-3, atol=0)
+    # bf16 activations under another TP split round differently (measured 1.1e-5 relative).
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference[2:]), rtol=1e-4, atol=0)

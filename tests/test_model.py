@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sedd_scale import parallel
 from sedd_scale.checkpoint.hub import (HubFormatError, hub_config, hub_shapes, model_config_from_hub, read_hub,
-                                       save_hub)
+                                       save_hub, write_hub)
 from sedd_scale.model import SEDD, ModelConfig, preset
 from sedd_scale.model import rotary
 from sedd_scale.pretrained import load_pretrained
@@ -44,14 +44,6 @@ def random_hub_state(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
         state[key] = 1.0 + 0.1 * t if "norm" in key else t
     state["rotary_emb.inv_freq"] = rotary.inv_freq(cfg.head_dim, cfg.rotary_base)
     return state
-
-
-def write_hub(path: Path, config: dict, state: dict[str, torch.Tensor]) -> Path:
-    """A hub directory as the reference writes it."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(state, str(path / "model.safetensors"))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

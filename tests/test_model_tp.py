@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tests.dist import launch
-from tests.test_model import ATOL, FIXTURE, expected_raw_scores, fixture_io, random_hub_state, write_hub
+from sedd_scale.checkpoint.hub import write_hub
+from tests.test_model import ATOL, FIXTURE, expected_raw_scores, fixture_io, random_hub_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.megatron]  # megatron: rerun under 0.19.x by tools/test.sh
 

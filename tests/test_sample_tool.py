@@ -59,7 +59,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def byte_ckpt(tmp_path_factory) -> Path:
     """A hub checkpoint of a random byte-vocabulary SEDD (every weight random, so scores are not flat)."""
     from sedd_scale.checkpoint.hub import hub_config
-    from tests.test_model import random_hub_state, write_hub
+    from sedd_scale.checkpoint.hub import write_hub
+    from tests.test_model import random_hub_state
 
     cfg = ModelConfig(**MODEL)
     return write_hub(tmp_path_factory.mktemp("ckpt") / "byte", hub_config(cfg, noise={"type": "loglinear"}),

@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--draws", type=int, default=8, help="Monte-Carlo t draws per sequence")
     ap.add_argument("--no-antithetic", dest="antithetic", action="store_false", help="independent draws per stratum")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=None, help="sequences per rank per forward (default: the recipe's)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per rank per forward (default: the recipe's micro-batch)")
     ap.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches per rank")
     ap.add_argument("--weights", choices=("ema", "raw"), default="ema",
                     help="training checkpoints: EMA or raw weights (other formats hold one set)")
@@ -78,15 +79,14 @@ def _ptb_manifest(length: int, num_tokens: int) -> Path:
     return out / "manifest.json"
 
 
-def _recipe_for_weights(saved: dict | None, model: dict, noise: dict, manifest: str, *, tp: int, pp: int,
-                        micro_batch: int, dp: int) -> dict:
-    """A recipe (as data) to run a weights-only checkpoint under TP x PP x DP: the saved one when there is one."""
-    data = copy.deepcopy(saved) if saved else {"model": model, "data": {"manifests": [manifest], "tokenizer": None,
-                                                                      "seq_len": model["length"]}}
-    kind = noise["type"]
-    data["diffusion"] = {**data.get("diffusion", {}), "noise": kind,
-                         **({"noise_eps": noise["eps"]} if kind == "loglinear" else
-                            {"sigma_min": noise["sigma_min"], "sigma_max": noise["sigma_max"]})}
+def _recipe_for_weights(weights, manifest: str, *, tp: int, pp: int, micro_batch: int, dp: int) -> dict:
+    """A recipe (as data) to run weights-only `weights` under TP x PP x DP: the saved one when there is one."""
+    from sedd_scale.config import DiffusionConfig, to_dict
+
+    model = to_dict(weights.config)
+    data = copy.deepcopy(weights.recipe) if weights.recipe else {
+        "model": model, "data": {"manifests": [manifest], "tokenizer": None, "seq_len": model["length"]}}
+    data["diffusion"] = {**data.get("diffusion", {}), **DiffusionConfig.section_for(weights.noise)}
     data["parallel"] = {"tp": tp, "pp": pp, "zero_stage": 0, "micro_batch": micro_batch,
                         "global_batch": micro_batch * dp}
     data["checkpoint"] = {"dir": os.devnull, "resume": False}
@@ -99,33 +99,21 @@ def build(args, world: int):
     from sedd_scale.checkpoint import consolidated as cons
     from sedd_scale.checkpoint import full_state, hub
     from sedd_scale.checkpoint.sharded import read_meta
+    from sedd_scale.pretrained import read_weights
 
     path = Path(args.checkpoint)
     if not path.exists():
         raise EvaluationError(f"checkpoint {path} does not exist")
     if cons.is_consolidated(path) or (path / hub.CONFIG_FILE).is_file():
-        if cons.is_consolidated(path):
-            ckpt = cons.open_consolidated(path)
-            model, noise, saved, weights = ckpt.config["model"], ckpt.noise, ckpt.config.get("recipe"), ckpt.weights()
-        else:
-            config, state = hub.read_hub(path)
-            cfg = hub.model_config_from_hub(config)
-            from sedd_scale.config import to_dict
-
-            model, saved, weights = to_dict(cfg), None, hub.hub_to_model(cfg, state)
-            n = config.get("noise") or {}
-            noise = {"type": "loglinear", "eps": 1e-3} if n.get("type") == "loglinear" else \
-                {"type": "geometric", "sigma_min": float(n["sigma_min"]), "sigma_max": float(n["sigma_max"])}
-        trained = (saved or {}).get("parallel", {})
+        weights = read_weights(path)
+        trained = (weights.recipe or {}).get("parallel", {})
         tp, pp = args.tp or trained.get("tp", 1), args.pp or trained.get("pp", 1)
         if world % (tp * pp):
             raise EvaluationError(f"{world} ranks cannot hold TP {tp} x PP {pp}: launch a multiple of {tp * pp}")
-        micro = args.batch_size or trained.get("micro_batch", 8)
-        manifest = args.manifest or "unused"
-        recipe = _recipe_for_weights(saved, model, noise, manifest, tp=tp, pp=pp, micro_batch=micro,
-                                     dp=world // (tp * pp))
+        recipe = _recipe_for_weights(weights, args.manifest or "unused", tp=tp, pp=pp, dp=world // (tp * pp),
+                                     micro_batch=args.batch_size or trained.get("micro_batch", 8))
         trainer = convert.build_trainer(recipe)
-        full_state.load(trainer, {"weights": weights}, None)  # the EMA starts as these weights
+        full_state.load(trainer, {"weights": weights.tensors}, None)  # the EMA starts as these weights
         return trainer, recipe
     step = convert.find_step(path)
     meta = read_meta(step)
@@ -136,11 +124,7 @@ def build(args, world: int):
     if args.tp or args.pp:
         raise EvaluationError("--tp/--pp apply to consolidated and hub checkpoints; a training checkpoint runs "
                               "in its trained layout")
-    recipe = copy.deepcopy(meta["recipe"])
-    if args.batch_size:
-        raise EvaluationError("--batch-size: a training checkpoint evaluates with its micro-batch size "
-                              f"({recipe['parallel']['micro_batch']})")
-    recipe["checkpoint"] = {"dir": str(step.parent), "resume": False}
+    recipe = {**meta["recipe"], "checkpoint": {"dir": str(step.parent), "resume": False}}
     trainer = convert.build_trainer(recipe)
     trainer.load(step)
     return trainer, recipe
@@ -171,7 +155,8 @@ def run(args) -> dict | None:
         manifest = args.manifest or data.get("valid") or data["manifests"][0]
         split = args.split or ("test" if "test" in Manifest.load(manifest).splits else "valid")
     layout = trainer.layout
-    loader = EvalLoader(manifest, split, layout.micro_batch, ps.get_data_parallel_rank(), layout.dp)
+    loader = EvalLoader(manifest, split, args.batch_size or layout.micro_batch, ps.get_data_parallel_rank(),
+                        layout.dp)
     loader.check_compatible(cfg.num_tokens, cfg.length)
     batches = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
     rank0 = dist.get_rank() == 0

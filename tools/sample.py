@@ -42,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from sedd_scale.generation import (CausalLMScorer, Conditioning, GenerationError, ModelMeta, atomic_write,  # noqa: E402
+from sedd_scale.generation import (CausalLMScorer, Conditioning, GenerationError, atomic_write,  # noqa: E402
                                    batch_plan, build_conditioning, check_layout, choose_tokenizer, collect_samples,
-                                   generate_batches, meta_of, model_log_score_fn, peek_meta, sample_records,
+                                   generate_batches, model_log_score_fn, read_model_config, sample_records,
                                    score_samples, unigram_entropy)
+from sedd_scale.model.config import ModelConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,7 +94,7 @@ def summary_path(args: argparse.Namespace) -> Path:
 class Plan:
     """Everything decided from the inputs before any process group or model exists."""
 
-    def __init__(self, args: argparse.Namespace, meta: ModelMeta, world: int):
+    def __init__(self, args: argparse.Namespace, meta: ModelConfig, world: int):
         check_layout(world, args.tp, meta.n_heads)
         if args.steps < 1:
             raise GenerationError(f"--steps must be >= 1, got {args.steps}")
@@ -133,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
     check_files(args)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     check_layout(world, args.tp)
-    meta = peek_meta(args.checkpoint)
-    plan = Plan(args, meta, world) if meta is not None else None
-    if plan is not None and plan.scorer is not None and rank == 0:
+    meta = read_model_config(args.checkpoint)
+    plan = Plan(args, meta, world)
+    if plan.scorer is not None and rank == 0:
         # Before any sampling: a broken scorer fails here, and a launcher then stops the other ranks.
         plan.scorer = CausalLMScorer(args.gen_ppl_model, tokenizer=plan.tokenizer, num_tokens=meta.num_tokens,
                                      mode=args.gen_ppl_tokens, batch_size=args.gen_ppl_batch_size)
@@ -157,19 +158,10 @@ def run(args: argparse.Namespace) -> int:
             model, graph, noise = load_pretrained(args.checkpoint, tp_size=args.tp, device=device, **overrides)
         except (ValueError, FileNotFoundError) as e:  # a checkpoint or layout the loader refuses: bad input
             raise GenerationError(f"cannot load {args.checkpoint!r} at --tp {args.tp}: {e}") from e
-        loaded = meta_of(model)
-        if plan is None:  # a format peek_meta does not read: the checks that needed the model's config happen now
-            plan = Plan(args, loaded, world)
-            if plan.scorer is not None and rank == 0:
-                plan.scorer = CausalLMScorer(args.gen_ppl_model, tokenizer=plan.tokenizer,
-                                             num_tokens=loaded.num_tokens, mode=args.gen_ppl_tokens,
-                                             batch_size=args.gen_ppl_batch_size)
-        elif (loaded.num_tokens, loaded.n_heads) != (plan.meta.num_tokens, plan.meta.n_heads):
-            raise RuntimeError(f"config.json says {plan.meta}, the loaded model is {loaded}")
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         cond, batches = plan.conditioning, batch_plan(args.num_samples, args.batch_size)
         if rank == 0:
-            uniform = cond.infill is not None and loaded.graph == "uniform"
+            uniform = cond.infill is not None and plan.meta.graph == "uniform"
             note = " (uniform graph: clamping is the paper's heuristic)" if uniform else ""
             print(f"[sample] {args.num_samples} samples x {cond.length} tokens, {args.steps} {args.predictor} steps, "
                   f"{len(batches)} batches over DP={dp_size} x TP={args.tp}, {cond.info['type']}{note}", flush=True)

@@ -26,13 +26,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sedd_scale.checkpoint.hub import model_kinds
+from sedd_scale.checkpoint.hub import hub_shapes, key_map
 from sedd_scale.checkpoint.sharded import staged_dir
 from sedd_scale.config import from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
 
 FORMAT = "sedd-scale/consolidated-v1"
 CONFIG_FILE, WEIGHTS_FILE, TRAINING_DIR, COUNTERS_FILE = "config.json", "model.safetensors", "training", "counters.pt"
+# The training state's tensors: fp32 master weights, EMA shadow, AdamW's moments.
 TRAINING_CATEGORIES = ("weights", "ema", "exp_avg", "exp_avg_sq")
 
 
@@ -142,8 +143,6 @@ def check_tensors(cfg: ModelConfig, tensors: Mapping[str, Tensor], where: str) -
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Whole-tensor shapes by model key (the hub's shapes under our names)."""
-    from sedd_scale.checkpoint.hub import hub_shapes, key_map
-
     shapes = hub_shapes(cfg)
     return {mkey: shapes[hkey] for hkey, (mkey, _) in key_map(cfg).items()}
 
@@ -159,8 +158,7 @@ def write(path: str | Path, cfg: ModelConfig, noise: dict[str, Any], weights: di
     path = Path(path)
     if path.exists():
         raise ConsolidatedError(f"{path} exists: choose a new output directory (nothing is overwritten)")
-    if set(weights) != set(model_kinds(cfg)):
-        raise ConsolidatedError(f"weights do not match the model's keys: {sorted(set(weights) ^ set(model_kinds(cfg)))}")
+    check_tensors(cfg, weights, "the weights to write")
     with staged_dir(path) as tmp:
         files = {tmp / WEIGHTS_FILE: weights}
         if training is not None:

@@ -30,11 +30,11 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
 from megatron.core import parallel_state as ps  # noqa: E402
 
+from sedd_scale.checkpoint.consolidated import TRAINING_CATEGORIES  # noqa: E402
 from sedd_scale.checkpoint.hub import gather_tp_tensor, model_kinds, shard_tensor  # noqa: E402
 from sedd_scale.checkpoint.sharded import CheckpointError  # noqa: E402
-from sedd_scale.config import to_dict  # noqa: E402
 
-CATEGORIES = ("weights", "ema", "exp_avg", "exp_avg_sq")
+CATEGORIES = TRAINING_CATEGORIES
 MOMENTS = ("exp_avg", "exp_avg_sq")
 # Counters that must survive a conversion unchanged (the verification compares them).
 CARRIED = ("step", "tokens_seen", "skipped_total", "optimizer_step", "lrs", "ema_num_updates", "loader")
@@ -170,7 +170,7 @@ def counters(trainer) -> dict[str, Any]:
             "lr_scheduler": trainer.engine.lr_scheduler.state_dict(), "ema_num_updates": trainer.ema.num_updates,
             "loader": loader, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                       "numpy": np.random.get_state()},
-            "recipe": to_dict(trainer.recipe), "layout": trainer.layout_dict()}
+            "layout": trainer.layout_dict()}
 
 
 def gather(trainer) -> FullState | None:

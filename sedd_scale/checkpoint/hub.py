@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sedd_scale import parallel
+from sedd_scale.diffusion.noise import GeometricNoise
 from sedd_scale.model import rotary
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
-from sedd_scale.model.transformer import SEDD
+
+# The format needs no megatron-core (input checks read config.json cheaply): the functions on TP-sharded
+# models import `sedd_scale.parallel` when called.
+if TYPE_CHECKING:
+    from sedd_scale.model.transformer import SEDD
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -140,6 +144,33 @@ def hub_config(cfg: ModelConfig, *, noise: dict[str, Any], base: dict[str, Any] 
     return {**{k: out[k] for k in _ORDER if k in out}, **out}
 
 
+def noise_from_hub(config: dict[str, Any]) -> dict[str, Any]:
+    """Our noise spec ({"type", **get_noise kwargs}) for a hub config.json's noise section.
+
+    The reference's loglinear schedule ignores sigma_min/max (its eps is fixed at 1e-3); geometric reads them
+    (absent ones take the schedule's defaults).
+    """
+    noise = config.get("noise") or {}
+    kind = noise.get("type")
+    if kind == "loglinear":
+        return {"type": "loglinear", "eps": 1e-3}
+    if kind == "geometric":
+        default = GeometricNoise()
+        return {"type": "geometric", "sigma_min": float(noise.get("sigma_min", default.sigma_min)),
+                "sigma_max": float(noise.get("sigma_max", default.sigma_max))}
+    raise HubFormatError(f"config.json noise.type is {kind!r}: the reference's load_model_hf reads loglinear or "
+                         "geometric")
+
+
+def noise_to_hub(spec: dict[str, Any]) -> dict[str, Any]:
+    """The hub config's noise section for our noise spec; a schedule the reference cannot express is an error."""
+    if spec["type"] == "loglinear":
+        if spec["eps"] != 1e-3:
+            raise HubFormatError(f"the reference's loglinear schedule fixes eps = 1e-3; this model used {spec['eps']}")
+        return {"type": "loglinear"}
+    return {"type": "geometric", "sigma_min": spec["sigma_min"], "sigma_max": spec["sigma_max"]}
+
+
 def read_hub(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(config dict, full state dict) of a hub checkpoint directory."""
     path = Path(path)
@@ -224,6 +255,8 @@ def model_to_hub(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor
 
 def load_weights(model: SEDD, state: dict[str, Tensor]) -> None:
     """Load whole model-keyed tensors into this TP rank's shards (strict: every parameter is set once)."""
+    from sedd_scale import parallel
+
     cfg, rank, tp = model.config, parallel.tp_rank(), parallel.tp_size()
     kinds = model_kinds(cfg)
     params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
@@ -251,6 +284,8 @@ def gather_weights(model: SEDD, values: dict[str, Tensor] | None = None) -> dict
 
 def gather_tp_tensor(local: Tensor, kind: str, cfg: ModelConfig) -> Tensor:
     """The whole tensor (float32, CPU) from this TP rank's slice `local` split as `kind`; a TP collective."""
+    from sedd_scale import parallel
+
     local, tp = local.detach().float().contiguous(), parallel.tp_size()
     if kind == "rep" or tp == 1:
         return unshard_tensors([local], kind, cfg).cpu().clone()
@@ -282,14 +317,17 @@ def save_hub(model: SEDD, path: str | Path, config: dict[str, Any]) -> None:
               if getattr(derived, k) != getattr(model.config, k)}
     if differ:
         raise HubFormatError(f"config disagrees with the model (config, model): {differ}; build it with hub_config()")
+    from sedd_scale import parallel
+
     state = gather_hub_state(model)
     if parallel.tp_rank() == 0:
-        write_hub(path, state, config)
+        write_hub(path, config, state)
 
 
-def write_hub(path: str | Path, state: dict[str, Tensor], config: dict[str, Any]) -> None:
-    """Write a hub directory: `config` as config.json and the full hub state dict as model.safetensors."""
+def write_hub(path: str | Path, config: dict[str, Any], state: dict[str, Tensor]) -> Path:
+    """Write a hub directory as the reference does: `config` as config.json, the full state dict as model.safetensors."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / WEIGHTS_FILE))
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return path
