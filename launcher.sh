@@ -74,8 +74,9 @@ else
 fi
 
 if [ -z "$tool" ]; then
-  # Pre-flight: refuse an impossible recipe or layout before any process starts.
-  PYTHONWARNINGS=ignore "$py" -m sedd_scale.config "$recipe" --world-size "$world" ${set_args[@]+"${set_args[@]}"} || exit $?
+  # Pre-flight: refuse an impossible recipe or layout, or a run directory the recipe cannot continue
+  # (sedd_scale/run_dir.py), before any process starts.
+  PYTHONWARNINGS=ignore "$py" -m sedd_scale.run_dir "$recipe" --world-size "$world" ${set_args[@]+"${set_args[@]}"} || exit $?
   echo "launcher: $mode (recipe $recipe)"
 else
   echo "launcher: $mode (tools/$tool.py)"
@@ -95,5 +96,23 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
 elif [ "$world" -eq 1 ]; then
   exec "$py" "${train[@]}"
 else
-  exec "$py" -m torch.distributed.run --standalone --nproc-per-node "$world" "${train[@]}"
+  # torchrun turns a SIGTERM it receives into a crash (exit 1) and kills the workers 30 s later, maybe
+  # in the middle of their pre-emption checkpoint. So it runs in its own session, where signals meant
+  # for the job do not reach it; this script hands SIGTERM / SIGUSR1 / SIGINT to the workers instead.
+  # They checkpoint and exit 0 (SEDD_STOP_EXIT_CODE), torchrun exits 0, and this script exits 143
+  # (128 + SIGTERM) so that schedulers requeue the job.
+  export SEDD_STOP_EXIT_CODE=0
+  setsid "$py" -m torch.distributed.run --standalone --nproc-per-node "$world" "${train[@]}" &
+  child=$! stopped=""
+  forward() { stopped="$1"; pkill "-$1" -P "$child" || true; }
+  trap 'forward TERM' TERM; trap 'forward USR1' USR1; trap 'forward INT' INT
+  while :; do
+    rc=0; wait "$child" || rc=$?
+    kill -0 "$child" 2>/dev/null || break  # wait returns early when a trapped signal arrives
+  done
+  if [ -n "$stopped" ] && [ "$stopped" != INT ] && [ "$rc" -eq 0 ]; then
+    echo "launcher: stopped by SIG$stopped after the workers' checkpoint; exit 143 (requeue)" >&2
+    exit 143
+  fi
+  exit "$rc"
 fi

@@ -49,9 +49,34 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    """Parse YAML text, reading `1e-4`-style numbers as floats."""
-    return yaml.load(text, Loader=_Loader)
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # PyYAML keeps the last of two equal keys; in a recipe that silently drops a setting.
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark,
+                f"found the key {key!r} twice (first on line {seen[key].start_mark.line + 1}): "
+                "keep one of them", key_node.start_mark)
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def parse_yaml(text: str, source: str = "<text>") -> Any:
+    """Parse YAML text, reading `1e-4`-style numbers as floats; a syntax error or a duplicate key is a
+    RecipeError naming `source` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
+        problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        raise RecipeError(f"{where}: {problem}{f' ({context})' if context else ''}: fix the YAML") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +135,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .inf / .nan in YAML: no setting of a recipe means that
+            raise RecipeError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -176,7 +203,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise RecipeError(f"override {item!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
             node = child
-        node[parts[-1]] = parse_yaml(text)
+        node[parts[-1]] = parse_yaml(text, f"override {item!r}")
     return data
 
 
@@ -325,6 +352,9 @@ class TrainConfig:
     eval_batches: int = 4  # validation micro-batches per rank for the ELBO at each evaluation
     eval_draws: int = 4  # Monte-Carlo t draws per validation sequence (stratified)
     sample_steps: int = 64  # sampler steps of the example texts written at each evaluation
+    # Periodic checkpoints are copied to host memory and written by a background thread while
+    # training continues (the pre-emption checkpoint is always written synchronously).
+    async_save: bool = True
 
     def __post_init__(self):
         if self.steps < 1:
@@ -347,6 +377,13 @@ class CheckpointConfig:
 
     dir: str = "runs/default"
     resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
+    # With resume false, a directory that already holds checkpoints is refused unless this is true:
+    # then its checkpoints are deleted and its logs restart at step 0.
+    start_over: bool = False
+
+    def __post_init__(self):
+        if self.start_over and self.resume:
+            raise ValueError("start_over=true discards the run's checkpoints: it needs resume=false")
 
 
 @dataclass(frozen=True)
@@ -428,7 +465,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} not found (recipes live in recipes/*.yaml)")
-    data = parse_yaml(path.read_text())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save the recipe as UTF-8") from None
+    data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
     try:

@@ -109,14 +109,15 @@ def _launch(fn, world: int, *args) -> list:
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
-def build_trainer(recipe_data: dict, loader_state: dict | None = None):
-    """Process groups (from the launch environment) and a Trainer without data for `recipe_data`."""
+def build_trainer(recipe_data: dict, loader_state: dict | None = None, checkpoint_dir: str | None = None):
+    """Process groups (from the launch environment) and a Trainer without data for `recipe_data`
+    (checkpoints written to `checkpoint_dir`, default the recipe's)."""
     from sedd_scale import engine
     from sedd_scale.trainer import Trainer
 
     recipe = from_dict(Recipe, copy.deepcopy(recipe_data))
     layout, topology = engine.setup(recipe)
-    return Trainer(recipe, layout, topology, loader=CarriedLoader(loader_state))
+    return Trainer(recipe, layout, topology, loader=CarriedLoader(loader_state), checkpoint_dir=checkpoint_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def target_recipe(source: cons.Consolidated, *, recipe: str | Path | None, tp: i
     if recipe is not None:
         from sedd_scale.config import parse_yaml
 
-        data = parse_yaml(Path(recipe).read_text())
+        data = parse_yaml(Path(recipe).read_text(encoding="utf-8"), str(recipe))
     elif "recipe" in source.config:
         data = copy.deepcopy(source.config["recipe"])
     else:
@@ -203,9 +204,7 @@ def _shard_rank(source: str, recipe_data: dict, staging: str) -> dict | None:
 
     def build():
         # The recipe names the final run directory; the shards go to the staging one renamed into place later.
-        trainer = build_trainer(recipe_data, meta["loader"] if meta else None)
-        trainer.checkpoints = CheckpointDir(staging, keep_last=trainer.checkpoints.keep_last)
-        return trainer
+        return build_trainer(recipe_data, meta["loader"] if meta else None, checkpoint_dir=staging)
 
     def verify(trainer, what: str) -> None:
         import torch.distributed as dist
@@ -221,7 +220,8 @@ def _shard_rank(source: str, recipe_data: dict, staging: str) -> dict | None:
     trainer = build()
     full_state.load(trainer, tensors, meta)
     verify(trainer, "after loading into the new layout")
-    written = trainer.save()
+    trainer.save(sync=True)
+    written = trainer.saver.last["path"]
     parallel.destroy_parallel()
     trainer = build()
     trainer.load(written)  # a fresh engine reads what was written

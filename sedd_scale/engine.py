@@ -139,8 +139,9 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
     Weight decay, when non-zero, applies to matrices only (not to biases and norm weights).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # "decay" marks the group weight decay applies to (a resume re-applies the recipe's value to it).
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay, "decay": True},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "decay": False}]
     groups = [g for g in groups if g["params"]]
     optimizer = GuardedAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                   fused=torch.cuda.is_available() or None)

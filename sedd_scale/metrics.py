@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -13,6 +14,19 @@ def training_flops_per_token(*, matmul_params: int, num_layers: int, hidden: int
     """Model FLOPs per trained token: 6 per matmul weight (fwd + bwd) plus bidirectional attention
     scores and values, 12 * layers * hidden * seq_len (the PaLM appendix B convention)."""
     return 6.0 * matmul_params + 12.0 * num_layers * hidden * seq_len
+
+
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Drop the records of `path` past `last_step` (atomically); returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 class Metrics:
@@ -26,8 +40,14 @@ class Metrics:
 
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.log_dir))
+        # A run restarting at `start_step` replays the steps after it: tensorboard hides the events from
+        # start_step + 1 on (purge_step), and metrics.jsonl keeps only the records up to start_step.
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1)
+        dropped = truncate_jsonl(self.log_dir / "metrics.jsonl", start_step)
         self.jsonl = open(self.log_dir / "metrics.jsonl", "a")
+        if start_step or dropped:  # mark the restart in the log
+            self.jsonl.write(json.dumps({"step": start_step, "event": "resumed" if start_step else "restarted",
+                                         "dropped_records": dropped}) + "\n")
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
         self.started = time.time()
 

@@ -1,11 +1,25 @@
-"""Training entry point, started by launcher.sh on every rank: `python -m sedd_scale.train RECIPE [--set k=v ...]`."""
+"""Training entry point, started by launcher.sh on every rank: `python -m sedd_scale.train RECIPE [--set k=v ...]`.
+
+Exit codes: 0 done; 2 bad input (recipe, data, run directory), before any process group where it can
+be known then; 143 (128 + SIGTERM) after a pre-emption checkpoint, so that schedulers requeue the job
+(`SEDD_STOP_EXIT_CODE` overrides it: launcher.sh sets 0 under torchrun, which reports any other code
+as a crash, and exits 143 itself).
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+from sedd_scale.checkpoint.run_lock import RunDirBusy
+from sedd_scale.checkpoint.sharded import CheckpointError
 from sedd_scale.config import RecipeError, add_recipe_args, load_recipe, overrides_from_args
+from sedd_scale.data.manifest import ManifestError
+from sedd_scale.data.shards import ShardError
+from sedd_scale.recipe_changes import ResumeRefused
+from sedd_scale import run_dir
 
 DEFAULT_RECIPE = "recipes/cpu-tiny.yaml"
 
@@ -20,17 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, overrides_from_args(args))
-    except RecipeError as e:
+        # The run directory and the data are checked before any process group (WORLD_SIZE as engine.setup reads it).
+        start = run_dir.plan(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+        manifest = Path(recipe.data.manifests[0])
+        if not manifest.exists() and not recipe.data.prepare:
+            raise RecipeError(f"data.manifests[0] = {manifest} does not exist: prepare it with tools/prepare_data.py "
+                              "(... --out DIR writes DIR/manifest.json), or set data.prepare to a built-in corpus "
+                              "(ptb, bible, wiki)")
+    except (RecipeError, ResumeRefused, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     from sedd_scale import engine  # heavy imports (megatron, deepspeed) only once the recipe is valid
 
-    try:
-        layout, topology = engine.setup(recipe)
-    except RecipeError as e:  # the launched world size does not fit the recipe
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    layout, topology = engine.setup(recipe)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
@@ -40,32 +57,78 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
         return 0
-    result = run(recipe, layout, topology)
+    try:
+        with take_run_dir(recipe, start):
+            result = run(recipe, layout, topology, start)
+    except (RunDirBusy, ManifestError, ShardError) as e:  # bad input found once the processes exist
+        print(f"error: {e}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
+    except FloatingPointError as e:  # a run of non-finite updates: the message says where to resume from
+        if dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 1
     dist.barrier()
     dist.destroy_process_group()
-    return 0 if not result.stopped_by_signal else 143  # 128 + SIGTERM: schedulers requeue such jobs
+    if result.stopped_by_signal:  # 128 + SIGTERM: schedulers requeue such jobs
+        return int(os.environ.get("SEDD_STOP_EXIT_CODE", "143"))
+    return 0
+
+
+@contextmanager
+def take_run_dir(recipe, start: run_dir.Plan):
+    """Rank 0 locks the run directory for the run (refusing a busy one on every rank), discards the old
+    checkpoints when starting over, and removes leftovers of crashed saves."""
+    import torch.distributed as dist
+
+    from sedd_scale.checkpoint.run_lock import RunLock
+    from sedd_scale.checkpoint.sharded import CheckpointDir
+
+    lock, outcome = RunLock(recipe.checkpoint.dir), [None]
+    if dist.get_rank() == 0:
+        try:
+            lock.acquire()
+            if not lock.supported:
+                print(f"warning: {lock.path.parent}'s filesystem has no flock(2): the run directory is not locked "
+                      "against a second trainer", file=sys.stderr, flush=True)
+            if start.start_over:
+                gone = run_dir.start_over(recipe.checkpoint.dir)
+                print(f"start over: deleted {len(gone)} checkpoint folder(s) of {recipe.checkpoint.dir}", flush=True)
+            CheckpointDir(recipe.checkpoint.dir).clean_stale()
+        except RunDirBusy as e:
+            outcome = [str(e)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RunDirBusy(outcome[0])
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def prepare_missing_data(recipe) -> None:
     """Rank 0 prepares `data.prepare` (a built-in corpus) into manifests[0] when that is missing."""
     import torch.distributed as dist
 
-    manifest = Path(recipe.data.manifests[0])
-    if dist.get_rank() == 0 and not manifest.exists():
-        if not recipe.data.prepare:
-            raise FileNotFoundError(f"{manifest} does not exist: run tools/prepare_data.py, or set data.prepare "
-                                    "to a built-in corpus (ptb, bible, wiki)")
+    manifest, failure = Path(recipe.data.manifests[0]), [None]
+    if dist.get_rank() == 0 and not manifest.exists():  # main() refused a missing manifest without data.prepare
         from sedd_scale.data.corpora import load_corpus
         from sedd_scale.data.prepare import PrepareConfig, prepare
 
         print(f"preparing {recipe.data.prepare} ({recipe.data.tokenizer} tokens, length {recipe.data.seq_len}) "
               f"into {manifest.parent}", flush=True)
         config = PrepareConfig(out=manifest.parent, tokenizer=recipe.data.tokenizer, seq_len=recipe.data.seq_len)
-        prepare(load_corpus(recipe.data.prepare), config, {"corpus": recipe.data.prepare})
-    dist.barrier()
+        try:
+            prepare(load_corpus(recipe.data.prepare), config, {"corpus": recipe.data.prepare})
+        except (OSError, RuntimeError, ValueError) as e:  # shared below, so the other ranks stop with rank 0
+            failure = [f"preparing {recipe.data.prepare} into {manifest.parent} failed: {e}"]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise ManifestError(failure[0])
 
 
-def run(recipe, layout, topology):
+def run(recipe, layout, topology, start: run_dir.Plan | None = None):
     """Data, trainer, resume, train, and a final report (validation bound, samples) on rank 0."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -85,13 +148,24 @@ def run(recipe, layout, topology):
     evaluation = EvalLoader(d.valid or d.manifests[0], "valid", layout.micro_batch, dp_rank, layout.dp)
     evaluation.check_compatible(recipe.model.num_tokens, d.seq_len)
     valid = [b for b, _ in zip(evaluation, range(recipe.train.eval_batches))]
-    trainer = Trainer(recipe, layout, topology, loader=loader)
     rank0 = dist.get_rank() == 0
-    if trainer.resume() and rank0:
-        print(f"resumed from step {trainer.step} ({trainer.checkpoints.latest()})", flush=True)
+    if not valid and rank0:
+        print(f"warning: the valid split of {d.valid or d.manifests[0]} is empty: no validation ELBO will be "
+              "reported; prepare the data with --valid-fraction > 0 or point data.valid at a dataset with a valid "
+              "split", file=sys.stderr, flush=True)
+    trainer = Trainer(recipe, layout, topology, loader=loader)
+    notes = []
+    if trainer.resume():
+        notes = [f"resumed from step {trainer.step} ({trainer.checkpoints.latest()})"]
+        notes += [f"applied from the current recipe: {c.describe()}" for c in (start.changes if start else [])]
+        notes += trainer.notes
     tokenizer = get_tokenizer(d.tokenizer) if d.tokenizer else None
     metrics = Metrics(Path(recipe.checkpoint.dir) / "tensorboard", total_steps=recipe.train.steps,
                       start_step=trainer.step, enabled=rank0)
+    for line in notes:
+        metrics.message(line)
+    if notes:
+        metrics.text(trainer.step, "resume", "\n\n".join(notes))
     try:
         result = trainer.fit(valid_batches=valid, decode=tokenizer.decode if tokenizer else None, metrics=metrics)
     finally:

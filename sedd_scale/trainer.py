@@ -5,13 +5,20 @@ noised by `noising.noise_batch` (a function of seed, step, micro-batch and globa
 is the fused vocab-parallel score entropy, and DeepSpeed reduces, clips and steps. Everything a
 resumed run needs to continue bit-identically is in the checkpoint: model and optimizer shards
 (DeepSpeed), LR schedule, EMA shard, data-loader state, RNG states, counters.
+
+Checkpoints (`checkpoint/saver.py`): DeepSpeed's save is snapshotted to host memory
+(`checkpoint/files.py::SnapshotIO`) and written in the background while training goes on; the
+small all-reduce every step makes anyway (the pre-emption flag) also says when every rank has
+finished, and rank 0 then commits. The pre-emption and final checkpoints are written at once.
+No checkpoint is written while updates are being skipped for non-finite values; when such a
+streak stops the run, `latest` is moved back to a checkpoint from before it.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import resource
+import secrets
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -28,7 +35,9 @@ from megatron.core import tensor_parallel  # noqa: E402
 
 from sedd_scale import engine as ds_engine  # noqa: E402
 from sedd_scale import parallel  # noqa: E402
-from sedd_scale.checkpoint.sharded import CheckpointDir, CheckpointError, check_layout, read_meta  # noqa: E402
+from sedd_scale.checkpoint.files import SnapshotIO, to_host  # noqa: E402
+from sedd_scale.checkpoint.saver import Saver  # noqa: E402
+from sedd_scale.checkpoint.sharded import CheckpointDir, check_layout, read_meta, step_of  # noqa: E402
 from sedd_scale.config import Layout, Recipe, to_dict  # noqa: E402
 from sedd_scale.diffusion import ElboEstimate, get_graph, get_noise, sample  # noqa: E402
 from sedd_scale.evaluation import evaluate  # noqa: E402
@@ -54,41 +63,60 @@ class _StopFlag:
     """SIGTERM / SIGUSR1 (slurm pre-emption) ask for a checkpoint and a clean exit at the next step."""
 
     def __init__(self):
-        self.raised = False
+        self.raised: str | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        self.raised = True
+        self.raised = signal.Signals(signum).name
 
-    def any_rank(self, device) -> bool:
-        flag = torch.tensor(float(self.raised), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag)
+
+def _device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {"device": _device_type(), "torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, reseed) -> str | None:
+    """Restore the RNG states; those of another device type (megatron's tracker and the CUDA generator hold
+    device generator states) are reseeded by `reseed()` instead. Returns a note saying so, or None."""
+    here, saved = _device_type(), state.get("device", "cpu")
+    note = None
+    if saved == here:
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+    else:
+        reseed()  # before the CPU state below: megatron's seeding also seeds the default generator
+        note = (f"the checkpoint's RNG states were written on {saved} and this run is on {here}: the CPU, Python "
+                "and NumPy generators are restored; megatron's tensor-parallel RNG tracker"
+                f"{' and the CUDA generator' if here == 'cuda' else ''} are reseeded from (seed, step), so dropout "
+                "masks differ from an uninterrupted run's")
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    return note
+
+
+def _shared_run_id() -> str:
+    """A random id drawn by rank 0 and shared with every rank (names this trainer's staging folders)."""
+    token = [secrets.token_hex(4) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 class Trainer:
     """Builds the engine, data and monitoring for a recipe on an initialised layout, then trains."""
 
-    def __init__(self, recipe: Recipe, layout: Layout, topology, *, loader):
-        """`loader`: this rank's micro-batches of clean tokens, iterable with state_dict/load_state_dict."""
+    def __init__(self, recipe: Recipe, layout: Layout, topology, *, loader, checkpoint_dir: str | Path | None = None):
+        """`loader`: this rank's micro-batches of clean tokens, iterable with state_dict/load_state_dict;
+        `checkpoint_dir`: where checkpoints go (default recipe.checkpoint.dir)."""
         self.recipe, self.layout = recipe, layout
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.rank = dist.get_rank()
@@ -104,38 +132,48 @@ class Trainer:
         else:
             module = SEDDTrainModule(SEDD(self.model_cfg, self.device), loss_cfg)
         self.engine = ds_engine.build_engine(module, recipe, layout)
-        self.ema = EMA(self._local_params(), recipe.train.ema)
+        self.io = self.engine.checkpoint_engine = SnapshotIO()
+        self.ema = EMA(self._local_params(), recipe.train.ema, dp_rank=self.dp_rank, dp_size=layout.dp,
+                       group=ps.get_data_parallel_group())
         self.loader = loader
         self.batches = iter(loader)
-        self.checkpoints = CheckpointDir(recipe.checkpoint.dir, keep_last=recipe.train.keep_last)
+        self.checkpoints = CheckpointDir(checkpoint_dir or recipe.checkpoint.dir, keep_last=recipe.train.keep_last)
+        self.saver = Saver(self.checkpoints, rank=self.rank, world_size=layout.world_size, run_id=_shared_run_id(),
+                           device=self.device)
         self.step = 0
         self.tokens_seen = 0
         self.stop = _StopFlag()  # installed now: a pre-emption signal during setup is honoured too
         self.data_wait = 0.0  # seconds spent waiting for the loader in the current step
+        self.notes: list[str] = []  # what a resume changed or could not restore, for the logs
 
     # -- state ---------------------------------------------------------------------------------
     def _local_params(self) -> list[torch.Tensor]:
-        """This rank's parameter shards (ZeRO-3 partitions where parameters are partitioned)."""
-        return [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        """This rank's parameters (TP/PP shards; ZeRO-3 ones carry their DP partition in .ds_tensor)."""
+        return list(self.engine.module.parameters())
 
     def layout_dict(self) -> dict:
         """The layout a checkpoint must match to be resumed without resharding."""
         return {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp, "zero_stage": self.layout.zero_stage}
 
-    def save(self) -> Path:
-        """Write an atomic checkpoint of everything needed to resume exactly."""
-        def write(folder: Path) -> None:
-            self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
-            extra = {"step": self.step, "tokens_seen": self.tokens_seen, "ema": self.ema.state_dict(),
-                     "rng": _rng_state(), "loader": self.loader.state_dict(),
-                     "skipped_total": self.base_optimizer().skipped_total}
-            tmp = folder / f".rank_{self.rank:05d}.pt.tmp"
-            torch.save(extra, tmp)
-            os.replace(tmp, folder / f"rank_{self.rank:05d}.pt")
-
+    def save(self, *, sync: bool = False) -> float:
+        """Checkpoint the current step: snapshot to host memory, then write in the background (periodic saves
+        with train.async_save) or at once (`sync`). Returns the seconds training was held up."""
+        started = time.perf_counter()
+        self.saver.wait()  # the previous save is committed before this one starts
+        staging = self.saver.staging(self.step)
+        self.engine.save_checkpoint(str(staging), tag="deepspeed", save_latest=False)
+        files = self.io.take()
+        extra = {"step": self.step, "tokens_seen": self.tokens_seen, "ema": self.ema.state_dict(),
+                 "rng": _rng_state(), "loader": self.loader.state_dict(),
+                 "skipped_total": self.base_optimizer().skipped_total}
+        files.append((staging / f"rank_{self.rank:05d}.pt", to_host(extra)))
         meta = {"layout": self.layout_dict(), "tokens_seen": self.tokens_seen, "recipe": to_dict(self.recipe),
                 "world_size": self.layout.world_size}
-        return self.checkpoints.save(self.step, write, meta, rank=self.rank, barrier=dist.barrier)
+        background = self.recipe.train.async_save and not sync
+        self.saver.start(self.step, files, meta, background=background)
+        if not background:
+            self.saver.wait()
+        return time.perf_counter() - started
 
     def resume(self) -> bool:
         """Load the latest checkpoint when there is one (and the recipe allows it)."""
@@ -146,21 +184,45 @@ class Trainer:
         return True
 
     def load(self, path: Path) -> None:
-        """Restore everything from the checkpoint folder `path` (written under this layout)."""
+        """Restore everything from the checkpoint folder `path` (written under this layout), verifying every file
+        read against the sizes and sha256 recorded when it was written; then apply the current recipe's
+        optimizer settings (`recipe_changes.APPLIED`)."""
         path = Path(path)
-        check_layout(read_meta(path), self.layout_dict())
-        missing = [str(path / f) for f in ("deepspeed", f"rank_{self.rank:05d}.pt") if not (path / f).exists()]
-        if missing:
-            raise CheckpointError(f"checkpoint {path} is incomplete: {missing} missing (copy the whole step folder)")
+        meta = read_meta(path)
+        check_layout(meta, self.layout_dict())
+        earlier = [p.name for p in self.checkpoints.steps() if step_of(p) < meta["step"]]
+        fix = (f"resume from an earlier checkpoint instead (write one of {earlier[-3:]} into "
+               f"{self.checkpoints.root / 'latest'}), or restore the file from a copy" if earlier else
+               "restore the file from a copy; this run has no earlier checkpoint")
+        self.io.expect(path, meta["files"], fix)
         self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
-        extra = torch.load(path / f"rank_{self.rank:05d}.pt", weights_only=False)
+        extra = self.io.load(str(path / f"rank_{self.rank:05d}.pt"))
         self.step, self.tokens_seen = extra["step"], extra["tokens_seen"]
         self.ema.load_state_dict(extra["ema"])
-        _set_rng_state(extra["rng"])
+        seed = self.recipe.train.seed + 1_000_003 * self.step
+        note = _set_rng_state(extra["rng"], reseed=lambda: parallel.seed_parallel(seed))
+        if note:
+            self.notes.append(note)
         self.loader.load_state_dict(extra["loader"])
         self.batches = iter(self.loader)
         self.base_optimizer().skipped_total = extra["skipped_total"]
+        self._apply_recipe_settings()
+
+    def _apply_recipe_settings(self) -> None:
+        """The current recipe's optimizer hyperparameters, LR schedule and EMA decay over what a checkpoint restored
+        (DeepSpeed restores the saved param groups and the schedule's base learning rates)."""
+        o = self.recipe.optim
+        groups = self.base_optimizer().param_groups
+        for group in groups:
+            group.update(betas=o.betas, eps=o.eps, weight_decay=o.weight_decay if group["decay"] else 0.0)
+        scheduler = self.engine.lr_scheduler
+        scheduler.base_lrs = [o.lr] * len(groups)
+        lr = o.lr_at(scheduler.last_epoch, self.recipe.train.steps)
+        for group in groups:
+            group["lr"] = lr
+        scheduler._last_lr = [lr] * len(groups)
+        self.ema.decay = self.recipe.train.ema
 
     def base_optimizer(self):
         """The torch optimizer inside DeepSpeed's wrappers (it holds the AdamW state and the skip counters)."""
@@ -288,6 +350,8 @@ class Trainer:
         flops = training_flops_per_token(matmul_params=self.model_cfg.num_params(self.layout.tp),
                                          num_layers=self.model_cfg.n_blocks, hidden=self.model_cfg.hidden_size,
                                          seq_len=self.recipe.data.seq_len)
+        streak_start = None  # the first step of a run of skipped (non-finite) updates
+        stall = 0.0  # seconds the last save held training up
         while self.step < end:
             started, self.data_wait = time.perf_counter(), 0.0
             loss = self.train_step()
@@ -296,14 +360,15 @@ class Trainer:
             result.losses.append(loss)
             if opt.last_skipped:
                 result.skipped_steps += 1
+                streak_start = streak_start or self.step
                 if metrics:
                     metrics.message(f"step {self.step}: non-finite loss or gradient, update skipped "
-                                    f"({opt.skipped_in_a_row} in a row)")
+                                    f"({opt.skipped_in_a_row} in a row; no checkpoint is written until an update "
+                                    "succeeds)")
                 if opt.skipped_in_a_row >= tc.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"{opt.skipped_in_a_row} consecutive steps had non-finite losses or gradients (step "
-                        f"{self.step}); stopping. The last good checkpoint is kept in {self.checkpoints.root}: lower "
-                        f"optim.lr or check the data, then resume.")
+                    self._diverged(streak_start, opt.skipped_in_a_row)
+            else:
+                streak_start = None
             if metrics:
                 metrics.advance()
             if metrics and (self.step % tc.log_every == 0 or self.step == end):
@@ -311,7 +376,7 @@ class Trainer:
                 scalars = {"train/loss_per_token": loss, "train/lr": self.engine.get_lr()[0],
                            "train/tokens_per_s": tokens_per_s, "train/samples_per_s": self.layout.global_batch / elapsed,
                            "train/model_tflops_per_s": flops * tokens_per_s / 1e12 / self.layout.world_size,
-                           "train/skipped_steps": opt.skipped_total}
+                           "train/skipped_steps": opt.skipped_total, "train/checkpoint_stall_s": stall}
                 norm = self.engine.get_global_grad_norm()
                 if norm is not None:
                     scalars["train/grad_norm"] = float(norm)
@@ -332,13 +397,64 @@ class Trainer:
                     texts = self.samples(2, steps=tc.sample_steps)
                     if decode is not None:
                         metrics.text(self.step, "samples", "\n\n---\n\n".join(decode(t.tolist()) for t in texts))
-            if self.stop.any_rank(self.device):
-                self.save()
+            stop, writing, failed = self._status()
+            if self.saver.pending is not None and not writing:
+                self.saver.finish(failed)  # every rank is done: rank 0 commits (or all raise)
+            skipping = streak_start is not None
+            if stop:
+                self._stop_for_signal(skipping, metrics)
                 result.stopped_by_signal = True
                 return result
-            if self.step % tc.save_every == 0 or self.step == end:
-                self.save()
+            if not skipping and (self.step % tc.save_every == 0 or self.step == end):
+                stall = self.save(sync=self.step == end)
+        self.saver.wait()
+        self.saver.close()
         return result
+
+    def _status(self) -> tuple[bool, bool, bool]:
+        """(a pre-emption signal reached some rank, some rank is still writing a checkpoint, some rank's write
+        failed): one small all-reduce per step."""
+        flags = torch.tensor([float(self.stop.raised is not None), *self.saver.status()], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, writing, failed = (bool(v) for v in flags.tolist())
+        return stop, writing, failed
+
+    def _stop_for_signal(self, skipping: bool, metrics: Metrics | None) -> None:
+        """Pre-emption: write this step's checkpoint at once (nothing else), and say what was written how fast."""
+        signame = self.stop.raised or "a signal on another rank"
+        if skipping:
+            self.saver.wait()
+            line = (f"{signame} at step {self.step} during a run of skipped updates: no checkpoint written, "
+                    f"{self.checkpoints.latest()} stays latest")
+        else:
+            seconds = self.save(sync=True)
+            last = self.saver.last
+            line = (f"{signame} at step {self.step}: checkpoint {last['path']} written in {seconds:.1f} s "
+                    f"({last['bytes'] / 2**30:.2f} GiB from this rank); exiting")
+        self.saver.close()
+        if self.rank == 0:
+            (metrics.message if metrics else print)(line)
+
+    def _diverged(self, streak_start: int, skipped: int) -> None:
+        """Stop after too many skipped updates, pointing `latest` at a checkpoint from before the streak.
+
+        The checkpoint of the step just before the first skipped one holds the update that produced the
+        non-finite values (e.g. a learning rate far too large), so the newest trusted one is older still.
+        """
+        self.saver.wait()
+        self.saver.close()
+        name = [None]
+        if self.rank == 0:
+            good = self.checkpoints.roll_back(streak_start - 2)
+            name = [None if good is None else str(good)]
+        dist.broadcast_object_list(name, src=0)
+        where = (f"{self.checkpoints.root / 'latest'} now names {name[0]}, the newest checkpoint from before the "
+                 "streak (newer ones were renamed diverged-step_*)" if name[0] else
+                 f"no checkpoint older than step {streak_start - 1} is left in {self.checkpoints.root} "
+                 f"(latest is unchanged: {self.checkpoints.latest()}, which may hold the diverging update)")
+        raise FloatingPointError(
+            f"{skipped} consecutive steps had non-finite losses or gradients (steps {streak_start}-{self.step}); "
+            f"stopping. {where}. Lower optim.lr (a resume applies it) or check the data, then resume.")
 
 
 def setup_and_build(recipe: Recipe, **kwargs) -> Trainer:

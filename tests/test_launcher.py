@@ -196,3 +196,73 @@ def test_tool_runs_on_every_rank_with_its_own_arguments(sandbox):
                           (("--tool",), "needs a name")):
         p = run(sandbox, *args)
         assert p.returncode == 2 and message in p.stderr, (args, p.stderr)
+
+
+def _tiny_run(root: Path, steps: int = 100_000) -> str:
+    """A tiny recipe on tiny synthetic data inside the sandbox (a long run, to be stopped by a signal)."""
+    import numpy as np
+    import yaml
+
+    from sedd_scale.data.manifest import TokenizerInfo
+    from sedd_scale.data.prepare import write_sequences
+
+    rng = np.random.default_rng(0)
+    write_sequences(root / "data", {"train": rng.integers(0, 11, (256, 8)), "valid": rng.integers(0, 11, (8, 8))},
+                    TokenizerInfo("tiny", 11, 10), seqs_per_sample=8, seqs_per_shard=64)
+    recipe = {"model": {"hidden_size": 32, "n_heads": 4, "n_blocks": 2, "cond_dim": 16, "num_tokens": 11,
+                        "length": 8, "vocab_multiple": 1, "dropout": 0.0},
+              "data": {"manifests": [str(root / "data" / "manifest.json")], "tokenizer": None, "seq_len": 8,
+                       "num_workers": 0},
+              "parallel": {"micro_batch": 2, "global_batch": 4, "zero_stage": 0},
+              "train": {"steps": steps, "log_every": 1, "save_every": 100_000, "eval_every": 100_000,
+                        "eval_batches": 1, "eval_draws": 2, "sample_steps": 2},
+              "checkpoint": {"dir": str(root / "run")}}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    return str(root / "tiny.yaml")
+
+
+def _stop_when_training(proc: subprocess.Popen, root: Path, send) -> tuple[int, str, str]:
+    """Wait until a few steps are logged, call `send()`, and return (exit code, stdout, stderr)."""
+    import time
+
+    metrics = root / "run" / "tensorboard" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("train/loss_per_token") >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    send()
+    out, err = proc.communicate(timeout=240)
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+@pytest.mark.megatron
+@pytest.mark.parametrize("mode", ["torchrun", "slurm"])
+def test_sigterm_checkpoints_and_exits_143(sandbox, mode):
+    """A pre-emption signal to the launcher (torchrun) or to every task (slurm) ends in a checkpoint and 143."""
+    import signal
+
+    root, env, _ = sandbox
+    recipe = _tiny_run(root)
+    slurm = {**SLURM_ENV, "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost"}
+    proc = subprocess.Popen([str(root / "launcher.sh"), recipe, "--nproc", "2"], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**env, **(slurm if mode == "slurm" else {})})
+
+    def send():
+        if mode == "torchrun":
+            proc.send_signal(signal.SIGTERM)  # e.g. `kill`, or a scheduler that signals the job's main process
+        else:  # slurm signals the tasks of the step; here they are the stand-in srun's children
+            for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+                os.kill(int(pid), signal.SIGTERM)
+
+    code, out, err = _stop_when_training(proc, root, send)
+    assert code == 143, out + err
+    assert re.search(r"SIGTERM at step (\d+): checkpoint \S+step_\d+ written in [\d.]+ s", out + err), out + err
+    if mode == "torchrun":
+        assert "launcher: stopped by SIGTERM after the workers' checkpoint; exit 143" in err
+        assert "Traceback" not in err and "SignalException" not in err, err
+    step = int((root / "run" / "latest").read_text().removeprefix("step_"))
+    assert step >= 3 and (root / "run" / f"step_{step:09d}" / "meta.json").is_file()

@@ -132,23 +132,6 @@ def _set(trainer, p: nn.Parameter, key: str | None, value: Tensor) -> None:
         p.data.copy_(value)
 
 
-def _ema_whole(p: nn.Parameter, shadow: Tensor) -> Tensor:
-    """The whole (TP-local) EMA tensor of `p`; under ZeRO-3 the shadow is this rank's flat partition."""
-    if not _partitioned(p):
-        return shadow.detach().float().cpu().clone()
-    parts = [torch.empty_like(shadow) for _ in range(ps.get_data_parallel_world_size())]
-    dist.all_gather(parts, shadow.contiguous(), group=ps.get_data_parallel_group())
-    return torch.cat(parts)[: p.ds_numel].view(p.ds_shape).float().cpu()
-
-
-def _ema_local(p: nn.Parameter, whole: Tensor, like: Tensor) -> Tensor:
-    if not _partitioned(p):
-        return whole.to(like.device, torch.float32).reshape(like.shape).clone()
-    n, rank = like.numel(), ps.get_data_parallel_rank()
-    flat = F.pad(whole.flatten(), (0, n * ps.get_data_parallel_world_size() - whole.numel()))
-    return flat[rank * n:(rank + 1) * n].to(like.device, torch.float32).clone()
-
-
 def _optimizer_step(trainer) -> int:
     steps = {float(s["step"]) for s in trainer.base_optimizer().state.values() if "step" in s}
     if len(steps) > 1:
@@ -179,11 +162,12 @@ def gather(trainer) -> FullState | None:
     _ensure_moments(trainer)
     meta = counters(trainer)
     local: dict[str, dict[str, Tensor]] = {c: {} for c in CATEGORIES}
-    for (key, p), shadow in zip(local_keys(trainer), trainer.ema.shadow, strict=True):
+    ema = trainer.ema.whole_tensors()  # the EMA is sharded over DP: a collective
+    for (key, p), average in zip(local_keys(trainer), ema, strict=True):
         local["weights"][key] = _get(trainer, p, None)
         for m in MOMENTS:
             local[m][key] = _get(trainer, p, m)
-        local["ema"][key] = _ema_whole(p, shadow)
+        local["ema"][key] = average.view(_shape(p)).cpu().clone()
     if ps.get_data_parallel_rank() != 0:  # DP replicas hold the same whole tensors
         return None
     stage = {c: {k: gather_tp_tensor(v, kinds[k], cfg) for k, v in d.items()} for c, d in local.items()}
@@ -221,8 +205,7 @@ def load(trainer, tensors: Mapping[str, Mapping[str, Tensor]], meta: dict[str, A
         for i, (key, p) in enumerate(keys):
             weight = local("weights", key)
             _set(trainer, p, None, weight)
-            trainer.ema.shadow[i] = _ema_local(p, local("ema", key) if meta is not None else weight,
-                                               trainer.ema.shadow[i])
+            trainer.ema.set_whole(i, local("ema", key) if meta is not None else weight)
             if meta is not None:
                 for m in MOMENTS:
                     _set(trainer, p, m, local(m, key))

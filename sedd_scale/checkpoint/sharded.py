@@ -1,29 +1,37 @@
 """Our training checkpoint format: one directory per step, written atomically, `latest` written last.
 
     <root>/latest                   the name of the newest complete checkpoint (atomic replace)
-    <root>/step_000001000/meta.json format, step, layout, recipe, counters (written before the rename)
+    <root>/.lock                    held by the trainer writing the run (`run_lock.py`)
+    <root>/step_000001000/meta.json format, step, layout, recipe, counters, and every file's size and
+                                    sha256 (written last, before the rename)
     <root>/step_000001000/...       per-rank shards (DeepSpeed model/optimizer files, rank_XXXXX.pt)
 
-Every rank writes its shards into `<root>/.tmp-step_...`; after a barrier rank 0 adds meta.json and
-renames the folder into place, then points `latest` at it and prunes all but the last K. A crash at
-any moment leaves the previous checkpoint and pointer intact; leftover `.tmp-*` folders are
-incomplete by construction and removed by the next save.
+Every rank writes its files into `<root>/.tmp-step_...-<run id>` and, last, a list of what it wrote
+with sizes and sha256 (`.files/rank_XXXXX.json`). Once every rank has finished (the trainer learns
+it through a collective it makes anyway), rank 0 merges those lists into meta.json, renames the
+folder into place and points `latest` at it. A crash at any moment leaves the previous checkpoint
+and pointer intact; leftover `.tmp-*` folders are incomplete by construction and removed when the
+next trainer starts. Pruning old steps is rank 0's business alone, outside any collective.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-FORMAT = "sedd-scale/train-v1"
+FORMAT = "sedd-scale/train-v2"
+OLD_FORMATS = ("sedd-scale/train-v1",)
 LATEST = "latest"
+FILES_DIR = ".files"  # each rank's list of written files, merged into meta.json by the commit
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, or does not match the run loading it."""
+    """A checkpoint that is missing, incomplete, damaged, or does not match the run loading it."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -51,9 +59,24 @@ def staged_dir(path: Path) -> Iterator[Path]:
         raise
 
 
+def file_record(path: Path) -> dict:
+    """{"bytes", "sha256"} of a file, read in 8 MiB blocks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
 def step_name(step: int) -> str:
     """The folder name of the checkpoint taken after `step` optimizer steps."""
     return f"step_{step:09d}"
+
+
+def step_of(path: Path) -> int:
+    """The step of a step_* folder."""
+    return int(path.name.removeprefix("step_"))
 
 
 class CheckpointDir:
@@ -63,6 +86,10 @@ class CheckpointDir:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root, self.keep_last = Path(root), keep_last
+
+    def steps(self) -> list[Path]:
+        """The committed step folders, oldest first."""
+        return sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / "meta.json").is_file())
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None when the run has none yet."""
@@ -75,46 +102,71 @@ class CheckpointDir:
                                   f"point it at a complete step_* folder or delete it to start afresh")
         return path
 
-    def staging(self, step: int) -> Path:
-        """The temporary folder every rank writes its shards of `step` into."""
-        return self.root / f".tmp-{step_name(step)}"
+    def staging(self, step: int, run_id: str) -> Path:
+        """The temporary folder every rank writes its files of `step` into (unique to this run's attempt)."""
+        return self.root / f".tmp-{step_name(step)}-{run_id}"
 
-    def prepare(self, step: int) -> Path:
-        """Rank 0, before the shards are written: a fresh, empty staging folder (no stale files)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".tmp-step_*"):
-            shutil.rmtree(stale)
-        staging = self.staging(step)
-        staging.mkdir()
-        return staging
+    def clean_stale(self) -> list[Path]:
+        """Remove staging folders left by crashed saves (call while holding the run lock, before saving)."""
+        stale = sorted(self.root.glob(".tmp-*"))
+        for path in stale:
+            shutil.rmtree(path)
+        return stale
 
-    def commit(self, step: int, meta: dict) -> Path:
-        """Rank 0, after every rank wrote its shards: meta.json, rename into place, `latest`, prune."""
-        staging, final = self.staging(step), self.root / step_name(step)
-        atomic_write_text(staging / "meta.json", json.dumps({"format": FORMAT, "step": step, **meta}, indent=2))
+    def commit(self, staging: Path, step: int, meta: dict, world_size: int) -> Path:
+        """Rank 0, once every rank wrote its files: meta.json with every file's record, rename, `latest`."""
+        listed = sorted((staging / FILES_DIR).glob("rank_*.json"))
+        if len(listed) != world_size:
+            raise CheckpointError(f"checkpoint {staging} has file lists from {len(listed)} of {world_size} ranks: "
+                                  "a rank did not finish writing; the previous checkpoint stays latest")
+        files: dict[str, dict] = {}
+        for path in listed:
+            files.update(json.loads(path.read_text()))
+        shutil.rmtree(staging / FILES_DIR)
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):  # e.g. DeepSpeed's zero_to_fp32.py
+            rel = str(path.relative_to(staging))
+            if rel not in files:
+                files[rel] = file_record(path)
+        meta = {"format": FORMAT, "step": step, **meta, "bytes": sum(r["bytes"] for r in files.values()),
+                "files": dict(sorted(files.items()))}
+        atomic_write_text(staging / "meta.json", json.dumps(meta, indent=1))
+        final = self.root / step_name(step)
         if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave a gap
-            trash = self.root / f".tmp-old-{final.name}"
+            trash = self.root / f".tmp-old-{final.name}-{time.time_ns()}"
             os.rename(final, trash)
             os.rename(staging, final)
             shutil.rmtree(trash)
         else:
             os.rename(staging, final)
-        atomic_write_text(self.root / LATEST, final.name)
-        for old in sorted(self.root.glob("step_*"))[: -self.keep_last]:
-            shutil.rmtree(old)
+        self.point_latest(final)
         return final
 
-    def save(self, step: int, write_shards: Callable[[Path], None], meta: dict, *, rank: int = 0,
-             barrier: Callable[[], None] = lambda: None) -> Path:
-        """The whole protocol, called on every rank: prepare, write shards, commit (rank 0)."""
-        if rank == 0:
-            self.prepare(step)
-        barrier()
-        write_shards(self.staging(step))
-        barrier()
-        final = self.commit(step, meta) if rank == 0 else self.root / step_name(step)
-        barrier()
-        return final
+    def point_latest(self, step_dir: Path) -> None:
+        """Make `step_dir` the checkpoint a resume starts from."""
+        atomic_write_text(self.root / LATEST, step_dir.name)
+
+    def prune(self) -> list[Path]:
+        """Delete all but the newest `keep_last` step folders (never the one `latest` names); returns them."""
+        keep = self.latest()
+        old = [p for p in self.steps()[: -self.keep_last] if p != keep]
+        for path in old:  # renamed first, so a crash midway leaves a .tmp-* folder, never a half step folder
+            doomed = path.with_name(f".tmp-pruned-{path.name}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed)
+        return old
+
+    def roll_back(self, last_good_step: int) -> Path | None:
+        """Point `latest` at the newest checkpoint of a step <= `last_good_step`; newer ones are renamed
+        `diverged-step_*` (kept, never resumed). None (and nothing changed) when there is no such checkpoint."""
+        steps = self.steps()
+        good = [p for p in steps if step_of(p) <= last_good_step]
+        if not good:
+            return None
+        for path in steps:
+            if step_of(path) > last_good_step:
+                os.rename(path, path.with_name(f"diverged-{path.name}"))
+        self.point_latest(good[-1])
+        return good[-1]
 
 
 def read_meta(path: str | Path) -> dict:
@@ -122,7 +174,15 @@ def read_meta(path: str | Path) -> dict:
     meta_path = Path(path) / "meta.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{path} is not a sedd-scale training checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path} is damaged ({e}): resume from an earlier step_* folder (point "
+                              f"{Path(path).parent / LATEST} at it)") from None
+    if meta.get("format") in OLD_FORMATS:
+        raise CheckpointError(f"{meta_path}: format {meta['format']!r} was written by an older sedd-scale whose EMA "
+                              f"and data-loader state this version does not read ({FORMAT!r} expected): continue "
+                              "that run with the version that wrote it, or start a new run")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta

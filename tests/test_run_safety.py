@@ -1,0 +1,303 @@
+"""Run safety: a resume applies or refuses recipe changes key by key, a non-finite streak rolls `latest` back,
+the run directory is locked, nothing is overwritten without a flag, and bad input gets one clear line."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sedd_scale import run_dir
+from sedd_scale.checkpoint.run_lock import RunDirBusy, RunLock
+from sedd_scale.checkpoint.sharded import FORMAT, CheckpointDir, step_name
+from sedd_scale.config import Recipe, RecipeError, from_dict, load_recipe, to_dict
+from sedd_scale.metrics import Metrics
+from sedd_scale.recipe_changes import APPLIED, LAYOUT, REFUSED, ResumeRefused, flatten
+from tests.dist import launch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(data: Path, run: Path, **sections) -> dict:
+    """A recipe of a tiny model on `data` (11 tokens, length 8) writing to `run`."""
+    raw = {"model": {"hidden_size": 32, "n_heads": 4, "n_blocks": 2, "cond_dim": 16, "num_tokens": 11, "length": 8,
+                     "vocab_multiple": 1, "dropout": 0.0},
+           "data": {"manifests": [str(data / "manifest.json")], "tokenizer": None, "seq_len": 8, "num_workers": 0},
+           "optim": {"lr": 1e-2, "warmup": 1},
+           "parallel": {"micro_batch": 2, "global_batch": 4, "zero_stage": 0},
+           "train": {"steps": 3, "ema": 0.9, "save_every": 1, "eval_every": 1000, "log_every": 1, "keep_last": 3,
+                     "eval_batches": 1, "eval_draws": 2, "sample_steps": 2},
+           "checkpoint": {"dir": str(run)}}
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from sedd_scale.data.manifest import TokenizerInfo
+    from sedd_scale.data.prepare import write_sequences
+
+    out = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    write_sequences(out, {"train": rng.integers(0, 11, (256, 8)), "valid": rng.integers(0, 11, (8, 8))},
+                    TokenizerInfo("tiny", 11, 10), seqs_per_sample=8, seqs_per_shard=64)
+    return out
+
+
+def write_recipe(path: Path, raw: dict) -> str:
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def _main(argv: list[str]) -> tuple[int, str]:
+    """sedd_scale.train.main in this (spawned) process, with its output."""
+    from sedd_scale import train
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = train.main(argv)
+    return code, out.getvalue()
+
+
+def train_main(*argv: str) -> tuple[int, str]:
+    """One training run in a fresh process (a world of one)."""
+    return launch(_main, 1, list(argv), timeout=600)[0]
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- recipe changes on resume ---------------------------------------------------------------------
+def test_every_recipe_key_is_classified():
+    """A new recipe key must say whether a resume may change it (recipe_changes.py)."""
+    keys = set(flatten(to_dict(from_dict(Recipe, tiny_recipe(Path("d"), Path("r"))))))
+    tables = set(APPLIED) | set(REFUSED) | set(LAYOUT)
+    assert keys - tables == set(), f"unclassified recipe keys: {sorted(keys - tables)}"
+    assert not (set(APPLIED) & set(REFUSED)) and tables - keys == set(), sorted(tables - keys)
+
+
+def fake_checkpoint(run: Path, raw: dict, step: int = 3, layout: dict | None = None) -> None:
+    """A run directory whose latest checkpoint was written by `raw` (only meta.json: what the pre-flight reads)."""
+    folder = run / step_name(step)
+    folder.mkdir(parents=True)
+    meta = {"format": FORMAT, "step": step, "recipe": to_dict(from_dict(Recipe, raw)), "files": {},
+            "layout": layout or {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (run / "latest").write_text(folder.name)
+
+
+def test_resume_applies_optimizer_changes_and_refuses_what_changes_the_run(tmp_path):
+    raw = tiny_recipe(tmp_path / "d", tmp_path / "run")
+    fake_checkpoint(tmp_path / "run", raw)
+    changed = tiny_recipe(tmp_path / "d", tmp_path / "run", optim={"lr": 3e-5, "schedule": "cosine"},
+                          train={"steps": 10, "ema": 0.99}, parallel={"micro_batch": 1})
+    applied = run_dir.plan(from_dict(Recipe, changed), 1).changes
+    assert [c.describe() for c in applied] == [
+        "optim.lr: saved 0.01, now 3e-05", "optim.schedule: saved 'constant', now 'cosine'",
+        "parallel.micro_batch: saved 2, now 1", "train.ema: saved 0.9, now 0.99", "train.steps: saved 3, now 10"]
+    bad = tiny_recipe(tmp_path / "d", tmp_path / "run", model={"hidden_size": 64}, diffusion={"noise": "geometric"},
+                      train={"seed": 1}, optim={"lr": 1e-3})
+    with pytest.raises(ResumeRefused) as e:
+        run_dir.plan(from_dict(Recipe, bad), 1)
+    message = str(e.value)
+    for line in ("model.hidden_size: saved 32, now 64 (changes the model)",
+                 "diffusion.noise: saved 'loglinear', now 'geometric' (changes the noise process)",
+                 "train.seed: saved 0, now 1 (changes the data stream and the noise of every step)",
+                 "a new checkpoint.dir", "convert_checkpoint.py shard WEIGHTS NEW_DIR --recipe"):
+        assert line in message, message
+    assert "optim.lr" not in message  # an applicable change is not listed among the refused ones
+    with pytest.raises(ResumeRefused, match=r"(?s)layout dp: saved 1, now 2.*reshard .* --dp 2"):
+        run_dir.plan(from_dict(Recipe, tiny_recipe(tmp_path / "d", tmp_path / "run")), 2)
+    with pytest.raises(ResumeRefused, match=r"(?s)model.precision: saved .fp32., now .bf16..*reshard"):
+        run_dir.plan(from_dict(Recipe, tiny_recipe(tmp_path / "d", tmp_path / "run", model={"precision": "bf16"})), 1)
+
+
+def test_train_refuses_a_changed_model_before_any_process_group(tmp_path, capsys):
+    import torch.distributed as dist
+
+    from sedd_scale import train
+
+    raw = tiny_recipe(tmp_path / "d", tmp_path / "run")
+    fake_checkpoint(tmp_path / "run", raw)
+    code = train.main([write_recipe(tmp_path / "r.yaml", raw), "--set", "model.n_blocks=4"])
+    assert code == 2 and "model.n_blocks: saved 2, now 4" in capsys.readouterr().err
+    assert not dist.is_initialized()
+    assert (tmp_path / "run" / "step_000000003" / "meta.json").is_file()  # nothing touched
+
+
+def test_resume_false_in_a_used_directory_is_refused_unless_starting_over(tmp_path):
+    raw = tiny_recipe(tmp_path / "d", tmp_path / "run", checkpoint={"resume": False})
+    fake_checkpoint(tmp_path / "run", raw)
+    with pytest.raises(RecipeError, match="holds checkpoints of a run.*checkpoint.start_over=true"):
+        run_dir.plan(from_dict(Recipe, raw), 1)
+    assert (tmp_path / "run" / "latest").is_file()
+    over = tiny_recipe(tmp_path / "d", tmp_path / "run", checkpoint={"resume": False, "start_over": True})
+    assert run_dir.plan(from_dict(Recipe, over), 1).start_over
+    assert [p.name for p in run_dir.start_over(tmp_path / "run")] == ["step_000000003"]
+    assert not (tmp_path / "run" / "latest").exists()
+    with pytest.raises(RecipeError, match="start_over=true discards the run's checkpoints: it needs resume=false"):
+        from_dict(Recipe, tiny_recipe(tmp_path / "d", tmp_path / "run", checkpoint={"start_over": True}))
+
+
+# --- the run lock -----------------------------------------------------------------------------------
+HOLD = """
+import sys, time
+from sedd_scale.checkpoint.run_lock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_busy_run_directory_is_refused_naming_the_holder_and_a_dead_holder_does_not_block(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusy, match=rf"in use by host \S+ pid {holder.pid} .*another checkpoint.dir"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == holder.pid  # the dead holder's record stays
+    with RunLock(tmp_path) as lock:  # ... and does not block
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        with pytest.raises(RunDirBusy):
+            RunLock(tmp_path).acquire()  # another open file description in the same process is refused too
+    RunLock(tmp_path).acquire().release()
+
+
+# --- metrics across a resume ----------------------------------------------------------------------
+def test_metrics_jsonl_drops_replayed_steps(tmp_path):
+    m = Metrics(tmp_path, total_steps=10)
+    for step in range(1, 7):
+        m.scalars(step, {"train/loss_per_token": float(step)})
+    m.close()
+    m = Metrics(tmp_path, total_steps=10, start_step=4)  # resumed from the checkpoint of step 4
+    for step in (5, 6):
+        m.scalars(step, {"train/loss_per_token": 10.0 + step})
+    m.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["train/loss_per_token"]) for r in lines if "train/loss_per_token" in r]
+    assert losses == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 15.0), (6, 16.0)]
+    assert {"step": 4, "event": "resumed", "dropped_records": 2} in lines
+
+
+# --- recipe parsing -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, message", [
+    ("optim:\n  lr: 1e-3\n  lr: 2e-3\n", "line 3, column 3: found the key 'lr' twice (first on line 2)"),
+    ("optim: {lr: 1e-3\n", "r.yaml, line 2, column 1"),
+    ("model: {}\ndata: {manifests: [a]}\noptim: {lr: .inf}\n", "optim.lr: expected a finite number, got inf"),
+    ("model: {}\ndata: {manifests: [a]}\noptim: {lr: .nan}\n", "optim.lr: expected a finite number, got nan"),
+])
+def test_recipe_syntax_errors_duplicates_and_non_finite_numbers_name_the_place(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=str(path)) as e:
+        load_recipe(path)
+    assert message in str(e.value), str(e.value)
+
+
+def test_a_non_utf8_recipe_is_named(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"model: {name: \xff}\n")
+    with pytest.raises(RecipeError, match=f"{path} is not UTF-8 text"):
+        load_recipe(path)
+
+
+def test_a_missing_manifest_is_refused_before_any_process_group(tmp_path, capsys):
+    import torch.distributed as dist
+
+    from sedd_scale import train
+
+    code = train.main([write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "nowhere", tmp_path / "run"))])
+    assert code == 2 and "does not exist: prepare it with tools/prepare_data.py" in capsys.readouterr().err
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()
+
+
+# --- end to end: divergence, rollback, a lower learning rate ---------------------------------------
+@pytest.mark.slow
+@pytest.mark.megatron
+def test_a_diverged_run_points_latest_before_the_streak_and_a_lower_lr_resumes_cleanly(tmp_path, data):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(data, run))
+    code, out = train_main(recipe)
+    assert code == 0, out
+    assert [p.name for p in CheckpointDir(run).steps()] == [step_name(s) for s in (1, 2, 3)]
+
+    # lr 1e30 from the resumed run: step 4's update is finite but absurd, steps 5 and 6 are non-finite.
+    code, out = train_main(recipe, "--set", "optim.lr=1e30", "optim.warmup=0", "train.steps=20",
+                           "train.max_nonfinite_steps=2")
+    assert code == 1, out
+    assert "applied from the current recipe: optim.lr: saved 0.01, now 1e+30" in out, out
+    assert "2 consecutive steps had non-finite losses or gradients (steps 5-6)" in out, out
+    assert f"now names {run / 'step_000000003'}, the newest checkpoint from before the streak" in out, out
+    assert CheckpointDir(run).latest().name == "step_000000003"
+    assert (run / "diverged-step_000000004").is_dir()  # kept for inspection, never resumed
+    assert not (run / "step_000000005").exists() and not (run / "step_000000006").exists()  # none while skipping
+
+    code, out = train_main(recipe, "--set", "optim.lr=1e-3", "train.steps=6")
+    assert code == 0, out
+    assert "resumed from step 3" in out and "optim.lr: saved 0.01, now 0.001" in out, out
+    logged = [r for r in records(run) if "train/loss_per_token" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6], logged  # replayed steps are not duplicated
+    assert all(r["train/skipped_steps"] == 0 for r in logged), logged
+    assert [r["train/lr"] for r in logged[3:]] == [1e-3] * 3, logged  # the new lr, not the saved one
+    assert CheckpointDir(run).latest().name == "step_000000006"
+
+
+def _write_fails(recipe_path: str) -> dict:
+    """Train 2 steps, then make every file write fail (a file-size limit, as a full disk does)."""
+    import resource
+    import signal
+
+    from sedd_scale import engine
+    from sedd_scale.checkpoint.sharded import CheckpointError
+    from sedd_scale.config import load_recipe
+    from sedd_scale.data.loader import LoaderConfig, TokenLoader
+    from sedd_scale.trainer import Trainer
+
+    recipe = load_recipe(recipe_path)
+    layout, topology = engine.setup(recipe)
+    loader = TokenLoader(LoaderConfig(list(recipe.data.manifests), 8, layout.micro_batch, global_batch=4))
+    trainer = Trainer(recipe, layout, topology, loader=loader)
+    trainer.fit(max_steps=2)
+    out = {"latest": trainer.checkpoints.latest().name}
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    for mode in ("sync", "async"):
+        try:
+            trainer.fit(max_steps=1) if mode == "async" else trainer.save(sync=True)
+            out[mode] = "no error"
+        except CheckpointError as e:
+            out[mode] = str(e)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    out["left"] = sorted(p.name for p in Path(recipe.checkpoint.dir).iterdir())
+    resumed = Trainer(recipe, layout, topology, loader=TokenLoader(
+        LoaderConfig(list(recipe.data.manifests), 8, layout.micro_batch, global_batch=4)))
+    out["resumed"] = (resumed.resume(), resumed.step)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.megatron
+def test_a_failed_checkpoint_write_is_named_cleaned_up_and_the_previous_one_resumes(tmp_path, data):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(data, run, train={"steps": 10, "save_every": 1}))
+    out = launch(_write_fails, 1, recipe, timeout=600)[0]
+    assert out["latest"] == "step_000000002"
+    for mode in ("sync", "async"):  # the async write fails in its thread and is raised at the next step
+        assert "could not write checkpoint file" in out[mode] and "GiB free" in out[mode], out
+        assert "the previous checkpoint stays `latest`" in out[mode], out
+    assert not [name for name in out["left"] if name.startswith(".tmp-")], out["left"]  # staging removed
+    assert out["resumed"] == (True, 2), out
