@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sedd_scale.data.tokenizer import TOKENIZERS
+from sedd_scale.data.tokenizer import TOKENIZERS, tokenizer_vocab_size
 from sedd_scale.model.config import ModelConfig
 
 
@@ -261,15 +261,22 @@ class DataConfig:
     weights: list[float] | None = None  # blend weights, one per manifest (None: by sequence count)
     valid: str | None = None  # manifest whose valid split is evaluated (None: the first manifest)
     prepare: str | None = None  # built-in corpus (ptb, bible, wiki) prepared into manifests[0] when missing
-    # The tokenizer the data was (or is to be) prepared with; null for data written some other way,
-    # which the loader then checks against model.num_tokens through its manifest alone.
-    tokenizer: Literal["gpt2", "byte"] | None = "gpt2"
+    # The tokenizer the data was (or is to be) prepared with: gpt2, byte or the path of a Hugging Face
+    # tokenizer.json; null for data written some other way, which the loader then checks against
+    # model.num_tokens through its manifest alone.
+    tokenizer: str | None = "gpt2"
     seq_len: int = 1024
     num_workers: int = 2
+    skip_corrupt: bool = False  # leave out shards that are missing or of the wrong size at start (listed, counted)
+    cache_dir: str | None = None  # where shards given as URLs are fetched to (None: $SEDD_CACHE/shards)
 
     def __post_init__(self):
         if not self.manifests:
             raise ValueError("manifests needs at least one manifest.json path")
+        if self.tokenizer is not None and self.tokenizer not in TOKENIZERS and not self.tokenizer.endswith(".json"):
+            raise ValueError(f"unknown tokenizer (data.tokenizer: {self.tokenizer!r} is not one of "
+                             f"{list(TOKENIZERS)} nor a path ending in .json): name a built-in tokenizer or the "
+                             "path of a Hugging Face tokenizer.json")
         if self.weights is not None:
             if len(self.weights) != len(self.manifests):
                 raise ValueError(f"weights has {len(self.weights)} entries for {len(self.manifests)} manifests")
@@ -437,7 +444,7 @@ class Recipe:
         if m.length != self.data.seq_len:
             raise ValueError(f"model.length={m.length} differs from data.seq_len={self.data.seq_len}: set both "
                              "to the sequence length the data was prepared with")
-        vocab = TOKENIZERS[self.data.tokenizer].vocab_size if self.data.tokenizer else m.num_tokens
+        vocab = tokenizer_vocab_size(self.data.tokenizer) if self.data.tokenizer else m.num_tokens
         if m.num_tokens != vocab:
             raise ValueError(f"model.num_tokens={m.num_tokens} does not match data.tokenizer "
                              f"'{self.data.tokenizer}' ({vocab} tokens): set model.num_tokens: {vocab}")

@@ -1,22 +1,23 @@
-"""Checkpoint conversions (the library behind tools/convert_checkpoint.py); each one verifies itself.
+"""Checkpoint conversions (the library behind tools/convert_checkpoint.py), in one process; each verifies itself.
 
-* consolidate: a training checkpoint (any TP/PP/DP/ZeRO) -> a consolidated directory (EMA or raw
-  weights; optionally the whole training state). Runs the saved layout's ranks, loads the
-  checkpoint through DeepSpeed, gathers every tensor whole (`checkpoint.full_state`).
-* shard: a consolidated directory -> a training checkpoint under a new layout. With the training
-  state it resumes exactly; with weights only it starts training from them (step 0).
-* reshard: consolidate (with training state) into a temporary directory, then shard.
-* to_hub / from_hub: consolidated <-> the reference's hub format (a renaming; one process).
+* consolidate: a training checkpoint (any TP/PP/DP/ZeRO, any world size) -> a consolidated directory
+  (EMA or raw weights; optionally the whole training state), read from the checkpoint's files
+  directly (`checkpoint.offline`): no process groups, no engines, memory about the state produced.
+* reshard: a training checkpoint -> a run directory whose step holds the whole training state
+  layout-free (a consolidated directory with training state, `sharded.ANY_LAYOUT`): a run under any
+  TP/PP/DP/ZeRO layout resumes it exactly, each rank reading only its slices of it.
+* shard: a consolidated directory -> such a run directory (exact with training state; weights only
+  start training from them at step 0, e.g. fine-tuning a hub model with --recipe).
+* to_hub / from_hub: consolidated <-> the reference's hub format (a renaming).
 
-Sharded work runs as local CPU processes joined by gloo (`sedd_scale.spawn`), so a conversion
-needs no GPUs and no launcher. Outputs are written to a temporary name, reread and compared with
-what was meant, and only then renamed into place; an existing output is never touched.
+Outputs are written to a temporary name, reread and compared with what was meant, and only then
+renamed into place; an existing output is never touched.
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
+import shutil
 import tempfile
 from dataclasses import fields
 from pathlib import Path
@@ -26,7 +27,9 @@ import torch
 
 from sedd_scale.checkpoint import consolidated as cons
 from sedd_scale.checkpoint import hub
-from sedd_scale.checkpoint.sharded import CheckpointDir, CheckpointError, read_meta, staged_dir
+from sedd_scale.checkpoint.checksums import file_record
+from sedd_scale.checkpoint.sharded import (ANY_LAYOUT, FORMAT, LATEST, CheckpointDir, atomic_write_text, read_meta,
+                                           staged_dir, step_name)
 from sedd_scale.config import Recipe, RecipeError, apply_overrides, from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
 
@@ -72,7 +75,9 @@ def find_step(path: str | Path) -> Path:
 
 
 def check_complete(step: Path, meta: dict) -> None:
-    """Refuse a checkpoint with a rank's files missing, before any process starts."""
+    """Refuse a checkpoint with a rank's files missing, before any work (every file read is verified too)."""
+    if meta["layout"] == ANY_LAYOUT:
+        return
     world = int(meta["world_size"])
     missing = [f"rank_{r:05d}.pt" for r in range(world) if not (step / f"rank_{r:05d}.pt").is_file()]
     ds = step / "deepspeed"
@@ -90,25 +95,6 @@ def _check_output(out: Path) -> None:
         raise ConversionError(f"output's parent {out.parent} does not exist")
 
 
-def _threads(world: int) -> int:
-    return max(1, (os.cpu_count() or 1) // world)
-
-
-def _launch(fn, world: int, *args) -> list:
-    from sedd_scale.spawn import launch
-
-    # Conversion runs on CPU (gloo) on whatever node it is started: the workers inherit hidden GPUs.
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    try:
-        return launch(fn, world, *args, timeout=24 * 3600.0, group_timeout_s=3600.0, threads=_threads(world))
-    finally:
-        if saved is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
-
-
 def build_trainer(recipe_data: dict, loader_state: dict | None = None, checkpoint_dir: str | None = None):
     """Process groups (from the launch environment) and a Trainer without data for `recipe_data`
     (checkpoints written to `checkpoint_dir`, default the recipe's)."""
@@ -122,53 +108,43 @@ def build_trainer(recipe_data: dict, loader_state: dict | None = None, checkpoin
 
 # ---------------------------------------------------------------------------------------------
 # consolidate
-def _consolidate_rank(step: str, saved_recipe: dict, out: str, which: str, training: bool) -> dict | None:
-    from sedd_scale import parallel
-    from sedd_scale.checkpoint import full_state
-
-    trainer = build_trainer({**saved_recipe, "checkpoint": {"dir": str(Path(step).parent), "resume": False}})
-    trainer.load(Path(step))
-    state = full_state.gather(trainer)
-    parallel.destroy_parallel()
-    if state is None:
-        return None
-    recipe = trainer.recipe
-    weights = state.tensors["ema" if which == "ema" else "weights"]
-    provenance = {"source": str(step), "step": state.counters["step"], "tokens_seen": state.counters["tokens_seen"],
-                  "layout": state.counters["layout"], "recipe": saved_recipe}
-    cons.write(out, recipe.model, recipe.diffusion.noise_spec(), weights, which=which, provenance=provenance,
-               training=(state.tensors, state.counters) if training else None)
-    return {"step": state.counters["step"], "tensors": len(weights),
-            "parameters": sum(t.numel() for t in weights.values())}
-
-
 def consolidate(checkpoint: str | Path, out: str | Path, *, weights: str = "ema", training_state: bool = False) -> dict:
     """A training checkpoint (run dir or step folder) -> a consolidated directory; returns a summary."""
+    from sedd_scale.checkpoint import offline
+
     if weights not in ("ema", "raw"):
         raise ConversionError(f"weights must be 'ema' or 'raw', got {weights!r}")
     step, out = find_step(checkpoint), Path(out)
     meta = read_meta(step)
     check_complete(step, meta)
     _check_output(out)
-    summary = _launch(_consolidate_rank, int(meta["world_size"]), str(step), meta["recipe"], str(out), weights,
-                      training_state)[0]
-    return {**summary, "layout": meta["layout"], "out": str(out)}
+    which = "ema" if weights == "ema" else "weights"
+    state = offline.read_state(step, cons.TRAINING_CATEGORIES if training_state else (which,))
+    recipe = from_dict(Recipe, meta["recipe"])
+    c = state.counters
+    provenance = {"source": str(step), "step": c["step"], "tokens_seen": c["tokens_seen"], "layout": c["layout"],
+                  "recipe": meta["recipe"]}
+    tensors = state.tensors[which]
+    cons.write(out, recipe.model, recipe.diffusion.noise_spec(), tensors, which=weights, provenance=provenance,
+               training=(state.tensors, c) if training_state else None)
+    return {"step": c["step"], "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
+            "layout": meta["layout"], "out": str(out)}
 
 
 # ---------------------------------------------------------------------------------------------
 # shard
-def target_recipe(source: cons.Consolidated, *, recipe: str | Path | None, tp: int, pp: int, dp: int,
-                  zero_stage: int | None, micro_batch: int | None, overrides: list[str] = ()) -> dict:
-    """The recipe (as data) the new checkpoint is written under: the saved one (or `recipe`) with the new
-    layout, checked (model, layout) before any work."""
+def target_recipe(model: ModelConfig, saved: dict | None, *, recipe: str | Path | None, tp: int, pp: int, dp: int,
+                  zero_stage: int | None, micro_batch: int | None, overrides: list[str] = (), where: str = "") -> dict:
+    """The recipe (as data) the new checkpoint is written under: `saved` (or the file `recipe`) with the new layout,
+    checked against `model` (the checkpoint's) and the layout before any work."""
     if recipe is not None:
         from sedd_scale.config import parse_yaml
 
         data = parse_yaml(Path(recipe).read_text(encoding="utf-8"), str(recipe))
-    elif "recipe" in source.config:
-        data = copy.deepcopy(source.config["recipe"])
+    elif saved is not None:
+        data = copy.deepcopy(saved)
     else:
-        raise ConversionError(f"{source.path} carries no training recipe (e.g. it came from the hub format): "
+        raise ConversionError(f"{where} carries no training recipe (e.g. it came from the hub format): "
                               "pass --recipe RECIPE.yaml for the optimizer, data and schedule settings")
     parallel = dict(data.get("parallel") or {})
     parallel.update(tp=tp, pp=pp)
@@ -183,80 +159,70 @@ def target_recipe(source: cons.Consolidated, *, recipe: str | Path | None, tp: i
         parsed.layout(tp * pp * dp)
     except RecipeError as e:
         raise ConversionError(f"layout TP {tp} x PP {pp} x DP {dp}: {e}") from None
-    saved, wanted = source.model, parsed.model
-    differ = {f: (getattr(saved, f), getattr(wanted, f)) for f in ARCHITECTURE if getattr(saved, f) != getattr(wanted, f)}
+    differ = {f: (getattr(model, f), getattr(parsed.model, f)) for f in ARCHITECTURE
+              if getattr(model, f) != getattr(parsed.model, f)}
     if differ:
         raise ConversionError(f"the checkpoint does not match the recipe's model (checkpoint, recipe): {differ}")
     return data
 
 
-def _shard_rank(source: str, recipe_data: dict, staging: str) -> dict | None:
-    from sedd_scale import parallel
-    from sedd_scale.checkpoint import full_state
-
-    ckpt = cons.open_consolidated(source)
-    exact = ckpt.has_training_state
-    tensors = ckpt.training_tensors() if exact else {"weights": ckpt.weights()}
-    meta = ckpt.counters() if exact else None
-    # A fresh start (weights only) must come out with the EMA equal to the weights and no carried counters.
-    expected = full_state.FullState(dict(tensors) if exact else {**tensors, "ema": tensors["weights"]}, meta or {})
-    categories = full_state.CATEGORIES if exact else ("weights", "ema")
-
-    def build():
-        # The recipe names the final run directory; the shards go to the staging one renamed into place later.
-        return build_trainer(recipe_data, meta["loader"] if meta else None, checkpoint_dir=staging)
-
-    def verify(trainer, what: str) -> None:
-        import torch.distributed as dist
-
-        state = full_state.gather(trainer)
-        verdict = [[] if state is None else
-                   full_state.differences(state, expected, categories=categories, counters=exact)]
-        dist.broadcast_object_list(verdict, src=0)  # every rank stops together, nothing half-written stays
-        if verdict[0]:
-            raise CheckpointError(f"{what}: the converted state differs from the source:\n  " +
-                                  "\n  ".join(verdict[0][:20]))
-
-    trainer = build()
-    full_state.load(trainer, tensors, meta)
-    verify(trainer, "after loading into the new layout")
-    trainer.save(sync=True)
-    written = trainer.saver.last["path"]
-    parallel.destroy_parallel()
-    trainer = build()
-    trainer.load(written)  # a fresh engine reads what was written
-    verify(trainer, f"after rereading {written}")
-    summary = {"step": trainer.step, "layout": trainer.layout_dict(), "checkpoint": written.name}
-    parallel.destroy_parallel()
-    return summary
+def _write_run(out: Path, step: int, recipe_data: dict, write_state) -> Path:
+    """A run directory `out` whose one step, `step`, holds a layout-free state written by `write_state(folder)`."""
+    recipe_data = {**recipe_data, "checkpoint": {**recipe_data.get("checkpoint", {}), "dir": str(out)}}
+    with staged_dir(out) as staging:
+        folder = staging / step_name(step)
+        folder.mkdir()
+        write_state(folder / "state")
+        files = {str(p.relative_to(folder)): file_record(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+        meta = {"format": FORMAT, "step": step, "layout": ANY_LAYOUT, "recipe": recipe_data, "world_size": None,
+                "bytes": sum(r["bytes"] for r in files.values()), "files": files}
+        atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
+        atomic_write_text(staging / LATEST, folder.name)
+    return out / step_name(step)
 
 
 def shard(source: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dp: int = 1,
           zero_stage: int | None = None, micro_batch: int | None = None, recipe: str | Path | None = None,
           overrides: list[str] = ()) -> dict:
-    """A consolidated directory -> a training checkpoint run directory `out` under TP x PP x DP."""
+    """A consolidated directory -> a run directory `out` that a run under TP x PP x DP (or any layout) resumes."""
     out = Path(out)
     _check_output(out)
     ckpt = cons.open_consolidated(source)
-    recipe_data = target_recipe(ckpt, recipe=recipe, tp=tp, pp=pp, dp=dp, zero_stage=zero_stage,
-                                micro_batch=micro_batch, overrides=overrides)
-    recipe_data["checkpoint"] = {**recipe_data.get("checkpoint", {}), "dir": str(out)}
-    with staged_dir(out) as staging:
-        summary = _launch(_shard_rank, tp * pp * dp, str(ckpt.path), recipe_data, str(staging))[0]
-    return {**summary, "checkpoint": str(out / summary["checkpoint"]), "exact": ckpt.has_training_state,
-            "out": str(out)}
+    recipe_data = target_recipe(ckpt.model, ckpt.config.get("recipe"), recipe=recipe, tp=tp, pp=pp, dp=dp,
+                                zero_stage=zero_stage, micro_batch=micro_batch, overrides=overrides, where=str(source))
+    exact = ckpt.has_training_state
+    step = ckpt.counters()["step"] if exact else 0
+    return _summary(_write_run(out, step, recipe_data, lambda folder: shutil.copytree(ckpt.path, folder)), exact,
+                    tp, pp, dp)
+
+
+def _summary(written: Path, exact: bool, tp: int, pp: int, dp: int) -> dict:
+    recipe = read_meta(written)["recipe"]
+    return {"step": read_meta(written)["step"], "exact": exact, "checkpoint": str(written), "out": str(written.parent),
+            "layout": {"tp": tp, "pp": pp, "dp": dp, "zero_stage": recipe["parallel"]["zero_stage"]}}
 
 
 def reshard(checkpoint: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dp: int = 1,
             zero_stage: int | None = None, micro_batch: int | None = None, overrides: list[str] = ()) -> dict:
-    """A training checkpoint -> the same training state under another layout (through a temporary consolidated dir)."""
-    out = Path(out)
+    """A training checkpoint -> the same training state, layout-free, for a run under TP x PP x DP."""
+    from sedd_scale.checkpoint import offline
+
+    step, out = find_step(checkpoint), Path(out)
+    meta = read_meta(step)
+    check_complete(step, meta)
     _check_output(out)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.consolidated-") as tmp:
-        full = Path(tmp) / "full"
-        consolidate(checkpoint, full, weights="raw", training_state=True)
-        return shard(full, out, tp=tp, pp=pp, dp=dp, zero_stage=zero_stage, micro_batch=micro_batch,
-                     overrides=overrides)
+    saved = from_dict(Recipe, meta["recipe"])
+    recipe_data = target_recipe(saved.model, meta["recipe"], recipe=None, tp=tp, pp=pp, dp=dp, zero_stage=zero_stage,
+                                micro_batch=micro_batch, overrides=overrides, where=str(step))
+    state = offline.read_state(step)
+    provenance = {"source": str(step), "step": meta["step"], "tokens_seen": meta["tokens_seen"],
+                  "layout": meta["layout"], "recipe": meta["recipe"]}
+
+    def write(folder: Path) -> None:
+        cons.write(folder, saved.model, saved.diffusion.noise_spec(), state.tensors["weights"], which="raw",
+                   provenance=provenance, training=(state.tensors, state.counters))
+
+    return _summary(_write_run(out, meta["step"], recipe_data, write), True, tp, pp, dp)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ APPLIED: dict[str, str] = {
     "data.num_workers": "throughput only (the stream does not depend on the worker count)",
     "data.valid": "validation data only",
     "data.prepare": "used only when the data is missing",
+    "data.cache_dir": "where shards given as URLs are cached (their content is checked)",
     "model.activation_checkpointing": "memory/compute trade-off only (the same arithmetic)",
     "model.dropout": "regularisation",
     "model.attention_dropout": "regularisation",
@@ -52,7 +53,7 @@ REFUSED: dict[str, str] = {
     **{f"diffusion.{k}": "the noise process" for k in ("noise", "noise_eps", "sigma_min", "sigma_max",
                                                        "sampling_eps", "stratified")},
     "data.tokenizer": "the tokenizer",
-    **{f"data.{k}": "the data stream" for k in ("manifests", "weights", "seq_len")},
+    **{f"data.{k}": "the data stream" for k in ("manifests", "weights", "seq_len", "skip_corrupt")},
     "parallel.global_batch": "the data stream (step j reads global sequences [j*G, (j+1)*G))",
     "train.seed": "the data stream and the noise of every step",
 }
@@ -104,7 +105,8 @@ def check_resume(saved: dict, current: dict, saved_layout: dict, layout: dict, *
     applied = [c for c in found if c.key in APPLIED]
     lines = [f"  {c.describe()} (changes {REFUSED.get(c.key, 'an unclassified setting')})"
              for c in found if c.key not in APPLIED]
-    moved = {k: (saved_layout.get(k), v) for k, v in layout.items() if saved_layout.get(k) != v}
+    moved = {} if saved_layout == "any" else {k: (saved_layout.get(k), v) for k, v in layout.items()
+                                               if saved_layout.get(k) != v}  # "any": a resharded state
     lines += [f"  layout {k}: saved {a}, now {b}" for k, (a, b) in moved.items()]
     if not lines:
         return applied

@@ -18,6 +18,7 @@ from sedd_scale.checkpoint.sharded import CheckpointError
 from sedd_scale.config import RecipeError, add_recipe_args, load_recipe, overrides_from_args
 from sedd_scale.data.manifest import ManifestError
 from sedd_scale.data.shards import ShardError
+from sedd_scale.data.urlcache import UrlError
 from sedd_scale.recipe_changes import ResumeRefused
 from sedd_scale import run_dir
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with take_run_dir(recipe, start):
             result = run(recipe, layout, topology, start)
-    except (RunDirBusy, ManifestError, ShardError) as e:  # bad input found once the processes exist
+    except (RunDirBusy, ManifestError, ShardError, UrlError) as e:  # bad input found once the processes exist
         print(f"error: {e}", file=sys.stderr)
         dist.destroy_process_group()
         return 2
@@ -133,22 +134,39 @@ def run(recipe, layout, topology, start: run_dir.Plan | None = None):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader
+    from sedd_scale.data.checked import check_split
+    from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader, check_sources
     from sedd_scale.data.tokenizer import get_tokenizer
     from sedd_scale.metrics import Metrics
     from sedd_scale.trainer import Trainer
 
     prepare_missing_data(recipe)
     d, dp_rank = recipe.data, ps.get_data_parallel_rank()
-    loader = TokenLoader(LoaderConfig(manifests=list(d.manifests), seq_len=d.seq_len, micro_batch=layout.micro_batch,
-                                      weights=d.weights, seed=recipe.train.seed, num_workers=d.num_workers,
-                                      global_batch=layout.global_batch),
-                         dp_rank, layout.dp)
-    loader.check_compatible(recipe.model.num_tokens, d.seq_len)
-    evaluation = EvalLoader(d.valid or d.manifests[0], "valid", layout.micro_batch, dp_rank, layout.dp)
-    evaluation.check_compatible(recipe.model.num_tokens, d.seq_len)
+    config = LoaderConfig(manifests=list(d.manifests), seq_len=d.seq_len, micro_batch=layout.micro_batch,
+                          weights=d.weights, seed=recipe.train.seed, num_workers=d.num_workers,
+                          global_batch=layout.global_batch, skip_corrupt=d.skip_corrupt, cache_dir=d.cache_dir)
+    valid_manifest = d.valid or d.manifests[0]
+    # Rank 0 loads the manifests and checks every shard's size once; every rank builds its loaders from that.
+    checked = [None]
+    if dist.get_rank() == 0:
+        try:
+            checked = [(check_sources(config), check_split(valid_manifest, "valid"))]
+        except (ManifestError, ShardError, ValueError) as e:  # raised on every rank below
+            checked = [e]
+    dist.broadcast_object_list(checked, src=0)
+    if isinstance(checked[0], Exception):
+        raise checked[0]
+    train_checked, valid_checked = checked[0]
+    loader = TokenLoader(config, dp_rank, layout.dp, checked=train_checked)
+    loader.check_compatible(recipe.model.num_tokens, d.seq_len, tokenizer=d.tokenizer)
+    evaluation = EvalLoader(valid_manifest, "valid", layout.micro_batch, dp_rank, layout.dp, cache_dir=d.cache_dir,
+                            checked=valid_checked)
+    evaluation.check_compatible(recipe.model.num_tokens, d.seq_len, tokenizer=d.tokenizer)
     valid = [b for b, _ in zip(evaluation, range(recipe.train.eval_batches))]
     rank0 = dist.get_rank() == 0
+    if loader.skipped_shards and rank0:
+        print(f"warning: data.skip_corrupt left out {len(loader.skipped_shards)} shard(s): {loader.skipped_shards}",
+              file=sys.stderr, flush=True)
     if not valid and rank0:
         print(f"warning: the valid split of {d.valid or d.manifests[0]} is empty: no validation ELBO will be "
               "reported; prepare the data with --valid-fraction > 0 or point data.valid at a dataset with a valid "

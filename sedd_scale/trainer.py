@@ -37,7 +37,8 @@ from sedd_scale import engine as ds_engine  # noqa: E402
 from sedd_scale import parallel  # noqa: E402
 from sedd_scale.checkpoint.files import SnapshotIO, to_host  # noqa: E402
 from sedd_scale.checkpoint.saver import Saver  # noqa: E402
-from sedd_scale.checkpoint.sharded import CheckpointDir, check_layout, read_meta, step_of  # noqa: E402
+from sedd_scale.checkpoint.sharded import (ANY_LAYOUT, CheckpointDir, CheckpointError, check_layout,  # noqa: E402
+                                           read_meta, step_of)
 from sedd_scale.config import Layout, Recipe, to_dict  # noqa: E402
 from sedd_scale.diffusion import ElboEstimate, get_graph, get_noise, sample  # noqa: E402
 from sedd_scale.evaluation import evaluate  # noqa: E402
@@ -165,7 +166,9 @@ class Trainer:
         files = self.io.take()
         extra = {"step": self.step, "tokens_seen": self.tokens_seen, "ema": self.ema.state_dict(),
                  "rng": _rng_state(), "loader": self.loader.state_dict(),
-                 "skipped_total": self.base_optimizer().skipped_total}
+                 "skipped_total": self.base_optimizer().skipped_total,
+                 # DeepSpeed's names of this rank's parameters, in the EMA's order (read by checkpoint/offline.py)
+                 "param_names": [name for name, _ in self.engine.module.named_parameters()]}
         files.append((staging / f"rank_{self.rank:05d}.pt", to_host(extra)))
         meta = {"layout": self.layout_dict(), "tokens_seen": self.tokens_seen, "recipe": to_dict(self.recipe),
                 "world_size": self.layout.world_size}
@@ -189,6 +192,9 @@ class Trainer:
         optimizer settings (`recipe_changes.APPLIED`)."""
         path = Path(path)
         meta = read_meta(path)
+        if meta["layout"] == ANY_LAYOUT:
+            self._load_layout_free(path, meta)
+            return
         check_layout(meta, self.layout_dict())
         earlier = [p.name for p in self.checkpoints.steps() if step_of(p) < meta["step"]]
         fix = (f"resume from an earlier checkpoint instead (write one of {earlier[-3:]} into "
@@ -207,6 +213,31 @@ class Trainer:
         self.loader.load_state_dict(extra["loader"])
         self.batches = iter(self.loader)
         self.base_optimizer().skipped_total = extra["skipped_total"]
+        self._apply_recipe_settings()
+
+    def _load_layout_free(self, path: Path, meta: dict) -> None:
+        """A step written by the conversion tools: rank 0 checks every file once, then each rank reads its slices of
+        the whole tensors (`full_state.load`); the first save writes this run's own layout."""
+        from sedd_scale.checkpoint import consolidated as cons
+        from sedd_scale.checkpoint import full_state
+        from sedd_scale.checkpoint.checksums import file_record
+
+        problem = [None]
+        if self.rank == 0:
+            for rel, record in meta["files"].items():
+                if not (path / rel).is_file() or file_record(path / rel) != record:
+                    problem = [f"{path / rel} is missing or damaged (not the bytes meta.json recorded): convert the "
+                               "checkpoint again (tools/convert_checkpoint.py reshard)"]
+                    break
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise CheckpointError(problem[0])
+        ckpt = cons.open_consolidated(path / "state", verify=False)  # verified above, once
+        if ckpt.has_training_state:
+            full_state.load(self, ckpt.training_tensors(), ckpt.counters())
+        else:  # weights only: training starts from them
+            full_state.load(self, {"weights": ckpt.weights()}, None)
+        self.batches = iter(self.loader)
         self._apply_recipe_settings()
 
     def _apply_recipe_settings(self) -> None:

@@ -43,6 +43,18 @@ def train(recipe_data: dict, steps: int, save_at: int | None = None, resume: boo
         parallel.destroy_parallel()
 
 
+def start_and_save(recipe_data: dict) -> None:
+    """Resume the run (a layout-free step) under the recipe's layout and save it in that layout at once."""
+    from sedd_scale import parallel
+
+    try:
+        trainer = _trainer(recipe_data)
+        assert trainer.resume()
+        trainer.save(sync=True)
+    finally:
+        parallel.destroy_parallel()
+
+
 def log_scores(path: str, tp: int) -> torch.Tensor:
     """Full-vocabulary log-scores of a fixed batch from a consolidated or hub directory at TP = tp."""
     from sedd_scale import parallel
@@ -71,9 +83,9 @@ def test_reshard_resumes_with_the_same_losses(tmp_path):
     for name, layout in targets.items():
         out = tmp_path / name
         summary = convert.reshard(tmp_path / "a" / "step_000000002", out, **layout)
-        assert summary["exact"] and summary["step"] == 2
+        assert summary["exact"] and summary["step"] == 2 and summary["layout"]["tp"] == layout["tp"]
         meta = json.loads((out / "step_000000002" / "meta.json").read_text())
-        assert meta["layout"]["tp"] == layout["tp"] and meta["layout"]["dp"] == layout["dp"]
+        assert meta["layout"] == "any" and meta["recipe"]["parallel"]["tp"] == layout["tp"]  # any layout resumes it
         recipe = copy.deepcopy(meta["recipe"])
         recipe["checkpoint"]["dir"] = str(out)
         world = layout["tp"] * layout["pp"] * layout["dp"]
@@ -93,7 +105,11 @@ def test_round_trip_tp2pp2_consolidated_tp4_hub_and_back(tmp_path):
     launch(train, 4, source, 2)
     first = tmp_path / "first"
     convert.consolidate(tmp_path / "a", first, weights="ema")
-    convert.shard(first, tmp_path / "tp4", tp=4, pp=1, dp=1, zero_stage=1)  # weights only: a fresh start
+    shard = convert.shard(first, tmp_path / "tp4", tp=4, pp=1, dp=1, zero_stage=1)  # weights only: a fresh start
+    recipe = json.loads((tmp_path / "tp4" / "step_000000000" / "meta.json").read_text())["recipe"]
+    launch(start_and_save, 4, recipe)  # a TP4 run starts from the weights and writes its own layout's step 0
+    assert shard["step"] == 0 and json.loads((tmp_path / "tp4" / "step_000000000" / "meta.json").read_text())[
+        "layout"] == {"tp": 4, "pp": 1, "dp": 1, "zero_stage": 1}
     second = tmp_path / "second"
     convert.consolidate(tmp_path / "tp4", second, weights="raw")
     convert.to_hub(second, tmp_path / "hub")

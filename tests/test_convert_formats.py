@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from sedd_scale import convert
 from sedd_scale.checkpoint import consolidated as cons
+from sedd_scale.checkpoint.checksums import write_sums
 from sedd_scale.checkpoint import full_state
 from sedd_scale.checkpoint.sharded import FORMAT as TRAIN_FORMAT
 from sedd_scale.model.config import ModelConfig
@@ -54,6 +55,9 @@ def test_consolidated_refuses_foreign_tensors_and_missing_files(tmp_path):
     del weights["output_layer.linear.bias"]
     weights["extra.weight"] = torch.zeros(1)
     save_file(weights, str(path / "model.safetensors"))
+    with pytest.raises(cons.ConsolidatedError, match="model.safetensors is damaged: its sha256"):
+        cons.open_consolidated(path)  # SHA256SUMS: the file is not the one that was written
+    write_sums(path)  # as if written so: the tensors themselves are checked
     with pytest.raises(cons.ConsolidatedError) as e:
         cons.open_consolidated(path)
     for word in ("missing", "output_layer.linear.bias", "unexpected", "extra.weight", "mis-shaped", "attn_qkv"):

@@ -1,16 +1,22 @@
-"""Training/eval loaders: one global stream whatever the DP layout, exact resume (also resharded), shuffling,
-blending, workers, state checks."""
+"""Training/eval loaders: one global stream whatever the DP layout, exact resume (also resharded), the global
+block shuffle, blending, workers, reads of exactly a rank's rows, rank 0's shared check, state checks."""
 from __future__ import annotations
 
 import json
+import math
+import os
+import pickle
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader
-from sedd_scale.data.manifest import TokenizerInfo
+from sedd_scale.data.checked import CheckedSplit, check_split
+from sedd_scale.data.layout import ShardLayout
+from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader, check_sources
+from sedd_scale.data.manifest import Manifest, ShardInfo, SplitInfo, TokenizerInfo
 from sedd_scale.data.prepare import write_sequences
 from sedd_scale.noising import global_row_offset
 
@@ -18,13 +24,13 @@ VOCAB = TokenizerInfo("gpt2", 50257, 50256)
 
 
 def make_dataset(out: Path, n: int, seq_len: int = 8, seqs_per_shard: int = 24, first_id: int = 0,
-                 valid: int = 0) -> str:
+                 valid: int = 0, seqs_per_sample: int = 5) -> str:
     """A dataset whose sequence k starts with token first_id + k (so streams can be checked by id)."""
     ids = first_id + np.arange(n + valid)
     seqs = (ids[:, None] * 7 + np.arange(seq_len)) % VOCAB.vocab_size
     seqs[:, 0] = ids
     splits = {"train": seqs[:n]} | ({"valid": seqs[n:]} if valid else {})
-    write_sequences(out, splits, VOCAB, seqs_per_sample=5, seqs_per_shard=seqs_per_shard)
+    write_sequences(out, splits, VOCAB, seqs_per_sample=seqs_per_sample, seqs_per_shard=seqs_per_shard)
     return str(out / "manifest.json")
 
 
@@ -239,8 +245,11 @@ def test_state_refuses_a_different_stream(data, tmp_path):
     with pytest.raises(ValueError, match="blends 1 manifests, this loader 2"):
         TokenLoader(LoaderConfig([data["a"], data["b"]], 8, 4, seed=0, global_batch=8), 0, 2).load_state_dict(state)
     old = {"format": "sedd-scale-loader", "version": 1, "dp_size": 2, "dp_rank": 0, "step": 3, "consumed": [12]}
-    with pytest.raises(ValueError, match="version 1, this loader reads version 2 .*start the data stream afresh"):
+    with pytest.raises(ValueError, match="version 1, this loader reads version 3 .*start the data stream afresh"):
         TokenLoader(config, 0, 2).load_state_dict(old)
+    previous = {**state, "version": 2}  # the shard-shuffling loader's state: same fields, another stream
+    with pytest.raises(ValueError, match=r"state is version 2, this loader reads version 3 \(one global shuffle"):
+        TokenLoader(config, 0, 2).load_state_dict(previous)
 
 
 def test_loader_iterator_goes_stale_after_load(data):
@@ -266,6 +275,131 @@ def test_eval_loader_covers_split_once_in_order(data, dp_size, micro_batch):
             assert (tokens[~valid] == VOCAB.eos_id).all()
             seen += tokens[valid, 0].tolist()
     assert seen == list(range(203, 232))  # every valid sequence once, in order
+
+
+def test_a_global_batch_draws_blocks_from_across_the_corpus(tmp_path):
+    # An ordered corpus (sequence k is the k-th of the input) of 64 shards: the previous loader's global batch
+    # was a stretch of one or two shards. Now it is G / B blocks of B consecutive sequences from everywhere.
+    n, per_shard, b = 64 * 40, 40, 4
+    manifest = str(tmp_path / "ordered" / "manifest.json")
+    make_dataset(tmp_path / "ordered", n, seqs_per_shard=per_shard, seqs_per_sample=b)
+    loader = TokenLoader(LoaderConfig([manifest], 8, 8, seed=2, global_batch=64))
+    it = iter(loader)
+    epoch, distinct = [], []
+    for step in range(n // 64):
+        planned = loader.step_sequences()
+        batch = torch.cat([next(it) for _ in range(8)])
+        got = batch[:, 0].numpy()
+        assert (planned[:, 0] == 0).all() and (planned[:, 1] == got).all()  # step_sequences is the batch
+        blocks = got.reshape(-1, b)
+        assert (blocks[:, 0] % b == 0).all() and (np.diff(blocks, axis=1) == 1).all()  # whole blocks, in order
+        distinct.append(len(np.unique(got // per_shard)))
+        assert distinct[-1] >= 8  # the previous loader: 1 or 2
+        assert got.max() - got.min() > n // 3  # spread over the corpus (16 uniform draws: P(fail) ~ 1e-6)
+        epoch += got.tolist()
+    assert sorted(epoch) == list(range(n))  # and still every sequence exactly once per epoch
+    # 16 of the 640 blocks drawn uniformly without replacement, 10 per shard: the expected number of shards hit
+    blocks_per_shard, drawn, total = per_shard // b, 64 // b, n // b
+    expected = 64 * (1 - math.comb(total - blocks_per_shard, drawn) / math.comb(total, drawn))
+    assert abs(np.mean(distinct) - expected) < 1.0, (np.mean(distinct), expected)  # ~5 standard errors
+
+
+def _huge_source(tmp_path, n: int) -> CheckedSplit:
+    """A 'checked' split of n sequences in 10^4 shards that do not exist (what rank 0 would hand over)."""
+    layout, shards, per = ShardLayout(8, 2, 8), [], n // 10_000
+    for i in range(10_000):
+        shards.append(ShardInfo(f"train-{i:06d}.tar", per, layout.shard_bytes(per), "0" * 64, f"train-{i:06d}.crc32",
+                                "0" * 64))
+    m = Manifest(VOCAB, 8, "uint16", 8, {"train": SplitInfo(n, n, 8 * n, 0, shards)},
+                 location=str(tmp_path / "huge" / "manifest.json"))
+    return CheckedSplit(m, "train", tuple(m.shard_refs("train")), (), m.fingerprint())
+
+
+def test_a_ten_billion_sequence_source_starts_instantly(tmp_path):
+    n = 10**10
+    checked = _huge_source(tmp_path, n)
+    config = LoaderConfig([checked.manifest.location], 8, 8, seed=1, global_batch=512)
+    started = time.perf_counter()
+    loader = TokenLoader(config, 3, 8, checked=[checked])
+    state = loader.state_dict()
+    state["steps"] = 3 * n // 512 + 12_345  # deep into the fourth epoch
+    state["consumed"] = [state["steps"] * 512]
+    loader.load_state_dict(state)
+    rows = loader.step_sequences()[:, 1]
+    assert time.perf_counter() - started < 2.0  # no O(N) permutation: an O(N) one would not finish at all
+    assert len(np.unique(rows)) == 512 and rows.min() >= 0 and rows.max() < n
+    assert (rows.reshape(-1, 8) % 8 == np.arange(8)).all()  # blocks of 8 (one tar sample each)
+
+
+def _pread_log(monkeypatch) -> list[tuple[str, int, int]]:
+    """Record every os.pread as (file, offset, size)."""
+    log, real = [], os.pread
+
+    def pread(fd, size, offset):
+        log.append((os.readlink(f"/proc/self/fd/{fd}"), offset, size))
+        return real(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    return log
+
+
+@pytest.mark.parametrize("dp_size,micro_batch", [(4, 2), (2, 5), (1, 3)])
+def test_a_rank_reads_exactly_the_bytes_of_its_rows(data, monkeypatch, dp_size, micro_batch):
+    manifest = Manifest.load(data["a"])
+    layout, refs = manifest.layout, manifest.shard_refs("train")
+    starts = np.cumsum([0] + [r.info.num_sequences for r in refs])
+    config = LoaderConfig([data["a"]], 8, micro_batch, seed=4, global_batch=2 * micro_batch * dp_size)
+    rank = dp_size - 1
+    loader = TokenLoader(config, rank, dp_size)
+    log = _pread_log(monkeypatch)
+    expected = []
+    it = iter(loader)
+    for _ in range(12):  # 6 steps of 2 micro-batches: fewer rows than an epoch, so none repeats
+        if loader.micro == 0:
+            planned = loader.step_sequences()[:, 1]
+        o = global_row_offset(loader.micro, rank, micro_batch, dp_size)
+        assert next(it)[:, 0].tolist() == planned[o:o + micro_batch].tolist()
+        expected += planned[o:o + micro_batch].tolist()
+    monkeypatch.undo()
+    tar_of = {os.path.realpath(r.tar): i for i, r in enumerate(refs)}
+    crc_of = {os.path.realpath(r.crc): i for i, r in enumerate(refs)}
+    read_rows, crc_rows = [], []
+    for path, offset, size in log:
+        if path in crc_of:
+            assert offset % 4 == 0 and size % 4 == 0
+            crc_rows += (starts[crc_of[path]] + offset // 4 + np.arange(size // 4)).tolist()
+            continue
+        shard = tar_of[path]
+        begin = layout.row_offsets(np.arange(refs[shard].info.num_sequences))
+        inside = (begin >= offset) & (begin + layout.row_bytes <= offset + size)
+        assert offset in begin and offset + size - layout.row_bytes in begin  # starts and ends on a row's bounds
+        assert (size - inside.sum() * layout.row_bytes) % 512 == 0  # the rest: whole tar headers between samples
+        read_rows += (starts[shard] + np.flatnonzero(inside)).tolist()
+    assert sorted(read_rows) == sorted(expected)  # the rank's rows, each once, and no other row
+    assert sorted(crc_rows) == sorted(expected)  # and exactly their CRC32s
+
+
+def test_rank0_check_is_shared_without_touching_the_filesystem(data, monkeypatch):
+    config = LoaderConfig([data["a"], data["b"]], 8, 2, seed=6, global_batch=8)
+    checked = pickle.loads(pickle.dumps(check_sources(config)))  # what broadcast_object_list carries
+    valid = pickle.loads(pickle.dumps(check_split(data["a"], "valid")))
+    reference = take(TokenLoader(config, 1, 2), 20)
+    evaluation = [b.tokens for b in EvalLoader(data["a"], "valid", 3, 1, 2)]
+
+    def no_metadata(*args, **kwargs):
+        raise AssertionError("a rank given rank 0's check must not stat or open anything at start")
+
+    monkeypatch.setattr(os, "stat", no_metadata)
+    monkeypatch.setattr(Manifest, "load", no_metadata)
+    loader = TokenLoader(config, 1, 2, checked=checked)
+    ev = EvalLoader(data["a"], "valid", 3, 1, 2, checked=valid)
+    monkeypatch.undo()
+    assert same(take(loader, 20), reference)
+    assert same([b.tokens for b in ev], evaluation)
+    with pytest.raises(ValueError, match="are not this config's manifests"):
+        TokenLoader(LoaderConfig([data["b"]], 8, 2), 0, 1, checked=checked)
+    with pytest.raises(ValueError, match="checked split 'valid' .* is not split 'test'"):
+        EvalLoader(data["a"], "test", 3, checked=valid)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""prepare_data: packing, held-out validation, shards (webdataset-readable), CLI, built-in corpora."""
+"""prepare_data: packing, held-out validation, shards (webdataset's writer, the fixed layout, readable by
+webdataset), CRC32 sidecars, the CLI (errors exit 2 with one line), atomic --overwrite, built-in corpora."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +15,11 @@ import pytest
 import webdataset as wds
 
 from sedd_scale.data.corpora import load_corpus
-from sedd_scale.data.manifest import Manifest
+from sedd_scale.data.layout import ShardLayout, default_seqs_per_sample
+from sedd_scale.data.manifest import Manifest, TokenizerInfo
 from sedd_scale.data.packing import Packer
-from sedd_scale.data.prepare import PrepareConfig, prepare
+from sedd_scale.data.prepare import PrepareConfig, PrepareError, prepare, write_sequences
+from sedd_scale.data.reader import RowReader
 from sedd_scale.data.shards import read_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +33,15 @@ def documents(n: int, seed: int = 0) -> list[str]:
 
 
 def split_tokens(manifest: Manifest, split: str) -> np.ndarray:
-    """All tokens of a split, read back from its shards."""
-    info = manifest.splits[split]
-    parts = [read_shard(manifest.shard_path(s), s, manifest.seq_len, manifest.dtype) for s in info.shards]
+    """All tokens of a split, read back from its shards by parsing them as tar files."""
+    parts = [read_shard(Path(r.tar).read_bytes(), r.tar, r.info, manifest.layout, manifest.dtype)
+             for r in manifest.shard_refs(split)]
     return np.concatenate(parts).reshape(-1)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below a folder and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_packer_matches_concatenation():
@@ -70,15 +81,45 @@ def test_prepare_holds_out_documents_and_packs_exactly(tmp_path, tokenizer):
 
 
 def test_shards_are_webdataset_readable(tmp_path):
-    config = PrepareConfig(tmp_path, tokenizer="byte", seq_len=16, valid_fraction=0.0, workers=1,
+    config = PrepareConfig(tmp_path / "d", tokenizer="byte", seq_len=16, valid_fraction=0.0, workers=1,
                            seqs_per_sample=4, shard_tokens=16 * 12, progress=False)
     m = prepare({"train": iter(documents(50))}, config, {}).manifest
-    urls = [str(m.shard_path(s)) for s in m.splits["train"].shards]
+    urls = [r.tar for r in m.shard_refs("train")]
     samples = list(wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False))
-    assert all(set(s) >= {"__key__", "tokens.u16"} for s in samples)
+    assert all(set(s) == {"__key__", "__url__", "__local_path__", "tokens.u16"} for s in samples)
     assert [int(s["__key__"]) for s in samples] == list(range(0, m.splits["train"].num_sequences, 4))
     got = np.concatenate([np.frombuffer(s["tokens.u16"], dtype="<u2") for s in samples])
     assert got.tolist() == split_tokens(m, "train").tolist()
+    assert m.splits["train"].num_sequences % 4  # the last sample is partial, and still read right
+
+
+@pytest.mark.parametrize("seq_len,vocab,per_sample,n", [(8, 50257, 5, 23), (16, 257, 4, 12), (1024, 50257, 8, 19),
+                                                         (7, 70000, 3, 10), (300, 50257, 1, 4)])
+def test_the_fixed_layout_is_what_webdataset_writes(tmp_path, seq_len, vocab, per_sample, n):
+    rng = np.random.default_rng(seq_len)
+    seqs = rng.integers(0, vocab, size=(n, seq_len))
+    m = write_sequences(tmp_path, {"train": seqs}, TokenizerInfo("t", vocab, 0), per_sample,
+                        seqs_per_shard=-(-n // per_sample) * per_sample)  # one shard, its last sample partial
+    (ref,) = m.shard_refs("train")
+    layout = m.layout
+    assert layout == ShardLayout(seq_len, 2 if vocab <= 65536 else 4, per_sample)
+    assert os.path.getsize(ref.tar) == ref.info.num_bytes == layout.shard_bytes(n)
+    with tarfile.open(ref.tar) as tar:
+        members = tar.getmembers()
+    assert len(members) == -(-n // per_sample)
+    for j, member in enumerate(members):  # where tarfile finds each sample is where the layout says it is
+        assert member.offset_data == layout.row_offsets([j * per_sample])[0]
+        assert member.size == min(per_sample, n - j * per_sample) * layout.row_bytes
+        assert (member.mtime, member.uname, member.mode) == (0, "", 0o644)  # reproducible bytes
+    got = RowReader(layout, m.np_dtype).read(ref, np.arange(n)[::-1])  # by computed offsets, CRC32-checked
+    assert got[::-1].astype(np.int64).tolist() == seqs.tolist()
+    crcs = np.frombuffer(Path(ref.crc).read_bytes(), "<u4")
+    assert crcs.tolist() == [zlib.crc32(seqs[i].astype(m.np_dtype).tobytes()) for i in range(n)]
+
+
+def test_default_sample_is_16_kib():
+    assert default_seqs_per_sample(1024, 2) == 8 and default_seqs_per_sample(1024, 4) == 4
+    assert default_seqs_per_sample(128, 2) == 64 and default_seqs_per_sample(16384, 2) == 1
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -109,11 +150,110 @@ def test_cli_inputs_verify_and_errors(tmp_path):
     shard = tmp_path / "b" / b.splits["train"].shards[0].path
     shard.write_bytes(shard.read_bytes()[:-512])
     r = run_cli("--verify", str(tmp_path / "b" / "manifest.json"))
-    assert r.returncode == 1 and f"BAD train: shard {shard}" in r.stdout
+    assert r.returncode == 1 and f"BAD train: shard {shard} is" in r.stdout and "1 bad shard(s)" in r.stdout
     r = run_cli("--jsonl", str(tmp_path / "d.jsonl"), "--field", "text", "--out", str(tmp_path / "c"))
-    assert r.returncode != 0 and "d.jsonl:1: no string field 'text'" in r.stderr and "--field" in r.stderr
-    r = run_cli("--input", str(tmp_path / "none*.txt"), "--out", str(tmp_path / "c"))
-    assert r.returncode != 0 and "matches no file" in r.stderr
+    assert bad_input(r, "d.jsonl:1: no string field 'text'") and "--field" in r.stderr
+
+
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path):
+    (tmp_path / "a.txt").write_text("some text\n")
+    assert bad_input(run_cli("--input", str(tmp_path / "none*.txt"), "--out", str(tmp_path / "c")), "matches no file")
+    assert bad_input(run_cli("--input", str(tmp_path / "a.txt"), "--tokenizer", "bpe", "--out", str(tmp_path / "c")),
+                     "unknown tokenizer 'bpe': use gpt2 or byte or the path of a Hugging Face tokenizer.json")
+    assert bad_input(run_cli("--verify", str(tmp_path / "nothing.json")), "does not exist: prepare the data")
+    assert not (tmp_path / "c").exists()
+
+
+def bad_input(r: subprocess.CompletedProcess, message: str) -> bool:
+    """The tool refused bad input: exit status 2 and one line on stderr, holding `message`."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert message in r.stderr, r.stderr
+    return True
+
+
+def test_non_utf8_input_is_one_clear_line(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("fine text\n")
+    (tmp_path / "in" / "b.txt").write_bytes("caf\u00e9 in latin-1\n".encode("latin-1"))
+    r = run_cli("--input", str(tmp_path / "in"), "--tokenizer", "byte", "--out", str(tmp_path / "out"))
+    assert bad_input(r, f"{tmp_path / 'in' / 'b.txt'} is not UTF-8 text (byte 0xe9 at offset 3")
+    assert "convert it to UTF-8" in r.stderr and not (tmp_path / "out").exists()
+    with open(tmp_path / "d.jsonl", "wb") as f:
+        f.write(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    r = run_cli("--jsonl", str(tmp_path / "d.jsonl"), "--tokenizer", "byte", "--out", str(tmp_path / "out"))
+    assert bad_input(r, f"{tmp_path / 'd.jsonl'}:2 is not UTF-8 text")
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # the half-built dataset is gone
+
+
+def test_out_is_refused_unless_new_or_empty_and_overwrite_replaces_atomically(tmp_path):
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("\n".join(documents(60, seed=4)))
+    args = ["--input", str(tmp_path / "txt"), "--docs", "line", "--tokenizer", "byte", "--shard-tokens", "256",
+            "--seqs-per-sample", "4"]
+    out = tmp_path / "out"
+    out.mkdir()  # an empty directory is fine
+    assert run_cli(*args, "--seq-len", "16", "--out", str(out)).returncode == 0
+    first = snapshot(out)
+    assert len(first) > 6
+    r = run_cli(*args, "--seq-len", "32", "--out", str(out))
+    assert bad_input(r, f"--out {out} is not empty") and "--overwrite" in r.stderr
+    assert snapshot(out) == first  # nothing pre-existing was lost
+    r = run_cli(*args, "--seq-len", "32", "--overwrite", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    new = Manifest.load(out / "manifest.json")
+    assert new.seq_len == 32
+    listed = {"manifest.json"} | {f for s in new.splits.values() for x in s.shards for f in (x.path, x.crc_path)}
+    assert set(snapshot(out)) == listed  # the old shards are gone: no orphans
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "txt"]  # no temporary siblings left
+    # a failure midway (here: a bad input file found late) leaves the old dataset as it was
+    (tmp_path / "txt" / "z.txt").write_bytes(b"\xff\xfe not utf-8")
+    second = snapshot(out)
+    assert bad_input(run_cli(*args, "--seq-len", "64", "--overwrite", "--out", str(out)), "is not UTF-8 text")
+    assert snapshot(out) == second and sorted(p.name for p in tmp_path.iterdir()) == ["out", "txt"]
+    # --overwrite replaces a dataset, nothing else
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("keep me")
+    docs = {"train": iter(documents(5))}
+    with pytest.raises(PrepareError, match="mine has no manifest.json: --overwrite only replaces a prepared dataset"):
+        prepare(docs, PrepareConfig(tmp_path / "mine", tokenizer="byte", progress=False, overwrite=True), {})
+    (out / "notes.md").write_text("keep me too")
+    with pytest.raises(PrepareError, match="out holds 'notes.md', which is not part of a dataset"):
+        prepare(docs, PrepareConfig(out, tokenizer="byte", progress=False, overwrite=True), {})
+    assert (tmp_path / "mine" / "notes.md").read_text() == "keep me" and (out / "notes.md").exists()
+    with pytest.raises(PrepareError, match="a.txt is a file, not a directory"):
+        prepare(docs, PrepareConfig(tmp_path / "txt" / "a.txt", tokenizer="byte", progress=False), {})
+
+
+def test_an_interrupted_build_or_swap_keeps_the_old_dataset(tmp_path, monkeypatch):
+    out = tmp_path / "d"
+    config = PrepareConfig(out, tokenizer="byte", seq_len=16, valid_fraction=0.0, workers=1, shard_tokens=64,
+                           progress=False, overwrite=True)
+    prepare({"train": iter(documents(40))}, config, {})
+    before = snapshot(out)
+
+    def interrupted():
+        yield from documents(30, seed=1)
+        raise KeyboardInterrupt  # e.g. Ctrl-C after some shards were written
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare({"train": interrupted()}, config, {})
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    real, calls = os.replace, []
+
+    def failing_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new dataset onto `out`, after the old one was moved aside
+            raise OSError("simulated failure between the two renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_second_rename)
+    with pytest.raises(OSError, match="simulated"):
+        prepare({"train": iter(documents(20, seed=2))}, config, {})
+    monkeypatch.undo()
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    with pytest.raises(PrepareError, match="is not empty"):
+        prepare({"train": iter(documents(5))}, PrepareConfig(out, tokenizer="byte", progress=False), {})
 
 
 def test_ptb_official_splits(tmp_path):

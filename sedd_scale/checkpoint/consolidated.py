@@ -1,6 +1,7 @@
 """Our consolidated checkpoint: one layout-free directory, written atomically and verified on write.
 
     <dir>/config.json               format, model config, noise schedule, which weights, provenance
+    <dir>/SHA256SUMS                every other file's sha256 (`checksums.py`), checked when opened
     <dir>/model.safetensors         whole fp32 tensors by model key (EMA or raw weights, as chosen)
     <dir>/training/                 optional: everything needed to resume training under any layout
         weights.safetensors         fp32 master weights (raw)
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from sedd_scale.checkpoint.checksums import ChecksumError, verify_sums, write_sums
 from sedd_scale.checkpoint.hub import hub_shapes, key_map
 from sedd_scale.checkpoint.sharded import staged_dir
 from sedd_scale.config import from_dict, to_dict
@@ -75,7 +77,7 @@ class Consolidated:
     def counters(self) -> dict[str, Any]:
         """The training counters (step, LR schedule, data position, ...)."""
         self._need_training()
-        return torch.load(self.path / TRAINING_DIR / COUNTERS_FILE, weights_only=False)
+        return torch.load(self.path / TRAINING_DIR / COUNTERS_FILE, map_location="cpu", weights_only=False)
 
     def _need_training(self) -> None:
         if not self.has_training_state:
@@ -90,8 +92,12 @@ class LazyTensors(Mapping):
         if not path.is_file():
             raise ConsolidatedError(f"{path} is missing: the consolidated checkpoint is incomplete")
         self.path = path
-        with safe_open(str(path), framework="pt") as f:
-            self._keys = list(f.keys())
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                self._keys = list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ConsolidatedError(f"{path} is not a readable safetensors file ({e}): it is truncated or damaged; "
+                                    "write the directory again with tools/convert_checkpoint.py") from None
 
     def __getitem__(self, key: str) -> Tensor:
         if key not in self._keys:
@@ -114,13 +120,22 @@ def is_consolidated(path: str | Path) -> bool:
     return json.loads(config.read_text()).get("format") == FORMAT
 
 
-def open_consolidated(path: str | Path) -> Consolidated:
-    """Open and check a consolidated checkpoint directory."""
+def open_consolidated(path: str | Path, *, verify: bool = True) -> Consolidated:
+    """Open and check a consolidated checkpoint directory (`verify`: every file against SHA256SUMS first)."""
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ConsolidatedError(f"{path} is not a consolidated checkpoint (no {CONFIG_FILE})")
-    config = json.loads(config_path.read_text())
+    if verify:
+        try:
+            verify_sums(path)
+        except ChecksumError as e:
+            raise ConsolidatedError(str(e)) from None
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConsolidatedError(f"{config_path} is not valid JSON ({e}): the directory is damaged; write it again "
+                                "with tools/convert_checkpoint.py") from None
     if config.get("format") != FORMAT:
         raise ConsolidatedError(f"{config_path}: format {config.get('format')!r}, expected {FORMAT!r}")
     ckpt = Consolidated(path, config)
@@ -170,6 +185,8 @@ def write(path: str | Path, cfg: ModelConfig, noise: dict[str, Any], weights: di
             save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(file))
         config = {"format": FORMAT, "model": to_dict(cfg), "noise": noise, "weights": which, **provenance}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        write_sums(tmp)
+        verify_sums(tmp)
         for file, tensors in files.items():  # verify: what is on disk is what was meant
             reread = LazyTensors(file)
             bad = [k for k, v in tensors.items() if not torch.equal(reread[k], v.float())]

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sedd_scale.checkpoint.checksums import ChecksumError, verify_sums, write_sums
 from sedd_scale.diffusion.noise import GeometricNoise
 from sedd_scale.model import rotary
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
@@ -179,7 +181,11 @@ def read_hub(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if absent:
         raise FileNotFoundError(f"hub checkpoint {str(path)!r} lacks {absent} "
                                 f"(a directory with {CONFIG_FILE} and {WEIGHTS_FILE} is expected)")
-    return json.loads(files[0].read_text()), load_file(str(files[1]))
+    try:  # SHA256SUMS (our exports) catches damage; a hub directory written elsewhere may have none
+        verify_sums(path, [CONFIG_FILE, WEIGHTS_FILE], required=False)
+        return json.loads(files[0].read_text()), load_file(str(files[1]))
+    except (ChecksumError, SafetensorError, json.JSONDecodeError) as e:
+        raise HubFormatError(f"hub checkpoint {str(path)!r} is damaged: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,4 +336,5 @@ def write_hub(path: str | Path, config: dict[str, Any], state: dict[str, Tensor]
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / WEIGHTS_FILE))
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    write_sums(path)  # beside the reference's two files; its loader ignores it
     return path

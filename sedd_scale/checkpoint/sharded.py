@@ -15,7 +15,6 @@ next trainer starts. Pruning old steps is rank 0's business alone, outside any c
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sedd_scale.checkpoint.checksums import file_record
+
 FORMAT = "sedd-scale/train-v2"
+# The layout of a step written by the conversion tools: its `state/` folder is a consolidated directory with
+# training state, which a run under any TP/PP/DP/ZeRO layout resumes (each rank reads only its slices).
+ANY_LAYOUT = "any"
 OLD_FORMATS = ("sedd-scale/train-v1",)
 LATEST = "latest"
 FILES_DIR = ".files"  # each rank's list of written files, merged into meta.json by the commit
@@ -57,16 +61,6 @@ def staged_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def file_record(path: Path) -> dict:
-    """{"bytes", "sha256"} of a file, read in 8 MiB blocks."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-            size += len(block)
-    return {"bytes": size, "sha256": h.hexdigest()}
 
 
 def step_name(step: int) -> str:
@@ -191,6 +185,8 @@ def read_meta(path: str | Path) -> dict:
 def check_layout(meta: dict, layout: dict) -> None:
     """Refuse to resume a checkpoint written under another parallel layout (it would load wrong shards)."""
     saved = meta.get("layout", {})
+    if saved == ANY_LAYOUT:
+        return
     diff = {k: (saved.get(k), v) for k, v in layout.items() if saved.get(k) != v}
     if diff:
         changes = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in diff.items())

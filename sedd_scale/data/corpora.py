@@ -111,10 +111,20 @@ def load_corpus(name: str) -> dict[str, Iterator[str]]:
     return CORPORA[name]()
 
 
+def _decode(data: bytes, where: str) -> str:
+    """UTF-8 text, or a ValueError naming the file (and line), the first bad byte and the fix."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} does not "
+                         "decode): convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8 IN > OUT`, or leave it out "
+                         "of the input") from None
+
+
 def text_documents(paths: list[Path], unit: str = "file") -> Iterator[str]:
     """Documents of text files: one per file, per non-empty line, or per blank-line-separated paragraph."""
     for path in paths:
-        text = path.read_text(encoding="utf-8")
+        text = _decode(path.read_bytes(), str(path))
         if unit == "file":
             parts = [text]
         elif unit == "line":
@@ -129,8 +139,9 @@ def text_documents(paths: list[Path], unit: str = "file") -> Iterator[str]:
 def jsonl_documents(paths: list[Path], field: str) -> Iterator[str]:
     """Documents of JSONL files: the string `field` of each line's object."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # decoded per line, so an error names the line
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, f"{path}:{lineno}")
                 if not line.strip():
                     continue
                 try:

@@ -1,12 +1,17 @@
-"""The training loader: seeded, blended, multi-worker, exactly resumable, and independent of the DP layout.
+"""The training loader: one global, seeded, blended stream, globally shuffled, split over DP ranks and workers,
+exactly resumable; each rank reads only the bytes of its own rows.
 
 Design (every choice serves exact resume and one data stream whatever the parallel layout):
 
-* Each manifest split is a *source* of N sequences in shards. Epoch e of a source is a seeded
-  permutation of its shards, each shard's sequences permuted by its own seeded permutation: an
-  ordered list of all N sequences, different every epoch, identical on every run. Position k of a
-  source's stream is entry k % N of epoch k // N, so every epoch gives every sequence exactly once
-  (no remainder is dropped) and the stream runs across epoch ends forever.
+* Each manifest split is a *source* of N sequences in shards, cut into blocks of B consecutive
+  sequences, B = the manifest's seqs_per_sample: a block is one tar sample (16 KiB of ids by
+  default), only the split's last one may be short. Epoch e of a source visits every block in the
+  order of a keyed permutation of [0, N_blocks) chosen by (seed, source, e) (`permutation.py`: a
+  Feistel network with cycle-walking, evaluated per position in O(1) memory, so a 10^10-sequence
+  source starts instantly), each block's sequences in order. Position k of a source's stream is
+  entry k % N of epoch k // N, so every epoch gives every sequence exactly once (no remainder is
+  dropped) and the stream runs across epoch ends forever. A global batch of G sequences is G / B
+  blocks drawn from the whole corpus, not a stretch of one or two shards.
 * Blending makes one *global stream*: global sequence i comes from the source with the largest
   deficit w_d * (i+1) - consumed_d (Megatron's blending rule). The choice depends on the per-source
   consumed counts only, so every rank agrees and those counts are the state.
@@ -16,55 +21,63 @@ Design (every choice serves exact resume and one data stream whatever the parall
   the trainer noises a row by its global index, and what Megatron's GPTDataset does. The union over
   ranks and micro-batches of a step is the same G sequences whatever dp, micro_batch and grad_accum
   are, so a checkpoint resharded to another layout with the same G trains on the same sequences.
-* Each rank blends the whole global batch (G choices, cheap) to find its rows. The tradeoff: a
-  global batch is a contiguous stretch of the stream and every rank has rows in every one, so every
-  rank reads, sha256-checks and decodes every shard the stream passes through (per-rank blocks, the
-  earlier design, read about 1/dp of them). A rank's decode work thus follows the job's global token
-  rate, not its own; DataLoader workers share it. A rank's positions in a source only increase, so
-  a cache of two decoded shards per source (per worker) decodes each shard once while it is in use.
+* Each rank blends the whole global batch (G choices, cheap) to find its rows, maps them to (shard,
+  row) and reads exactly their bytes (`reader.py`: one pread per run of consecutive rows, readahead
+  off, every row's CRC32 checked). With micro_batch a multiple of B a micro-batch is whole samples;
+  with a smaller one, the ranks of a node together read whole samples. Nothing is decoded or hashed
+  whole, and a rank's read volume follows its own token rate.
 * A rank's micro-batches are numbered t = 0, 1, ... (micro-batch t % A of step t // A, A = grad_accum
-  = G / (mb*dp)). DataLoader worker w makes t = w, w+W, ...; the DataLoader's round robin returns them
-  in order, so the batches do not depend on the number of workers (0 workers gives the same).
+  = G / (mb*dp)). DataLoader worker w makes t = w, w+W, ... and reads only their rows; the
+  DataLoader's round robin returns them in order, so the batches do not depend on the number of
+  workers (0 workers gives the same).
 * The state counts only micro-batches handed to the trainer (not prefetched ones): completed steps,
   the per-source consumed counts after them, and the micro-batches of the current step this rank has
   already handed out. At a step boundary (micro == 0, where the trainer checkpoints) it is the same
   on every rank and under every layout, and a loader with any dp_size / micro_batch / worker count
   and the same global batch continues from it. A mid-step state resumes only under the same dp_size
   and micro_batch, since the rest of that step's rows are split by that layout.
+* Startup: the per-shard metadata work (loading manifests, one stat per shard and sidecar) is
+  `check_sources`, which rank 0 runs and the trainer broadcasts (`TokenLoader(..., checked=...)`);
+  without it each loader checks for itself (one process, tests, tools).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sedd_scale.data.manifest import Manifest, ManifestError, ShardInfo
-from sedd_scale.data.shards import check_present, read_shard, verify_shard
+from sedd_scale.data.checked import CheckedSplit, check_split
+from sedd_scale.data.fetch import cache_dir
+from sedd_scale.data.manifest import Manifest, ManifestError
+from sedd_scale.data.permutation import KeyedPermutation
+from sedd_scale.data.reader import RowReader
+from sedd_scale.data.urlcache import UrlCache, is_url
 from sedd_scale.noising import global_row_offset
 
-STATE_FORMAT, STATE_VERSION = "sedd-scale-loader", 2
+STATE_FORMAT, STATE_VERSION = "sedd-scale-loader", 3
 
 
 @dataclass
 class LoaderConfig:
     """What the training loader reads and how it batches."""
 
-    manifests: list[str]  # manifest.json paths; several are blended
+    manifests: list[str]  # manifest.json paths or URLs; several are blended
     seq_len: int
     micro_batch: int  # sequences per batch (per DP rank)
     weights: list[float] | None = None  # blend weights; None: proportional to each split's sequence count
     seed: int = 0
     num_workers: int = 0  # DataLoader worker processes
     split: str = "train"
-    skip_corrupt: bool = False  # opt-in: verify all shards at start and leave out the bad ones
-    verify_sha256: bool = True  # check each shard's sha256 when it is read
+    skip_corrupt: bool = False  # opt-in: leave out shards that are missing or of the wrong size (counted)
+    verify_crc: bool = True  # check every row read against its CRC32
     prefetch_factor: int = 4  # batches in flight per worker
     global_batch: int | None = None  # sequences per optimizer step over all DP ranks; None: micro_batch * dp_size
+    cache_dir: str | None = None  # where URL shards are fetched to; None: $SEDD_CACHE/shards
+    max_open_files: int = 64  # descriptors kept open per source and worker
 
     def __post_init__(self):
         if not self.manifests:
@@ -80,78 +93,85 @@ class LoaderConfig:
         if self.global_batch is not None and (self.global_batch < 1 or self.global_batch % self.micro_batch):
             raise ValueError(f"global_batch must be a positive multiple of micro_batch={self.micro_batch}, "
                              f"got {self.global_batch}")
-        if self.num_workers < 0 or self.prefetch_factor < 1:
-            raise ValueError(f"num_workers must be >= 0 and prefetch_factor >= 1, got {self.num_workers}, "
-                             f"{self.prefetch_factor}")
+        if self.num_workers < 0 or self.prefetch_factor < 1 or self.max_open_files < 2:
+            raise ValueError(f"num_workers must be >= 0, prefetch_factor >= 1 and max_open_files >= 2, got "
+                             f"{self.num_workers}, {self.prefetch_factor}, {self.max_open_files}")
+
+
+def shard_cache(directory: str | None) -> UrlCache:
+    """The cache URL shards are fetched into: `directory`, default $SEDD_CACHE/shards."""
+    return UrlCache(directory if directory is not None else cache_dir() / "shards")
+
+
+def check_sources(config: LoaderConfig) -> list[CheckedSplit]:
+    """Load the config's manifests and check their splits' shards (rank 0's startup work, shared with the others).
+
+    Refuses manifests that cannot be blended (sequence length, tokenizer) before any shard is touched.
+    """
+    manifests = [Manifest.load(p) for p in config.manifests]
+    first = manifests[0]
+    for m in manifests:
+        if m.seq_len != config.seq_len:
+            raise ManifestError(f"manifest {m.location} holds sequences of {m.seq_len} tokens, the loader is "
+                                f"configured for {config.seq_len}: prepare the data with --seq-len "
+                                f"{config.seq_len} or change seq_len")
+        if m.tokenizer != first.tokenizer:
+            raise ManifestError(f"cannot blend {m.location} ({m.tokenizer.describe()}) with {first.location} "
+                                f"({first.tokenizer.describe()}): all manifests must use the same tokenizer")
+    return [check_split(m, config.split, config.skip_corrupt) for m in manifests]
 
 
 class _Source:
-    """One manifest split: maps positions of its global stream to sequences."""
+    """One checked manifest split: maps positions of its stream to sequences, and reads them."""
 
-    _CACHE = 2  # shards kept decoded: positions only increase, so a micro-batch touches at most two in a row
+    def __init__(self, checked: CheckedSplit, index: int, seed: int, reader: RowReader):
+        self.index, self.seed, self.reader = index, seed, reader
+        self.shards = checked.shards
+        self.seq_len = checked.manifest.seq_len
+        sizes = np.array([r.info.num_sequences for r in self.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])  # first sequence of each usable shard
+        self.total = int(self.starts[-1])
+        self.block = checked.manifest.seqs_per_sample  # B: a block of the shuffle is one tar sample
+        self.num_blocks = -(-self.total // self.block)
+        self.short = self.total - (self.num_blocks - 1) * self.block  # size of the last block, in [1, B]
+        self._orders: OrderedDict[int, tuple[KeyedPermutation, int]] = OrderedDict()
 
-    def __init__(self, manifest: Manifest, split: str, index: int, seed: int, skip_corrupt: bool, verify: bool):
-        self.manifest, self.index, self.seed, self.verify = manifest, index, seed, verify
-        self.seq_len, self.dtype = manifest.seq_len, manifest.dtype
-        shards = [(manifest.shard_path(s), s) for s in manifest.split(split).shards]
-        self.skipped: list[str] = []
-        if skip_corrupt:
-            good = []
-            for path, info in shards:
-                problem = verify_shard(path, info, self.seq_len, self.dtype)
-                (self.skipped.append(str(path)) if problem else good.append((path, info)))
-            shards = good
-        else:
-            for path, info in shards:  # a missing or truncated shard fails now, not hours into training
-                check_present(path, info)
-        self.shards: list[tuple[Path, ShardInfo]] = shards
-        self.sizes = np.array([info.num_sequences for _, info in shards], dtype=np.int64)
-        self.total = int(self.sizes.sum())
-        self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._layouts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+    def _order(self, epoch: int) -> tuple[KeyedPermutation, int]:
+        """Epoch `epoch`'s block order and the slot at which its short (last) block comes."""
+        if epoch not in self._orders:
+            perm = KeyedPermutation(self.num_blocks, (self.seed, self.index, epoch))
+            self._orders[epoch] = perm, int(perm.inverse(np.array([self.num_blocks - 1]))[0])
+            while len(self._orders) > 2:  # positions only increase: at most two epochs are in use
+                self._orders.popitem(last=False)
+        return self._orders[epoch]
 
-    def __getstate__(self):  # workers start with empty caches
-        return {**self.__dict__, "_rows": OrderedDict(), "_perms": OrderedDict(), "_layouts": OrderedDict()}
-
-    @staticmethod
-    def _cached(cache: OrderedDict, key, make, size: int):
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        value = cache[key] = make()
-        while len(cache) > size:
-            cache.popitem(last=False)
-        return value
-
-    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        def make():
-            order = np.random.default_rng([self.seed, self.index, epoch]).permutation(len(self.shards))
-            return order, np.cumsum(self.sizes[order])
-        return self._cached(self._layouts, epoch, make, 2)
-
-    def _perm(self, epoch: int, shard: int) -> np.ndarray:
-        return self._cached(self._perms, (epoch, shard), lambda: np.random.default_rng(
-            [self.seed, self.index, epoch, shard]).permutation(int(self.sizes[shard])), 2 * self._CACHE)
-
-    def _shard_rows(self, shard: int) -> np.ndarray:
-        path, info = self.shards[shard]
-        return self._cached(self._rows, shard, lambda: read_shard(path, info, self.seq_len, self.dtype, self.verify),
-                            self._CACHE)
-
-    def gather(self, positions: np.ndarray) -> np.ndarray:
-        """The sequences at stream `positions` of this source, shape (len(positions), seq_len)."""
-        out = np.empty((len(positions), self.seq_len), dtype=self.manifest.np_dtype)
-        epochs, q = np.divmod(positions, self.total)  # q: position in the epoch's order of all N sequences
+    def sequences(self, positions: np.ndarray) -> np.ndarray:
+        """Sequence index (in the usable shards, in order) at each stream position."""
+        positions = np.asarray(positions, dtype=np.int64)
+        epochs, q = np.divmod(positions, self.total)  # q: position in its epoch
+        out = np.empty_like(q)
+        b, short = self.block, self.short
         for epoch in np.unique(epochs):
-            in_epoch = np.flatnonzero(epochs == epoch)
-            order, ends = self._layout(int(epoch))
-            slots = np.searchsorted(ends, q[in_epoch], side="right")
-            for slot in np.unique(slots):
-                rows = in_epoch[slots == slot]
-                shard = int(order[slot])
-                within = q[rows] - (ends[slot] - self.sizes[shard])
-                out[rows] = self._shard_rows(shard)[self._perm(int(epoch), shard)[within]]
+            i = np.flatnonzero(epochs == epoch)
+            perm, slot_of_short = self._order(int(epoch))
+            # Slots before the short block hold B positions each, it holds `short`, the ones after B again:
+            # shift the positions after it as if it were full.
+            qe = q[i]
+            slot, offset = np.divmod(np.where(qe >= slot_of_short * b + short, qe + (b - short), qe), b)
+            out[i] = perm(slot) * b + offset
+        return out
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """The sequences at stream `positions`, shape (len(positions), seq_len), reading only their bytes."""
+        return self.read_sequences(self.sequences(positions))
+
+    def read_sequences(self, seqs: np.ndarray) -> np.ndarray:
+        """Sequences by index in the usable shards, shape (len(seqs), seq_len) int64."""
+        shard = np.searchsorted(self.starts, seqs, side="right") - 1
+        out = np.empty((len(seqs), self.seq_len), dtype=np.int64)
+        for s in np.unique(shard):
+            rows = np.flatnonzero(shard == s)
+            out[rows] = self.reader.read(self.shards[s], seqs[rows] - self.starts[s])
         return out
 
 
@@ -208,7 +228,7 @@ class _BatchStream(IterableDataset):
                     out = np.empty((mb, seq_len), dtype=np.int64)
                     for d in np.unique(src):
                         rows = np.flatnonzero(src == d)
-                        out[rows] = self.sources[d].gather(pos[rows])
+                        out[rows] = self.sources[d].read(pos[rows])
                     # the state once the trainer has this micro-batch: counts move on only at a step's end
                     state = (step + 1, after, 0) if m + 1 == self.accum else (step, consumed, m + 1)
                     yield torch.from_numpy(out), state
@@ -223,7 +243,9 @@ class TokenLoader:
     batches does not depend on dp_size, micro_batch or the number of workers.
     """
 
-    def __init__(self, config: LoaderConfig, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, config: LoaderConfig, dp_rank: int = 0, dp_size: int = 1,
+                 checked: list[CheckedSplit] | None = None):
+        """`checked`: `check_sources(config)` as rank 0 computed it (None: check here)."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
         self.config, self.dp_rank, self.dp_size = config, dp_rank, dp_size
@@ -234,28 +256,32 @@ class TokenLoader:
                              f"{mb} x {dp_size} = {mb * dp_size}: every rank must get the same whole number of "
                              "micro-batches (gradient accumulation steps) per optimizer step")
         self.grad_accum = self.global_batch // (mb * dp_size)
-        self.manifests = [Manifest.load(p) for p in config.manifests]
-        first = self.manifests[0]
-        for m in self.manifests:
-            if m.seq_len != config.seq_len:
-                raise ManifestError(f"manifest {m.path} holds sequences of {m.seq_len} tokens, the loader is "
-                                    f"configured for {config.seq_len}: prepare the data with --seq-len "
-                                    f"{config.seq_len} or change seq_len")
-            if m.tokenizer != first.tokenizer:
-                raise ManifestError(f"cannot blend {m.path} ({m.tokenizer}) with {first.path} ({first.tokenizer}): "
-                                    "all manifests must use the same tokenizer")
-        self.sources = [_Source(m, config.split, i, config.seed, config.skip_corrupt, config.verify_sha256)
-                        for i, m in enumerate(self.manifests)]
-        for m, s in zip(self.manifests, self.sources):
+        if checked is None:
+            checked = check_sources(config)
+        elif [(c.manifest.location, c.split) for c in checked] != [(m, config.split) for m in config.manifests]:
+            raise ValueError(f"checked splits {[(c.manifest.location, c.split) for c in checked]} are not this "
+                             f"config's manifests {config.manifests} (split {config.split!r}): pass "
+                             "check_sources(config) of the same config")
+        self.checked = checked
+        self.manifests = [c.manifest for c in checked]
+        cache = shard_cache(config.cache_dir)
+        if any(is_url(r.tar) for c in checked for r in c.shards):
+            cache.check_writable()  # on every rank: each node has its own cache
+        self.sources = []
+        for i, c in enumerate(checked):
+            m = c.manifest
+            reader = RowReader(m.layout, m.np_dtype, verify=config.verify_crc, max_open=config.max_open_files,
+                               cache=cache)
+            self.sources.append(_Source(c, i, config.seed, reader))
             # The stream needs only N >= 1; a split that cannot give each rank one sequence per epoch is a
             # preparation mistake (seq_len too long for the corpus, the wrong split), so say so up front.
-            if s.total < dp_size:
-                raise ManifestError(f"split {config.split!r} of {m.path} has {s.total} usable sequences, fewer than "
-                                    f"the {dp_size} data-parallel ranks: prepare more data or a shorter --seq-len")
+            if self.sources[-1].total < dp_size:
+                raise ManifestError(f"split {config.split!r} of {m.location} has {self.sources[-1].total} usable "
+                                    f"sequences, fewer than the {dp_size} data-parallel ranks: prepare more data or "
+                                    "a shorter --seq-len")
         raw = config.weights if config.weights is not None else [s.total for s in self.sources]
         self.weights = np.asarray(raw, dtype=np.float64) / float(sum(raw))
-        self.skipped_shards: list[str] = [p for s in self.sources for p in s.skipped]
-        self._fingerprints = [m.fingerprint() for m in self.manifests]
+        self.skipped_shards: list[str] = [location for c in checked for location, _ in c.skipped]
         self.steps = 0  # optimizer steps (global batches) completed by the micro-batches handed out
         self.micro = 0  # micro-batches of the current step handed out by this rank
         self._consumed = [0] * len(self.sources)  # per source, after `steps` global batches
@@ -271,10 +297,20 @@ class TokenLoader:
         """Epochs of each source consumed by the completed global batches."""
         return [c / s.total for c, s in zip(self._consumed, self.sources)]
 
-    def check_compatible(self, vocab_size: int, seq_len: int) -> None:
-        """Refuse a recipe whose tokenizer vocabulary or sequence length differs from the manifests'."""
+    def check_compatible(self, vocab_size: int, seq_len: int, tokenizer: str | None = None) -> None:
+        """Refuse a recipe whose vocabulary (model.num_tokens), sequence length or tokenizer (data.tokenizer, if
+        given) differs from the manifests'."""
         for m in self.manifests:
-            m.check_compatible(vocab_size, seq_len)
+            m.check_compatible(vocab_size, seq_len, tokenizer)
+
+    def step_sequences(self) -> np.ndarray:
+        """(source, sequence index in the source's usable shards) of every row of the next step's global batch."""
+        choices, positions, _ = _plan(self.weights, self._consumed, self.global_batch)
+        seqs = np.empty_like(positions)
+        for d in np.unique(choices):
+            rows = np.flatnonzero(choices == d)
+            seqs[rows] = self.sources[d].sequences(positions[rows])
+        return np.stack([choices, seqs], axis=1)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Micro-batches from the current state on, forever; a new iterator continues where the last one stopped."""
@@ -297,8 +333,9 @@ class TokenLoader:
     def _identity(self) -> dict[str, Any]:
         return {"seed": self.config.seed, "split": self.config.split, "seq_len": self.config.seq_len,
                 "global_batch": self.global_batch,
-                "sources": [{"manifest": str(m.path), "fingerprint": f, "weight": float(w), "skipped": s.skipped}
-                            for m, f, s, w in zip(self.manifests, self._fingerprints, self.sources, self.weights)]}
+                "sources": [{"manifest": c.manifest.location, "fingerprint": c.fingerprint, "weight": float(w),
+                             "skipped": [location for location, _ in c.skipped]}
+                            for c, w in zip(self.checked, self.weights)]}
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position (steps, per-source consumed, micro) plus what must match on resume.
@@ -317,8 +354,9 @@ class TokenLoader:
             raise ValueError(f"not a {STATE_FORMAT} state dict")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"the loader state is version {state.get('version')}, this loader reads version "
-                             f"{STATE_VERSION} (one global stream split over DP ranks; version 1 had per-rank "
-                             "blocks): it cannot be continued exactly, start the data stream afresh")
+                             f"{STATE_VERSION} (one global shuffle of blocks of sequences, read by byte range; "
+                             "version 2 shuffled shards, version 1 had per-rank blocks): it cannot be continued "
+                             "exactly, start the data stream afresh")
         mine = self._identity()
         if state["global_batch"] != self.global_batch:
             raise ValueError(f"the loader state was saved with a global batch of {state['global_batch']} sequences "
@@ -370,7 +408,9 @@ class EvalLoader:
     """One ordered pass over a split, partitioned over DP ranks; every rank yields the same number of batches.
 
     Global batch g holds sequences [g*dp*mb, (g+1)*dp*mb) and rank r its r-th slice of mb, so each
-    sequence is evaluated exactly once; past the end, rows are EOS with valid=False.
+    sequence is evaluated exactly once; past the end, rows are EOS with valid=False. A rank reads
+    only its slices' bytes. `checked`: `check_split(manifest, split)` as rank 0 computed it (None:
+    check here).
     """
 
     manifest: str
@@ -378,45 +418,48 @@ class EvalLoader:
     micro_batch: int
     dp_rank: int = 0
     dp_size: int = 1
-    verify_sha256: bool = True
-    _manifest: Manifest = field(init=False, repr=False)
+    verify_crc: bool = True
+    cache_dir: str | None = None
+    checked: CheckedSplit | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if not 0 <= self.dp_rank < self.dp_size or self.micro_batch < 1:
             raise ValueError(f"need 0 <= dp_rank < dp_size and micro_batch >= 1, got {self.dp_rank}, "
                              f"{self.dp_size}, {self.micro_batch}")
-        self._manifest = Manifest.load(self.manifest)
-        self._info = self._manifest.split(self.split)
-        for shard in self._info.shards:
-            check_present(self._manifest.shard_path(shard), shard)
+        if self.checked is None:
+            self.checked = check_split(self.manifest, self.split)
+        elif (self.checked.manifest.location, self.checked.split) != (str(self.manifest), self.split):
+            raise ValueError(f"checked split {self.checked.split!r} of {self.checked.manifest.location} is not "
+                             f"split {self.split!r} of {self.manifest}")
+        if self.checked.skipped:
+            raise ValueError(f"an evaluation split must be whole; shards were left out: {self.checked.skipped}")
+        m = self.checked.manifest
+        cache = shard_cache(self.cache_dir)
+        if any(is_url(r.tar) for r in self.checked.shards):
+            cache.check_writable()
+        self._source = _Source(self.checked, 0, 0, RowReader(m.layout, m.np_dtype, verify=self.verify_crc,
+                                                             cache=cache))
 
-    def check_compatible(self, vocab_size: int, seq_len: int) -> None:
-        """Refuse a recipe whose tokenizer vocabulary or sequence length differs from the manifest's."""
-        self._manifest.check_compatible(vocab_size, seq_len)
+    def check_compatible(self, vocab_size: int, seq_len: int, tokenizer: str | None = None) -> None:
+        """Refuse a recipe whose vocabulary, sequence length or tokenizer (if given) differs from the manifest's."""
+        self.checked.manifest.check_compatible(vocab_size, seq_len, tokenizer)
 
     @property
     def num_sequences(self) -> int:
         """Sequences in the split (over all ranks)."""
-        return self._info.num_sequences
+        return self._source.total
 
     def __len__(self) -> int:
         """Batches per rank."""
-        return -(-self._info.num_sequences // (self.dp_size * self.micro_batch))
+        return -(-self.num_sequences // (self.dp_size * self.micro_batch))
 
     def __iter__(self) -> Iterator[EvalBatch]:
         """The rank's batches, in order."""
-        m, mb = self._manifest, self.micro_batch
-        ends = np.cumsum([s.num_sequences for s in self._info.shards])
-        loaded: tuple[int, np.ndarray] | None = None
+        mb, eos = self.micro_batch, self.checked.manifest.tokenizer.eos_id
         for g in range(len(self)):
             start = (g * self.dp_size + self.dp_rank) * mb
             idx = np.arange(start, start + mb)
-            valid = idx < self._info.num_sequences
-            tokens = np.full((mb, m.seq_len), m.tokenizer.eos_id, dtype=np.int64)
-            for row in np.flatnonzero(valid):
-                shard = int(np.searchsorted(ends, idx[row], side="right"))
-                if loaded is None or loaded[0] != shard:
-                    info = self._info.shards[shard]
-                    loaded = shard, read_shard(m.shard_path(info), info, m.seq_len, m.dtype, self.verify_sha256)
-                tokens[row] = loaded[1][idx[row] - (ends[shard] - self._info.shards[shard].num_sequences)]
+            valid = idx < self.num_sequences
+            tokens = np.full((mb, self._source.seq_len), eos, dtype=np.int64)
+            tokens[valid] = self._source.read_sequences(idx[valid])
             yield EvalBatch(torch.from_numpy(tokens), torch.from_numpy(valid), g * self.dp_size + self.dp_rank)

@@ -5,11 +5,18 @@ pool (results consumed in order, so output bytes do not depend on the worker cou
 split (`packing.py`) and written as shards (`shards.py`). When the source has no "valid" split,
 every k-th document (k = round(1 / valid_fraction)) is held out for validation: a split by
 documents, spread evenly over the corpus.
+
+The dataset is built in a temporary sibling of the output directory and renamed into place when
+complete, so a failure or crash midway leaves no half-written dataset, and with `overwrite` the
+old dataset stays whole until the new one is ready. A non-empty output directory is refused unless
+`overwrite` is set, and even then only if it holds nothing but a prepared dataset.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,10 +27,17 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from sedd_scale.data.manifest import Manifest, SplitInfo, TokenizerInfo
+from sedd_scale.data.layout import default_seqs_per_sample
+from sedd_scale.data.manifest import DTYPES, Manifest, SplitInfo, TokenizerInfo
 from sedd_scale.data.packing import Packer
 from sedd_scale.data.shards import ShardWriter
-from sedd_scale.data.tokenizer import get_tokenizer
+from sedd_scale.data.tokenizer import get_tokenizer, is_tokenizer_file
+
+DATASET_SUFFIXES = (".tar", ".crc32", ".tmp")  # what a prepared dataset directory holds besides manifest.json
+
+
+class PrepareError(ValueError):
+    """An output directory that cannot take the dataset (it names the directory and the fix)."""
 
 
 @dataclass
@@ -31,14 +45,16 @@ class PrepareConfig:
     """How to tokenize, pack and shard."""
 
     out: Path
-    tokenizer: str = "gpt2"
+    tokenizer: str = "gpt2"  # gpt2, byte or the path of a Hugging Face tokenizer.json
     seq_len: int = 1024
     valid_fraction: float = 0.01  # documents held out when the source has no "valid" split; 0: none
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    seqs_per_sample: int = 0  # 0: about 64K tokens per sample
+    seqs_per_sample: int = 0  # 0: a 16 KiB sample (layout.SAMPLE_BYTES), the block of the global shuffle
     shard_tokens: int = 1 << 24  # about 32 MiB of uint16 tokens per shard
     chunk_docs: int = 256  # documents per tokenization task
     progress: bool = True
+    eos_token: str | None = None  # a tokenizer.json's end-of-document token (None: found among its specials)
+    overwrite: bool = False  # replace the prepared dataset already in `out`
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -48,8 +64,6 @@ class PrepareConfig:
             raise ValueError(f"valid_fraction must be in [0, 0.5), got {self.valid_fraction}")
         if self.workers < 1 or self.chunk_docs < 1 or self.shard_tokens < 1 or self.seqs_per_sample < 0:
             raise ValueError("workers, chunk_docs and shard_tokens must be >= 1 and seqs_per_sample >= 0")
-        if self.seqs_per_sample == 0:
-            self.seqs_per_sample = max(1, (1 << 16) // self.seq_len)
 
 
 @dataclass
@@ -69,9 +83,9 @@ class PrepareStats:
                 f"{self.text_bytes / self.seconds / 1e6:.1f} MB/s")
 
 
-def _encode_chunk(task: tuple[str, list[str]]) -> tuple[np.ndarray, np.ndarray, int]:
-    name, texts = task
-    ids, lengths = get_tokenizer(name).encode_documents(texts)
+def _encode_chunk(task: tuple[str, str | None, list[str]]) -> tuple[np.ndarray, np.ndarray, int]:
+    spec, eos_token, texts = task
+    ids, lengths = get_tokenizer(spec, eos_token).encode_documents(texts)
     return ids, lengths, sum(len(t.encode("utf-8")) for t in texts)
 
 
@@ -98,26 +112,87 @@ def _chunks(docs: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def _dtype_for(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, a non-empty directory (without overwrite), or holds more than a dataset."""
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out} is a file, not a directory: choose a directory for the dataset")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise PrepareError(f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0]}): choose a new or "
+                           "empty directory, or pass --overwrite to replace the dataset in it")
+    foreign = [e for e in entries if e != "manifest.json" and not e.endswith(DATASET_SUFFIXES)]
+    if "manifest.json" not in entries or foreign:
+        what = ("has no manifest.json" if "manifest.json" not in entries
+                else f"holds {foreign[0]!r}, which is not part of a dataset")
+        raise PrepareError(f"--out {out} {what}: --overwrite only replaces a prepared dataset (manifest.json, "
+                           "*.tar, *.crc32); move the other files away or choose another directory")
+
+
+def _swap_into_place(built: Path, out: Path) -> None:
+    """Rename the finished dataset to `out`; an old one is renamed aside first and deleted only after."""
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(built, out)  # rename(2) replaces an empty directory atomically
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old)  # the old dataset stays whole until the new one is in place
+    try:
+        os.replace(built, out)
+    except BaseException:
+        os.replace(old, out)  # put the old one back
+        raise
+    shutil.rmtree(old)
+
+
 def prepare(splits: dict[str, Iterable[str]], config: PrepareConfig, source: dict[str, Any]) -> PrepareStats:
-    """Tokenize, pack and shard `splits` (split name -> documents) into `config.out`; write manifest.json."""
+    """Tokenize, pack and shard `splits` (split name -> documents) into `config.out` with its manifest.json.
+
+    Built in a temporary sibling directory and renamed into place at the end (see the module docstring).
+    """
     if "train" not in splits:
         raise ValueError(f"the source needs a 'train' split, got {sorted(splits)}")
-    tok = get_tokenizer(config.tokenizer)  # also fetches GPT-2's rank file once, before any fork
-    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
-    config.out.mkdir(parents=True, exist_ok=True)
+    out = config.out
+    check_output(out, config.overwrite)
+    tok = get_tokenizer(config.tokenizer, config.eos_token)  # also fetches GPT-2's rank file once, before any fork
+    tokenizer = TokenizerInfo(tok.name, tok.vocab_size, tok.eos_id, tok.sha256)  # a missing EOS fails here
+    if is_tokenizer_file(config.tokenizer):
+        source = {**source, "tokenizer_file": str(Path(config.tokenizer).resolve())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the dataset gets the usual permissions
+    try:
+        stats = _prepare_into(stage, splits, config, source, tokenizer)
+        _swap_into_place(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # the half-built dataset; the error itself propagates
+        raise
+    stats.manifest.location = str(out / "manifest.json")
+    return stats
+
+
+def _prepare_into(stage: Path, splits: dict[str, Iterable[str]], config: PrepareConfig, source: dict[str, Any],
+                  tokenizer: TokenizerInfo) -> PrepareStats:
+    dtype = _dtype_for(tokenizer.vocab_size)
+    seqs_per_sample = config.seqs_per_sample or default_seqs_per_sample(config.seq_len, DTYPES[dtype].itemsize)
     hold_out = "valid" not in splits and config.valid_fraction > 0
     every = round(1 / config.valid_fraction) if hold_out else 0
     names = list(splits) + (["valid"] if hold_out else [])
     seqs_per_shard = max(1, config.shard_tokens // config.seq_len)
     packers = {s: Packer(config.seq_len, np.dtype(dtype)) for s in names}
-    writers = {s: ShardWriter(config.out, s, config.seq_len, dtype, config.seqs_per_sample, seqs_per_shard)
-               for s in names}
+    writers = {s: ShardWriter(stage, s, config.seq_len, dtype, seqs_per_sample, seqs_per_shard) for s in names}
     docs = dict.fromkeys(names, 0)
     text_bytes = tokens = 0
     start = time.perf_counter()
-    bar = tqdm(unit=" doc", disable=not config.progress, desc=f"tokenizing ({config.tokenizer})")
+    bar = tqdm(unit=" doc", disable=not config.progress, desc=f"tokenizing ({tokenizer.name})")
     for split, documents in splits.items():
-        tasks = ((config.tokenizer, chunk) for chunk in _chunks(documents, config.chunk_docs))
+        tasks = ((config.tokenizer, config.eos_token, chunk) for chunk in _chunks(documents, config.chunk_docs))
         first_doc = 0
         for ids, lengths, nbytes in _ordered_map(_encode_chunk, tasks, config.workers):
             text_bytes += nbytes
@@ -143,13 +218,12 @@ def prepare(splits: dict[str, Iterable[str]], config: PrepareConfig, source: dic
         shards = writers[s].close()
         n = packers[s].num_sequences
         out_splits[s] = SplitInfo(docs[s], n, n * config.seq_len, dropped, shards)
-    manifest = Manifest(TokenizerInfo(tok.name, tok.vocab_size, tok.eos_id), config.seq_len, dtype,
-                        config.seqs_per_sample, out_splits,
+    manifest = Manifest(tokenizer, config.seq_len, dtype, seqs_per_sample, out_splits,
                         {**source, "eos": "appended to every document",
                          "remainder": "each split's final tokens that fill no whole sequence are dropped",
                          "valid": (f"every {every}th document held out" if hold_out else
                                    "the source's own split" if "valid" in splits else "none")})
-    manifest.save(config.out / "manifest.json")
+    manifest.save(stage / "manifest.json")
     return PrepareStats(manifest, time.perf_counter() - start, sum(docs.values()), text_bytes, tokens)
 
 
@@ -159,7 +233,7 @@ def write_sequences(out: Path, splits: dict[str, np.ndarray], tokenizer: Tokeniz
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seq_len = next(iter(splits.values())).shape[1]
-    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+    dtype = _dtype_for(tokenizer.vocab_size)
     out_splits = {}
     for name, seqs in splits.items():
         writer = ShardWriter(out, name, seq_len, dtype, seqs_per_sample, seqs_per_shard)

@@ -1,21 +1,30 @@
-"""webdataset tar shards of packed token sequences: writing, reading and verifying.
+"""webdataset tar shards of packed token sequences, with a CRC32 sidecar: writing and full verification.
 
-A shard is a plain tar (readable by `webdataset.WebDataset`): each sample `<key>.tokens.u16`
-(or `.u32`) holds up to `seqs_per_sample` sequences as raw little-endian integers, several per
-sample because per-sample overhead dominates reading. `<key>` is the split-wide index of the
-sample's first sequence. Tar headers carry no time or owner, so the same data gives the same
-bytes and sha256.
+A shard is a plain tar written by `webdataset.TarWriter` (readable by `webdataset.WebDataset`): each
+sample `<key>.tokens.u16` (or `.u32`) holds `seqs_per_sample` sequences as raw little-endian ids,
+`<key>` the split-wide index of its first sequence. Tar headers carry no time or owner, so the same
+data gives the same bytes and sha256, and every sample but a split's last has the same size: the
+offsets of `layout.py` hold, and the writer checks them. Next to `<name>.tar`, `<name>.crc32` holds
+the CRC32 of every sequence (uint32, little-endian): 0.2% of the data at 1024 uint16 tokens, read
+with the rows it checks.
+
+`verify_shard` (prepare_data --verify) checks everything: sizes, both sha256s, the tar structure
+against the layout, and every sequence's CRC32. The training loader checks only sizes at start and
+the CRC32 of the rows it reads (`reader.py`).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from sedd_scale.data.fetch import sha256_bytes, sha256_file
-from sedd_scale.data.manifest import DTYPES, ShardInfo
+from sedd_scale.data.fetch import sha256_bytes
+from sedd_scale.data.layout import ShardLayout
+from sedd_scale.data.manifest import DTYPES, ShardInfo, ShardRef
 
 
 class ShardError(ValueError):
@@ -27,9 +36,27 @@ def field_name(dtype: str) -> str:
     return f"tokens.u{DTYPES[dtype].itemsize * 8}"
 
 
+def row_crcs(rows: np.ndarray) -> np.ndarray:
+    """CRC32 (zlib's) of each row's little-endian bytes, as uint32."""
+    rows = np.ascontiguousarray(rows)
+    return np.fromiter((zlib.crc32(r) for r in rows), dtype="<u4", count=len(rows))
+
+
+class _HashingFile:
+    """A write-only file that also hashes what passes through (so a shard is never read back)."""
+
+    def __init__(self, raw):
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+
 class ShardWriter:
-    """Writes packed sequences into `<prefix>-NNNNNN.tar` shards of `seqs_per_shard` sequences (rounded down to
-    a multiple of `seqs_per_sample`, so only the last sample of a split is partial)."""
+    """Writes packed sequences into `<prefix>-NNNNNN.tar` shards (+ `.crc32` sidecars) of `seqs_per_shard`
+    sequences (rounded down to a multiple of `seqs_per_sample`, so only the last sample of a split is partial)."""
 
     def __init__(self, out_dir: Path, prefix: str, seq_len: int, dtype: str, seqs_per_sample: int,
                  seqs_per_shard: int):
@@ -38,6 +65,7 @@ class ShardWriter:
                              f"{seqs_per_sample}")
         self.out_dir, self.prefix, self.seq_len = Path(out_dir), prefix, seq_len
         self.dtype, self.seqs_per_sample = DTYPES[dtype], seqs_per_sample
+        self.layout = ShardLayout(seq_len, self.dtype.itemsize, seqs_per_sample)
         self.seqs_per_shard = max(seqs_per_sample, seqs_per_shard // seqs_per_sample * seqs_per_sample)
         self.field = field_name(dtype)
         self.shards: list[ShardInfo] = []
@@ -61,68 +89,78 @@ class ShardWriter:
         return self.shards
 
     def _flush(self, n: int) -> None:
+        import webdataset as wds
+
         block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        shard, rest = block[:n], block[n:]
+        rows, rest = block[:n].astype(self.dtype), block[n:]
         self._pending, self._num_pending = ([rest] if len(rest) else []), len(rest)
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        path = self.out_dir / name
+        stem = f"{self.prefix}-{len(self.shards):06d}"
+        path, crc_path = self.out_dir / f"{stem}.tar", self.out_dir / f"{stem}.crc32"
         tmp = path.with_suffix(".tar.tmp")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for start in range(0, n, self.seqs_per_sample):
-                payload = shard[start:start + self.seqs_per_sample].astype(self.dtype).tobytes()
-                info = tarfile.TarInfo(f"{self._written + start:012d}.{self.field}")
-                info.size, info.mode, info.mtime = len(payload), 0o644, 0
-                tar.addfile(info, io.BytesIO(payload))
+        with open(tmp, "wb") as raw:
+            sink = _HashingFile(raw)
+            with wds.TarWriter(sink, user="", group="", mode=0o644, mtime=0, encoder=False,
+                               format=tarfile.USTAR_FORMAT) as tar:
+                for start in range(0, n, self.seqs_per_sample):
+                    tar.write({"__key__": f"{self._written + start:012d}",
+                               self.field: rows[start:start + self.seqs_per_sample].tobytes()})
+        if sink.size != self.layout.shard_bytes(n):  # the loader computes offsets: never write another layout
+            tmp.unlink()
+            raise RuntimeError(f"webdataset wrote {sink.size} bytes for {n} sequences, the fixed layout needs "
+                               f"{self.layout.shard_bytes(n)}: its tar writer changed; pin webdataset")
+        crcs = row_crcs(rows).tobytes()
+        crc_tmp = crc_path.with_suffix(".crc32.tmp")
+        crc_tmp.write_bytes(crcs)
+        crc_tmp.replace(crc_path)
         tmp.replace(path)
         self._written += n
-        self.shards.append(ShardInfo(name, n, path.stat().st_size, sha256_file(path)))
+        self.shards.append(ShardInfo(path.name, n, sink.size, sink.sha256.hexdigest(), crc_path.name,
+                                     sha256_bytes(crcs)))
 
 
-def check_present(path: Path, info: ShardInfo) -> None:
-    """Raise ShardError if the shard is missing or its size differs from the manifest (cheap: one stat)."""
-    if not path.is_file():
-        raise ShardError(f"missing shard {path}: restore it or prepare the data again with tools/prepare_data.py")
-    size = path.stat().st_size
-    if size != info.num_bytes:
-        raise ShardError(f"shard {path} is {size} bytes but the manifest says {info.num_bytes}: the file is "
-                         "truncated or was rewritten; restore it or prepare the data again "
-                         "(or set skip_corrupt to skip it)")
-
-
-def read_shard(path: Path, info: ShardInfo, seq_len: int, dtype: str, verify: bool = True) -> np.ndarray:
-    """All sequences of one shard as an (n, seq_len) array, checking size, sha256 (if `verify`) and structure."""
-    check_present(path, info)
-    data = path.read_bytes()
-    if verify and sha256_bytes(data) != info.sha256:
-        raise ShardError(f"sha256 mismatch for shard {path}: expected {info.sha256}, got {sha256_bytes(data)}; "
-                         "the file is corrupt or was modified: restore it or prepare the data again "
-                         "(or set skip_corrupt to skip it)")
+def read_shard(data: bytes, where: str, info: ShardInfo, layout: ShardLayout, dtype: str) -> np.ndarray:
+    """All sequences of a shard's bytes, parsed as a tar (not through the layout), each member checked against it."""
     np_dtype, field = DTYPES[dtype], field_name(dtype)
-    row_bytes = seq_len * np_dtype.itemsize
     parts = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                end = member.offset_data + member.size
+            for j, member in enumerate(tar):
                 if not member.isfile() or not member.name.endswith("." + field):
-                    raise ShardError(f"shard {path}: unexpected member {member.name!r} (expected *.{field})")
-                if end > len(data) or member.size % row_bytes:
-                    raise ShardError(f"shard {path}: member {member.name!r} is truncated ({member.size} bytes, "
-                                     f"not a whole number of {seq_len}-token sequences, or past the file end)")
+                    raise ShardError(f"shard {where}: unexpected member {member.name!r} (expected *.{field})")
+                if member.offset_data + member.size > len(data) or member.size % layout.row_bytes:
+                    raise ShardError(f"shard {where}: member {member.name!r} is truncated ({member.size} bytes, "
+                                     f"not a whole number of {layout.seq_len}-token sequences, or past the file end)")
+                if member.offset_data != int(layout.row_offsets([j * layout.seqs_per_sample])[0]):
+                    raise ShardError(f"shard {where}: member {member.name!r} starts at byte {member.offset_data}, "
+                                     "not where the fixed layout puts it")
                 parts.append(np.frombuffer(data, dtype=np_dtype, count=member.size // np_dtype.itemsize,
                                            offset=member.offset_data))
     except tarfile.TarError as e:
-        raise ShardError(f"shard {path} is not a readable tar ({e}): restore it or prepare the data again") from e
-    seqs = np.concatenate(parts).reshape(-1, seq_len) if parts else np.empty((0, seq_len), np_dtype)
+        raise ShardError(f"shard {where} is not a readable tar ({e}): restore it or prepare the data again") from e
+    seqs = np.concatenate(parts).reshape(-1, layout.seq_len) if parts else np.empty((0, layout.seq_len), np_dtype)
     if len(seqs) != info.num_sequences:
-        raise ShardError(f"shard {path} holds {len(seqs)} sequences but the manifest says {info.num_sequences}")
+        raise ShardError(f"shard {where} holds {len(seqs)} sequences but the manifest says {info.num_sequences}")
     return seqs
 
 
-def verify_shard(path: Path, info: ShardInfo, seq_len: int, dtype: str) -> str | None:
-    """None if the shard is intact, else the reason it is not."""
+def verify_shard(tar_path: Path, crc_path: Path, ref: ShardRef, layout: ShardLayout, dtype: str) -> str | None:
+    """None if a shard (local files) is intact, else what is wrong: sizes, sha256s, tar structure, every CRC32."""
+    info = ref.info
+    for path, size, sha, what in ((tar_path, info.num_bytes, info.sha256, "shard"),
+                                  (crc_path, info.crc_bytes, info.crc_sha256, "CRC sidecar")):
+        if not path.is_file():
+            return f"{what} {ref.tar if what == 'shard' else ref.crc} is missing"
+        data = path.read_bytes()
+        if len(data) != size:
+            return f"{what} {path} is {len(data)} bytes but the manifest says {size}"
+        if sha256_bytes(data) != sha:
+            return f"sha256 mismatch for {what} {path}: expected {sha}, got {sha256_bytes(data)}"
     try:
-        read_shard(path, info, seq_len, dtype, verify=True)
+        seqs = read_shard(tar_path.read_bytes(), str(tar_path), info, layout, dtype)
     except ShardError as e:
         return str(e)
+    stored = np.frombuffer(crc_path.read_bytes(), dtype="<u4")
+    bad = np.flatnonzero(row_crcs(seqs) != stored)
+    if bad.size:  # both sha256s matched: the manifest itself is inconsistent
+        return f"shard {tar_path}: {bad.size} sequence(s) disagree with the CRC sidecar, first {int(bad[0])}"
     return None

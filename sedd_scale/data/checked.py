@@ -1,0 +1,74 @@
+"""A split as every rank reads it, checked once: its usable shards, located, their sizes as the manifest says.
+
+Loading a manifest and stat-ing every shard is per-shard metadata work: 61K shards and as many
+sidecars for a 1T-token corpus. Rank 0 does it (`check_split`, on threads so a network
+filesystem's latency overlaps), the trainer broadcasts the picklable result, and every other rank
+builds its loaders from it without touching the filesystem (`TokenLoader(..., checked=...)`,
+`EvalLoader(..., checked=...)`): startup is O(1) per rank. Sizes are the cheap check made here;
+content is checked by the CRC32 of each row read, and by sha256 in `prepare_data --verify`. Shards
+given as URLs are checked (size and sha256) when they land in the cache, not here.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from sedd_scale.data.manifest import Manifest, ShardRef
+from sedd_scale.data.shards import ShardError
+from sedd_scale.data.urlcache import is_url
+
+_FIX = "restore it or prepare the data again (or set data.skip_corrupt: true to train without it)"
+
+
+@dataclass(frozen=True)
+class CheckedSplit:
+    """A manifest split whose shards have been checked: what a rank needs to read it."""
+
+    manifest: Manifest
+    split: str
+    shards: tuple[ShardRef, ...]  # the usable shards, in manifest order
+    skipped: tuple[tuple[str, str], ...]  # (location, reason) of each shard left out (skip_corrupt)
+    fingerprint: str  # the manifest's, computed once here (it hashes every shard entry)
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences in the usable shards."""
+        return sum(r.info.num_sequences for r in self.shards)
+
+
+def _file_problem(location: str, size: int, what: str) -> str | None:
+    try:
+        got = os.stat(location).st_size
+    except FileNotFoundError:
+        return f"missing {what} {location}: {_FIX}"
+    if got != size:
+        return (f"{what} {location} is {got} bytes but the manifest says {size}: the file is truncated or was "
+                f"rewritten; {_FIX}")
+    return None
+
+
+def shard_problem(ref: ShardRef) -> str | None:
+    """Why a local shard cannot be read (missing, or its tar or sidecar has the wrong size), or None."""
+    if is_url(ref.tar):
+        return None  # checked when it lands in the cache
+    return (_file_problem(ref.tar, ref.info.num_bytes, "shard")
+            or _file_problem(ref.crc, ref.info.crc_bytes, "CRC sidecar"))
+
+
+def check_split(manifest: Manifest | str, split: str, skip_corrupt: bool = False, threads: int = 32) -> CheckedSplit:
+    """Load (if given a location) and check a split's shards; with skip_corrupt the bad ones are left out.
+
+    Without skip_corrupt the first problem is a ShardError (naming how many more there are).
+    """
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.load(manifest)
+    refs = manifest.shard_refs(split)
+    with ThreadPoolExecutor(max(1, min(threads, len(refs)))) as pool:
+        problems = list(pool.map(shard_problem, refs))
+    bad = [(r.tar, p) for r, p in zip(refs, problems) if p is not None]
+    if bad and not skip_corrupt:
+        more = f" ({len(bad) - 1} more shard(s) of split {split!r} have problems)" if len(bad) > 1 else ""
+        raise ShardError(bad[0][1] + more)
+    return CheckedSplit(manifest, split, tuple(r for r, p in zip(refs, problems) if p is None), tuple(bad),
+                        manifest.fingerprint())
