@@ -441,6 +441,10 @@ class Recipe:
         if m.n_blocks % pp:
             raise ValueError(f"parallel.pp={pp} does not divide model.n_blocks={m.n_blocks}: "
                              f"choose pp among {_divisors(m.n_blocks)}")
+        if m.precision == "bf16" and self.parallel.zero_stage == 0:
+            # Without ZeRO DeepSpeed wraps bf16 weights in another optimizer, whose state nothing here reads.
+            raise ValueError("model.precision=bf16 keeps fp32 master weights in DeepSpeed's bf16 optimizer, which "
+                             "runs under ZeRO: set parallel.zero_stage: 1 (it costs nothing on one GPU)")
         if m.length != self.data.seq_len:
             raise ValueError(f"model.length={m.length} differs from data.seq_len={self.data.seq_len}: set both "
                              "to the sequence length the data was prepared with")

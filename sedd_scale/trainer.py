@@ -201,9 +201,19 @@ class Trainer:
                f"{self.checkpoints.root / 'latest'}), or restore the file from a copy" if earlier else
                "restore the file from a copy; this run has no earlier checkpoint")
         self.io.expect(path, meta["files"], fix)
-        self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
-                                    load_lr_scheduler_states=True)
-        extra = self.io.load(str(path / f"rank_{self.rank:05d}.pt"))
+        error, extra = None, None
+        try:  # every file read is verified; reading involves no collective, so ranks can agree afterwards
+            self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+            extra = self.io.load(str(path / f"rank_{self.rank:05d}.pt"))
+        except CheckpointError as e:
+            error = e
+        failed = torch.tensor([float(error is not None)], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if bool(failed):
+            raise CheckpointError(f"another rank could not read its files of {path} (its error names the file): {fix}")
         self.step, self.tokens_seen = extra["step"], extra["tokens_seen"]
         self.ema.load_state_dict(extra["ema"])
         seed = self.recipe.train.seed + 1_000_003 * self.step

@@ -207,6 +207,12 @@ def test_impossible_layouts_refused_on_load(parallel, message):
     assert message in error_of(minimal(parallel={"micro_batch": 2, "global_batch": 8, **parallel}))
 
 
+def test_bf16_weights_need_zero():
+    assert "set parallel.zero_stage: 1" in error_of(minimal(model={"hidden_size": 64, "n_heads": 4, "n_blocks": 4,
+                                                                     "length": 32, "precision": "bf16"},
+                                                              parallel={"zero_stage": 0}))
+
+
 def test_model_must_match_data():
     """The network's length and vocabulary must be the data's."""
     assert "model.length=32 differs from data.seq_len=64" in error_of(

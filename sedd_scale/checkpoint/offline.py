@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sedd_scale.checkpoint.checksums import file_record
 from sedd_scale.checkpoint.consolidated import TRAINING_CATEGORIES
 from sedd_scale.checkpoint.files import read_verified
 from sedd_scale.checkpoint.hub import model_kinds, unshard_tensors
@@ -37,6 +38,7 @@ from sedd_scale.config import Recipe, from_dict
 from sedd_scale.ema import shard_bounds
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+_FIX = "this checkpoint cannot be converted; use an earlier step (or restore the file from a copy)"
 
 
 def model_key(name: str, n_blocks: int, pipelined: bool) -> str:
@@ -59,11 +61,20 @@ class _Reader:
         self.recipe = from_dict(Recipe, self.meta["recipe"])
         self.cfg = self.recipe.model
         self.bf16 = self.cfg.precision == "bf16"
+        self.read: set[str] = set()
 
     def load(self, rel: str) -> Any:
         """A file of the step, verified, on the CPU."""
-        return read_verified(self.step / rel, self.meta["files"].get(rel),
-                             fix="this checkpoint cannot be converted; use an earlier step")
+        self.read.add(rel)
+        return read_verified(self.step / rel, self.meta["files"].get(rel), fix=_FIX)
+
+    def verify_rest(self) -> None:
+        """Check the files nothing was read from (e.g. the weights a ZeRO checkpoint also keeps as fp32 masters)."""
+        for rel, record in self.meta["files"].items():
+            path = self.step / rel
+            if rel not in self.read and (not path.is_file() or file_record(path) != record):
+                raise CheckpointError(f"checkpoint file {path} is damaged or missing (not the bytes meta.json "
+                                      f"recorded): {_FIX}")
 
     def rank(self, tp: int, dp: int, pp: int) -> int:
         """The global rank of (tp, dp, pp) in megatron's and DeepSpeed's order."""
@@ -215,6 +226,7 @@ def read_state(step: str | Path, categories: tuple[str, ...] = TRAINING_CATEGORI
                 for name in names:
                     key = model_key(name, cfg.n_blocks, reader.pp > 1)
                     parts[c][key][tp] = tensors[c][name].float().view(shapes[name])
+    reader.verify_rest()  # a conversion refuses a damaged checkpoint even where it did not need the file
     full = {c: dict(sorted((k, unshard_tensors(v, kinds[k], cfg).contiguous()) for k, v in d.items()))
             for c, d in parts.items()}
     missing = sorted(set(kinds) - set(next(iter(full.values()))))
