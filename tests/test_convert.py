@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.dist import launch
-from tests.test_trainer import LOSS_RTOL, SyntheticTokens, recipe_dict
+from sedd_scale.data.synthetic import SyntheticTokens
+from tests.test_trainer import LOSS_RTOL, recipe_dict
 
 pytestmark = pytest.mark.slow
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sedd_scale.data.loader import EvalBatch
+from sedd_scale.data.synthetic import SyntheticTokens
 from tests.dist import launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.megatron]
@@ -30,35 +31,6 @@ def recipe_dict(tmp: str, **parallel) -> dict:
                   "max_nonfinite_steps": 3},
         "checkpoint": {"dir": tmp},
     }
-
-
-class SyntheticTokens:
-    """Each step's global batch drawn from (seed, step); a rank's micro-batches hold its rows of it
-    (the row convention of `noising.global_row_offset`), so every layout trains on the same rows."""
-
-    def __init__(self, num_tokens: int, seq_len: int, layout, dp_rank: int, seed: int = 0):
-        self.num_tokens, self.seq_len, self.layout, self.dp_rank, self.seed = num_tokens, seq_len, layout, dp_rank, seed
-        self.count = 0
-
-    def __iter__(self):
-        from sedd_scale.noising import global_row_offset
-
-        lay = self.layout
-        while True:
-            step, micro = divmod(self.count, lay.grad_accum)
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + step)
-            full = torch.randint(0, self.num_tokens, (lay.global_batch, self.seq_len), generator=gen)
-            start = global_row_offset(micro, self.dp_rank, lay.micro_batch, lay.dp)
-            self.count += 1
-            yield full[start:start + lay.micro_batch]
-
-    def state_dict(self) -> dict:
-        """The position in the global stream (the same on every rank and layout at a step boundary)."""
-        step, micro = divmod(self.count, self.layout.grad_accum)
-        return {"step": step, "micro": micro}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.count = state["step"] * self.layout.grad_accum + state["micro"]
 
 
 def _build(recipe_data: dict):
