@@ -12,6 +12,11 @@
 #                node list (MASTER_PORT from the job id unless set), and the venv's python must be
 #                on a filesystem every node sees.
 #   --set k=v    recipe overrides (several after one --set, or repeat --set)
+#   --nnodes N --node-rank R --rdzv HOST:PORT
+#                several nodes without slurm: run this on every node (R = 0 .. N-1, the same HOST:PORT,
+#                reachable from all; node 0 hosts torchrun's c10d rendezvous there); --nproc per node
+#   SEDD_PYTHON=/path/to/python  use that interpreter (e.g. an NGC container's, with its own torch,
+#                Transformer Engine and apex) instead of building .venv (tools/bootstrap.sh checks it)
 #
 #   ./launcher.sh [--nproc N] --tool NAME [ARGS ...]
 #
@@ -26,7 +31,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "launcher: $*" >&2; exit 2; }
 
-recipe="" nproc="" sets=() extra=() tool="" tool_args=()
+recipe="" nproc="" sets=() extra=() tool="" tool_args=() nnodes="" node_rank="" rdzv=""
 while (($#)); do
   case "$1" in
     --tool) [ $# -ge 2 ] || die "--tool needs a name (evaluate, sample)"
@@ -34,6 +39,9 @@ while (($#)); do
     -h|--help) usage; exit 0 ;;
     --nproc) [ $# -ge 2 ] || die "--nproc needs a number"; nproc="$2"; shift 2 ;;
     --nproc=*) nproc="${1#*=}"; shift ;;
+    --nnodes) [ $# -ge 2 ] || die "--nnodes needs a number"; nnodes="$2"; shift 2 ;;
+    --node-rank) [ $# -ge 2 ] || die "--node-rank needs a number"; node_rank="$2"; shift 2 ;;
+    --rdzv) [ $# -ge 2 ] || die "--rdzv needs HOST:PORT"; rdzv="$2"; shift 2 ;;
     --set) shift
       [ $# -ge 1 ] && [[ "$1" == *=* ]] || die "--set needs key=value (e.g. --set optim.lr=1e-4)"
       while (($#)) && [[ "$1" == *=* && "$1" != -* ]]; do sets+=("$1"); shift; done ;;
@@ -49,8 +57,15 @@ if [ -n "$tool" ]; then
 fi
 recipe="${recipe:-$root/recipes/cpu-tiny.yaml}"
 [[ -z "$nproc" || "$nproc" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$nproc'"
+if [ -n "$nnodes$node_rank$rdzv" ]; then
+  [[ "$nnodes" =~ ^[1-9][0-9]*$ && "$node_rank" =~ ^[0-9]+$ && "$rdzv" =~ ^[^:]+:[0-9]+$ ]] || \
+    die "several nodes need --nnodes N --node-rank R --rdzv HOST:PORT together (got '$nnodes', '$node_rank', '$rdzv')"
+  [ "$node_rank" -lt "$nnodes" ] || die "--node-rank $node_rank is not below --nnodes $nnodes"
+  [ -z "${SLURM_JOB_ID:-}" ] || die "--nnodes/--rdzv are for clusters without slurm; inside an allocation srun starts the ranks"
+fi
 
 py="$("$root/tools/bootstrap.sh")" || die "tools/bootstrap.sh failed (see its log above)"
+[ -z "${SEDD_PYTHON:-}" ] || export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # no venv: the checkout itself
 
 set_args=()
 for s in ${sets[@]+"${sets[@]}"}; do set_args+=(--set "$s"); done
@@ -68,10 +83,17 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
     srun_args=(--ntasks="$world")
   fi
   mode="slurm: $nodes node(s), srun $world tasks"
+elif [ -n "$nnodes" ]; then
+  world=$((nnodes * ${nproc:-1}))
+  mode="torchrun: node $node_rank of $nnodes, ${nproc:-1} process(es) each, rendezvous $rdzv"
 else
   world="${nproc:-1}"
   if [ "$world" -eq 1 ]; then mode="single process"; else mode="torchrun: $world processes on this node"; fi
 fi
+# megatron's tensor-parallel communication overlaps compute only with one CUDA connection per device;
+# a dead rank fails the collective (the variable's current name) instead of hanging the job.
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 
 if [ -z "$tool" ]; then
   # Pre-flight: refuse an impossible recipe or layout, or a run directory the recipe cannot continue
@@ -93,7 +115,7 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   exec srun --kill-on-bad-exit=1 "${srun_args[@]}" bash -c \
     'export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_NTASKS"; exec "$@"' \
     sedd-task "$py" "${train[@]}"
-elif [ "$world" -eq 1 ]; then
+elif [ "$world" -eq 1 ] && [ -z "$nnodes" ]; then
   exec "$py" "${train[@]}"
 else
   # torchrun turns a SIGTERM it receives into a crash (exit 1) and kills the workers 30 s later, maybe
@@ -102,7 +124,14 @@ else
   # They checkpoint and exit 0 (SEDD_STOP_EXIT_CODE), torchrun exits 0, and this script exits 143
   # (128 + SIGTERM) so that schedulers requeue the job.
   export SEDD_STOP_EXIT_CODE=0
-  setsid "$py" -m torch.distributed.run --standalone --nproc-per-node "$world" "${train[@]}" &
+  if [ -n "$nnodes" ]; then
+    host_flag=$([ "$node_rank" -eq 0 ] && echo 1 || echo 0)  # node 0 hosts the rendezvous store
+    run=(--nnodes "$nnodes" --node-rank "$node_rank" --nproc-per-node "${nproc:-1}" --rdzv-backend c10d
+         --rdzv-endpoint "$rdzv" --rdzv-id "sedd-$rdzv" --rdzv-conf "is_host=$host_flag")
+  else
+    run=(--standalone --nproc-per-node "$world")
+  fi
+  setsid "$py" -m torch.distributed.run "${run[@]}" "${train[@]}" &
   child=$! stopped=""
   forward() { stopped="$1"; pkill "-$1" -P "$child" || true; }
   trap 'forward TERM' TERM; trap 'forward USR1' USR1; trap 'forward INT' INT

@@ -24,6 +24,11 @@ place before the first use. Each fix is applied only when its trigger is present
    the reduced copy). 0.17-0.18 (Python >= 3.12) were not checked; the fixed code is correct there too.
 
 On a CUDA machine only fixes 1 (when triton is missing) and 6 (old megatron-core) can apply.
+
+Because internals of both are patched here and their checkpoint files are read directly
+(`checkpoint/offline.py`), torch, megatron-core and DeepSpeed are checked against the tested
+ranges (`SUPPORTED`) at import: another version is refused with the fix, or, with
+SEDD_ALLOW_UNTESTED=1, allowed with a warning.
 """
 from __future__ import annotations
 
@@ -36,6 +41,40 @@ import types
 import torch
 
 APPLIED: list[str] = []
+# Tested ranges (pyproject.toml says the same): the CI runs megatron-core 0.16.1 and 0.19.2, DeepSpeed 0.19.
+SUPPORTED = {"torch": ">=2.4", "megatron-core": ">=0.16.1,<0.20", "deepspeed": ">=0.16,<0.20"}
+
+
+def check_versions(version=None) -> list[str]:
+    """Refuse (ImportError naming the fix) installed versions outside SUPPORTED; returns the problems found.
+
+    With SEDD_ALLOW_UNTESTED=1 they are printed as a warning instead. `version`: importlib.metadata.version
+    (replaceable for tests).
+    """
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    version = version or installed
+    problems = []
+    for name, spec in SUPPORTED.items():
+        try:
+            found = Version(version(name))
+        except PackageNotFoundError:
+            continue  # a missing package fails at its own import, with its own name
+        if Version(found.base_version) not in SpecifierSet(spec):
+            problems.append(f"{name} {found} (tested: {spec})")
+    if problems:
+        fix = " ".join(f"'{n}{s}'" for n, s in SUPPORTED.items())
+        message = (f"sedd-scale is tested with {', '.join(f'{n}{s}' for n, s in SUPPORTED.items())}; installed: "
+                   f"{'; '.join(problems)}. Install tested versions (pip install {fix}), or set "
+                   "SEDD_ALLOW_UNTESTED=1 to run anyway (its checkpoint readers and CPU fixes may not fit)")
+        if os.environ.get("SEDD_ALLOW_UNTESTED") != "1":
+            raise ImportError(message)
+        logging.getLogger(__name__).warning(message)
+    return problems
 
 
 def _stub_paged_stash() -> None:
@@ -157,6 +196,7 @@ def apply() -> list[str]:
     """Apply the fixes this machine needs (idempotent); returns their names."""
     if APPLIED:
         return APPLIED
+    check_versions()
     _stub_paged_stash()
     if not torch.cuda.is_available():
         _cuda_to_cpu()

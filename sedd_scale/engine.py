@@ -46,7 +46,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(parallel.free_port()))
     if torch.cuda.is_available():  # before NCCL creates its communicators on the wrong device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(parallel.local_device())
     # A timeout turns a hang (mismatched collectives, a dead rank) into an error.
     parallel.init_distributed(parallel.default_backend(), timeout_s=timeout_s)
     # DeepSpeed's comm layer (used by PipelineModule before any engine exists) wraps the same group.

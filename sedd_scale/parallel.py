@@ -14,6 +14,14 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 
 
+def local_device() -> torch.device:
+    """This process's device: GPU LOCAL_RANK modulo the visible GPUs (a cluster that binds one GPU per task shows
+    each task one device, LOCAL_RANK notwithstanding), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
 def default_backend() -> str:
     """nccl when CUDA is present, else gloo."""
     return "nccl" if torch.cuda.is_available() else "gloo"

@@ -52,14 +52,16 @@ def load_pretrained(path: str | Path, tp_size: int = 1, *, device: torch.device 
     """Load a checkpoint directory into a SEDD split over `tp_size` ranks: the reference's hub format
     (config.json + model.safetensors) or our consolidated format (tools/convert_checkpoint.py).
 
-    Call it on every rank of the TP group; a lone process with tp_size=1 needs no launcher. The
-    model is in eval mode; `model(indices, total_noise)` returns this rank's vocabulary shard of
+    Call it on every rank of the TP group; a lone process with tp_size=1 needs no launcher. The model
+    goes to `device` (default: this rank's GPU, LOCAL_RANK modulo the visible ones, else the CPU) in eval mode; `model(indices, total_noise)` returns this rank's vocabulary shard of
     the log-scores (`sedd_scale.parallel.gather_tp` joins the shards). `config_overrides` as in `read_weights`.
     """
     weights = read_weights(path, **config_overrides)
     cfg, spec = weights.config, dict(weights.noise)
+    device = torch.device(device) if device is not None else parallel.local_device()
+    if device.type == "cuda":  # each TP rank on its own GPU (before the process group picks one)
+        torch.cuda.set_device(device)
     parallel.init_parallel(tp=tp_size)
     model = SEDD(cfg, device="cpu")
     load_weights(model, dict(weights.tensors))
-    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), get_graph(cfg.graph, cfg.num_tokens), get_noise(spec.pop("type"), **spec)

@@ -119,7 +119,7 @@ class Trainer:
         """`loader`: this rank's micro-batches of clean tokens, iterable with state_dict/load_state_dict;
         `checkpoint_dir`: where checkpoints go (default recipe.checkpoint.dir)."""
         self.recipe, self.layout = recipe, layout
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = parallel.local_device()
         self.rank = dist.get_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.is_pipe = layout.pp > 1

@@ -266,3 +266,44 @@ def test_sigterm_checkpoints_and_exits_143(sandbox, mode):
         assert "Traceback" not in err and "SignalException" not in err, err
     step = int((root / "run" / "latest").read_text().removeprefix("step_"))
     assert step >= 3 and (root / "run" / f"step_{step:09d}" / "meta.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_nodes_without_slurm_meet_at_a_rendezvous(sandbox):
+    """--nnodes 2 --node-rank R --rdzv HOST:PORT: two "nodes" (launchers) on this machine over loopback form one world."""
+    from sedd_scale.parallel import free_port
+
+    root, env, _ = sandbox
+    rdzv = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([str(root / "launcher.sh"), TINY, "--nnodes", "2", "--node-rank", str(r), "--rdzv", rdzv,
+                               "--nproc", "1", "--layout-only"], cwd=root, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    for p, (out, err) in zip(nodes, outs):
+        assert p.returncode == 0, out + err
+    out = "".join(o for o, _ in outs)
+    assert "launcher: torchrun: node 0 of 2, 1 process(es) each, rendezvous " + rdzv in out
+    assert "layout: world 2 = TP 1 x PP 1 x DP 2" in out
+    assert sorted(r[:2] for r in rank_lines(out)) == [(0, 2), (1, 2)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2", "--rdzv", "h:1"], "need --nnodes N --node-rank R --rdzv HOST:PORT together"),
+    (["--nnodes", "2", "--node-rank", "2", "--rdzv", "h:1"], "--node-rank 2 is not below --nnodes 2"),
+    (["--nnodes", "2", "--node-rank", "0", "--rdzv", "nohostport"], "together"),
+])
+def test_bad_multi_node_flags(sandbox, args, message):
+    p = run(sandbox, TINY, *args)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_sedd_python_uses_the_given_interpreter_without_a_venv(sandbox):
+    """SEDD_PYTHON: the real bootstrap checks that interpreter's imports and builds nothing."""
+    root, env, _ = sandbox
+    shutil.copy(REPO / "tools" / "bootstrap.sh", root / "tools" / "bootstrap.sh")
+    p = run(sandbox, TINY, "--layout-only", env={"SEDD_PYTHON": sys.executable})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not (root / ".venv").exists() and "layout: world 1" in p.stdout
+    p = run(sandbox, TINY, env={"SEDD_PYTHON": "/bin/false"})
+    assert p.returncode == 2 and "cannot import what sedd-scale needs" in p.stderr, p.stderr

@@ -4,9 +4,17 @@
 #   SEDD_MCORE  megatron-core version (default: what pip resolves; 0.16.1 on Python 3.11)
 #   SEDD_TORCH  torch requirement installed first (default torch==2.13.0, the local CPU wheel;
 #               an unpinned torch would pull a multi-GB CUDA build)
+#   SEDD_PYTHON an interpreter to use as it is instead of a venv (e.g. an NGC container's python with its
+#               own torch, Transformer Engine and apex): checked to import what the project needs, nothing installed
 # A stamp of this script + pyproject.toml + the settings makes a repeated run a no-op.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -n "${SEDD_PYTHON:-}" ]; then
+  # The project must be importable by that interpreter: installed into it (pip install -e .) or from this checkout.
+  PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$SEDD_PYTHON" -W ignore -c 'import torch, sedd_scale.compat, megatron.core, deepspeed, webdataset, yaml, safetensors, tiktoken' >&2 || {
+    echo "[bootstrap] SEDD_PYTHON=$SEDD_PYTHON cannot import what sedd-scale needs (see above): install the missing packages into it (pip install -e $root), or unset SEDD_PYTHON to build .venv" >&2; exit 1; }
+  echo "$SEDD_PYTHON"; exit 0
+fi
 venv="${SEDD_VENV:-$root/.venv}"
 mcore="${SEDD_MCORE:-}"
 torch_req="${SEDD_TORCH:-torch==2.13.0}"
