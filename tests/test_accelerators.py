@@ -1,0 +1,71 @@
+"""Optional kernels: the choice on this machine (no CUDA: torch), and with apex present on a (simulated) CUDA device."""
+from __future__ import annotations
+
+import importlib.machinery
+import logging
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sedd_scale import accelerators
+
+
+@pytest.fixture
+def fake_apex(monkeypatch):
+    """apex modules that record calls (their LayerNorm computes torch's), importable like the real ones."""
+    calls = []
+
+    def fused_layer_norm_affine(x, weight, bias, shape, eps):
+        calls.append((x.dtype, weight.dtype, bias.dtype))
+        return F.layer_norm(x, shape, weight, bias, eps)
+
+    class FusedAdam(torch.optim.AdamW):
+        pass
+
+    modules = {"apex": types.ModuleType("apex"), "apex.normalization": types.ModuleType("apex.normalization"),
+               "apex.normalization.fused_layer_norm": types.ModuleType("apex.normalization.fused_layer_norm"),
+               "apex.optimizers": types.ModuleType("apex.optimizers")}
+    modules["apex.normalization.fused_layer_norm"].fused_layer_norm_affine = fused_layer_norm_affine
+    modules["apex.optimizers"].FusedAdam = FusedAdam
+    for name, module in modules.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    accelerators.choose.cache_clear()
+    accelerators._apex_layer_norm.cache_clear()
+    yield calls, FusedAdam
+    accelerators.choose.cache_clear()
+    accelerators._apex_layer_norm.cache_clear()
+
+
+def test_without_cuda_everything_is_torch(fake_apex):
+    choice = accelerators.choose(cuda=False)
+    assert (choice.layer_norm, choice.adam) == ("torch", "torch") and "no CUDA" in choice.reason
+    assert accelerators.adam_class(choice) is torch.optim.AdamW
+
+
+def test_apex_on_cuda_is_used_and_its_layer_norm_matches_torch(fake_apex, caplog):
+    calls, fused_adam = fake_apex
+    with caplog.at_level(logging.INFO, logger="sedd_scale.accelerators"):
+        choice = accelerators.choose(cuda=True)
+        assert accelerators.choose(cuda=True) is choice
+    assert (choice.layer_norm, choice.adam) == ("apex", "apex")
+    assert [r.message for r in caplog.records].count(choice.describe()) == 1  # logged once
+    assert accelerators.adam_class(choice) is fused_adam
+    x, w = torch.randn(2, 3, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
+    ours = accelerators.layer_norm(x, w, 1e-5, choice)
+    reference = accelerators.layer_norm(x, w, 1e-5, accelerators.choose(cuda=False))
+    assert calls == [(torch.float32, torch.float32, torch.float32)]  # computed in float32, like torch's path
+    assert ours.dtype == reference.dtype == torch.float32
+    torch.testing.assert_close(ours, reference)
+    assert accelerators.choose(cuda=True, compiled=True).layer_norm == "torch"  # inductor fuses torch's
+
+
+def test_without_apex_cuda_uses_torch_fused_adam(monkeypatch):
+    accelerators.choose.cache_clear()
+    monkeypatch.setattr(accelerators, "_importable", lambda name: False)
+    choice = accelerators.choose(cuda=True)
+    assert (choice.layer_norm, choice.adam, choice.transformer_engine) == ("torch", "torch-fused", "absent")
+    accelerators.choose.cache_clear()
