@@ -1,0 +1,241 @@
+"""One prepared check of a GPU machine; with --device cpu --quick, the same rows on tiny shapes on any CPU.
+
+    python benchmarks/gpu_check.py                        # one CUDA GPU: every row, under 8 minutes
+    python benchmarks/gpu_check.py --device cpu --quick   # every row on tiny shapes, under 3 minutes (CI runs it)
+    python benchmarks/gpu_check.py --rows train resume    # a subset
+
+Rows (each in fresh processes, so one failure does not hide the rest; the table says which passed):
+  train-fp32, train-bf16   the main job's model on synthetic Markov-chain tokens (no download: a GPU machine
+                           reaches nothing) through `python -m sedd_scale.train`: finite, decreasing loss
+  resume                   the fp32 run killed (SIGKILL) after a checkpoint and restarted: the losses after the
+                           restart against the uninterrupted run's (CPU: bitwise; CUDA: within RESUME_RTOL, since
+                           embedding-gradient atomics and the memory-efficient attention backward are
+                           nondeterministic there)
+  convert                  consolidate the killed-and-resumed run's checkpoint offline, evaluate it
+                           (tools/evaluate.py) and sample from it (tools/sample.py)
+  step-small, step-medium  sedd-small / sedd-medium training steps (bf16-mixed) at the largest micro batch that
+                           fits, with and without activation checkpointing: step time, tokens/s, TFLOP/s, MFU
+  loss                     fused vocab-parallel head + loss vs the naive one: peak memory and time
+  sampler                  sampling tokens/s (analytic, absorb), sample.py-equivalent
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+RESUME_RTOL = {"cpu": 0.0, "cuda": 1e-3}
+
+
+@dataclass
+class Settings:
+    """Shapes and lengths of one mode."""
+
+    device: str
+    quick: bool
+    work: Path
+    steps: int = 50
+    hidden: int = 128
+    blocks: int = 4
+    length: int = 128
+    batch: int = 16
+    timeout: float = 600.0
+    env: dict = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, device: str, quick: bool, work: Path) -> "Settings":
+        s = cls(device, quick, work)
+        if quick:
+            s.steps, s.hidden, s.blocks, s.length, s.batch, s.timeout = 16, 64, 2, 32, 8, 240.0
+        s.env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "PYTHONWARNINGS": "ignore",
+                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        if device == "cpu":
+            s.env["CUDA_VISIBLE_DEVICES"] = ""  # the trainer picks CUDA whenever it sees one
+        return s
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    name: str
+    ok: bool
+    numbers: str
+    seconds: float = 0.0
+
+
+def write_data(folder: Path, length: int, seed: int = 0) -> Path:
+    """Sequences of a sparse random Markov chain over the byte vocabulary (learnable, so the loss falls)."""
+    import numpy as np
+
+    from sedd_scale.data.manifest import TokenizerInfo
+    from sedd_scale.data.prepare import write_sequences
+
+    rng = np.random.default_rng(seed)
+    vocab = 257
+    successors = rng.integers(0, vocab, size=(vocab, 4))  # each token is followed by one of 4
+
+    def draw(n: int) -> np.ndarray:
+        out = np.empty((n, length), dtype=np.int64)
+        out[:, 0] = rng.integers(0, vocab, n)
+        for i in range(1, length):
+            out[:, i] = successors[out[:, i - 1], rng.integers(0, 4, n)]
+        return out
+
+    write_sequences(folder, {"train": draw(4096), "valid": draw(64), "test": draw(64)},
+                    TokenizerInfo("markov", vocab, vocab - 1), seqs_per_sample=8, seqs_per_shard=1024)
+    return folder / "manifest.json"
+
+
+def recipe(s: Settings, manifest: Path, run: Path, precision: str = "fp32", save_every: int | None = None) -> Path:
+    """The main job's recipe (cpu-tiny's model) on the synthetic data."""
+    import yaml
+
+    data = {"model": {"hidden_size": s.hidden, "n_heads": 4, "n_blocks": s.blocks, "cond_dim": 64, "num_tokens": 257,
+                      "length": s.length, "dropout": 0.0, "vocab_multiple": 1, "precision": precision},
+            "data": {"manifests": [str(manifest)], "tokenizer": None, "seq_len": s.length, "num_workers": 1},
+            "optim": {"lr": 2e-3, "warmup": 5, "schedule": "cosine", "min_lr": 1e-4},
+            "parallel": {"micro_batch": s.batch, "global_batch": s.batch, "zero_stage": 1},
+            "train": {"steps": s.steps, "ema": 0.99, "log_every": 1, "eval_every": s.steps,
+                      "save_every": save_every or s.steps, "keep_last": 2, "eval_batches": 2, "eval_draws": 2,
+                      "sample_steps": 8},
+            "checkpoint": {"dir": str(run)}}
+    path = run.parent / f"{run.name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _train(s: Settings, recipe_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sedd_scale.train", str(recipe_path)], cwd=ROOT, env=s.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss_per_token"] for r in records if "train/loss_per_token" in r}
+
+
+def row_train(s: Settings, manifest: Path, precision: str) -> Row:
+    """The main job for s.steps steps: finite, and the last fifth's mean loss below the first fifth's."""
+    run = s.work / f"train-{precision}"
+    proc = _train(s, recipe(s, manifest, run, precision))
+    out, _ = proc.communicate(timeout=s.timeout)
+    if proc.returncode != 0:
+        return Row(f"train-{precision}", False, f"exit {proc.returncode}: {out.strip().splitlines()[-1:]}")
+    losses = [v for _, v in sorted(_losses(run).items())]
+    fifth = max(1, len(losses) // 5)
+    first, last = sum(losses[:fifth]) / fifth, sum(losses[-fifth:]) / fifth
+    ok = len(losses) == s.steps and all(math.isfinite(v) for v in losses) and last < first
+    valid = next((line for line in out.splitlines() if "validation ELBO" in line), "no validation line")
+    return Row(f"train-{precision}", ok, f"loss/token {first:.3f} -> {last:.3f} over {len(losses)} steps; "
+                                          f"{valid.split(': ', 1)[-1]}")
+
+
+def row_resume(s: Settings, manifest: Path) -> Row:
+    """Kill the fp32 run (SIGKILL) once its mid-run checkpoint is committed, restart it, compare with train-fp32."""
+    reference = _losses(s.work / "train-fp32")
+    run = s.work / "resume"
+    half = s.steps // 2
+    path = recipe(s, manifest, run, "fp32", save_every=half)
+    proc = _train(s, path)
+    deadline = time.monotonic() + s.timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        latest = run / "latest"
+        if latest.exists() and latest.read_text().strip() == f"step_{half:09d}":
+            proc.send_signal(signal.SIGKILL)  # no checkpoint, no cleanup: as a node failure
+            break
+        time.sleep(0.02)
+    proc.communicate(timeout=60)
+    killed_at = max(_losses(run))
+    proc = _train(s, path)
+    out, _ = proc.communicate(timeout=s.timeout)
+    if proc.returncode != 0 or "resumed from step" not in out:
+        return Row("resume", False, f"restart exit {proc.returncode}: {out.strip().splitlines()[-1:]}")
+    after = _losses(run)
+    steps = [k for k in sorted(after) if k > half]
+    worst = max(abs(after[k] - reference[k]) / abs(reference[k]) for k in steps)
+    ok = steps == list(range(half + 1, s.steps + 1)) and worst <= RESUME_RTOL[s.device]
+    return Row("resume", ok, f"killed at step {killed_at} (checkpoint {half}), restarted: steps {steps[0]}-{steps[-1]} "
+                             f"vs the uninterrupted run, max relative difference {worst:.2e} "
+                             f"(tolerance {RESUME_RTOL[s.device]:g})")
+
+
+def row_convert(s: Settings, manifest: Path) -> Row:
+    """Consolidate the resumed run's EMA offline, evaluate it and sample from it with the tools."""
+    from sedd_scale import convert
+
+    out = s.work / "consolidated"
+    started = time.perf_counter()
+    summary = convert.consolidate(s.work / "resume", out, weights="ema")
+    took = time.perf_counter() - started
+    result = s.work / "eval.json"
+    ev = subprocess.run([sys.executable, "tools/evaluate.py", str(out), "--manifest", str(manifest), "--split", "test",
+                         "--draws", "2", "--out", str(result)], cwd=ROOT, env=s.env, capture_output=True, text=True,
+                        timeout=s.timeout)
+    samples = s.work / "samples.jsonl"
+    sm = subprocess.run([sys.executable, "tools/sample.py", str(out), "--num-samples", "4", "--steps", "16",
+                         "--tokenizer", "none", "--out", str(samples)], cwd=ROOT, env=s.env, capture_output=True,
+                        text=True, timeout=s.timeout)
+    if ev.returncode or sm.returncode:
+        bad = ev if ev.returncode else sm
+        return Row("convert", False, f"{bad.args[2]} exit {bad.returncode}: {bad.stderr.strip().splitlines()[-1:]}")
+    nats = json.loads(result.read_text())["nats_per_token"]
+    lines = samples.read_text().splitlines()
+    ok = math.isfinite(nats) and len(lines) == 4
+    return Row("convert", ok, f"consolidated step {summary['step']} in {took:.1f} s; test ELBO {nats:.3f} nats/token; "
+                              f"{len(lines)} samples written")
+
+
+ROWS = {"train": lambda s, m: [row_train(s, m, "fp32"), row_train(s, m, "bf16-mixed")],
+        "resume": lambda s, m: [row_resume(s, m)],
+        "convert": lambda s, m: [row_convert(s, m)]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the rows, print the table; exit 1 if any row failed."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (minutes on a CPU)")
+    p.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS))
+    p.add_argument("--work", default=None, help="a directory for the runs (default: a temporary one)")
+    args = p.parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device here; run with --device cpu --quick to check the code on this CPU", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        s = Settings.make(args.device, args.quick, work)
+        manifest = write_data(work / "data", s.length)
+        rows: list[Row] = []
+        for name in ROWS:  # in order: resume and convert use the runs before them
+            if name in args.rows:
+                started = time.perf_counter()
+                got = ROWS[name](s, manifest)
+                for r in got:
+                    r.seconds = (time.perf_counter() - started) / len(got)
+                rows += got
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"\ngpu_check on {device} ({'quick' if args.quick else 'full'}): torch {torch.__version__}")
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        print(f"{r.name:<{width}}  {'PASS' if r.ok else 'FAIL'}  {r.seconds:6.1f} s  {r.numbers}")
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
