@@ -301,3 +301,18 @@ def test_a_failed_checkpoint_write_is_named_cleaned_up_and_the_previous_one_resu
         assert "the previous checkpoint stays `latest`" in out[mode], out
     assert not [name for name in out["left"] if name.startswith(".tmp-")], out["left"]  # staging removed
     assert out["resumed"] == (True, 2), out
+
+
+@pytest.mark.slow
+@pytest.mark.megatron
+def test_an_empty_valid_split_is_said_not_skipped_silently(tmp_path):
+    from sedd_scale.data.manifest import TokenizerInfo
+    from sedd_scale.data.prepare import write_sequences
+
+    rng = np.random.default_rng(0)
+    write_sequences(tmp_path / "d", {"train": rng.integers(0, 11, (64, 8)), "valid": np.zeros((0, 8), dtype=np.int64)},
+                    TokenizerInfo("tiny", 11, 10), seqs_per_sample=8, seqs_per_shard=64)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "d", tmp_path / "run", train={"steps": 1}))
+    code, out = train_main(recipe)
+    assert code == 0, out
+    assert "the valid split of" in out and "is empty: no validation ELBO will be reported" in out, out
