@@ -12,7 +12,7 @@ import torch
 from tests.dist import launch
 from tests.test_trainer import _build, recipe_dict
 
-pytestmark = [pytest.mark.slow, pytest.mark.megatron]
+pytestmark = pytest.mark.slow
 
 
 def _train_and_save(recipe_data: dict, steps: int = 2) -> None:
@@ -168,7 +168,7 @@ def _live(step: str):
 
 
 @pytest.mark.parametrize("name, world, layout, model", [
-    ("tp2-pp2-dp2", 8, {"tp": 2, "pp": 2, "zero_stage": 1}, {}),
+    pytest.param("tp2-pp2-dp2", 8, {"tp": 2, "pp": 2, "zero_stage": 1}, {}, marks=pytest.mark.megatron),
     ("dp2-zero2", 2, {"zero_stage": 2}, {}),
     ("dp2-zero3", 2, {"zero_stage": 3}, {}),
     ("dp2-zero0", 2, {"zero_stage": 0}, {}),

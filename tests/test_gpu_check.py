@@ -13,7 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.megatron
 def test_gpu_check_quick_mode_passes_every_row_on_cpu(tmp_path):
     started = time.monotonic()
     p = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--work",

@@ -238,7 +238,6 @@ def _stop_when_training(proc: subprocess.Popen, root: Path, send) -> tuple[int, 
 
 
 @pytest.mark.slow
-@pytest.mark.megatron
 @pytest.mark.parametrize("mode", ["torchrun", "slurm"])
 def test_sigterm_checkpoints_and_exits_143(sandbox, mode):
     """A pre-emption signal to the launcher (torchrun) or to every task (slurm) ends in a checkpoint and 143."""

@@ -227,7 +227,6 @@ def test_a_missing_manifest_is_refused_before_any_process_group(tmp_path, capsys
 
 # --- end to end: divergence, rollback, a lower learning rate ---------------------------------------
 @pytest.mark.slow
-@pytest.mark.megatron
 def test_a_diverged_run_points_latest_before_the_streak_and_a_lower_lr_resumes_cleanly(tmp_path, data):
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(data, run))
@@ -290,7 +289,6 @@ def _write_fails(recipe_path: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.megatron
 def test_a_failed_checkpoint_write_is_named_cleaned_up_and_the_previous_one_resumes(tmp_path, data):
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(data, run, train={"steps": 10, "save_every": 1}))
@@ -304,7 +302,6 @@ def test_a_failed_checkpoint_write_is_named_cleaned_up_and_the_previous_one_resu
 
 
 @pytest.mark.slow
-@pytest.mark.megatron
 def test_an_empty_valid_split_is_said_not_skipped_silently(tmp_path):
     from sedd_scale.data.manifest import TokenizerInfo
     from sedd_scale.data.prepare import write_sequences
