@@ -6,7 +6,9 @@ section's own `__post_init__` rules; `Recipe.layout(world_size)` then resolves a
 parallel layout. Command-line overrides use the same paths: `--set optim.lr=1e-4`.
 
     python -m sedd_scale.config recipes/cpu-tiny.yaml --world-size 2 --set parallel.tp=2
-prints the resolved layout (or the reason it is impossible) without starting anything.
+prints the resolved layout (or the reason it is impossible) without starting anything, with the layout
+planner's estimates per GPU (`sedd_scale/planner.py`: memory, pipeline bubble, step time, MFU, warnings);
+`--gpu h100|a100|h200` picks the GPU and `--propose` lists the layouts that fit the world size.
 """
 from __future__ import annotations
 
@@ -502,22 +504,48 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Validate a recipe and print its resolved layout for a world size (the launcher's pre-flight check)."""
+    """Validate a recipe and print its resolved layout for a world size with the layout planner's memory,
+    bubble, time and MFU estimates (the launcher's pre-flight check); --propose lists the layouts that fit."""
+    from sedd_scale import planner  # here: the planner reads recipes (config must not import it at load)
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_recipe_args(parser)
     parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--gpu", choices=sorted(planner.GPUS), default=None,
+                        help=f"GPU to plan for (default {planner.DEFAULT_GPU}, with train.peak_tflops for MFU if set)")
+    parser.add_argument("--propose", action="store_true",
+                        help="also list the layouts that fit this world size, fastest first")
+    parser.add_argument("--efficiency", type=float, default=planner.Assumptions.efficiency,
+                        help="fraction of the peak FLOP rate the matmuls sustain (default %(default)s)")
     parser.add_argument("--print-recipe", action="store_true", help="also print the resolved recipe as YAML")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, overrides_from_args(args))
+        assumptions = planner.Assumptions(efficiency=args.efficiency)
+    except (RecipeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gpu = planner.GPUS[args.gpu or planner.DEFAULT_GPU]
+    peak = None if args.gpu else recipe.train.peak_tflops  # an explicit --gpu brings its own peak
+    code = 0
+    try:
         layout = recipe.layout(args.world_size)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"layout: {layout.describe()}")
+        if not args.propose:
+            return 2
+        code = 2
+    else:
+        print(f"layout: {layout.describe()}")
+        plan = planner.plan(recipe, planner.candidate_of(recipe, layout), gpu, assumptions, peak)
+        print(planner.format_plan(recipe, plan))
+    if args.propose:
+        print(planner.format_proposals(recipe, args.world_size,
+                                       planner.propose(recipe, args.world_size, gpu, assumptions, peak)))
     if args.print_recipe:
+        print("---")
         print(yaml.safe_dump(to_dict(recipe), sort_keys=False), end="")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -75,17 +75,30 @@ def test_paper_recipes(name, expected):
     assert r.layout(8).grad_accum == {"sedd-small.yaml": 1, "sedd-medium.yaml": 2}[name]  # the reference's 8 GPUs
 
 
-@pytest.mark.parametrize("name, tp, pp, world", [("sedd-1.3b-tp2-pp2.yaml", 2, 2, 16), ("sedd-7b-tp4-pp4.yaml", 4, 4, 64)])
+@pytest.mark.parametrize("name, tp, pp, world", [("sedd-1.3b-pp2.yaml", 1, 2, 16), ("sedd-7b-pp8.yaml", 1, 8, 64)])
 def test_multi_node_recipes(name, tp, pp, world):
-    """Layouts as advertised, and the parameter count stated in the memory comments matches the model."""
+    """Layouts as advertised (the file name, the sbatch line), and the parameter count stated in the comments
+    matches the model; the planner's numbers quoted there are the planner's (tests/test_planner.py checks that
+    these layouts are its choice)."""
+    from sedd_scale import planner
+
     path = REPO / "recipes" / name
     r = load_recipe(path)
     assert (r.parallel.tp, r.parallel.pp, r.parallel.zero_stage) == (tp, pp, 1)
+    assert f"pp{pp}" in name and (tp == 1) == ("tp" not in name)
     layout = r.layout(world)
     assert layout.dp * layout.micro_batch * layout.grad_accum == 512
-    stated = re.search(r"([\d,]{10,}) parameters at TP=1", path.read_text())
+    text = path.read_text()
+    stated = re.search(r"([\d,]{10,}) parameters at TP=1", text)
     assert stated, "the memory comment states the parameter count"
     assert int(stated[1].replace(",", "")) == _model_params(r.model, GPT2_ABSORB_VOCAB)
+    nodes = re.search(r"sbatch --nodes (\d+) --ntasks-per-node (\d+) .* recipes/(\S+)", text)
+    assert nodes and int(nodes[1]) * int(nodes[2]) == world and nodes[3] == name
+    plan = planner.plan(r, planner.candidate_of(r, layout))
+    worst = plan.worst
+    assert f"{plan.needed_bytes / 1e9:.1f} " in text and f"{worst.peak / 1e9:.1f} " in text  # e.g. "21.8 / 18.6"
+    assert f"bubble {layout.pp - 1}/{layout.grad_accum + layout.pp - 1} = {plan.bubble:.1%}".replace(".0%", "%") in \
+        text.replace("\n# ", " ")
 
 
 def test_cpu_tiny_is_small_and_local():
@@ -256,9 +269,34 @@ def test_lr_schedule():
     assert C.OptimConfig(lr=2.0, warmup=0).lr_at(0, 10) == 2.0
 
 
-def test_cli_prints_layout_and_recipe(capsys):
+def test_cli_prints_layout_plan_and_recipe(capsys):
     assert C.main([str(REPO / "recipes" / "cpu-tiny.yaml"), "--world-size", "2", "--print-recipe"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("layout: world 2 = TP 1 x PP 1 x DP 2")
-    assert yaml.safe_load(out.split("\n", 1)[1])["parallel"]["global_batch"] == 32
+    plan, recipe = out.split("\n---\n")
+    assert "plan: H100 SXM (80 GB), TP1 PP1 DP2 ZeRO-0 micro 16" in plan and "needed per GPU (GB)" in plan
+    assert yaml.safe_load(recipe)["parallel"]["global_batch"] == 32
     assert C.main([str(REPO / "recipes" / "cpu-tiny.yaml"), "--world-size", "3", "--set", "parallel.tp=2"]) == 2
+    assert "not divisible by tp*pp" in capsys.readouterr().err
+
+
+def test_cli_warns_and_proposes(capsys):
+    """The issue's layouts: 7B TP4 x PP4 at 1024 GPUs (bubble), 7B without TP or PP on one node (memory)."""
+    seven = str(REPO / "recipes" / "sedd-7b-pp8.yaml")
+    assert C.main([seven, "--world-size", "1024", "--set", "parallel.tp=4", "parallel.pp=4",
+                   "parallel.micro_batch=4"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: pipeline bubble 60% > 10%" in out and "micro 4 x DP 64 x grad accum 2" in out
+    assert C.main([seven, "--world-size", "8", "--set", "parallel.pp=1"]) == 0
+    assert "warning: memory: stage 0 needs" in capsys.readouterr().out
+    assert C.main([seven, "--world-size", "64", "--gpu", "a100", "--propose"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: A100 SXM 80GB (80 GB)" in out and "of 312 TFLOP/s" in out
+    table = out[out.index("layouts fit; the fastest"):].splitlines()
+    assert table[2].split()[:3] == ["tp", "pp", "dp"] and len(table) == 3 + 10
+    # an impossible world size is refused, and the layouts that do exist are still proposed
+    assert C.main([seven, "--world-size", "4", "--propose"]) == 2
+    captured = capsys.readouterr()
+    assert "not divisible by tp*pp = 1*8" in captured.err and "layouts fit" in captured.out
+    with pytest.raises(SystemExit):
+        C.main([seven, "--gpu", "v100"])
