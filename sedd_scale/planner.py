@@ -665,7 +665,8 @@ def accumulates_in_bf16(m: ModelConfig, c: Candidate) -> bool:
 
 def candidates(recipe: "Recipe", world_size: int, a: Assumptions = Assumptions()) -> list[Candidate]:
     """Every layout the trainer accepts for `world_size`: tp | heads and tp <= GPUs per node, pp | blocks,
-    ZeRO 0-3 (0-1 with a pipeline), micro batches dividing the per-rank batch, recompute on and off."""
+    ZeRO 0-3 (0-1 with a pipeline; not 0 with bf16 weights), micro batches dividing the per-rank batch,
+    recompute on and off."""
     m, g = recipe.model, recipe.parallel.global_batch
     out = []
     for tp in (t for t in _divisors(m.n_heads) if t <= a.gpus_per_node):
@@ -676,7 +677,7 @@ def candidates(recipe: "Recipe", world_size: int, a: Assumptions = Assumptions()
             if g % dp:
                 continue
             for micro in _divisors(g // dp):
-                for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
+                for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3))[1 if m.precision == "bf16" else 0:]:
                     for recompute in (False, True):
                         out.append(Candidate(tp, pp, dp, zero, micro, g // (dp * micro), recompute))
     return out
