@@ -150,8 +150,12 @@ class Conditioning:
 
 def build_conditioning(tokenizer: Tokenizer | None, *, model_length: int, length: int | None = None,
                        prefix: str | None = None, suffix: str | None = None, template: str | None = None,
-                       blank_len: int = 8) -> Conditioning:
-    """Given positions from a prefix/suffix or a template; length: `length`, else the template's, else the model's."""
+                       blank_len: int = 8, extrapolate: bool = False) -> Conditioning:
+    """Given positions from a prefix/suffix or a template; length: `length`, else the template's, else the model's.
+
+    A length above the model's training length is refused unless `extrapolate` (rotary attention runs
+    at any length, but the model never saw one that long: samples may degrade).
+    """
     # Positions after a template's end are generated (a --length longer than the template).
     if template is not None and (prefix is not None or suffix is not None):
         raise GenerationError("--template cannot be combined with --prefix/--suffix: put the prefix and suffix "
@@ -189,6 +193,11 @@ def build_conditioning(tokenizer: Tokenizer | None, *, model_length: int, length
     if all(t is not None for t in given):
         raise GenerationError(f"the conditioning fixes all {len(given)} positions, nothing is left to generate: "
                               "add a blank or raise --length")
+    if len(given) > model_length and not extrapolate:
+        what = "the template is" if template is not None and length is None else "--length is"
+        raise GenerationError(f"{what} {len(given)} tokens, longer than the model's training length {model_length} "
+                              f"(model.length): pass --length <= {model_length} (shorten the template or its blanks), "
+                              "or --extrapolate to sample longer anyway (the model never saw such lengths)")
     return Conditioning(given, info)
 
 

@@ -16,6 +16,7 @@ streak stops the run, `latest` is moved back to a checkpoint from before it.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import resource
 import secrets
@@ -432,9 +433,12 @@ class Trainer:
             if valid_batches and (self.step % tc.eval_every == 0 or self.step == end):
                 result.valid = self.validate(valid_batches, draws=tc.eval_draws)
                 if metrics:
-                    metrics.scalars(self.step, {"valid/elbo_nats_per_token": result.valid.nats_per_token,
-                                                "valid/elbo_stderr": result.valid.stderr,
-                                                "valid/perplexity_bound": result.valid.perplexity_bound})
+                    valid = {"valid/elbo_nats_per_token": result.valid.nats_per_token,
+                             "valid/elbo_stderr": result.valid.stderr,  # Monte-Carlo, from independent replicates
+                             "valid/perplexity_bound": result.valid.perplexity_bound}
+                    if math.isfinite(result.valid.data_stderr):  # over the validation batches (needs two)
+                        valid["valid/elbo_data_stderr"] = result.valid.data_stderr
+                    metrics.scalars(self.step, valid)
                     texts = self.samples(2, steps=tc.sample_steps)
                     if decode is not None:
                         metrics.text(self.step, "samples", "\n\n---\n\n".join(decode(t.tolist()) for t in texts))

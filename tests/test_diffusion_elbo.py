@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from sedd_scale.diffusion import elbo, elbo_per_sequence, get_graph, get_noise, prior_kl
-from sedd_scale.diffusion.exact import F64, Enumerated, random_joint
+from sedd_scale.diffusion import ElboEstimate, elbo, elbo_per_sequence, get_graph, get_noise, prior_kl
+from sedd_scale.diffusion.elbo import noise_draws, replicate_split, score_entropy_fn
+from sedd_scale.diffusion.exact import F64, Enumerated, generator_matrix, random_joint
 
 CASES = [("absorb", "loglinear"), ("absorb", "geometric"), ("uniform", "geometric"), ("uniform", "loglinear")]
 PANELS = [0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 14.0, 20.0]
@@ -99,3 +100,95 @@ def test_monte_carlo_elbo_is_unbiased_with_honest_standard_error(kind, noise_kin
     merged = result.merge(result)
     assert merged.nats_per_token == pytest.approx(result.nats_per_token)
     assert merged.stderr == pytest.approx(result.stderr / math.sqrt(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Honest errors: the stated standard error against the seed-to-seed spread
+def product_log_score_fn(kind, marginals):
+    """Exact log-scores of a product distribution (position i ~ marginals[i], independently): p_t is a product
+    too, so log s(x)_{i,y} = log p_t,i(y) - log p_t,i(x_i), with p_t,i = exp(sigma Q) p_0,i (any sigma per row)."""
+    n = marginals.shape[1]
+    q = generator_matrix(kind, n)
+
+    def fn(x, total):
+        move = torch.linalg.matrix_exp(total.double()[:, None, None] * q)[..., :n]  # (B, dim, n): columns x0
+        log_p = torch.einsum("byn,dn->bdy", move, marginals).log()
+        return log_p - log_p.gather(-1, x[..., None])
+    return fn
+
+
+def product_case(kind, length, seed=0):
+    """A product distribution over `length` positions of 5 tokens, its exact log-score function and a sampler."""
+    rng = np.random.default_rng(seed)
+    marginals = torch.tensor(rng.dirichlet(np.full(5, 0.5), size=length))
+
+    def draw(rows, data_seed):
+        gen = torch.Generator().manual_seed(data_seed)
+        return torch.multinomial(marginals, rows, replacement=True, generator=gen).T.contiguous()
+    return product_log_score_fn(kind, marginals), draw
+
+
+def iid_formula_stderr(fn, graph, noise, x0, num_samples, gen):
+    """The old estimator: one stratified design of all draws, the i.i.d. variance formula over its draws."""
+    se_fn = score_entropy_fn(fn, graph)
+    total, variance = float(prior_kl(graph, noise, x0).sum()), 0.0
+    for piece in noise_draws(noise, x0.shape[0], num_samples, generator=gen):
+        values = torch.stack([w * se_fn(graph.sample_transition(x0, t, generator=gen), t, x0).sum(-1)
+                              for t, w in piece])
+        total, variance = total + float(values.mean(0).sum()), variance + float((values.var(0) / len(piece)).sum())
+    return total / x0.numel(), math.sqrt(variance) / x0.numel()
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny ops: one intra-op thread avoids oversubscribing a busy machine (20x slower under load otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SEEDS = 40
+RATIO_BOUNDS = (0.6, 1.65)  # spread / stated over 40 seeds: the spread alone is known to +-11% (1 sigma)
+
+
+@pytest.mark.parametrize("kind,noise_kind", [("absorb", "loglinear"), ("uniform", "geometric")])
+def test_stated_standard_error_matches_the_seed_to_seed_spread(kind, noise_kind, one_thread):
+    """16 sequences of 256 tokens under their exact scores, 40 seeds: the spread of nats/token over seeds and the
+    stated Monte-Carlo error (root mean square over seeds) agree. The old i.i.d. formula over stratified draws
+    fails this on the uniform graph (its integrand varies strongly with t): it states ~3.5x its own spread."""
+    fn, draw = product_case(kind, 256)
+    graph, noise = get_graph(kind, num_tokens=5), get_noise(noise_kind)
+    x0 = draw(16, data_seed=1)
+    estimates, stated, old, old_stated = [], [], [], []
+    for seed in range(SEEDS):
+        result = elbo(fn, graph, noise, x0, num_samples=8, generator=torch.Generator().manual_seed(seed))
+        estimates.append(result.nats_per_token)
+        stated.append(result.stderr)
+        value, err = iid_formula_stderr(fn, graph, noise, x0, 8, torch.Generator().manual_seed(1000 + seed))
+        old.append(value)
+        old_stated.append(err)
+    rms = lambda v: math.sqrt(float(np.mean(np.square(v))))  # noqa: E731
+    ratio = float(np.std(estimates, ddof=1)) / rms(stated)
+    old_ratio = float(np.std(old, ddof=1)) / rms(old_stated)
+    print(kind, "spread/stated", round(ratio, 3), "old formula", round(old_ratio, 3))
+    assert RATIO_BOUNDS[0] < ratio < RATIO_BOUNDS[1], ratio
+    if kind == "uniform":
+        assert old_ratio < RATIO_BOUNDS[0] / 1.5, old_ratio  # the old formula is far outside the bounds
+
+
+def test_replicate_split_and_data_standard_error_by_hand():
+    assert replicate_split(8) == (2, 4) and replicate_split(9) == (3, 3) and replicate_split(7) == (7, 1)
+    assert replicate_split(8, 4) == (4, 2)
+    for bad in [(1, None), (8, 3), (8, 1)]:
+        with pytest.raises(ValueError, match="draws"):
+            replicate_split(*bad)
+    est = ElboEstimate(10.0, 4.0, 10, 3, ((2.0, 2), (5.0, 4), (3.0, 4)))
+    mean = 10.0 / 10
+    spread = (2 - 2 * mean) ** 2 + (5 - 4 * mean) ** 2 + (3 - 4 * mean) ** 2
+    assert est.data_stderr == pytest.approx(math.sqrt(spread * 3 / 2) / 10, rel=1e-15)
+    assert est.stderr == pytest.approx(0.2) and math.isnan(ElboEstimate(1.0, 0.0, 2, 1, ((1.0, 2),)).data_stderr)
+    merged = est.merge(ElboEstimate(1.0, 1.0, 2, 1, ((1.0, 2),)))
+    assert merged.groups[-1] == (1.0, 2) and merged.mc_variance == 5.0 and merged.num_sequences == 4
+    with pytest.raises(ValueError, match="empty split"):
+        ElboEstimate(0.0, 0.0, 0, 0).nats_per_token

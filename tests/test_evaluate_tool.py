@@ -16,6 +16,7 @@ import torch
 from tests.dist import launch
 from tests.test_convert import train
 from tests.test_convert_formats import tiny_consolidated
+from tests.test_evaluation import empty_splits
 from tests.test_trainer import recipe_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,8 @@ def test_any_dp_size_gives_the_same_result_and_layouts_agree(tmp_path):
     pp2 = launch(evaluate, 2, common + ["--pp", "2"])[0]
     assert one["split"] == "test" and one["sequences"] == 11 and one["tokens"] == 88  # padding rows count nothing
     for other in (dp2, dp3):
-        assert (other["nats_per_token"], other["stderr"]) == (one["nats_per_token"], one["stderr"])
+        assert [other[k] for k in ("nats_per_token", "stderr", "data_stderr", "batches")] == \
+            [one[k] for k in ("nats_per_token", "stderr", "data_stderr", "batches")]
     for other in (tp2, pp2):  # other reduction orders inside the model only
         assert math.isclose(other["nats_per_token"], one["nats_per_token"], rel_tol=1e-5)
     assert json.loads((tmp_path / "one.json").read_text())["nats_per_token"] == one["nats_per_token"]
@@ -70,6 +72,8 @@ def test_any_dp_size_gives_the_same_result_and_layouts_agree(tmp_path):
     assert logged[-1]["eval/test/elbo_nats_per_token"] == one["nats_per_token"]
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
     assert 0 < one["stderr"] < one["nats_per_token"] and one["perplexity_bound"] == math.exp(one["nats_per_token"])
+    assert one["batches"] == 6 and one["replicates"] == 2 and 0 < one["data_stderr"] < one["nats_per_token"]
+    assert logged[-1]["eval/test/elbo_data_stderr"] == one["data_stderr"]
     other_seed = launch(evaluate, 1, [ckpt, "--manifest", data, "--draws", "4", "--seed", "4", "--batch-size", "2"])[0]
     assert other_seed["nats_per_token"] != one["nats_per_token"]
     # The bound holds for random weights too: at least the entropy of the data's uniform 10 tokens is paid.
@@ -99,11 +103,16 @@ def test_bad_requests_exit_2_before_any_work(tmp_path):
              "--draws must be >= 2": [ckpt, "--draws", "1"],
              "GPT-2-vocabulary": [ckpt, "--protocol", "ptb"],
              "seq_len": [ckpt, "--manifest", str(_other_length(tmp_path))],
-             "exists": [ckpt, "--manifest", data, "--out", data]}
+             "exists": [ckpt, "--manifest", data, "--out", data],
+             "holds no sequences in its split 'test'": [ckpt, "--manifest", empty_splits(tmp_path),
+                                                        "--out", str(tmp_path / "new.json")]}
     for message, argv in cases.items():
         run = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *argv], capture_output=True,
                              text=True, timeout=300)
         assert run.returncode == 2 and message in run.stderr, (message, run.stderr[-2000:])
+        assert "Traceback" not in run.stderr and run.stderr.count("error: ") == 1, run.stderr  # one line
+    assert not (tmp_path / "new.json").exists()
+
 
 
 def _other_length(tmp: Path) -> Path:

@@ -27,7 +27,7 @@ from sedd_scale.model.config import ModelConfig
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "sample.py"
 FIXTURE = ROOT / "tests" / "fixtures" / "sedd_reference" / "model_absorb"
-MODEL = dict(hidden_size=32, n_heads=2, n_blocks=1, cond_dim=16, num_tokens=257, length=24, dropout=0.0,
+MODEL = dict(hidden_size=32, n_heads=2, n_blocks=1, cond_dim=16, num_tokens=257, length=32, dropout=0.0,
              vocab_multiple=1, name="byte-tiny")
 MASK = 257  # absorbing graph: the MASK id is the vocabulary size
 TEMPLATE, BLANK_LEN, LENGTH = "The[BLANK] sat on[BLANK:3] mat.", 4, 30
@@ -145,7 +145,7 @@ def test_prefix_suffix_infill_and_dp_split_in_process(tp1, byte_ckpt):
     for b, x in whole.items():
         assert torch.equal(x, {**halves[0], **halves[1]}[b])
     ids = torch.cat([whole[b] for b in range(3)])
-    assert ids.shape == (5, 24)
+    assert ids.shape == (5, 32)
     assert ids[:, :5].tolist() == [list(b"Once ")] * 5 and ids[:, -5:].tolist() == [list(b" end.")] * 5
     assert int(ids.min()) >= 0 and int(ids.max()) < MASK
     assert batch_seed(1, 0) != batch_seed(1, 1) != batch_seed(2, 0)
@@ -273,15 +273,21 @@ def test_missing_checkpoint_exits_2_without_writing(tmp_path):
 
 @pytest.mark.parametrize("extra, env, message", [
     (["--template", "[BLANK:25] tail", "--length", "20"], {}, r"template is 30 tokens but --length is 20"),
-    (["--prefix", "x" * 15, "--suffix", "y" * 15], {}, r"--prefix \(15 tokens\) \+ --suffix \(15 tokens\) exceed "
-                                                       r"the length 24"),
+    (["--prefix", "x" * 20, "--suffix", "y" * 20], {}, r"--prefix \(20 tokens\) \+ --suffix \(20 tokens\) exceed "
+                                                       r"the length 32"),
     (["--tp", "2"], {}, r"--tp 2 does not divide the world size 1: launch a multiple of 2"),
     (["--tp", "4"], {"WORLD_SIZE": "4"}, r"--tp 4 does not divide the model's 2 attention heads: use --tp in \[1, 2\]"),
     (["--tokenizer", "none", "--prefix", "hi"], {}, r"text conditioning needs a tokenizer"),
     (["--tokenizer", "gpt2"], {}, r"tokenizer gpt2 has 50257 tokens but the model has 257"),
     (["--gen-ppl-model", "/nonexistent/gpt2-large"], {}, r"not a local Hugging Face model directory"),
     (["--steps", "0"], {}, r"--steps must be >= 1"),
-], ids=["template", "prefix-suffix", "tp-world", "tp-heads", "no-tokenizer", "tokenizer-vocab", "scorer", "steps"])
+    (["--eps", "1.0"], {}, r"--eps must be in \(0, 1\)"),
+    (["--length", "33"], {}, r"--length is 33 tokens, longer than the model's training length 32 \(model.length\): "
+                             r"pass --length <= 32 .* or --extrapolate"),
+    (["--template", "[BLANK:30] and more"], {}, r"the template is 39 tokens, longer than the model's training "
+                                                r"length 32"),
+], ids=["template", "prefix-suffix", "tp-world", "tp-heads", "no-tokenizer", "tokenizer-vocab", "scorer", "steps",
+        "eps", "length-past-training", "template-past-training"])
 def test_bad_input_exits_2_before_work(tool, byte_ckpt, tmp_path, capsys, monkeypatch, extra, env, message):
     import torch.distributed as dist
 
@@ -305,3 +311,25 @@ def test_existing_output_is_kept_without_overwrite(tool, byte_ckpt, tmp_path, ca
     out.unlink()
     summary.write_text("{}")
     assert tool.main([str(byte_ckpt), "--out", str(out)]) == 2 and summary.read_text() == "{}"
+
+
+def test_past_the_training_length_is_refused_and_existing_files_are_kept(tool, byte_ckpt, tmp_path, capsys):
+    """Even with --overwrite, a refused request leaves an existing --out and summary as they were."""
+    out, summary = tmp_path / "s.jsonl", tmp_path / "s.summary.json"
+    out.write_text("keep me\n")
+    summary.write_text("{}")
+    assert tool.main([str(byte_ckpt), "--out", str(out), "--overwrite", "--length", "40"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "longer than the model's training length 32" in err and "--extrapolate" in err
+    assert out.read_text() == "keep me\n" and summary.read_text() == "{}"
+
+
+def test_extrapolate_samples_past_the_training_length_with_a_warning(byte_ckpt, tmp_path):
+    out = tmp_path / "s.jsonl"
+    proc = cli(str(byte_ckpt), "--out", str(out), "--num-samples", "1", "--steps", "2", "--length", "40",
+               "--extrapolate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "past the model's training length 32 (--extrapolate)" in proc.stderr
+    summary = json.loads((tmp_path / "s.summary.json").read_text())
+    assert summary["extrapolated"] is True and summary["model_length"] == 32 and summary["length"] == 40
+    assert len(read_jsonl(out)[0]["ids"]) == 40

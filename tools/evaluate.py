@@ -8,7 +8,12 @@ CHECKPOINT is a training checkpoint (run dir or step folder; evaluated in its ow
 as many ranks as it was trained with), or a consolidated / hub directory (TP and PP from --tp/--pp,
 default the trained layout; DP = the remaining ranks). Data-parallel ranks split the batches; each
 batch's noise comes from (seed, batch index), so any DP size gives the same result. Every sequence
-gets --draws stratified t (antithetic pairs by default) over the whole noise range, plus the prior term.
+gets --draws t over the whole noise range, plus the prior term: the draws form R independent
+replicates (R = the smallest factor >= 2 of --draws: 2 for an even count), each a stratified design
+(antithetic pairs by default). Two errors are reported: `stderr`, the Monte-Carlo error (what another
+--seed changes; from the replicates' spread), and `data_stderr`, the error over the choice of
+sequences (what another test set of as many sequences from the same source changes, its noise
+included; from the spread over batches, null with a single batch). An empty split is refused.
 
 --protocol ptb: the SEDD paper's zero-shot Penn Treebank number: the official test split,
 detokenized like the reference, GPT-2 tokens with EOS after each line, cut into blocks of the
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -45,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--manifest", default=None, help="data manifest.json (default: the recipe's validation data)")
     ap.add_argument("--split", default=None, help="split to evaluate (default: test when present, else valid)")
     ap.add_argument("--protocol", choices=("ptb",), default=None, help="the paper's zero-shot PTB test protocol")
-    ap.add_argument("--draws", type=int, default=8, help="Monte-Carlo t draws per sequence")
+    ap.add_argument("--draws", type=int, default=8,
+                    help="Monte-Carlo t draws per sequence, split into independent replicates (8 = 2 x 4)")
     ap.add_argument("--no-antithetic", dest="antithetic", action="store_false", help="independent draws per stratum")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=None,
@@ -69,14 +76,48 @@ def _ptb_manifest(length: int, num_tokens: int) -> Path:
     if num_tokens != 50257:
         raise EvaluationError(f"--protocol ptb needs a GPT-2-vocabulary model (50257 tokens); this one has {num_tokens}")
     out = cache_dir() / "eval" / f"ptb-gpt2-{length}"
-    if dist.get_rank() == 0 and not (out / "manifest.json").is_file():
+    if dist.get_rank() == 0 and not _readable_manifest(out / "manifest.json"):
+        import shutil
+
         from sedd_scale.data.corpora import load_corpus
         from sedd_scale.data.prepare import PrepareConfig, prepare
 
-        prepare(load_corpus("ptb"), PrepareConfig(out=out, tokenizer="gpt2", seq_len=length, progress=False),
+        if out.exists():  # our own cache, written by an older data format: rebuilt, not misread
+            print(f"[evaluate] rebuilding the PTB cache {out} (written in an older data format)", file=sys.stderr)
+            shutil.rmtree(out)
+        # One worker: no fork inside a process that already runs gloo and OpenMP threads (a forked child
+        # can deadlock on a lock one of them held); PTB takes seconds.
+        prepare(load_corpus("ptb"), PrepareConfig(out=out, tokenizer="gpt2", seq_len=length, progress=False, workers=1),
                 {"corpus": "ptb", "protocol": "SEDD zero-shot: detokenized test split, EOS per line, blocks"})
     dist.barrier()
     return out / "manifest.json"
+
+
+def _readable_manifest(path: Path) -> bool:
+    """Whether `path` is a manifest this code reads (False: missing, or another format version)."""
+    from sedd_scale.data.manifest import Manifest
+
+    if not path.is_file():
+        return False
+    try:
+        Manifest.load(path)
+    except ManifestError:
+        return False
+    return True
+
+
+def _choose_split(manifest: str, requested: str | None) -> str:
+    """The split to evaluate (default: test when present, else valid); a missing or empty one is refused."""
+    from sedd_scale.data.manifest import Manifest
+
+    splits = Manifest.load(manifest).splits
+    split = requested or ("test" if "test" in splits else "valid")
+    if split not in splits or splits[split].num_sequences == 0:
+        have = ", ".join(f"{name} ({info.num_sequences} sequences)" for name, info in splits.items())
+        state = "has no" if split not in splits else "holds no sequences in its"
+        raise EvaluationError(f"{manifest} {state} split {split!r}: nothing to evaluate; pass --split with a "
+                              f"non-empty one ({have}) or another --manifest")
+    return split
 
 
 def _recipe_for_weights(weights, manifest: str, *, tp: int, pp: int, micro_batch: int, dp: int) -> dict:
@@ -98,7 +139,7 @@ def build(args, world: int):
     from sedd_scale import convert
     from sedd_scale.checkpoint import consolidated as cons
     from sedd_scale.checkpoint import full_state, hub
-    from sedd_scale.checkpoint.sharded import read_meta
+    from sedd_scale.checkpoint.sharded import ANY_LAYOUT, read_meta
     from sedd_scale.pretrained import read_weights
 
     path = Path(args.checkpoint)
@@ -117,7 +158,7 @@ def build(args, world: int):
         return trainer, recipe
     step = convert.find_step(path)
     meta = read_meta(step)
-    if meta["world_size"] != world:
+    if meta["layout"] != ANY_LAYOUT and meta["world_size"] != world:  # a resharded (layout-free) step runs anywhere
         raise EvaluationError(f"{step} was written by {meta['world_size']} ranks and is evaluated in its own layout: "
                               f"launch {meta['world_size']} ranks, or consolidate it first "
                               "(tools/convert_checkpoint.py consolidate) to evaluate under any layout")
@@ -132,18 +173,25 @@ def build(args, world: int):
 
 def run(args) -> dict | None:
     """Evaluate on every rank; rank 0 returns (and writes) the results."""
+    from sedd_scale.diffusion.elbo import replicate_split
+
+    if args.draws < 2:
+        raise EvaluationError(f"--draws must be >= 2 (a standard error needs two), got {args.draws}")
+    replicates, _ = replicate_split(args.draws)
+    if args.max_batches is not None and args.max_batches < 1:
+        raise EvaluationError(f"--max-batches must be >= 1, got {args.max_batches}")
+    if args.out and Path(args.out).exists():
+        raise EvaluationError(f"{args.out} exists: choose another --out (results are never overwritten)")
+    if args.manifest and not args.protocol:
+        _choose_split(args.manifest, args.split)  # an empty split fails before any process group or model
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from sedd_scale import engine
     from sedd_scale.data.loader import EvalLoader
-    from sedd_scale.data.manifest import Manifest
     from sedd_scale.metrics import Metrics
 
-    if args.draws < 2:
-        raise EvaluationError(f"--draws must be >= 2 (a standard error needs two), got {args.draws}")
-    if args.out and Path(args.out).exists():
-        raise EvaluationError(f"{args.out} exists: choose another --out (results are never overwritten)")
     started = time.perf_counter()
     engine.init_distributed()
     trainer, recipe = build(args, dist.get_world_size())
@@ -153,7 +201,7 @@ def run(args) -> dict | None:
     else:
         data = recipe["data"]
         manifest = args.manifest or data.get("valid") or data["manifests"][0]
-        split = args.split or ("test" if "test" in Manifest.load(manifest).splits else "valid")
+        split = _choose_split(manifest, args.split)
     layout = trainer.layout
     loader = EvalLoader(manifest, split, args.batch_size or layout.micro_batch, ps.get_data_parallel_rank(),
                         layout.dp)
@@ -170,14 +218,19 @@ def run(args) -> dict | None:
                                 ema=args.weights == "ema", progress=(bar.update if bar else metrics.advance))
     if bar:
         bar.close()
+    data_stderr = estimate.data_stderr if math.isfinite(estimate.data_stderr) else None  # null: a single batch
     result = {"checkpoint": str(args.checkpoint), "step": trainer.step, "manifest": manifest, "split": split,
               "protocol": args.protocol, "weights": args.weights, "nats_per_token": estimate.nats_per_token,
-              "stderr": estimate.stderr, "perplexity_bound": estimate.perplexity_bound, "tokens": estimate.num_tokens,
-              "sequences": estimate.num_sequences, "draws": args.draws, "antithetic": args.antithetic,
-              "seed": args.seed, "layout": layout.describe(), "seconds": round(time.perf_counter() - started, 1)}
-    metrics.scalars(trainer.step, {f"eval/{split}/elbo_nats_per_token": estimate.nats_per_token,
-                                   f"eval/{split}/elbo_stderr": estimate.stderr,
-                                   f"eval/{split}/perplexity_bound": estimate.perplexity_bound})
+              "stderr": estimate.stderr, "data_stderr": data_stderr, "perplexity_bound": estimate.perplexity_bound,
+              "tokens": estimate.num_tokens, "sequences": estimate.num_sequences, "batches": len(estimate.groups),
+              "draws": args.draws, "replicates": replicates, "antithetic": args.antithetic, "seed": args.seed,
+              "layout": layout.describe(), "seconds": round(time.perf_counter() - started, 1)}
+    scalars = {f"eval/{split}/elbo_nats_per_token": estimate.nats_per_token,
+               f"eval/{split}/elbo_stderr": estimate.stderr,
+               f"eval/{split}/perplexity_bound": estimate.perplexity_bound}
+    if data_stderr is not None:
+        scalars[f"eval/{split}/elbo_data_stderr"] = data_stderr
+    metrics.scalars(trainer.step, scalars)
     metrics.close()
     if rank0 and args.out:
         from sedd_scale.checkpoint.sharded import atomic_write_text

@@ -5,6 +5,7 @@
         [--prefix TEXT] [--suffix TEXT] | [--template "The [BLANK] sat on the [BLANK:3]." --blank-len 8]
         [--gen-ppl-model HF_DIR [--gen-ppl-tokens auto|ids|text] [--gen-ppl-batch-size N]]
         [--eps 1e-5] [--no-denoise] [--precision fp32|bf16|bf16-mixed] [--summary PATH] [--overwrite]
+        [--extrapolate]
     torchrun --nproc-per-node 8 tools/sample.py CKPT --tp 2 --out samples.jsonl ...
 
 CKPT is any directory `sedd_scale.pretrained.load_pretrained` accepts; the weights it holds (EMA or
@@ -19,6 +20,11 @@ between is tokenised piece by piece as written (GPT-2 BPE: a space before a blan
 so write "The[BLANK] sat" to let the blank begin with " cat"). Without --length a template sets the
 length; with a longer --length the positions after it are generated too.
 
+Length: samples are at most the model's training length (config.json's length). A longer --length
+or template is refused unless --extrapolate: rotary attention runs at any length, but the model
+never saw such lengths, so quality is unknown; a warning is printed and the summary records
+"extrapolated": true.
+
 Metrics, both over whole samples (given tokens included): unigram entropy = entropy (nats) of each
 sample's empirical token distribution, -sum_v p_v ln p_v with p_v = count(v) / length, averaged over
 samples. Generative perplexity (--gen-ppl-model, a local Hugging Face causal LM; nothing is
@@ -26,8 +32,9 @@ downloaded): the reference's mean over samples of exp(mean next-token NLL), and 
 exp(total NLL / total tokens). GPT-2-vocabulary samples are scored as ids, as the reference does;
 otherwise the text is re-tokenised with the scorer's tokenizer (see CausalLMScorer).
 
-Bad input (missing checkpoint, too long a prefix/suffix/template, --tp not dividing the world size
-or the heads, an existing --out without --overwrite) exits with code 2 before any work.
+Bad input (missing checkpoint, too long a prefix/suffix/template, a length past the training length
+without --extrapolate, --tp not dividing the world size or the heads, an existing --out without
+--overwrite) exits with code 2 before any work; existing files are left as they are.
 """
 from __future__ import annotations
 
@@ -61,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1024, help="predictor steps (the reference's default: 1024)")
     p.add_argument("--predictor", choices=("analytic", "euler"), default="analytic")
     p.add_argument("--length", type=int, help="tokens per sample (default: the template's, else the model's)")
+    p.add_argument("--extrapolate", action="store_true",
+                   help="allow samples longer than the model's training length (warned: it never saw them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (divides the world size and heads)")
     p.add_argument("--eps", type=float, default=1e-5, help="last time of the sampler's grid")
@@ -100,11 +109,14 @@ class Plan:
             raise GenerationError(f"--steps must be >= 1, got {args.steps}")
         if args.seed < 0:
             raise GenerationError(f"--seed must be >= 0, got {args.seed}")
+        if not 0.0 < args.eps < 1.0:
+            raise GenerationError(f"--eps must be in (0, 1) (the last time of the sampler's grid), got {args.eps}")
         self.meta = meta
         self.tokenizer = choose_tokenizer(args.tokenizer, meta.num_tokens)
         self.conditioning: Conditioning = build_conditioning(
             self.tokenizer, model_length=meta.length, length=args.length, prefix=args.prefix, suffix=args.suffix,
-            template=args.template, blank_len=args.blank_len)
+            template=args.template, blank_len=args.blank_len, extrapolate=args.extrapolate)
+        self.extrapolated = self.conditioning.length > meta.length
         self.scorer: CausalLMScorer | None = None
         if args.gen_ppl_model:
             # Weights are loaded on rank 0 only (see `run`); every rank checks vocabularies and lengths here.
@@ -148,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from sedd_scale.pretrained import load_pretrained
 
     if torch.cuda.is_available():  # before NCCL creates its communicators on the wrong device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(parallel.local_device())
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     created = not dist.is_initialized()
     parallel.init_distributed()
@@ -161,6 +173,10 @@ def run(args: argparse.Namespace) -> int:
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         cond, batches = plan.conditioning, batch_plan(args.num_samples, args.batch_size)
         if rank == 0:
+            if plan.extrapolated:
+                print(f"[sample] warning: {cond.length} tokens per sample, past the model's training length "
+                      f"{plan.meta.length} (--extrapolate): the model never saw such lengths", file=sys.stderr,
+                      flush=True)
             uniform = cond.infill is not None and plan.meta.graph == "uniform"
             note = " (uniform graph: clamping is the paper's heuristic)" if uniform else ""
             print(f"[sample] {args.num_samples} samples x {cond.length} tokens, {args.steps} {args.predictor} steps, "
@@ -192,7 +208,8 @@ def report(args, plan: Plan, ids: torch.Tensor, seconds: float, world: int, dp_s
     summary = {"checkpoint": str(args.checkpoint), "out": str(args.out), "num_samples": int(ids.shape[0]),
                "length": int(ids.shape[1]), "steps": args.steps, "predictor": args.predictor, "seed": args.seed,
                "batch_size": args.batch_size, "eps": args.eps, "denoise": not args.no_denoise,
-               "world_size": world, "tp": args.tp, "dp": dp_size,
+               "world_size": world, "tp": args.tp, "dp": dp_size, "model_length": plan.meta.length,
+               "extrapolated": plan.extrapolated,
                "tokenizer": None if plan.tokenizer is None else plan.tokenizer.name,
                "conditioning": plan.conditioning.record(), "sampling_seconds": round(seconds, 3),
                "unigram_entropy": float(entropy.mean()), "unigram_entropy_std": float(entropy.std(unbiased=False))}
