@@ -38,6 +38,8 @@ from sedd_scale.checkpoint.hub import HubFormatError  # noqa: E402
 from sedd_scale.checkpoint.sharded import CheckpointError  # noqa: E402
 from sedd_scale.config import RecipeError  # noqa: E402
 from sedd_scale.data.manifest import ManifestError  # noqa: E402
+from sedd_scale.data.shards import ShardError  # noqa: E402
+from sedd_scale.data.urlcache import UrlError  # noqa: E402
 
 
 class EvaluationError(ValueError):
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except (EvaluationError, ConsolidatedError, HubFormatError, CheckpointError, RecipeError, ManifestError,
-            FileNotFoundError) as e:
+            ShardError, UrlError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result is not None:
