@@ -154,35 +154,51 @@ def test_a_gpu_written_checkpoint_resumes_and_converts_on_cpu(tmp_path):
     assert summary["step"] == 4 and (tmp_path / "ema" / "model.safetensors").is_file()
 
 
-def _live(step: str):
+def _train_and_gather(cases: dict[str, dict]) -> dict:
+    """For each layout: train 2 steps and save, then a fresh engine loads the step and gathers its whole state."""
     from sedd_scale import convert, parallel
     from sedd_scale.checkpoint import full_state
     from sedd_scale.checkpoint.sharded import read_meta
 
-    meta = read_meta(step)
-    trainer = convert.build_trainer({**meta["recipe"], "checkpoint": {"dir": str(Path(step).parent), "resume": False}})
-    trainer.load(Path(step))
-    state = full_state.gather(trainer)
-    parallel.destroy_parallel()
-    return state
+    out = {}
+    for name, data in cases.items():
+        _train_and_save(data)
+        step = Path(data["checkpoint"]["dir"]) / "step_000000002"
+        meta = read_meta(step)
+        trainer = convert.build_trainer({**meta["recipe"], "checkpoint": {"dir": str(step.parent), "resume": False}})
+        trainer.load(step)
+        out[name] = full_state.gather(trainer)
+        parallel.destroy_parallel()
+    return out
 
 
-@pytest.mark.parametrize("name, world, layout, model", [
-    pytest.param("tp2-pp2-dp2", 8, {"tp": 2, "pp": 2, "zero_stage": 1}, {}, marks=pytest.mark.megatron),
-    ("dp2-zero2", 2, {"zero_stage": 2}, {}),
-    ("dp2-zero3", 2, {"zero_stage": 3}, {}),
-    ("dp2-zero0", 2, {"zero_stage": 0}, {}),
-    ("dp2-bf16", 2, {"zero_stage": 1}, {"precision": "bf16"}),
-])
-def test_offline_read_equals_the_live_engines_gather(tmp_path, name, world, layout, model):
-    """Reading the files in one process gives the state the saved world's engines gather, bit for bit."""
+def _case(tmp_path, name: str, model: dict | None = None, **layout) -> dict:
+    data = recipe_dict(str(tmp_path / name), **layout)
+    data["model"].update(model or {})
+    return data
+
+
+def _check_offline(tmp_path, live: dict) -> None:
     from sedd_scale.checkpoint import full_state, offline
 
-    data = recipe_dict(str(tmp_path / name), **layout)
-    data["model"].update(model)
-    launch(_train_and_save, world, data)
-    step = str(tmp_path / name / "step_000000002")
-    live = launch(_live, world, step)[0]
-    read = offline.read_state(step)
-    assert full_state.differences(read, live) == []
-    assert read.counters["step"] == 2 and read.counters["optimizer_step"] == 2
+    for name, state in live.items():
+        read = offline.read_state(tmp_path / name / "step_000000002")
+        assert full_state.differences(read, state) == [], name
+        assert read.counters["step"] == 2 and read.counters["optimizer_step"] == 2, name
+
+
+def test_offline_read_equals_the_live_engines_gather(tmp_path):
+    """Reading the files in one process gives the state the saved world's engines gather, bit for bit: DP2 under
+    ZeRO-0/2/3 and DeepSpeed's bf16 optimizer."""
+    cases = {"dp2-zero0": _case(tmp_path, "dp2-zero0", zero_stage=0),
+             "dp2-zero2": _case(tmp_path, "dp2-zero2", zero_stage=2),
+             "dp2-zero3": _case(tmp_path, "dp2-zero3", zero_stage=3),
+             "dp2-bf16": _case(tmp_path, "dp2-bf16", {"precision": "bf16"}, zero_stage=1)}
+    _check_offline(tmp_path, launch(_train_and_gather, 2, cases)[0])
+
+
+@pytest.mark.megatron  # TP slices as megatron-core lays them out
+def test_offline_read_of_a_world_of_eight_equals_the_live_gather(tmp_path):
+    """TP2 x PP2 x DP2 on 8 ranks (ZeRO-1 partitions, pipeline layer files, TP slices), read in one process."""
+    cases = {"tp2-pp2-dp2": _case(tmp_path, "tp2-pp2-dp2", tp=2, pp=2, zero_stage=1)}
+    _check_offline(tmp_path, launch(_train_and_gather, 8, cases)[0])
