@@ -47,12 +47,24 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(parallel.free_port()))
     if torch.cuda.is_available():  # before NCCL creates its communicators on the wrong device
         torch.cuda.set_device(parallel.local_device())
+        enable_tf32()
     # A timeout turns a hang (mismatched collectives, a dead rank) into an error.
     parallel.init_distributed(parallel.default_backend(), timeout_s=timeout_s)
     # DeepSpeed's comm layer (used by PipelineModule before any engine exists) wraps the same group.
     deepspeed.init_distributed(dist_backend=parallel.default_backend(), auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
+
+
+def enable_tf32() -> None:
+    """fp32 GEMMs and convolutions on CUDA tensor cores (TF32: fp32 range, 10-bit operand mantissa, fp32
+    accumulation), the usual setting for training; norms, reductions and elementwise work stay fp32.
+
+    The flags of torch 2.4 (still honoured, and mapped onto the newer fp32_precision settings); not
+    `torch.set_float32_matmul_precision`, which also changes CPU (oneDNN) matmuls.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def init_parallel(layout: Layout) -> PipeModelDataParallelTopology:
@@ -116,7 +128,7 @@ def deepspeed_config(recipe: Recipe, layout: Layout) -> dict[str, Any]:
         # model.precision "bf16": bf16 parameters, DeepSpeed keeps fp32 master weights. "bf16-mixed"
         # keeps fp32 parameters (autocast inside the model), so DeepSpeed runs fp32.
         "bf16": {"enabled": recipe.model.precision == "bf16"},
-        # GuardedAdamW is torch AdamW plus a non-finite check; DeepSpeed's ZeRO whitelist compares exact types.
+        # GuardedAdamW is torch AdamW plus a skip counter; DeepSpeed's ZeRO whitelist compares exact types.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed's own prints stay off
         "wall_clock_breakdown": False,
@@ -133,8 +145,8 @@ def deepspeed_config(recipe: Recipe, layout: Layout) -> dict[str, Any]:
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
                     ) -> tuple[GuardedAdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """torch AdamW that skips non-finite steps (fused on CUDA; nothing for DeepSpeed to compile) and its
-    warmup + constant/cosine schedule.
+    """torch AdamW that skips non-finite steps (the fused kernel: one pass per tensor, on CPU as on CUDA;
+    nothing for DeepSpeed to compile) and its warmup + constant/cosine schedule.
 
     Weight decay, when non-zero, applies to matrices only (not to biases and norm weights).
     """
@@ -143,8 +155,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay, "decay": True},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "decay": False}]
     groups = [g for g in groups if g["params"]]
-    optimizer = GuardedAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                  fused=torch.cuda.is_available() or None)
+    optimizer = GuardedAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: optim.lr_at(step, total_steps) / optim.lr)
     return optimizer, scheduler
 
@@ -163,19 +174,38 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, layout: Layout, total_s
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(recipe, layout),
                                            mpu=None if is_pipe else MegatronMPU())
-    if layout.zero_stage == 0 and recipe.model.precision != "bf16":
-        _keep_fp32_grad_norm(engine)
+    if engine.optimizer is optimizer:  # no ZeRO/bf16 wrapper: DeepSpeed calls ours directly
+        _guard_by_grad_norm(engine, optimizer)
+        if layout.dp == 1:
+            # DeepSpeed would flatten every gradient into a bucket, all-reduce it over a group of one and
+            # copy it back (three passes over all gradients, for nothing).
+            engine.enable_backward_allreduce = False
+            if is_pipe:
+                engine.pipeline_enable_backward_allreduce = False
     return engine
 
 
-def _keep_fp32_grad_norm(engine) -> None:
-    """Without ZeRO (fp32), DeepSpeed clips but drops the norm, so get_global_grad_norm() stays None: keep it."""
+def _guard_by_grad_norm(engine, optimizer: GuardedAdamW) -> None:
+    """Without a wrapper DeepSpeed clips fp32 gradients but drops the norm: keep it (get_global_grad_norm())
+    and let the optimizer skip a step on a non-finite one, as DeepSpeed's ZeRO/bf16 wrappers do."""
+    clip = engine.gradient_clipping()
+    fresh: list[float | None] = [None]
+
     def clip_fp32_gradients():
-        norm = ds_utils.clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
-                                        mpu=engine.mpu)
-        engine._global_grad_norm = float(norm)
+        # DeepSpeed's TP-aware clipping (mpu); called right before optimizer.step() when clipping is on.
+        norm = ds_utils.clip_grad_norm_(parameters=engine.module.parameters(), max_norm=clip, mpu=engine.mpu)
+        fresh[0] = engine._global_grad_norm = float(norm)
+
+    def grad_norm() -> float:
+        norm, fresh[0] = fresh[0], None
+        if norm is None:  # clipping off: the same norm, scaled by min(1, inf / norm) = 1
+            norm = float(ds_utils.clip_grad_norm_(parameters=engine.module.parameters(), max_norm=float("inf"),
+                                                  mpu=engine.mpu))
+            engine._global_grad_norm = norm
+        return norm
 
     engine.clip_fp32_gradients = clip_fp32_gradients
+    optimizer.grad_norm = grad_norm
 
 
 def setup(recipe: Recipe, timeout_s: float = 600.0) -> tuple[Layout, PipeModelDataParallelTopology]:

@@ -1,4 +1,5 @@
-"""Monitoring sinks (tensorboard scalars and texts, a JSONL file, a console progress bar) and FLOP counts."""
+"""Monitoring sinks (tensorboard scalars and texts, a JSONL file, a console progress bar), FLOP counts and the
+training loss per noise level."""
 from __future__ import annotations
 
 import json
@@ -7,13 +8,104 @@ import os
 import time
 from pathlib import Path
 
+import torch
+from torch import Tensor
 from tqdm import tqdm
 
+from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
 
-def training_flops_per_token(*, matmul_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
-    """Model FLOPs per trained token: 6 per matmul weight (fwd + bwd) plus bidirectional attention
-    scores and values, 12 * layers * hidden * seq_len (the PaLM appendix B convention)."""
-    return 6.0 * matmul_params + 12.0 * num_layers * hidden * seq_len
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, head_fraction: float = 1.0) -> float:
+    """Model FLOPs of one training step per token: the matmuls it does, forward and backward.
+
+    Convention (what MFU is measured against):
+    * every GEMM counts 2 m n k, forward and again for each of its two backward products (input and
+      weight gradient): 3x its forward, except the noise embedding's first layer, whose input (sinusoids
+      of sigma) needs no gradient: 2x;
+    * attention counts its two batched products, scores Q K^T and the weighted sum of V (4 L H per token
+      forward, bidirectional: the whole L x L), times 3;
+    * the head counts only the rows the fused loss projects (real tokens, no MASK or vocabulary padding
+      columns): every position for the uniform graph, the masked ones for the absorbing graph, whose
+      expected share is `head_fraction` (`projected_fraction`);
+    * not counted: the input-embedding lookup (a gather, no multiply), elementwise work, softmax, and the
+      forward recomputation of activation checkpointing (hardware FLOPs, not model FLOPs).
+    Per-sequence work (adaLN and noise-embedding GEMMs) is divided by `seq_len`.
+    """
+    h, c, f, n = cfg.hidden_size, cfg.cond_dim, cfg.mlp_ratio * cfg.hidden_size, cfg.num_tokens
+    per_token = 2 * h * 3 * h + 2 * h * h + 2 * 2 * h * f + 4 * seq_len * h  # qkv, out, MLP in + out, attention
+    per_sequence = 2 * c * 6 * h  # the block's adaLN modulation
+    block = 3 * (per_token + per_sequence / seq_len)
+    sigma_map = (2 * 2 * SIGMA_FEATURES * c + 3 * 2 * c * c) / seq_len
+    final = 3 * 2 * c * 2 * h / seq_len
+    head = 3 * 2 * h * n * head_fraction
+    return cfg.n_blocks * block + sigma_map + final + head
+
+
+def projected_fraction(graph: str, total_noise, sampling_eps: float, points: int = 100_000) -> float:
+    """Expected share of positions the fused loss projects through the head: all of them for the uniform graph;
+    for the absorbing graph the masked ones, E[1 - e^(-sigma(t))] under the training t ~ U[eps, 1] (stratified
+    draws have the same law), by the midpoint rule (exact for the log-linear schedule, where it is linear)."""
+    if graph == "uniform":
+        return 1.0
+    t = sampling_eps + (1.0 - sampling_eps) * (torch.arange(points, dtype=torch.float64) + 0.5) / points
+    return float(-torch.expm1(-total_noise(t)).mean())
+
+
+class NoiseBandLoss:
+    """The training loss per noise level: the mean loss per token of the sequences whose t falls into each of
+    `bands` equal bands of [0, 1], summed on the device between logging steps (no host sync per step).
+
+    Bands are found from the total noise sigma(t) the sequences were noised with (the schedule is increasing,
+    so t in [k/bands, (k+1)/bands) exactly when sigma lies between the edges' noise levels).
+    """
+
+    def __init__(self, total_noise, bands: int = 5, device: torch.device | str = "cpu"):
+        self.bands = bands
+        self.edges = total_noise(torch.arange(1, bands, dtype=torch.float64) / bands).to(device)
+        self.sums = torch.zeros(2, bands, dtype=torch.float64, device=device)  # loss sums, sequence counts
+
+    def add(self, total_noise: Tensor, per_sequence: Tensor) -> None:
+        """Fold in a micro-batch: each sequence's total noise and loss (nats, summed over its positions)."""
+        band = torch.bucketize(total_noise.to(self.edges.dtype), self.edges, right=True)
+        self.sums[0].index_add_(0, band, per_sequence.detach().to(self.sums.dtype))
+        self.sums[1].index_add_(0, band, torch.ones_like(band, dtype=self.sums.dtype))
+
+    def take(self, seq_len: int, group=None) -> dict[str, float]:
+        """{"train/loss_per_token_t0.0-0.2": mean, ...} over what was added since the last call on any rank of
+        `group` (a collective; None: the world when torch.distributed runs), then start over. Bands without
+        sequences are left out."""
+        sums = self.sums.clone()
+        self.sums.zero_()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums, group=group)
+        total, count = sums.tolist()
+        out = {}
+        for k in range(self.bands):
+            if count[k]:
+                out[f"train/loss_per_token_t{k / self.bands:.1f}-{(k + 1) / self.bands:.1f}"] = \
+                    total[k] / count[k] / seq_len
+        return out
+
+
+class IntervalStats:
+    """The training steps since the last log line: how many, their summed loss (applied steps only), wall time
+    and time waiting for data."""
+
+    def __init__(self):
+        self.steps, self.applied, self.loss, self.seconds, self.data_wait = 0, 0, 0.0, 0.0, 0.0
+
+    def add(self, loss: float | None, seconds: float, data_wait: float) -> None:
+        """One step; `loss` is None for a skipped one (its value is not finite or not meaningful)."""
+        self.steps += 1
+        self.seconds += seconds
+        self.data_wait += data_wait
+        if loss is not None:
+            self.applied += 1
+            self.loss += loss
+
+    def mean_loss(self) -> float:
+        """Mean loss per token over the applied steps (NaN when every step was skipped)."""
+        return self.loss / self.applied if self.applied else float("nan")
 
 
 def truncate_jsonl(path: Path, last_step: int) -> int:

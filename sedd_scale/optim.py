@@ -1,15 +1,36 @@
-"""AdamW that skips a step whose gradients are not finite anywhere (every rank skips together)."""
+"""AdamW that skips a step whose gradients are not finite, judged by the global gradient norm, and its counters."""
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
-import torch.distributed as dist
+from torch import Tensor
+
+
+def is_finite_norm(norm: float | Tensor) -> bool:
+    """Whether a global gradient norm is usable: finite and not DeepSpeed's -1 'invalid norm' sentinel."""
+    value = float(norm)
+    return math.isfinite(value) and value >= 0.0
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """torch AdamW; `step()` is a no-op, counted, when any rank holds a NaN/inf gradient.
+    """torch AdamW whose update is skipped, on every rank alike, when some gradient is NaN or infinite.
 
-    DeepSpeed calls the wrapped optimizer on every rank at the same optimizer step (on the ZeRO
-    partitions it owns), so the flag is all-reduced over the whole world and all ranks agree.
+    The test is the global gradient norm that DeepSpeed computes for clipping anyway (over TP, PP and DP):
+    sqrt(sum g^2) is NaN or infinite exactly when some g is (finite gradients whose norm passes float32's
+    range, ~1.8e19, count as non-finite too: such a step is meaningless). So no per-parameter check and
+    no extra collective are needed: the norm is the same number on every rank.
+
+    * Without a ZeRO/bf16 wrapper (ZeRO-0, fp32 parameters) DeepSpeed calls `step()` directly; the engine
+      sets `grad_norm` (`engine.build_engine`), and a non-finite norm makes `step()` a no-op that sets
+      `overflow`, which DeepSpeed's engine reads like its wrappers' flag (the step is not applied and the
+      LR schedule does not advance).
+    * DeepSpeed's ZeRO-1/2/3 and bf16 optimizers test the same norm themselves and do not call `step()`
+      on a skipped step.
+
+    Either way the engine knows (`was_step_applied()`), and the trainer reports each optimizer step to
+    `record`, which keeps `last_skipped`, `skipped_in_a_row` and `skipped_total`.
     """
 
     def __init__(self, *args, **kwargs):
@@ -17,21 +38,23 @@ class GuardedAdamW(torch.optim.AdamW):
         self.skipped_in_a_row = 0
         self.skipped_total = 0
         self.last_skipped = False
+        self.overflow = False
+        # () -> this step's global gradient norm; None when a DeepSpeed wrapper checks the norm itself.
+        self.grad_norm: Callable[[], float | Tensor] | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One AdamW step, unless some gradient is not finite."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        device = grads[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        bad = torch.zeros((), device=device)
-        for grad in grads:
-            bad = torch.maximum(bad, (~torch.isfinite(grad)).any().to(bad.dtype))
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.last_skipped = bool(bad)
-        if self.last_skipped:
+        """One AdamW step, unless the global gradient norm is not finite."""
+        self.overflow = self.grad_norm is not None and not is_finite_norm(self.grad_norm())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+    def record(self, applied: bool) -> None:
+        """Count the optimizer step that just ended: applied, or skipped for non-finite gradients."""
+        self.last_skipped = not applied
+        if applied:
+            self.skipped_in_a_row = 0
+        else:
             self.skipped_in_a_row += 1
             self.skipped_total += 1
-            return None
-        self.skipped_in_a_row = 0
-        return super().step(closure)

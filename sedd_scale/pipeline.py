@@ -7,6 +7,7 @@ score entropy, with labels (x0, x_t, total_noise, rate). PP = 1 uses the same lo
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
@@ -19,19 +20,43 @@ from sedd_scale.model.transformer import megatron_config  # noqa: E402
 
 
 def head_loss_config(model: ModelConfig, chunk_size: int = 1024) -> ScoreEntropyHeadConfig:
-    """The fused loss settings that match a model."""
+    """The fused loss settings that match a model (bf16-mixed: bf16 GEMM operands, fp32 accumulation; model.compile:
+    the chunks' elementwise work compiled too)."""
     return ScoreEntropyHeadConfig(graph=model.graph, num_tokens=model.num_tokens,
-                                  scale_by_sigma=model.scale_by_sigma, chunk_size=chunk_size)
+                                  scale_by_sigma=model.scale_by_sigma, chunk_size=chunk_size,
+                                  gemm_dtype=torch.bfloat16 if model.precision == "bf16-mixed" else None,
+                                  compile=model.compile)
 
 
 def head_loss(output_layer: OutputLayer, features: Tensor, x0: Tensor, x_t: Tensor, total_noise: Tensor,
-              rate: Tensor, cfg: ScoreEntropyHeadConfig) -> Tensor:
-    """Mean over the micro-batch of sum_i rate * score_entropy_i (the per-sequence training loss)."""
+              rate: Tensor, cfg: ScoreEntropyHeadConfig) -> tuple[Tensor, Tensor]:
+    """(mean over the micro-batch of sum_i rate * score_entropy_i, the per-sequence losses detached).
+
+    The inputs are valid by construction (the trainer checks the loader's ids; noising yields x_t and
+    total_noise > 0), so the fused loss skips its input checks and their host syncs.
+    """
     linear = output_layer.linear
-    loss, _ = weighted_score_entropy_head(features, linear.weight, linear.bias, x_t, x0, total_noise,
-                                          (rate / x0.shape[0])[:, None].to(features.dtype), cfg,
-                                          vocab_start=output_layer.vocab_start)
-    return loss
+    loss, per_token = weighted_score_entropy_head(features, linear.weight, linear.bias, x_t, x0, total_noise,
+                                                  (rate / x0.shape[0])[:, None].to(features.dtype), cfg,
+                                                  vocab_start=output_layer.vocab_start, check_inputs=False)
+    return loss, (rate[:, None].to(per_token.dtype) * per_token).sum(1)
+
+
+class LossRecords:
+    """(total noise, per-sequence loss) of each training micro-batch since the trainer last took them."""
+
+    def __init__(self):
+        self._kept: list[tuple[Tensor, Tensor]] = []
+
+    def add(self, total_noise: Tensor, per_sequence: Tensor) -> None:
+        """Keep one micro-batch's values when training (evaluation runs without gradients and is not kept)."""
+        if torch.is_grad_enabled():
+            self._kept.append((total_noise.detach(), per_sequence))
+
+    def take(self) -> list[tuple[Tensor, Tensor]]:
+        """What was kept since the last call (always empty on pipeline stages without the loss)."""
+        out, self._kept = self._kept, []
+        return out
 
 
 class SEDDTrainModule(nn.Module):
@@ -40,12 +65,16 @@ class SEDDTrainModule(nn.Module):
     def __init__(self, model: SEDD, loss_cfg: ScoreEntropyHeadConfig):
         super().__init__()
         self.model, self.loss_cfg = model, loss_cfg
+        self.records = LossRecords()
 
     def forward(self, x0: Tensor, x_t: Tensor, total_noise: Tensor, rate: Tensor) -> Tensor:
         """The loss to backpropagate."""
         h, c = self.model.hidden(x_t, total_noise)
         features = self.model.output_layer.features(h, c)
-        return head_loss(self.model.output_layer, features, x0, x_t, total_noise, rate, self.loss_cfg)
+        loss, per_sequence = head_loss(self.model.output_layer, features, x0, x_t, total_noise, rate, self.loss_cfg)
+        if self.training:
+            self.records.add(total_noise, per_sequence)
+        return loss
 
 
 class InputStage(InputLayer):
@@ -75,6 +104,7 @@ class HeadLoss:
 
     def __init__(self, cfg: ScoreEntropyHeadConfig):
         self.cfg, self.output_stage = cfg, None
+        self.records = LossRecords()
 
     def bind(self, pipe: PipelineModule) -> None:
         """Find this rank's OutputStage (present on the last pipeline stage only)."""
@@ -85,7 +115,11 @@ class HeadLoss:
         if self.output_stage is None:
             raise RuntimeError("HeadLoss called on a rank without the output stage (not the last pipeline stage)")
         x0, x_t, total_noise, rate = labels
-        return head_loss(self.output_stage, features, x0, x_t, total_noise.detach(), rate.detach(), self.cfg)
+        loss, per_sequence = head_loss(self.output_stage, features, x0, x_t, total_noise.detach(), rate.detach(),
+                                       self.cfg)
+        if self.output_stage.training:
+            self.records.add(total_noise, per_sequence)
+        return loss
 
 
 def build_pipeline(model: ModelConfig, topology: PipeModelDataParallelTopology, loss_cfg: ScoreEntropyHeadConfig,

@@ -35,6 +35,7 @@ APPLIED: dict[str, str] = {
     "data.prepare": "used only when the data is missing",
     "data.cache_dir": "where shards given as URLs are cached (their content is checked)",
     "model.activation_checkpointing": "memory/compute trade-off only (the same arithmetic)",
+    "model.compile": "speed only (the same arithmetic, fused by torch.compile)",
     "model.dropout": "regularisation",
     "model.attention_dropout": "regularisation",
     "model.name": "a label",

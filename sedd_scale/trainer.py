@@ -44,7 +44,10 @@ from sedd_scale.config import Layout, Recipe, to_dict  # noqa: E402
 from sedd_scale.diffusion import ElboEstimate, get_graph, get_noise, sample  # noqa: E402
 from sedd_scale.evaluation import evaluate  # noqa: E402
 from sedd_scale.ema import EMA  # noqa: E402
-from sedd_scale.metrics import Metrics, training_flops_per_token  # noqa: E402
+from sedd_scale.generation import unigram_entropy  # noqa: E402
+from sedd_scale.loss.vocab_parallel import check_token_ids  # noqa: E402
+from sedd_scale.metrics import (IntervalStats, Metrics, NoiseBandLoss, projected_fraction,  # noqa: E402
+                               training_flops_per_token)
 from sedd_scale.model import SEDD, ModelConfig  # noqa: E402
 from sedd_scale.noising import NoisedBatch, global_row_offset, noise_batch  # noqa: E402
 from sedd_scale.pipeline import SEDDTrainModule, build_pipeline, head_loss_config  # noqa: E402
@@ -284,6 +287,9 @@ class Trainer:
         started = time.perf_counter()
         batch = next(self.batches)
         self.data_wait += time.perf_counter() - started
+        # Where data enters: on the host, before the copy to the device (the fused loss does not check again).
+        check_token_ids(batch, "a training batch from the loader", self.model_cfg.num_tokens, self.model_cfg.graph,
+                        self.model_cfg.num_tokens)
         return batch
 
     def _pipe_micro_batches(self, step: int) -> Iterator:
@@ -291,11 +297,13 @@ class Trainer:
             nb = self._noised(self._next_batch(), step, micro)
             yield (nb.x_t, nb.total_noise), (nb.x0, nb.x_t, nb.total_noise, nb.rate)
 
-    def train_step(self) -> float:
-        """One optimizer step; returns the global mean loss per token."""
+    def train_step(self, bands: NoiseBandLoss | None = None) -> float:
+        """One optimizer step; returns the global mean loss per token. `bands` collects the per-sequence losses
+        by noise level (on the device) when the update is applied."""
         self.engine.train()
         if self.is_pipe:
             loss = self.engine.train_batch(data_iter=self._pipe_micro_batches(self.step)).detach().float()
+            records = self.engine.module.loss_fn.records
         else:
             losses = []
             for micro in range(self.layout.grad_accum):
@@ -307,8 +315,15 @@ class Trainer:
             loss = torch.stack(losses).mean()
             dist.all_reduce(loss, group=ps.get_data_parallel_group())
             loss = loss / self.layout.dp
+            records = self.engine.module.records
+        # Skipped by our optimizer (ZeRO-0) or by DeepSpeed's ZeRO/bf16 wrapper: the engine knows either way.
+        self.base_optimizer().record(self.engine.was_step_applied())
+        kept = records.take()  # (total noise, per-sequence loss) per micro-batch; none off the last stage
         if not self.base_optimizer().last_skipped:
             self.ema.update(self._local_params())
+            if bands is not None and ps.get_tensor_model_parallel_rank() == 0:  # TP ranks hold the same losses
+                for total_noise, per_sequence in kept:
+                    bands.add(total_noise, per_sequence)
         self.step += 1
         self.tokens_seen += self.layout.global_batch * self.recipe.data.seq_len
         return float(loss) / self.recipe.data.seq_len
@@ -389,17 +404,20 @@ class Trainer:
         tc = self.recipe.train
         end = tc.steps if max_steps is None else min(tc.steps, self.step + max_steps)
         result = TrainResult(start_step=self.step)
-        flops = training_flops_per_token(matmul_params=self.model_cfg.num_params(self.layout.tp),
-                                         num_layers=self.model_cfg.n_blocks, hidden=self.model_cfg.hidden_size,
-                                         seq_len=self.recipe.data.seq_len)
+        seq_len, world = self.recipe.data.seq_len, self.layout.world_size
+        flops = training_flops_per_token(self.model_cfg, seq_len, projected_fraction(
+            self.model_cfg.graph, self.noise.total_noise, self.recipe.diffusion.sampling_eps))
+        bands = NoiseBandLoss(self.noise.total_noise, device=self.device) if metrics else None
+        interval = IntervalStats()  # what the next log line averages over
         streak_start = None  # the first step of a run of skipped (non-finite) updates
         stall = 0.0  # seconds the last save held training up
         while self.step < end:
             started, self.data_wait = time.perf_counter(), 0.0
-            loss = self.train_step()
+            loss = self.train_step(bands)
             elapsed = time.perf_counter() - started
             opt = self.base_optimizer()
             result.losses.append(loss)
+            interval.add(None if opt.last_skipped else loss, elapsed, self.data_wait)
             if opt.last_skipped:
                 result.skipped_steps += 1
                 streak_start = streak_start or self.step
@@ -414,22 +432,27 @@ class Trainer:
             if metrics:
                 metrics.advance()
             if metrics and (self.step % tc.log_every == 0 or self.step == end):
-                tokens_per_s = self.layout.global_batch * self.recipe.data.seq_len / elapsed
-                scalars = {"train/loss_per_token": loss, "train/lr": self.engine.get_lr()[0],
-                           "train/tokens_per_s": tokens_per_s, "train/samples_per_s": self.layout.global_batch / elapsed,
-                           "train/model_tflops_per_s": flops * tokens_per_s / 1e12 / self.layout.world_size,
-                           "train/skipped_steps": opt.skipped_total, "train/checkpoint_stall_s": stall}
+                tokens_per_s = interval.steps * self.layout.global_batch * seq_len / interval.seconds
+                step_time = interval.seconds / interval.steps
+                scalars = {"train/loss_per_token": interval.mean_loss(), "train/lr": self.engine.get_lr()[0],
+                           "train/tokens_per_s": tokens_per_s, "train/tokens_per_s_per_device": tokens_per_s / world,
+                           "train/tokens_seen": self.tokens_seen, "train/step_time_s": step_time,
+                           "train/samples_per_s": tokens_per_s / seq_len,
+                           "train/model_tflops_per_s": flops * tokens_per_s / 1e12 / world,
+                           "train/skipped_steps": opt.skipped_total, "train/checkpoint_stall_s": stall,
+                           "train/data_wait_fraction": interval.data_wait / interval.seconds,
+                           **bands.take(seq_len)}
                 norm = self.engine.get_global_grad_norm()
                 if norm is not None:
                     scalars["train/grad_norm"] = float(norm)
                 if tc.peak_tflops:
                     scalars["train/mfu"] = scalars["train/model_tflops_per_s"] / tc.peak_tflops
-                scalars["train/data_wait_fraction"] = self.data_wait / elapsed
                 if torch.cuda.is_available():
                     scalars["train/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 else:  # the process's peak resident memory (Linux reports KiB)
                     scalars["train/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 metrics.scalars(self.step, scalars)
+                interval = IntervalStats()
             if valid_batches and (self.step % tc.eval_every == 0 or self.step == end):
                 result.valid = self.validate(valid_batches, draws=tc.eval_draws)
                 if metrics:
@@ -440,6 +463,7 @@ class Trainer:
                         valid["valid/elbo_data_stderr"] = result.valid.data_stderr
                     metrics.scalars(self.step, valid)
                     texts = self.samples(2, steps=tc.sample_steps)
+                    metrics.scalars(self.step, {"samples/unigram_entropy": float(unigram_entropy(texts.cpu()).mean())})
                     if decode is not None:
                         metrics.text(self.step, "samples", "\n\n---\n\n".join(decode(t.tolist()) for t in texts))
             stop, writing, failed = self._status()

@@ -172,6 +172,7 @@ def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32") -> dict:
     while not isinstance(inner, torch.optim.Optimizer) or hasattr(inner, "optimizer"):  # DeepSpeed's wrappers
         inner = inner.optimizer
     result = {"tp_rank": ps.get_tensor_model_parallel_rank(), "inner_optimizer": type(inner).__name__,
+              "backward_allreduce": eng.enable_backward_allreduce, "direct": eng.optimizer is inner,
               "skipped": inner.skipped_total, "pp_rank": ps.get_pipeline_model_parallel_rank(),
               "dp_rank": dp_rank, "losses": losses, "norms": norms, "shards": shards,
               "zero_optimizer": type(eng.optimizer).__name__}
@@ -262,6 +263,10 @@ def test_two_process_layouts_match_one_process():
         check_against_oracle(results, case, ref)
     for case in fp32 + bf16:  # DeepSpeed wraps the trainer's own optimizer, which stepped every time
         assert all(r[case]["inner_optimizer"] == "GuardedAdamW" and r[case]["skipped"] == 0 for r in results)
+    # Without ZeRO and without data parallelism (TP2) DeepSpeed's gradient all-reduce over a group of one is off,
+    # and the result still equals the oracle (checked above); DP2 keeps it.
+    assert [results[0][case]["backward_allreduce"] for case in ((2, 1, 0), (1, 1, 0))] == [False, True]
+    assert results[0][(2, 1, 0)]["direct"] and not results[0][(1, 1, 1)]["direct"]
     # bf16 weights: losses within bf16 rounding (2^-8 relative), weights within a few bf16 ulps of |w| < 4.
     for case in bf16:
         check_against_oracle(results, case, ref, rtol=2e-2, wtol=4e-2)
@@ -284,6 +289,48 @@ def test_four_process_layouts_match_one_process():
         check_against_oracle(results, case, ref)
         assert all(r[case]["inner_optimizer"] == "GuardedAdamW" and r[case]["skipped"] == 0 for r in results)
     assert all("differs from DeepSpeed's 'data' axis" in r["mismatch"] for r in results), [r["mismatch"] for r in results]
+
+
+def test_guarded_adamw_skips_on_a_non_finite_global_norm():
+    """A NaN/inf norm (or DeepSpeed's -1 sentinel) makes step() a no-op flagged as `overflow`; `record` counts; without
+    a norm source (under a DeepSpeed wrapper, which tests the norm itself) every step is taken."""
+    from sedd_scale.optim import GuardedAdamW
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = GuardedAdamW([w], lr=0.1, fused=True)
+    norm = [float("inf")]
+    opt.grad_norm = lambda: norm[0]
+    for value in (float("inf"), float("nan"), -1.0):
+        norm[0] = value
+        w.grad = torch.ones(3)
+        opt.step()
+        opt.record(not opt.overflow)
+        assert opt.overflow and torch.equal(w.detach(), torch.ones(3)) and not opt.state, value
+    assert (opt.skipped_total, opt.skipped_in_a_row, opt.last_skipped) == (3, 3, True)
+    norm[0] = 1.7
+    opt.step()
+    opt.record(not opt.overflow)
+    assert not opt.overflow and (w.detach() < 1).all()
+    assert (opt.skipped_total, opt.skipped_in_a_row, opt.last_skipped) == (3, 0, False)
+    opt.grad_norm = None
+    w.grad = torch.full((3,), float("nan"))
+    opt.step()
+    assert not opt.overflow and torch.isnan(w.detach()).all()
+
+
+def test_tf32_flags():
+    """enable_tf32 (called at start on CUDA) sets torch 2.4's flags, which newer torch maps onto fp32_precision."""
+    from sedd_scale.engine import enable_tf32
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        enable_tf32()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: CUDA only, CPU (oneDNN) untouched
+            assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+            assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_deepspeed_config():

@@ -178,7 +178,12 @@ def test_signal_save_nonfinite_stop_layout_refusal_metrics_and_bf16(tmp_path):
     assert "zero_stage: saved 0 vs now 1" in out["layout"] and "convert_checkpoint" in out["layout"], out
     record = json.loads(out["metrics"].splitlines()[0])
     for key in ("train/loss_per_token", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s",
-                "train/model_tflops_per_s", "train/data_wait_fraction", "train/max_rss_gib"):
+                "train/model_tflops_per_s", "train/data_wait_fraction", "train/max_rss_gib",
+                "train/tokens_per_s_per_device", "train/tokens_seen", "train/step_time_s"):
         assert key in record and math.isfinite(record[key]), (key, record)
+    assert record["train/tokens_seen"] == 8 * 8  # one step of the global batch
+    bands = {k: v for k, v in record.items() if k.startswith("train/loss_per_token_t")}
+    # 8 sequences over 5 bands (a sequence of 8 tokens at small t may have nothing masked: a loss of 0)
+    assert bands and all(math.isfinite(v) and v >= 0 for v in bands.values()) and max(bands.values()) > 0, record
     losses, dtype = out["bf16"]
     assert dtype == torch.bfloat16 and len(losses) == 2 and all(math.isfinite(v) for v in losses), out["bf16"]

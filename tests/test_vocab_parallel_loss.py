@@ -83,10 +83,10 @@ def oracle(case: dict, graph: str, scale_by_sigma: bool, upstream=None):
 
 
 def fused(case: dict, graph: str, scale_by_sigma: bool, *, weighted: bool, chunk_size: int = 5,
-          tp: int = 1, rank: int = 0, dtype=torch.float32, group=None):
+          tp: int = 1, rank: int = 0, dtype=torch.float32, group=None, compile: bool = False):
     """This rank's fused loss (per token) and grads (hidden, weight shard, bias shard)."""
     vl = V_PAD // tp
-    cfg = ScoreEntropyHeadConfig(graph, N, scale_by_sigma, chunk_size)
+    cfg = ScoreEntropyHeadConfig(graph, N, scale_by_sigma, chunk_size, compile=compile)
     h = case["hidden"].to(dtype, copy=True).requires_grad_(True)
     w = case["weight"][rank * vl:(rank + 1) * vl].to(dtype, copy=True).requires_grad_(True)
     b = case["bias"][rank * vl:(rank + 1) * vl].to(dtype, copy=True).requires_grad_(True)
@@ -150,6 +150,45 @@ def test_fused_float32_tp1_matches_reference(graph, scale_by_sigma, weighted, ch
         keep = case["x_t"] != N
         assert torch.all(loss[keep] == 0) and torch.all(grads[0][keep] == 0)
     assert torch.all(grads[1][N:] == 0) and torch.all(grads[2][N:] == 0)  # MASK and padding rows
+
+
+@pytest.mark.slow  # torch.compile of the chunk functions: ~10 s per variant on 2 cores with a cold cache
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("graph,scale_by_sigma", CASES)
+def test_compiled_chunks_match_the_oracle_and_eager(graph, scale_by_sigma, weighted):
+    """compile=True (model.compile) end to end, and the fused chunk expressions (compiled with inductor on CPU, as on
+    CUDA, where the absorbing one runs) against the in-place eager ones, for ordinary and extreme log-scores."""
+    from sedd_scale.loss.vocab_parallel import (ABSORB_FUSED, UNIFORM_FUSED, _absorb_terms, _token_terms,
+                                                _uniform_terms)
+
+    for seed, extreme in ((2, False), (5, True)):
+        case = make_case(graph, seed=seed)
+        if extreme:  # the far branches
+            case["bias"][:3] = torch.tensor([70.0, -80.0, 69.0])
+            case["weight"] = case["weight"] / 64
+        rtol = 1e-5 if extreme else RTOL  # log-scores near 70 carry float32's |l| 2^-24 into e^l
+        ref = reference(case, graph, scale_by_sigma)
+        check_against(ref, fused(case, graph, scale_by_sigma, weighted=weighted, compile=True)[:2], rtol,
+                      f"compile=True vs reference (extreme={extreme})")
+        cfg = ScoreEntropyHeadConfig(graph, N, scale_by_sigma)
+        x_t, x_0 = case["x_t"].reshape(-1), case["x_0"].reshape(-1)
+        sigma = case["sigma"][:, None].expand(B, L).reshape(-1)
+        tok = _token_terms(cfg, x_t, x_0, sigma, 0, N, torch.float32)
+        rows = torch.arange(B * L) if tok.rows is None else tok.rows
+        z = (case["hidden"].reshape(-1, H)[rows] @ case["weight"][:N].t() + case["bias"][:N])
+        scale = torch.rand(len(rows), generator=torch.Generator().manual_seed(seed)) if weighted else None
+        if graph == "absorb":
+            want = _absorb_terms(z.clone(), tok, scale)
+            got = ABSORB_FUSED(True, z, tok.col0, tok.in0, tok.shift, tok.log_r0, tok.r0, scale)
+        else:
+            want = _uniform_terms(z.clone(), tok, scale)
+            got = UNIFORM_FUSED(True, z, tok.col0, tok.in0, tok.colx, tok.inx, tok.log_r, tok.r, tok.log_r0, tok.r0,
+                                scale, tok.weight)
+        assert_close(got[0], want[0], rtol, f"fused chunk loss (extreme={extreme})")
+        if weighted:
+            assert_close(got[1], want[1], rtol, f"fused chunk gradient (extreme={extreme})", floor=1.0)
+        else:
+            assert got[1] is None and want[1] is None
 
 
 def test_grad_output_scales_and_single_backward():
@@ -221,6 +260,73 @@ def test_bad_input_is_rejected_with_a_clear_error():
         ScoreEntropyHeadConfig("gaussian", N)
     with pytest.raises(ValueError, match="chunk_size"):
         ScoreEntropyHeadConfig("absorb", N, chunk_size=0)
+
+
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make a CUDA device wait for the host: scalar reads (.item(), int(), bool()) and nonzero."""
+
+    def __init__(self):
+        super().__init__()
+        self.scalar_reads = self.nonzero = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.scalar_reads += 1
+        if func.overloadpacket is torch.ops.aten.nonzero:
+            self.nonzero += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("graph,scale_by_sigma", CASES)
+def test_the_training_path_makes_no_host_sync_but_the_masked_count(graph, scale_by_sigma):
+    """With inputs valid by construction (check_inputs=False), forward + backward read no scalar on the host over
+    several chunks, including extreme log-scores (the overflow-safe branch); only absorb's compaction (nonzero)
+    remains. The checks at data entry do read scalars."""
+    case = make_case(graph, seed=8)
+    case["bias"][:2] = torch.tensor([70.0, -80.0])  # the far branches are exercised, without a host decision
+    case["weight"] = case["weight"] / 64  # keeps every log-score below 80 (on the grid: logits stay exact)
+    cfg = ScoreEntropyHeadConfig(graph, N, scale_by_sigma, chunk_size=5)
+    h = case["hidden"].clone().requires_grad_(True)
+    w, b = case["weight"].clone().requires_grad_(True), case["bias"].clone().requires_grad_(True)
+    with _HostSyncs() as syncs:
+        total, loss = weighted_score_entropy_head(h, w, b, case["x_t"], case["x_0"], case["sigma"], case["rate"], cfg,
+                                                  check_inputs=False)
+        (total / 3).backward()
+    assert (syncs.scalar_reads, syncs.nonzero) == (0, 1 if graph == "absorb" else 0)
+    assert torch.isfinite(loss).all() and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    ref = oracle(case, graph, scale_by_sigma)
+    # Log-scores near 78 carry float32's representation error |l| 2^-24 ~ 5e-6 into e^l (the shift is rounded).
+    assert_close(loss, ref[0], 1e-5, "loss")
+    assert_close(w.grad, ref[1][1] / 3, 1e-5, "grad weight / 3", floor=1.0)
+    with _HostSyncs() as checked:
+        score_entropy_head(h, w, b, case["x_t"], case["x_0"], case["sigma"], cfg)
+    assert checked.scalar_reads >= 5  # min/max of both id tensors and total_noise > 0
+
+
+def test_bf16_gemm_operands_accumulate_in_float32():
+    """gemm_dtype=bf16 (bf16-mixed): the loss and fp32 gradients are those of the bf16-rounded head inputs computed in
+    float64 (products of bf16 numbers are exact; only the fp32 sums round), not those of the fp32 inputs."""
+    g = torch.Generator().manual_seed(9)
+    case = make_case("absorb", seed=9)
+    case["hidden"] = torch.randn(B, L, H, generator=g)  # off the dyadic grid: bf16 rounding is visible
+    case["weight"] = torch.randn(V_PAD, H, generator=g) / 4
+    rounded = {**case, "hidden": case["hidden"].bfloat16().float(), "weight": case["weight"].bfloat16().float()}
+    cfg = ScoreEntropyHeadConfig("absorb", N, True, chunk_size=5, gemm_dtype=torch.bfloat16)
+    h = case["hidden"].clone().requires_grad_(True)
+    w, b = case["weight"].clone().requires_grad_(True), case["bias"].clone().requires_grad_(True)
+    total, loss = weighted_score_entropy_head(h, w, b, case["x_t"], case["x_0"], case["sigma"], case["rate"], cfg)
+    total.backward()
+    assert loss.dtype == h.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    ref = oracle(rounded, "absorb", True)
+    assert_close(loss, ref[0], 1e-5, "bf16-operand loss")
+    assert_close(b.grad, ref[1][2], 1e-5, "grad bias", floor=1.0)
+    # The backward GEMMs round the logit gradient to bf16 as well: 2^-8 relative, far below a wrong formula.
+    assert_close(h.grad, ref[1][0], 1e-2, "grad hidden", floor=1.0)
+    assert_close(w.grad, ref[1][1], 1e-2, "grad weight", floor=1.0)
+    unrounded = oracle(case, "absorb", True)[0]
+    assert ((loss.double() - unrounded).abs() / unrounded.clamp(min=1e-30)).max() > 1e-4  # the operands were rounded
+    with pytest.raises(ValueError, match="gemm_dtype"):
+        ScoreEntropyHeadConfig("absorb", N, gemm_dtype=torch.int8)
 
 
 def _numpy(result):

@@ -33,6 +33,9 @@ class ModelConfig:
     # and output layer under bf16 autocast with fp32 norms: the reference's GPU mode).
     precision: Literal["fp32", "bf16", "bf16-mixed"] = "fp32"
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    # Regional torch.compile of the blocks' elementwise work (transformer.py, "Regional compilation"):
+    # the same arithmetic, fused; compiled on the first steps (about half a minute on 2 CPU cores).
+    compile: bool = False
     name: str = "custom"
 
     def __post_init__(self):

@@ -20,6 +20,14 @@ draws from the default RNG (equal across TP ranks, see `parallel.seed_parallel`)
 dropout acts on head shards and draws from megatron's per-TP-rank tracker.
 
 Layout is (batch, length, hidden) like the reference.
+
+Regional compilation (`model.compile`): the block's elementwise work between its GEMMs and attention
+(fp32 LayerNorm, weight and adaLN modulation; rotary on q and k with the head transposes; gate and
+residual) is written as pure tensor functions (`sedd_scale.compiled.Region`), run eagerly or fused by
+torch.compile. The megatron-core linears (autograd functions whose backward all-reduces over TP),
+DeepSpeed's ZeRO-3 parameter hooks (they gather a module's weights in its forward) and dropout (eager
+RNG) stay outside the compiled graphs, so the switch composes with TP, PP, activation checkpointing
+and ZeRO 0-3 without graph breaks, and one compiled graph serves every block.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ from sedd_scale import compat  # noqa: F401  (before megatron.core)
 from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
 from sedd_scale import parallel  # noqa: E402
+from sedd_scale.compiled import Region, check_compiler  # noqa: E402
 from sedd_scale.diffusion.parametrization import to_log_score  # noqa: E402
 from sedd_scale.model import rotary  # noqa: E402
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig  # noqa: E402
@@ -68,18 +77,41 @@ def _autocast(cfg: ModelConfig, x: Tensor):
     return torch.autocast(x.device.type, dtype=cfg.autocast_dtype)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with a weight and no bias, computed in float32 even under autocast (the reference's)."""
+def _norm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: LayerNorm(x) * weight * (1 + scale) + shift, the norm in float32 even under autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        y = F.layer_norm(x.float(), [x.shape[-1]], eps=LN_EPS) * weight
+    return modulate(y, shift, scale)
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device):
+
+def _rotary_heads(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """qkv (B, L, 3, heads, D) -> rotated q, k and v, each (B, heads, L, D)."""
+    q, k, v = qkv.unbind(2)
+    with torch.autocast(qkv.device.type, enabled=False):  # the reference rotates in qkv's dtype
+        q, k = rotary.apply_rotary(q, cos, sin), rotary.apply_rotary(k, cos, sin)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _gate_residual(x: Tensor, gate: Tensor, branch: Tensor) -> Tensor:
+    """x + gate * branch."""
+    return x + gate * branch
+
+
+NORM_MODULATE, ROTARY_HEADS, GATE_RESIDUAL = Region(_norm_modulate), Region(_rotary_heads), Region(_gate_residual)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias, computed in float32 even under autocast (the reference's), and the
+    adaLN modulation that always follows it (one region, so a compiled model fuses them)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, cfg: ModelConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        self.dim = dim
+        self.dim, self.config = dim, cfg
 
-    def forward(self, x: Tensor) -> Tensor:
-        """float32 normalised x times the weight."""
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.float(), [self.dim], eps=LN_EPS) * self.weight
+    def forward(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        """float32 normalised x times the weight, modulated: * (1 + scale) + shift."""
+        return NORM_MODULATE(self.config.compile, x, self.weight, shift, scale)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -143,16 +175,18 @@ class Block(nn.Module):
         self.config = cfg
         h, tp = cfg.hidden_size, parallel.tp_size()
         cfg.check_tp(tp)
+        if cfg.compile:
+            check_compiler(device)
         self.local_heads = cfg.n_heads // tp
         ffn = cfg.mlp_ratio * h
-        self.norm1 = LayerNorm(h, cfg.params_dtype, device)
+        self.norm1 = LayerNorm(h, cfg.params_dtype, device, cfg)
         # Local output is [q | k | v] of this rank's heads (hub.py permutes the reference's [q | k | v] rows).
         self.attn_qkv = tensor_parallel.ColumnParallelLinear(
             h, 3 * h, config=mcfg, init_method=_uniform_init(h), bias=False, gather_output=False)
         self.attn_out = tensor_parallel.RowParallelLinear(
             h, h, config=mcfg, init_method=_uniform_init(h), bias=False, input_is_parallel=True,
             skip_bias_add=False)
-        self.norm2 = LayerNorm(h, cfg.params_dtype, device)
+        self.norm2 = LayerNorm(h, cfg.params_dtype, device, cfg)
         self.mlp_in = tensor_parallel.ColumnParallelLinear(
             h, ffn, config=mcfg, init_method=_uniform_init(h), bias=True, gather_output=False)
         self.mlp_out = tensor_parallel.RowParallelLinear(
@@ -162,17 +196,17 @@ class Block(nn.Module):
 
     def _branch_out(self, x: Tensor, gate: Tensor, branch: Tensor) -> Tensor:
         # The reference's bias_dropout_add_scale: x + gate * dropout(branch), on replicated activations.
-        return x + gate * F.dropout(branch, p=self.config.dropout, training=self.training)
+        if self.training and self.config.dropout > 0:
+            branch = F.dropout(branch, p=self.config.dropout)
+        return GATE_RESIDUAL(self.config.compile, x, gate, branch)
 
     def _attention(self, h: Tensor) -> Tensor:
         cfg = self.config
         b, length, _ = h.shape
         qkv, _ = self.attn_qkv(h.to(self.attn_qkv.weight.dtype))
-        q, k, v = qkv.view(b, length, 3, self.local_heads, cfg.head_dim).unbind(2)
         cos, sin = rotary.cos_sin(length, cfg.head_dim, cfg.rotary_base, h.device)
-        with torch.autocast(h.device.type, enabled=False):  # the reference rotates in qkv's dtype
-            q, k = rotary.apply_rotary(q, cos, sin), rotary.apply_rotary(k, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, L, D)
+        qkv = qkv.view(b, length, 3, self.local_heads, cfg.head_dim)
+        q, k, v = ROTARY_HEADS(cfg.compile, qkv, cos, sin)  # (B, heads, L, D)
         p = cfg.attention_dropout if self.training else 0.0
         # Head shards are TP-local: their dropout draws from the per-TP-rank tracker stream.
         with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else contextlib.nullcontext():
@@ -187,10 +221,11 @@ class Block(nn.Module):
 
     def _forward(self, x: Tensor, c: Tensor) -> Tensor:
         with _autocast(self.config, x):
-            mod = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+            # Contiguous (B, 1, H) pieces: offsets into one buffer would each specialise a compiled region.
+            mod = [m.contiguous() for m in self.adaLN_modulation(c)[:, None].chunk(6, dim=2)]
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-            x = self._branch_out(x, gate_msa, self._attention(modulate(self.norm1(x), shift_msa, scale_msa)))
-            return self._branch_out(x, gate_mlp, self._mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+            x = self._branch_out(x, gate_msa, self._attention(self.norm1(x, shift_msa, scale_msa)))
+            return self._branch_out(x, gate_mlp, self._mlp(self.norm2(x, shift_mlp, scale_mlp)))
 
     def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """One block; recomputed in backward when activation checkpointing is on."""
@@ -210,7 +245,7 @@ class OutputLayer(nn.Module):
         h, tp = cfg.hidden_size, parallel.tp_size()
         self.padded_vocab = cfg.padded_vocab(tp)
         self.vocab_start = parallel.tp_rank() * (self.padded_vocab // tp)
-        self.norm_final = LayerNorm(h, cfg.params_dtype, device)
+        self.norm_final = LayerNorm(h, cfg.params_dtype, device, cfg)
         self.adaLN_modulation = _linear(cfg, cfg.cond_dim, 2 * h, device, zero=True)
         self.linear = tensor_parallel.ColumnParallelLinear(
             h, self.padded_vocab, config=mcfg, init_method=nn.init.zeros_, bias=True, gather_output=False)
@@ -218,8 +253,8 @@ class OutputLayer(nn.Module):
     def features(self, x: Tensor, c: Tensor) -> Tensor:
         """The modulated hidden state the head projects (what a fused vocab-parallel loss consumes)."""
         with _autocast(self.config, x):
-            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-            return modulate(self.norm_final(x), shift, scale).to(self.linear.weight.dtype)
+            shift, scale = (m.contiguous() for m in self.adaLN_modulation(c)[:, None].chunk(2, dim=2))
+            return self.norm_final(x, shift, scale).to(self.linear.weight.dtype)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """Raw head output for this rank's vocabulary shard."""
