@@ -9,6 +9,9 @@
   training loop spends inside `Trainer.save` (snapshot to host memory; plus the write when synchronous).
   With async saves the write overlaps the next steps; on this 2-core CPU the writer thread also competes
   with them for the cores, which the "steps with a save in flight" column shows.
+* Offline conversion: a checkpoint saved by a world of 8 (TP2 x PP2 x DP2) consolidated in one fresh
+  process (`convert.consolidate`, EMA weights): wall time and peak RSS, beside the RSS after the imports
+  and the bytes of the model state produced.
 * The computed 7B figure: TP4 x PP4 x DP64 (1,024 GPUs), bf16 weights with fp32 masters and Adam moments.
 """
 from __future__ import annotations
@@ -88,8 +91,37 @@ def stalls(data: dict, steps: int) -> dict:
     return {"held": held, "step": statistics.median(step_times), "in_flight": in_flight, "total": total}
 
 
+_CONSOLIDATE = """
+import json, resource, sys, time
+from sedd_scale import convert
+imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+start = time.perf_counter()
+convert.consolidate(sys.argv[1], sys.argv[2], weights="ema")
+print(json.dumps({"seconds": time.perf_counter() - start, "imports": imports,
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def offline_conversion(tmp: str, hidden: int, blocks: int) -> str:
+    """Save with a world of 8 (TP2 x PP2 x DP2), consolidate in one fresh process; one line of results."""
+    import json
+    import subprocess
+
+    data = recipe(f"{tmp}/w8", hidden, blocks, False, 1)
+    data["parallel"].update(tp=2, pp=2)
+    launch(save_bytes, 8, data, timeout=1800)
+    out = Path(tmp) / "consolidated"
+    proc = subprocess.run([sys.executable, "-c", _CONSOLIDATE, f"{tmp}/w8", str(out)], capture_output=True, text=True,
+                          check=True)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    state = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+    return (f"consolidate TP2 x PP2 x DP2 (8 ranks) in one process: {r['seconds']:.1f} s, peak RSS "
+            f"{r['peak'] / 2**20:.0f} MiB = {r['imports'] / 2**20:.0f} MiB after imports + "
+            f"{(r['peak'] - r['imports']) / 2**20:.0f} MiB, for a model state of {state / 2**20:.0f} MiB")
+
+
 def main() -> None:
-    """Measure and print both tables."""
+    """Measure and print the tables."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--blocks", type=int, default=4)
@@ -115,6 +147,7 @@ def main() -> None:
             flight = statistics.median(out["in_flight"]) if out["in_flight"] else float("nan")
             print(f"{mode:>6} {statistics.median(out['held']):>18.3f} {out['step']:>16.3f} {flight:>33.3f}"
                   f" {out['total']:>25.1f}")
+        print("\n" + offline_conversion(tmp, args.hidden, args.blocks))
     params, dp, psi = 6_957_692_242, 64, 6_957_692_242 / 16  # 7B over TP4 x PP4: parameters per model shard
     weights, optimizer, ema = 2 * params, 12 * params, 4 * params
     print(f"\n7B at 1,024 GPUs (TP4 x PP4 x DP64), bytes per save: bf16 weights {weights / 1e9:.0f} GB + fp32 "

@@ -10,7 +10,7 @@
    reduce bucket is lowered to 2e6 elements for these runs (one row keeps the 5e8 default).
 2. Model states against DeepSpeed's estimate_zero2/3_model_states_mem_needs (16-bit weights, no offload).
 3. FLOPs per token: the planner's count against torch's FlopCounterMode on a real forward + backward, and
-   against `metrics.training_flops_per_token` (what the trainer logs MFU with).
+   the old 6 x parameters convention against `flops.training_flops_per_token` (what the trainer logs MFU with).
 4. The shipped multi-node recipes and the issue's layouts: memory, bubble, step time, MFU, warnings.
 """
 from __future__ import annotations
@@ -117,19 +117,23 @@ def deepspeed_table() -> list[str]:
     return rows
 
 
+def old_convention(m, seq_len: int) -> float:
+    """What metrics.py logged before: 6 per parameter plus bidirectional attention (the PaLM appendix B count)."""
+    return 6.0 * m.num_params(1) + 12.0 * m.n_blocks * m.hidden_size * seq_len
+
+
 def flops_table() -> list[str]:
-    """FLOPs per token: planner vs FlopCounterMode (small model, measured) and vs metrics.training_flops_per_token."""
+    """FLOPs per token: planner vs FlopCounterMode (small model, measured) and vs the old 6 x parameters convention."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     from sedd_scale import parallel
-    from sedd_scale.metrics import training_flops_per_token
     from sedd_scale.model.transformer import SEDD
     from sedd_scale.pipeline import SEDDTrainModule, head_loss_config
     from sedd_scale.step_memory import VALIDATION_MODEL
 
     rows = [f"{'model':<22} {'recompute':>9} | {'counted':>9} {'planner exec':>12} | {'planner model':>13} "
-            f"{'metrics.py':>10} {'metrics/model':>13}  (MFLOP per token; counted = FlopCounterMode + SDPA formulas)"]
+            f"{'old 6N':>10} {'old/model':>13}  (MFLOP per token; counted = FlopCounterMode + SDPA formulas)"]
     parallel.init_parallel(1)
     for recompute in (False, True):
         raw = {"model": {**VALIDATION_MODEL, "activation_checkpointing": recompute},
@@ -150,8 +154,7 @@ def flops_table() -> list[str]:
                      + sdpa_backward_flop_count(shape, shape, shape, shape))
         counted = counter.get_total_flops() + m.n_blocks * attention
         f = P.flops_per_token(r, recompute, masked=float(masked.float().mean()))
-        logged = training_flops_per_token(matmul_params=m.num_params(1), num_layers=m.n_blocks, hidden=m.hidden_size,
-                                          seq_len=length)
+        logged = old_convention(m, length)
         tokens = b * length
         rows.append(f"{'validation (measured)':<22} {'on' if recompute else 'off':>9} | "
                     f"{counted / tokens / 1e6:>9.2f} {f.executed / 1e6:>12.2f} | {f.model / 1e6:>13.2f} "
@@ -161,15 +164,14 @@ def flops_table() -> list[str]:
         r = load_recipe(os.path.join("recipes", name))
         m = r.model
         f = P.flops_per_token(r, m.activation_checkpointing)
-        logged = training_flops_per_token(matmul_params=m.num_params(1), num_layers=m.n_blocks, hidden=m.hidden_size,
-                                          seq_len=r.data.seq_len)
+        logged = old_convention(m, r.data.seq_len)
         rows.append(f"{name:<22} {'on' if m.activation_checkpointing else 'off':>9} | {'':>9} "
                     f"{f.executed / 1e6:>12.1f} | {f.model / 1e6:>13.1f} {logged / 1e6:>10.1f} "
                     f"{logged / f.model:>13.3f}")
-    rows.append("metrics.training_flops_per_token counts 6 FLOPs per parameter: the input embedding (a lookup), "
-                "the head over the padded vocabulary for every token (the fused loss projects the masked tokens' "
-                "real vocabulary only) and adaLN per token (it runs once per sequence); the planner counts the "
-                "matmuls done.")
+    rows.append("planner model = flops.training_flops_per_token (what the trainer logs MFU with). The old convention "
+                "(6 FLOPs per parameter + 12 L H s) counted the input embedding (a lookup), the head over the padded "
+                "vocabulary for every token (the fused loss projects the masked tokens' real vocabulary only) and "
+                "adaLN per token (it runs once per sequence).")
     return rows
 
 

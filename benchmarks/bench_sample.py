@@ -144,38 +144,48 @@ def per_step(graph: Graph, noise, batch: int, length: int, steps: int, repeats: 
             "masked_mean": sum(masked) / steps}
 
 
-def end_to_end(kind: str, batch: int, length: int, steps: int, repeats: int, seed: int = 0) -> dict:
-    """Tokens/s of tools/sample.py's sampling (generate_batches, analytic, denoise) on a random tiny SEDD; each
-    sampler the best of `repeats` runs, interleaved."""
+def end_to_end(kind: str, batch: int, length: int, steps: int, repeats: int, seed: int = 0, device: str = "cpu",
+               reference: bool = True, size: str = "tiny") -> dict:
+    """Tokens/s of tools/sample.py's sampling (generate_batches, analytic, denoise) on a random SEDD of preset `size`
+    on `device`; each sampler the best of `repeats` runs, interleaved (`reference`: also the reference-style one,
+    CPU only)."""
     from sedd_scale import parallel  # megatron-core from here on
     from sedd_scale.generation import generate_batches, model_log_score_fn
     from sedd_scale.model.config import preset
     from sedd_scale.model.transformer import SEDD
 
     parallel.init_parallel(1, seed=seed)
-    cfg = preset("tiny", graph=kind, num_tokens=NUM_TOKENS, length=length, dropout=0.0, vocab_multiple=1)
-    model = SEDD(cfg, device="cpu").eval()
+    cfg = preset(size, graph=kind, num_tokens=NUM_TOKENS, length=length, dropout=0.0, vocab_multiple=1)
+    model = SEDD(cfg, device=device).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.02)
     graph, noise = get_graph(kind, NUM_TOKENS), get_noise("loglinear" if kind == "absorb" else "geometric")
     log_score = model_log_score_fn(model)
     out = {"ref": 0.0, "ours": 0.0, "forward_s": float("inf")}
     with torch.no_grad():
         for _ in range(repeats):
             start = time.perf_counter()
-            log_score(torch.zeros(batch, length, dtype=torch.long), torch.ones(batch))
+            log_score(torch.zeros(batch, length, dtype=torch.long, device=device), torch.ones(batch, device=device))
+            _sync(device)
             out["forward_s"] = min(out["forward_s"], time.perf_counter() - start)
-            start = time.perf_counter()
-            reference_sample(log_score, graph, noise, (batch, length), steps, 1e-5, torch.Generator().manual_seed(seed))
-            out["ref"] = max(out["ref"], batch * length / (time.perf_counter() - start))
+            if reference:
+                start = time.perf_counter()
+                reference_sample(log_score, graph, noise, (batch, length), steps, 1e-5,
+                                 torch.Generator().manual_seed(seed))
+                out["ref"] = max(out["ref"], batch * length / (time.perf_counter() - start))
             start = time.perf_counter()
             generate_batches(log_score, graph, noise, plan=[(0, batch)], length=length, steps=steps,
-                             predictor="analytic", seed=seed)
+                             predictor="analytic", seed=seed, device=device)  # returns CPU ids: synchronised
             out["ours"] = max(out["ours"], batch * length / (time.perf_counter() - start))
     parallel.destroy_parallel()
     return out
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> None:

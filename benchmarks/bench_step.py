@@ -17,7 +17,8 @@ and the reference's EMA update. Both sides draw their own noise every step.
 
 Rounds are interleaved (reference, eager, compiled, reference, ...) so that load from other
 processes hits every variant alike; the table shows medians over the rounds after `--warmup` steps
-(the first compiled step includes compilation, reported as compile time). The machine this runs on
+(the first compiled step includes compilation, reported as compile time: the first compiled step's excess
+over the median; the regions compile with dynamic shapes, so a later case reuses graphs an earlier one built). The machine this runs on
 may be shared: the timings are indicative, the ratios (measured side by side) less so. Peak memory
 is the growth of the process's resident set over one step (VmHWM reset through
 /proc/self/clear_refs after returning freed heap memory to the kernel): activations, gradients and
@@ -255,8 +256,9 @@ class RandomTokens:
         """Nothing to resume."""
 
 
-def build_trainer(case: Case, dropout: float, run_dir: str):
-    """A Trainer (world of one, ZeRO-0) for `case` on random tokens, compile switch on."""
+def build_trainer(case: Case, dropout: float, run_dir: str, precision: str = "fp32", recompute: bool = False,
+                  zero_stage: int = 0):
+    """A Trainer (world of one) for `case` on random tokens, compile switch on (flip `model_cfg.compile`)."""
     from sedd_scale import engine
     from sedd_scale.config import Recipe, from_dict
     from sedd_scale.trainer import Trainer
@@ -265,11 +267,12 @@ def build_trainer(case: Case, dropout: float, run_dir: str):
     recipe = from_dict(Recipe, {
         "model": {"hidden_size": case.hidden, "n_heads": case.heads, "n_blocks": case.blocks, "cond_dim": case.cond,
                   "num_tokens": case.num_tokens, "graph": case.graph, "scale_by_sigma": absorb,
-                  "length": case.length, "vocab_multiple": 1, "dropout": dropout, "compile": True},
+                  "length": case.length, "vocab_multiple": 1, "dropout": dropout, "compile": True,
+                  "precision": precision, "activation_checkpointing": recompute},
         "data": {"manifests": ["unused/manifest.json"], "tokenizer": None, "seq_len": case.length},
         "diffusion": {"noise": "loglinear" if absorb else "geometric"},
         "optim": {"lr": 3e-4, "warmup": 0, "grad_clip": 1.0},
-        "parallel": {"zero_stage": 0, "micro_batch": case.batch, "global_batch": case.batch},
+        "parallel": {"zero_stage": zero_stage, "micro_batch": case.batch, "global_batch": case.batch},
         "train": {"steps": 10**6, "ema": 0.9999},
         "checkpoint": {"dir": run_dir}})
     layout, topology = engine.setup(recipe)
@@ -363,7 +366,7 @@ def main() -> None:
         case = CASES[name]
         rounds = args.rounds or (4 if case.name.startswith("small") else 12)
         for row in run_case(case, argparse.Namespace(**{**vars(args), "rounds": rounds})):
-            comp = "" if row["compile"] is None else f"{row['compile']:.1f}"
+            comp = "" if row["compile"] is None else f"{max(row['compile'], 0.0):.1f}"
             print(f"| {row['case']} | {case.tokens} | {row['variant']} | {row['time']:.3f} | "
                   f"{row['tokens_per_s']:.0f} | {row['ratio']:.2f}x | {row['best']:.3f} | {row['ratio_best']:.2f}x | "
                   f"{row['cpu']:.2f} | {row['ratio_cpu']:.2f}x | {row['peak'] / 2**20:.0f} | {comp} |", flush=True)

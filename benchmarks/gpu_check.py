@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py                        # one CUDA GPU: every row, under 8 minutes
     python benchmarks/gpu_check.py --device cpu --quick   # every row on tiny shapes, under 3 minutes (CI runs it)
-    python benchmarks/gpu_check.py --rows train resume    # a subset
+    python benchmarks/gpu_check.py --rows train resume    # a subset (rows: train resume convert step loss sampler)
 
 Rows (each in fresh processes, so one failure does not hide the rest; the table says which passed):
   train-fp32, train-bf16   the main job's model on synthetic Markov-chain tokens (no download: a GPU machine
@@ -13,8 +13,10 @@ Rows (each in fresh processes, so one failure does not hide the rest; the table 
                            nondeterministic there)
   convert                  consolidate the killed-and-resumed run's checkpoint offline, evaluate it
                            (tools/evaluate.py) and sample from it (tools/sample.py)
-  step-small, step-medium  sedd-small / sedd-medium training steps (bf16-mixed) at the largest micro batch that
-                           fits, with and without activation checkpointing: step time, tokens/s, TFLOP/s, MFU
+  step-small, step-medium  sedd-small / sedd-medium training steps (bf16-mixed, ZeRO-1) at the largest micro batch
+                           that fits (doubling up to 64), with and without activation checkpointing, and the
+                           largest batch again with model.compile flipped: step time, tokens/s, model TFLOP/s
+                           (flops.training_flops_per_token), MFU against the GPU's bf16 peak, peak memory
   loss                     fused vocab-parallel head + loss vs the naive one: peak memory and time
   sampler                  sampling tokens/s (analytic, absorb), sample.py-equivalent
 """
@@ -198,9 +200,154 @@ def row_convert(s: Settings, manifest: Path) -> Row:
                               f"{len(lines)} samples written")
 
 
+# sedd-small / sedd-medium dims (recipes/sedd-small.yaml, sedd-medium.yaml) and their --quick stand-ins.
+STEP_MODELS = {"small": dict(hidden=768, heads=12, blocks=12, cond=128, length=1024),
+               "medium": dict(hidden=1024, heads=16, blocks=24, cond=128, length=1024)}
+QUICK_STEP_MODEL = dict(hidden=64, heads=4, blocks=2, cond=32, length=64)
+
+
+def _peak_tflops(device: str) -> float | None:
+    """The bf16 dense peak of this GPU if the planner knows it (H100, A100, H200), else None (no MFU)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    from sedd_scale.planner import GPUS
+
+    name = torch.cuda.get_device_name().lower()
+    return next((g.bf16_tflops for key, g in GPUS.items() if key in name), None)
+
+
+def step_worker(spec: dict) -> dict:
+    """In this process: bf16-mixed training steps of one model at doubling micro batches until one does not fit
+    (or the cap), with and without activation checkpointing; then the largest batch with the compile switch
+    flipped. Returns the measurements."""
+    import resource
+
+    import torch
+
+    from bench_step import Case, build_trainer
+    from sedd_scale import parallel
+    from sedd_scale.flops import projected_fraction, training_flops_per_token
+
+    cuda = spec["device"] == "cuda"
+    dims = QUICK_STEP_MODEL if spec["quick"] else STEP_MODELS[spec["model"]]
+    steps, warmup = (2, 1) if spec["quick"] else (5, 2)
+
+    def run(batch: int, recompute: bool, compiled: bool) -> dict | None:
+        case = Case(spec["model"], dims["hidden"], dims["heads"], dims["blocks"], dims["cond"], "absorb", batch,
+                    dims["length"])
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = None
+            try:
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                trainer = build_trainer(case, 0.0, run_dir, precision="bf16-mixed", recompute=recompute, zero_stage=1)
+                trainer.model_cfg.compile = compiled
+                for _ in range(warmup):
+                    trainer.train_step()
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    trainer.train_step()
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds = (time.perf_counter() - start) / steps
+                flops = training_flops_per_token(trainer.model_cfg, case.length, projected_fraction(trainer.recipe))
+            except torch.cuda.OutOfMemoryError:  # the batch does not fit: the search ends at the previous one
+                return None
+            finally:
+                if trainer is not None:
+                    trainer.saver.close()
+                parallel.destroy_parallel()
+        memory = (torch.cuda.max_memory_allocated() if cuda
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return dict(batch=batch, recompute=recompute, compiled=compiled, step_s=seconds,
+                    tokens_per_s=case.tokens / seconds, tflops=flops * case.tokens / seconds / 1e12, memory=memory)
+
+    cap = spec["max_batch"]
+    found = []
+    for recompute in (False, True):
+        best, batch = None, 1
+        while batch <= cap:
+            got = run(batch, recompute, spec["compile"])
+            if got is None:
+                break
+            best, batch = got, batch * 2
+        if best is None:
+            raise RuntimeError(f"sedd-{spec['model']}: micro batch 1 does not fit (recompute={recompute})")
+        found.append(best)
+    flipped = run(found[0]["batch"], False, not spec["compile"]) if spec["flip"] else None
+    return {"rows": found, "flipped": flipped}
+
+
+def row_step(s: Settings, model: str) -> Row:
+    """sedd-<model> bf16-mixed steps at the largest micro batch that fits, +-recompute, compiled vs eager."""
+    # --quick leaves out the compiled run (half a minute of inductor on 2 CPU cores; tests cover the switch).
+    spec = {"model": model, "device": s.device, "quick": s.quick, "compile": s.device == "cuda", "flip": not s.quick,
+            "max_batch": 2 if s.quick else 64}
+    proc = subprocess.run([sys.executable, __file__, "--step-worker", json.dumps(spec)], cwd=ROOT, env=s.env,
+                          capture_output=True, text=True, timeout=s.timeout)
+    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if proc.returncode or result is None:
+        return Row(f"step-{model}", False, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    got = json.loads(result[len("RESULT "):])
+    peak = _peak_tflops(s.device)
+    parts = []
+    for r in got["rows"] + ([got["flipped"]] if got["flipped"] else []):
+        mfu = f", MFU {r['tflops'] / peak:.1%}" if peak else ""
+        parts.append(f"B{r['batch']} {'recompute' if r['recompute'] else 'no recompute'} "
+                     f"{'compiled' if r['compiled'] else 'eager'}: {r['step_s']:.3f} s/step, "
+                     f"{r['tokens_per_s']:.0f} tok/s, {r['tflops']:.2f} TFLOP/s{mfu}, {r['memory'] / 2**30:.1f} GiB")
+    ok = all(math.isfinite(r["step_s"]) for r in got["rows"])
+    dims = QUICK_STEP_MODEL if s.quick else STEP_MODELS[model]
+    name = "tiny stand-in" if s.quick else f"sedd-{model} dims"
+    return Row(f"step-{model}", ok, f"{name} (H {dims['hidden']} x {dims['blocks']} blocks, L {dims['length']}), "
+               f"bf16-mixed ZeRO-1, largest micro batch that fits: " + "; ".join(parts)
+               + ("" if peak else "; MFU: no known peak for this device"))
+
+
+def row_loss(s: Settings, manifest: Path) -> Row:
+    """bench_loss's naive (full logits) vs fused weighted head + loss, one fwd+bwd, on this device."""
+    import bench_loss
+
+    args = argparse.Namespace(tokens=512 if s.quick else 8 * 1024, batch=4 if s.quick else 8,
+                              hidden=64 if s.quick else 1024, vocab=50258, graph="absorb", chunk_size=1024,
+                              dtype="float32" if s.device == "cpu" else "bfloat16", iters=1 if s.quick else 3,
+                              device=s.device)
+    naive, fused = bench_loss.run_row("naive", 1, args), bench_loss.run_row("fused weighted", 1, args)
+    ok = fused["peak"] < naive["peak"]
+    return Row("loss", ok, f"{args.tokens} tokens, H {args.hidden}, V 50258, {args.dtype}: naive "
+                           f"{naive['peak'] / 2**20:.0f} MiB {naive['time'] * 1e3:.1f} ms, fused "
+                           f"{fused['peak'] / 2**20:.0f} MiB {fused['time'] * 1e3:.1f} ms "
+                           f"({naive['peak'] / max(fused['peak'], 1):.1f}x less memory, "
+                           f"{naive['time'] / fused['time']:.2f}x the speed)")
+
+
+def row_sampler(s: Settings, manifest: Path) -> Row:
+    """Sampling tokens/s (analytic, absorb, GPT-2 vocabulary) as tools/sample.py runs it, on this device."""
+    script = ("import json, sys; sys.path.insert(0, 'benchmarks'); import bench_sample; "
+              f"print('RESULT', json.dumps(bench_sample.end_to_end('absorb', {2 if s.quick else 16}, "
+              f"{64 if s.quick else 1024}, {8 if s.quick else 128}, 1, device={s.device!r}, reference=False, "
+              f"size={'tiny' if s.quick else 'small'!r})))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=s.env, capture_output=True, text=True,
+                          timeout=s.timeout)
+    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if proc.returncode or result is None:
+        return Row("sampler", False, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    got = json.loads(result[len("RESULT "):])
+    shape = "B2 x L64, tiny, 8 steps" if s.quick else "B16 x L1024, sedd-small dims, 128 steps"
+    return Row("sampler", got["ours"] > 0, f"{shape}: {got['ours']:.0f} tokens/s (one forward {got['forward_s']:.3f} s)")
+
+
 ROWS = {"train": lambda s, m: [row_train(s, m, "fp32"), row_train(s, m, "bf16-mixed")],
         "resume": lambda s, m: [row_resume(s, m)],
-        "convert": lambda s, m: [row_convert(s, m)]}
+        "convert": lambda s, m: [row_convert(s, m)],
+        "step": lambda s, m: [row_step(s, "small"), row_step(s, "medium")],
+        "loss": lambda s, m: [row_loss(s, m)],
+        "sampler": lambda s, m: [row_sampler(s, m)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes (minutes on a CPU)")
     p.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS))
     p.add_argument("--work", default=None, help="a directory for the runs (default: a temporary one)")
+    p.add_argument("--step-worker", default=None, help=argparse.SUPPRESS)  # internal: one step row's process
     args = p.parse_args(argv)
+    if args.step_worker:
+        print("RESULT", json.dumps(step_worker(json.loads(args.step_worker))), flush=True)
+        return 0
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():

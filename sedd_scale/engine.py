@@ -28,9 +28,9 @@ from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state as ps
 
-from sedd_scale import parallel
+from sedd_scale import accelerators, parallel
 from sedd_scale.config import Layout, OptimConfig, Recipe
-from sedd_scale.optim import GuardedAdamW
+from sedd_scale.optim import SkipGuard, guarded
 
 
 def env_world_size() -> int:
@@ -144,9 +144,11 @@ def deepspeed_config(recipe: Recipe, layout: Layout) -> dict[str, Any]:
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
-                    ) -> tuple[GuardedAdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """torch AdamW that skips non-finite steps (the fused kernel: one pass per tensor, on CPU as on CUDA;
-    nothing for DeepSpeed to compile) and its warmup + constant/cosine schedule.
+                    ) -> tuple[SkipGuard, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW that skips non-finite steps and its warmup + constant/cosine schedule.
+
+    apex's FusedAdam where `accelerators` picks it (CUDA with apex), else torch's fused kernel (one pass
+    per tensor, on CPU as on CUDA; nothing for DeepSpeed to compile).
 
     Weight decay, when non-zero, applies to matrices only (not to biases and norm weights).
     """
@@ -155,7 +157,10 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay, "decay": True},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "decay": False}]
     groups = [g for g in groups if g["params"]]
-    optimizer = GuardedAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True)
+    device = next(iter(params)).device
+    adam = accelerators.adam_class(accelerators.choose(cuda=device.type == "cuda"))
+    kwargs = {"fused": True} if adam is torch.optim.AdamW else {"adam_w_mode": True}
+    optimizer = guarded(adam)(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: optim.lr_at(step, total_steps) / optim.lr)
     return optimizer, scheduler
 
@@ -185,7 +190,7 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, layout: Layout, total_s
     return engine
 
 
-def _guard_by_grad_norm(engine, optimizer: GuardedAdamW) -> None:
+def _guard_by_grad_norm(engine, optimizer: SkipGuard) -> None:
     """Without a wrapper DeepSpeed clips fp32 gradients but drops the norm: keep it (get_global_grad_norm())
     and let the optimizer skip a step on a non-finite one, as DeepSpeed's ZeRO/bf16 wrappers do."""
     clip = engine.gradient_clipping()

@@ -14,8 +14,8 @@ def is_finite_norm(norm: float | Tensor) -> bool:
     return math.isfinite(value) and value >= 0.0
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """torch AdamW whose update is skipped, on every rank alike, when some gradient is NaN or infinite.
+class SkipGuard:
+    """Mixin for an AdamW class: its update is skipped, on every rank alike, when some gradient is NaN or infinite.
 
     The test is the global gradient norm that DeepSpeed computes for clipping anyway (over TP, PP and DP):
     sqrt(sum g^2) is NaN or infinite exactly when some g is (finite gradients whose norm passes float32's
@@ -58,3 +58,14 @@ class GuardedAdamW(torch.optim.AdamW):
         else:
             self.skipped_in_a_row += 1
             self.skipped_total += 1
+
+
+class GuardedAdamW(SkipGuard, torch.optim.AdamW):
+    """torch AdamW under the non-finite guard."""
+
+
+def guarded(adam_class: type) -> type:
+    """`adam_class` (torch's AdamW or apex's FusedAdam, see `accelerators`) under the non-finite guard."""
+    if adam_class is torch.optim.AdamW:
+        return GuardedAdamW
+    return type(f"Guarded{adam_class.__name__}", (SkipGuard, adam_class), {})

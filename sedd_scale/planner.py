@@ -46,6 +46,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from sedd_scale.flops import projected_fraction, training_flops_per_token
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
 
 if TYPE_CHECKING:  # the planner reads recipes; config.py's CLI imports the planner
@@ -60,14 +61,14 @@ class Gpu:
 
     name: str
     bf16_tflops: float  # dense bf16 tensor-core peak
-    fp32_tflops: float  # fp32 without tensor cores (what an fp32 recipe runs at: TF32 is not enabled)
+    tf32_tflops: float  # dense TF32 tensor-core peak: fp32 recipes (engine.enable_tf32 turns TF32 on for CUDA GEMMs)
     memory_bytes: float
 
 
 GPUS: dict[str, Gpu] = {  # NVIDIA datasheet figures
-    "h100": Gpu("H100 SXM", 989.0, 67.0, 80 * GB),
-    "a100": Gpu("A100 SXM 80GB", 312.0, 19.5, 80 * GB),
-    "h200": Gpu("H200 SXM", 989.0, 67.0, 141 * GB),
+    "h100": Gpu("H100 SXM", 989.0, 494.5, 80 * GB),
+    "a100": Gpu("A100 SXM 80GB", 312.0, 156.0, 80 * GB),
+    "h200": Gpu("H200 SXM", 989.0, 494.5, 141 * GB),
 }
 DEFAULT_GPU = "h100"
 
@@ -135,7 +136,6 @@ class StageParams:
     """Parameter counts one GPU of a pipeline stage holds (its TP shard), before ZeRO partitioning."""
 
     total: int
-    largest: int  # the largest single tensor (optimizer temporaries)
     small: int  # in tensors of at most PARAM_PERSISTENCE_THRESHOLD elements (kept whole by ZeRO-3)
     largest_module: int  # the most held by one module (DeepSpeed's "largest layer")
 
@@ -168,7 +168,7 @@ def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> StageParams:
     modules: dict[int, int] = {}
     for n, _, mod in tensors:
         modules[mod] = modules.get(mod, 0) + n
-    return StageParams(total=sum(n for n, _, _ in tensors), largest=max(n for n, _, _ in tensors),
+    return StageParams(total=sum(n for n, _, _ in tensors),
                        small=sum(n for n, _, _ in tensors if n <= PARAM_PERSISTENCE_THRESHOLD),
                        largest_module=max(modules.values()))
 
@@ -226,22 +226,6 @@ def _autocast_copies(m: ModelConfig, pp: int, stage: int) -> int:
     n += (SIGMA_FEATURES * c + c * c) if stage == 0 else 0
     n += 2 * h * c if stage == pp - 1 else 0
     return 2 * n
-
-
-def masked_fraction(recipe: "Recipe") -> float:
-    """Expected fraction of tokens the loss projects: the masked ones for absorb (t ~ U[sampling_eps, 1]),
-    all of them for uniform."""
-    if recipe.model.graph != "absorb":
-        return 1.0
-    d = recipe.diffusion
-    s = d.sampling_eps
-    if d.noise == "loglinear":  # P(masked | t) = (1 - eps) t
-        return (1.0 - d.noise_eps) * (1.0 + s) / 2.0
-    lo, hi = math.log(d.sigma_min), math.log(d.sigma_max)  # P(masked | t) = 1 - exp(-sigma_bar(t))
-    n = 4096  # Simpson's rule; the integrand is smooth, error < 1e-9
-    xs = [s + (1.0 - s) * i / n for i in range(n + 1)]
-    ys = [1.0 - math.exp(-math.exp(lo + x * (hi - lo))) for x in xs]
-    return (ys[0] + ys[-1] + 4 * sum(ys[1:-1:2]) + 2 * sum(ys[2:-1:2])) / (3 * n)
 
 
 @dataclass(frozen=True)
@@ -304,13 +288,8 @@ def _states(m: ModelConfig, c: Candidate, stage: int, sp: StageParams, a: Assump
     # Gradients exist during a forward pass only from the second micro-batch of a step on (and
     # always on pipeline stages, whose forwards and backwards interleave).
     later = c.grad_accum > 1 or c.pp > 1
-    # The torch optimizer's temporaries at the step: fused AdamW on CUDA has none; on CPU the
-    # single-tensor AdamW forms sqrt(v) and a quotient (2 x 4 B per element of the largest tensor
-    # it steps); GuardedAdamW's non-finite check makes two bool tensors of it. DeepSpeed hands the
-    # torch optimizer one flat DP partition, except without ZeRO (fp32 weights: the parameters;
-    # bf16 weights: FP16_UnfusedOptimizer's per-parameter fp32 masters).
-    stepped = part if (c.zero_stage > 0 or bf16_optimizer) else sp.largest
-    temps = 2 * stepped + (8 * stepped if a.device == "cpu" else 0)
+    # No optimizer temporaries at the step: fused AdamW (CPU and CUDA) updates in place, and the
+    # non-finite guard reads the global gradient norm (optim.py).
     all_reduce = 4 * min(p, bucket) if d > 1 else 0.0  # DP all-reduce of fp32 gradients flattens up to a bucket
 
     def grads(bytes_: float, at_step: float = 0.0) -> tuple[float, float, float, float]:
@@ -321,8 +300,7 @@ def _states(m: ModelConfig, c: Candidate, stage: int, sp: StageParams, a: Assump
         lines = [Line("weights", 4 * p, 4 * p, 4 * p, 4 * p, "fp32"),
                  Line("gradients", *grads(4 * p), "fp32, whole"),
                  Line("optimizer", 8 * p, 8 * p, 8 * p, 8 * p, "Adam m, v (fp32), whole"),
-                 Line("buffers", 0.0, 0.0, 0.0, max(temps, all_reduce),
-                      "step temporaries" + (", DP all-reduce bucket" if d > 1 else ""))]
+                 Line("buffers", 0.0, 0.0, 0.0, all_reduce, "DP all-reduce bucket")]
     elif c.zero_stage in (1, 2) and (fp32 or c.zero_stage == 2):  # DeepSpeedZeroOptimizer
         # ZeRO-1 keeps whole gradients and its reduce bucket through the accumulation; ZeRO-2 keeps
         # a gradient partition and allocates the bucket for each backward only. Both form the flat
@@ -331,10 +309,10 @@ def _states(m: ModelConfig, c: Candidate, stage: int, sp: StageParams, a: Assump
         # formed (measured), so the step holds the larger of the two.
         if c.zero_stage == 1:
             g, note = grads(4 * p), "fp32, whole"
-            buf = (0.0, 4 * bucket if later else 0.0, 4 * bucket, max(4 * bucket if later else 0.0, 4 * part + temps))
+            buf = (0.0, 4 * bucket if later else 0.0, 4 * bucket, max(4 * bucket if later else 0.0, 4 * part))
         else:
             g, note = grads(w * part, 4 * part), f"{'fp32' if fp32 else 'bf16'} partition /DP"
-            buf = (0.0, 0.0, w * bucket, temps)
+            buf = (0.0, 0.0, w * bucket, 0.0)
         lines = [Line("weights", w * p, w * p, w * p, w * p, f"{'fp32' if fp32 else 'bf16'} (flat)"),
                  Line("gradients", *g, note),
                  Line("optimizer", 12 * part, 12 * part, 12 * part, 12 * part, "fp32 master + Adam m, v, /DP"),
@@ -351,7 +329,7 @@ def _states(m: ModelConfig, c: Candidate, stage: int, sp: StageParams, a: Assump
                       "partition /DP + small tensors whole + gathered"),
                  Line("gradients", g, g, g, g + (4 * part if not fp32 else 0.0), "partition /DP"),
                  Line("optimizer", 12 * part, 12 * part, 12 * part, 12 * part, "fp32 master + Adam m, v, /DP"),
-                 Line("buffers", w * bucket, w * bucket, w * bucket, w * bucket + temps,
+                 Line("buffers", w * bucket, w * bucket, w * bucket, w * bucket,
                       f"ZeRO reduce bucket ({bucket:.3g} elements, persistent)")]
     elif bf16_optimizer:
         # BF16_Optimizer: fp32 master and moments partitioned over DP, a whole flat gradient
@@ -363,13 +341,11 @@ def _states(m: ModelConfig, c: Candidate, stage: int, sp: StageParams, a: Assump
                  Line("gradients", acc * p, acc * p + lp[1], acc * p + lp[2], acc * p + lp[3],
                       f"{'fp32' if acc == 4 else 'bf16'} accumulator + bf16, whole"),
                  Line("optimizer", 12 * part, 12 * part, 12 * part, 12 * part, "fp32 master + Adam m, v, /DP"),
-                 Line("buffers", 0.0, 0.0, 0.0, max(temps, all_reduce),
-                      "step temporaries" + (", DP all-reduce bucket" if d > 1 else ""))]
+                 Line("buffers", 0.0, 0.0, 0.0, all_reduce, "DP all-reduce bucket")]
     else:  # bf16 weights, ZeRO-0, no pipeline: FP16_UnfusedOptimizer in bf16 (whole fp32 masters)
         lines = [Line("weights", 2 * p, 2 * p, 2 * p, 2 * p, "bf16"),
                  Line("gradients", *grads(2 * p, 4 * p), "bf16, whole (+ fp32 copies at the step)"),
-                 Line("optimizer", 12 * p, 12 * p, 12 * p, 12 * p, "fp32 master + Adam m, v, whole"),
-                 Line("buffers", 0.0, 0.0, 0.0, temps, "step temporaries")]
+                 Line("optimizer", 12 * p, 12 * p, 12 * p, 12 * p, "fp32 master + Adam m, v, whole")]
     ema = 4 * sum(math.ceil(n / d) for n, _, _ in _tensors(m, c.tp, c.pp, stage))  # per tensor, padded
     lines.insert(3, Line("EMA", ema, ema, ema, ema, "fp32, /DP"))
     return lines
@@ -473,21 +449,18 @@ class Flops:
 
 def flops_per_token(recipe: "Recipe", recompute: bool, masked: float | None = None) -> Flops:
     """Matmul FLOPs per token (see the module docstring for what is counted); `masked`: the fraction of
-    tokens the loss projects (default: `masked_fraction(recipe)`, its expectation)."""
+    tokens the loss projects (default: `flops.projected_fraction(recipe)`, its expectation)."""
     m = recipe.model
     h, c, r, s = m.hidden_size, m.cond_dim, m.mlp_ratio, recipe.data.seq_len
-    dense = 2 * (4 + 2 * r) * h * h  # qkv, out, MLP in and out: forward, per token
-    scores = 4 * s * h  # q k^T and p v over all s keys, forward
-    ada = 2 * c * 6 * h / s  # adaLN modulation: once per sequence
-    fwd = dense + scores + ada
-    block_model = 3 * (dense + ada) + 3 * scores  # backward = 2 x forward (the PaLM convention)
-    block_exec = 3 * (dense + ada) + scores + 10 * s * h + (fwd if recompute else 0.0)  # flash bwd: 5 matmuls
-    sigma = (2 * 2 * SIGMA_FEATURES * c + 3 * 2 * c * c) / s  # its first layer's input (features) needs no gradient
-    masked = masked_fraction(recipe) if masked is None else masked
-    head = 3 * 2 * 2 * c * h / s + 6 * h * m.num_tokens * masked  # logits, d h, d w
-    blocks = m.n_blocks
-    return Flops(model=blocks * block_model + sigma + head, executed=blocks * block_exec + sigma + head,
-                 blocks_executed=blocks * block_exec, head_executed=head)
+    masked = projected_fraction(recipe) if masked is None else masked
+    model = training_flops_per_token(m, s, masked)  # what the trainer logs MFU with
+    # What the GPUs run on top: flash attention's backward recomputes the scores (5 matmuls instead of 4
+    # of L x H per token), and checkpointing runs each block's forward again.
+    forward = 2 * (4 + 2 * r) * h * h + 4 * s * h + 2 * c * 6 * h / s
+    blocks_model = m.n_blocks * (3 * (2 * (4 + 2 * r) * h * h + 2 * c * 6 * h / s) + 3 * 4 * s * h)
+    extra = m.n_blocks * (2 * s * h + (forward if recompute else 0.0))
+    head = 3 * 2 * 2 * c * h / s + 6 * h * m.num_tokens * masked  # final adaLN, logits, d h, d w
+    return Flops(model=model, executed=model + extra, blocks_executed=blocks_model + extra, head_executed=head)
 
 
 @dataclass(frozen=True)
@@ -504,7 +477,7 @@ class StepTime:
 def _peak_rate(recipe: "Recipe", gpu: Gpu, peak_tflops: float | None) -> float:
     """FLOP/s the matmuls of this precision can reach at best on one GPU."""
     if recipe.model.precision == "fp32":
-        return gpu.fp32_tflops * 1e12
+        return gpu.tf32_tflops * 1e12
     return (peak_tflops or gpu.bf16_tflops) * 1e12
 
 
@@ -519,8 +492,7 @@ def step_time(recipe: "Recipe", c: Candidate, gpu: Gpu, a: Assumptions, peak_tfl
     blocks = m.n_blocks // c.pp
     per_block = f.blocks_executed / m.n_blocks
     head = f.head_executed
-    if m.precision == "bf16-mixed":  # the head runs in fp32 (features are cast to the fp32 weights)
-        head *= _peak_rate(recipe, gpu, peak_tflops) / (gpu.fp32_tflops * 1e12)
+    # bf16-mixed: the fused loss runs the head GEMMs with bf16 operands too (pipeline.head_loss_config).
     stage_flops = [tokens / c.tp * (blocks * per_block + (head if s == c.pp - 1 else 0.0)) for s in range(c.pp)]
     # Small micro-batches pay a fixed launch/framework cost per block that large ones amortise.
     micro_compute = max(stage_flops) / rate + blocks * a.block_overhead_s
@@ -737,9 +709,9 @@ def format_plan(recipe: "Recipe", p: Plan) -> str:
                f"{t.bubble:.3g} + DP exchange {t.dp_comm:.3g}; {p.tokens_per_s:,.0f} tokens/s; MFU {p.mfu:.1%} "
                f"of {p.peak_tflops:g} TFLOP/s")
     out.append(f"  FLOPs per token: model {f.model / 1e9:.4g} G, executed {f.executed / 1e9:.4g} G (matmuls only; "
-               f"the loss projects {masked_fraction(recipe):.3f} of the tokens)")
+               f"the loss projects {projected_fraction(recipe):.3f} of the tokens)")
     out.append(f"  assumes: matmuls at {a.efficiency:.0%} of peak"
-               + (f" ({p.gpu.fp32_tflops:g} TFLOP/s for fp32)" if recipe.model.precision == "fp32" else "")
+               + (f" ({p.gpu.tf32_tflops:g} TFLOP/s TF32 for fp32)" if recipe.model.precision == "fp32" else "")
                + f" + {a.block_overhead_s * 1e3:g} ms per block per micro-batch; NCCL {a.intra_node_gbps:g} GB/s in a "
                f"node, {a.inter_node_gbps:g} GB/s across nodes ({a.gpus_per_node} GPUs each); communication not "
                "overlapped with compute")
@@ -771,5 +743,5 @@ def format_proposals(recipe: "Recipe", world_size: int, plans: list[Plan], limit
 
 __all__ = ["Assumptions", "Candidate", "GPUS", "Gpu", "Plan", "StageMemory", "accumulates_in_bf16",
            "block_saved_bytes_per_token", "bubble_fraction", "candidate_of", "candidates", "flops_per_token",
-           "format_plan", "format_proposals", "masked_fraction", "plan", "propose", "stage_memory", "stage_params",
+           "format_plan", "format_proposals", "plan", "propose", "stage_memory", "stage_params",
            "step_time"]

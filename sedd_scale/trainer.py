@@ -46,8 +46,8 @@ from sedd_scale.evaluation import evaluate  # noqa: E402
 from sedd_scale.ema import EMA  # noqa: E402
 from sedd_scale.generation import unigram_entropy  # noqa: E402
 from sedd_scale.loss.vocab_parallel import check_token_ids  # noqa: E402
-from sedd_scale.metrics import (IntervalStats, Metrics, NoiseBandLoss, projected_fraction,  # noqa: E402
-                               training_flops_per_token)
+from sedd_scale.flops import projected_fraction, training_flops_per_token  # noqa: E402
+from sedd_scale.metrics import IntervalStats, Metrics, NoiseBandLoss  # noqa: E402
 from sedd_scale.model import SEDD, ModelConfig  # noqa: E402
 from sedd_scale.noising import NoisedBatch, global_row_offset, noise_batch  # noqa: E402
 from sedd_scale.pipeline import SEDDTrainModule, build_pipeline, head_loss_config  # noqa: E402
@@ -405,8 +405,7 @@ class Trainer:
         end = tc.steps if max_steps is None else min(tc.steps, self.step + max_steps)
         result = TrainResult(start_step=self.step)
         seq_len, world = self.recipe.data.seq_len, self.layout.world_size
-        flops = training_flops_per_token(self.model_cfg, seq_len, projected_fraction(
-            self.model_cfg.graph, self.noise.total_noise, self.recipe.diffusion.sampling_eps))
+        flops = training_flops_per_token(self.model_cfg, seq_len, projected_fraction(self.recipe))
         bands = NoiseBandLoss(self.noise.total_noise, device=self.device) if metrics else None
         interval = IntervalStats()  # what the next log line averages over
         streak_start = None  # the first step of a run of skipped (non-finite) updates

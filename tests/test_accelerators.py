@@ -69,3 +69,37 @@ def test_without_apex_cuda_uses_torch_fused_adam(monkeypatch):
     choice = accelerators.choose(cuda=True)
     assert (choice.layer_norm, choice.adam, choice.transformer_engine) == ("torch", "torch-fused", "absent")
     accelerators.choose.cache_clear()
+
+
+def test_the_optimizer_and_layer_norm_take_the_choice(fake_apex):
+    """apex's FusedAdam runs under the same non-finite guard; the model's LayerNorm calls apex's kernel when chosen
+    and computes what torch's path does (norm, weight, then the adaLN modulation)."""
+    from sedd_scale.model import ModelConfig
+    from sedd_scale.model.transformer import LayerNorm
+    from sedd_scale.optim import GuardedAdamW, SkipGuard, guarded
+
+    calls, fused_adam = fake_apex
+    assert guarded(torch.optim.AdamW) is GuardedAdamW
+    cls = guarded(fused_adam)
+    assert issubclass(cls, SkipGuard) and issubclass(cls, fused_adam)
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.ones(3)
+    opt = cls([w], lr=0.1)
+    opt.grad_norm = lambda: float("nan")
+    opt.step()
+    assert opt.overflow and torch.equal(w.detach(), torch.ones(3))
+    opt.grad_norm = lambda: 1.0
+    opt.step()
+    assert not opt.overflow and bool((w.detach() < 1).all())
+
+    norm = LayerNorm(8, torch.float32, torch.device("cpu"), ModelConfig())
+    assert norm.kernels.layer_norm == "torch"  # no CUDA here
+    g = torch.Generator().manual_seed(0)
+    x, shift, scale = torch.randn(2, 5, 8, generator=g), torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=g))
+    want = norm(x, shift, scale)
+    norm.kernels = accelerators.choose(cuda=True)
+    got = norm(x, shift, scale)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want)

@@ -1,5 +1,5 @@
-"""Model FLOPs per token against a hand count and against the matmuls a real training step dispatches; the expected
-share of projected positions; the per-noise-level training loss; the logging interval's averages."""
+"""Model FLOPs per token against a hand count and against the matmuls a real training step dispatches; the
+per-noise-level training loss; the logging interval's averages."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sedd_scale.diffusion import get_noise
-from sedd_scale.metrics import IntervalStats, NoiseBandLoss, projected_fraction, training_flops_per_token
+from sedd_scale.flops import training_flops_per_token
+from sedd_scale.metrics import IntervalStats, NoiseBandLoss
 from sedd_scale.model import preset
 
 
@@ -61,21 +62,6 @@ def test_flops_per_token_match_the_matmuls_of_a_training_step(tp1, graph):
     assert 0 < fraction < 1 or graph == "uniform"
     measured = _step_flops(cfg, x0, x_t)
     assert measured == pytest.approx(training_flops_per_token(cfg, 12, fraction) * x0.numel(), rel=1e-12)
-
-
-def test_projected_fraction():
-    """Log-linear: E[(1 - eps) t] over t ~ U[eps_t, 1] in closed form; geometric by an independent quadrature."""
-    loglinear = get_noise("loglinear", eps=1e-3)
-    assert projected_fraction("absorb", loglinear.total_noise, 1e-3) == pytest.approx((1 - 1e-3) * (1 + 1e-3) / 2,
-                                                                                     rel=1e-12)
-    assert projected_fraction("uniform", loglinear.total_noise, 1e-3) == 1.0
-    geometric = get_noise("geometric", sigma_min=1e-4, sigma_max=20.0)
-    import numpy as np
-
-    t = np.linspace(1e-3, 1.0, 200_001)
-    sigma = np.exp(np.log(1e-4) + t * (np.log(20.0) - np.log(1e-4)))
-    expected = np.trapezoid(-np.expm1(-sigma), t) / (1 - 1e-3)
-    assert projected_fraction("absorb", geometric.total_noise, 1e-3) == pytest.approx(expected, rel=1e-7)
 
 
 def test_noise_band_loss_assigns_bands_by_t_and_averages_per_token():

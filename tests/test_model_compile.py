@@ -49,12 +49,12 @@ def _run(cfg, state, x, sigma, *, seed: int, train: bool = True):
 
 
 @pytest.mark.slow  # compilation: ~10 s per variant on 2 cores with a cold inductor cache
-@pytest.mark.parametrize("variant", ["plain", "dropout+checkpointing", "bf16-mixed"])
+@pytest.mark.parametrize("variant", ["plain", "dropout+checkpointing", "bf16-mixed", "bf16"])
 def test_compiled_blocks_equal_eager(tp1, variant):
-    """Forward and backward of the whole network, compiled vs eager, within RTOL; under bf16-mixed within a few bf16
-    ulps, and no farther from the fp32 network than eager is."""
+    """Forward and backward of the whole network, compiled vs eager, within RTOL; under bf16-mixed and bf16 weights
+    (the 1.3B/7B recipes) within a few bf16 ulps, and bf16-mixed no farther from the fp32 network than eager is."""
     extra = {"plain": {}, "dropout+checkpointing": {"dropout": 0.2, "activation_checkpointing": True},
-             "bf16-mixed": {"precision": "bf16-mixed"}}[variant]
+             "bf16-mixed": {"precision": "bf16-mixed"}, "bf16": {"precision": "bf16"}}[variant]
     base = preset("tiny", **{"hidden_size": 64, "n_heads": 4, "n_blocks": 2, "cond_dim": 32, "num_tokens": 50,
                              "vocab_multiple": 1, "length": 16, "dropout": 0.0, **extra})
     state = random_hub_state(base, seed=3)
@@ -64,7 +64,7 @@ def test_compiled_blocks_equal_eager(tp1, variant):
     compiled, compiled_grads = _run(dataclasses.replace(base, compile=True), state, x, sigma, seed=5)
     finite = torch.isfinite(eager)
     assert torch.equal(finite, torch.isfinite(compiled))  # -inf padding / MASK columns in the same places
-    rtol = BF16_RTOL if variant == "bf16-mixed" else RTOL
+    rtol = BF16_RTOL if variant.startswith("bf16") else RTOL
     _close(compiled[finite], eager[finite], f"{variant} log-scores", rtol)
     for i, (a, b) in enumerate(zip(compiled_grads, eager_grads, strict=True)):
         _close(a, b, f"{variant} gradient {i}", rtol)

@@ -187,3 +187,37 @@ def test_signal_save_nonfinite_stop_layout_refusal_metrics_and_bf16(tmp_path):
     assert bands and all(math.isfinite(v) and v >= 0 for v in bands.values()) and max(bands.values()) > 0, record
     losses, dtype = out["bf16"]
     assert dtype == torch.bfloat16 and len(losses) == 2 and all(math.isfinite(v) for v in losses), out["bf16"]
+
+
+def logged_interval(tmp: str) -> dict:
+    from sedd_scale import parallel
+    from sedd_scale.metrics import Metrics
+
+    data = recipe_dict(tmp)
+    data["train"].update(log_every=3, eval_every=3, eval_draws=2, sample_steps=2)
+    try:
+        trainer = _build(data)
+        rows = torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(3))
+        metrics = Metrics(f"{tmp}/tb", total_steps=100)
+        result = trainer.fit(max_steps=6, metrics=metrics, valid_batches=[EvalBatch(rows, torch.ones(4, dtype=bool), 0)])
+        metrics.close()
+        trainer.saver.close()
+        return {"losses": result.losses, "records": [json.loads(line) for line in open(f"{tmp}/tb/metrics.jsonl")]}
+    finally:
+        parallel.destroy_parallel()
+
+
+def test_logged_loss_is_the_interval_mean_and_samples_report_their_entropy(tmp_path):
+    """train/loss_per_token at a log step is the mean over the steps since the last one (not the last step's value);
+    the periodic samples' unigram entropy is logged beside the validation ELBO."""
+    out = launch(logged_interval, 1, str(tmp_path))[0]
+    losses, records = out["losses"], out["records"]
+    train = [r for r in records if "train/loss_per_token" in r]
+    assert [r["step"] for r in train] == [3, 6]
+    for r, chunk in zip(train, (losses[:3], losses[3:])):
+        assert r["train/loss_per_token"] == pytest.approx(sum(chunk) / 3, rel=1e-12)
+        assert r["train/loss_per_token"] != pytest.approx(chunk[-1], rel=1e-6)  # the steps differ
+        assert r["train/tokens_seen"] == r["step"] * 8 * 8
+    entropy = [r["samples/unigram_entropy"] for r in records if "samples/unigram_entropy" in r]
+    assert len(entropy) == 2 and all(0 < h <= math.log(11) + 1e-9 for h in entropy), records
+    assert sum("valid/elbo_nats_per_token" in r for r in records) == 2, records

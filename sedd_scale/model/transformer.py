@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from sedd_scale import compat  # noqa: F401  (before megatron.core)
 from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
-from sedd_scale import parallel  # noqa: E402
+from sedd_scale import accelerators, parallel  # noqa: E402
 from sedd_scale.compiled import Region, check_compiler  # noqa: E402
 from sedd_scale.diffusion.parametrization import to_log_score  # noqa: E402
 from sedd_scale.model import rotary  # noqa: E402
@@ -108,9 +108,15 @@ class LayerNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
         self.dim, self.config = dim, cfg
+        # apex's fused kernel on CUDA where importable and the blocks are eager (logged once per process).
+        self.kernels = accelerators.choose(cuda=torch.device(device).type == "cuda", compiled=cfg.compile)
 
     def forward(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
         """float32 normalised x times the weight, modulated: * (1 + scale) + shift."""
+        if self.kernels.layer_norm == "apex":
+            with torch.autocast(x.device.type, enabled=False):
+                y = accelerators.layer_norm(x, self.weight, LN_EPS, self.kernels)
+            return modulate(y, shift, scale)
         return NORM_MODULATE(self.config.compile, x, self.weight, shift, scale)
 
 
