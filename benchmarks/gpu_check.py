@@ -14,7 +14,7 @@ Rows (each in fresh processes, so one failure does not hide the rest; the table 
   convert                  consolidate the killed-and-resumed run's checkpoint offline, evaluate it
                            (tools/evaluate.py) and sample from it (tools/sample.py)
   step-small, step-medium  sedd-small / sedd-medium training steps (bf16-mixed, ZeRO-1) at the largest micro batch
-                           that fits (doubling up to 64), with and without activation checkpointing, and the
+                           that fits (doubling from 4 up to 64), with and without activation checkpointing, and the
                            largest batch again with model.compile flipped: step time, tokens/s, model TFLOP/s
                            (flops.training_flops_per_token), MFU against the GPU's bf16 peak, peak memory
   loss                     fused vocab-parallel head + loss vs the naive one: peak memory and time
@@ -267,18 +267,23 @@ def step_worker(spec: dict) -> dict:
         return dict(batch=batch, recompute=recompute, compiled=compiled, step_s=seconds,
                     tokens_per_s=case.tokens / seconds, tflops=flops * case.tokens / seconds / 1e12, memory=memory)
 
-    cap = spec["max_batch"]
-    found = []
-    for recompute in (False, True):
-        best, batch = None, 1
-        while batch <= cap:
-            got = run(batch, recompute, spec["compile"])
-            if got is None:
-                break
-            best, batch = got, batch * 2
+    def largest(recompute: bool, start: int) -> dict:
+        """Double from `start` while it fits (halve first if `start` does not), up to the cap."""
+        best, batch = None, start
+        while best is None and batch >= 1:
+            best = run(batch, recompute, spec["compile"])
+            batch //= 2
         if best is None:
             raise RuntimeError(f"sedd-{spec['model']}: micro batch 1 does not fit (recompute={recompute})")
-        found.append(best)
+        while best["batch"] * 2 <= spec["max_batch"]:
+            got = run(best["batch"] * 2, recompute, spec["compile"])
+            if got is None:
+                break
+            best = got
+        return best
+
+    plain = largest(False, spec["start_batch"])
+    found = [plain, largest(True, plain["batch"])]  # recomputing fits at least what not recomputing does
     flipped = run(found[0]["batch"], False, not spec["compile"]) if spec["flip"] else None
     return {"rows": found, "flipped": flipped}
 
@@ -287,7 +292,7 @@ def row_step(s: Settings, model: str) -> Row:
     """sedd-<model> bf16-mixed steps at the largest micro batch that fits, +-recompute, compiled vs eager."""
     # --quick leaves out the compiled run (half a minute of inductor on 2 CPU cores; tests cover the switch).
     spec = {"model": model, "device": s.device, "quick": s.quick, "compile": s.device == "cuda", "flip": not s.quick,
-            "max_batch": 2 if s.quick else 64}
+            "start_batch": 1 if s.quick else 4, "max_batch": 2 if s.quick else 64}
     proc = subprocess.run([sys.executable, __file__, "--step-worker", json.dumps(spec)], cwd=ROOT, env=s.env,
                           capture_output=True, text=True, timeout=s.timeout)
     result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)

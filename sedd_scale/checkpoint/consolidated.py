@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from sedd_scale.checkpoint.checksums import ChecksumError, verify_sums, write_sums
 from sedd_scale.checkpoint.hub import hub_shapes, key_map
+from sedd_scale.checkpoint.safetensors_writer import save_tensors
 from sedd_scale.checkpoint.sharded import staged_dir
 from sedd_scale.config import from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
@@ -182,7 +182,7 @@ def write(path: str | Path, cfg: ModelConfig, noise: dict[str, Any], weights: di
             files.update({tmp / TRAINING_DIR / f"{c}.safetensors": tensors[c] for c in TRAINING_CATEGORIES})
             torch.save(counters, tmp / TRAINING_DIR / COUNTERS_FILE)
         for file, tensors in files.items():
-            save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(file))
+            save_tensors({k: v.float() for k, v in tensors.items()}, file)
         config = {"format": FORMAT, "model": to_dict(cfg), "noise": noise, "weights": which, **provenance}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         write_sums(tmp)

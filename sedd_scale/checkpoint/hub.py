@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from sedd_scale.checkpoint.checksums import ChecksumError, verify_sums, write_sums
+from sedd_scale.checkpoint.safetensors_writer import save_tensors
 from sedd_scale.diffusion.noise import GeometricNoise
 from sedd_scale.model import rotary
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
@@ -334,7 +335,7 @@ def write_hub(path: str | Path, config: dict[str, Any], state: dict[str, Tensor]
     """Write a hub directory as the reference does: `config` as config.json, the full state dict as model.safetensors."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path / WEIGHTS_FILE))
+    save_tensors(state, path / WEIGHTS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     write_sums(path)  # beside the reference's two files; its loader ignores it
     return path

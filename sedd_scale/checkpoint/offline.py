@@ -177,8 +177,9 @@ def _ema(reader: _Reader, stage: int, tp: int) -> tuple[list[str], dict[str, Ten
         for d, extra in enumerate(shards):
             start, end = shard_bounds(n, d, reader.dp)
             parts.append(extra["ema"]["shadow"][offsets[i]: offsets[i] + end - start])
-        ema[name] = torch.cat(parts).clone()
-    return names, ema, shards[0]
+        ema[name] = torch.cat(parts)
+    first = {**shards[0], "ema": {k: v for k, v in shards[0]["ema"].items() if k != "shadow"}}  # counters only
+    return names, ema, first
 
 
 def read_state(step: str | Path, categories: tuple[str, ...] = TRAINING_CATEGORIES):
@@ -227,8 +228,10 @@ def read_state(step: str | Path, categories: tuple[str, ...] = TRAINING_CATEGORI
                     key = model_key(name, cfg.n_blocks, reader.pp > 1)
                     parts[c][key][tp] = tensors[c][name].float().view(shapes[name])
     reader.verify_rest()  # a conversion refuses a damaged checkpoint even where it did not need the file
-    full = {c: dict(sorted((k, unshard_tensors(v, kinds[k], cfg).contiguous()) for k, v in d.items()))
-            for c, d in parts.items()}
+    full: dict[str, dict[str, Tensor]] = {c: {} for c in parts}
+    for c, d in parts.items():  # each key's TP shards are dropped once joined: peak ~ the state, not twice it
+        for k in sorted(d):
+            full[c][k] = unshard_tensors(d.pop(k), kinds[k], cfg).contiguous()
     missing = sorted(set(kinds) - set(next(iter(full.values()))))
     if missing:
         raise CheckpointError(f"{reader.step}: no pipeline stage holds {missing}")
