@@ -128,7 +128,7 @@ def deepspeed_config(recipe: Recipe, layout: Layout) -> dict[str, Any]:
         # model.precision "bf16": bf16 parameters, DeepSpeed keeps fp32 master weights. "bf16-mixed"
         # keeps fp32 parameters (autocast inside the model), so DeepSpeed runs fp32.
         "bf16": {"enabled": recipe.model.precision == "bf16"},
-        # GuardedAdamW is torch AdamW plus a skip counter; DeepSpeed's ZeRO whitelist compares exact types.
+        # Our AdamW (torch's or apex's under optim.SkipGuard) is not on DeepSpeed's exact-type ZeRO whitelist.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed's own prints stay off
         "wall_clock_breakdown": False,
