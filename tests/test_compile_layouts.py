@@ -11,7 +11,7 @@ import torch
 from tests.dist import launch
 from tests.test_trainer import LOSS_RTOL, STEPS, _run, recipe_dict
 
-pytestmark = [pytest.mark.slow, pytest.mark.megatron]
+pytestmark = pytest.mark.slow  # our compiled regions; the TP/PP layouts under megatron-core 0.19: test_trainer
 
 LAYOUTS = {"tp2": ({}, {"tp": 2}),
            "pp2-checkpointing": ({"activation_checkpointing": True}, {"pp": 2, "zero_stage": 1}),

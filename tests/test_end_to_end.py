@@ -16,7 +16,7 @@ import torch
 
 from tests.dist import launch
 
-pytestmark = [pytest.mark.slow, pytest.mark.megatron]
+pytestmark = pytest.mark.slow  # the diffusion learning a distribution; megatron-core is tested elsewhere
 
 N, LENGTH, ORDER, SAMPLES = 2, 6, 2, 20_000
 TV_BOUND = 0.05  # i.i.d. draws from the truth itself show TV ~0.02 at this sample size (64 states)

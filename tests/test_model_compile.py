@@ -19,8 +19,6 @@ from sedd_scale.model import SEDD, preset
 from sedd_scale import compiled
 from tests.test_model import random_hub_state
 
-pytestmark = pytest.mark.megatron
-
 RTOL = 1e-5
 BF16_RTOL = 2**-6  # a few bf16 ulps: fused bf16 elementwise work rounds once (in fp32 inside), eager at every op
 

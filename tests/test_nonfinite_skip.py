@@ -9,7 +9,7 @@ import torch
 from tests.dist import launch
 from tests.test_trainer import _build, recipe_dict
 
-pytestmark = [pytest.mark.slow, pytest.mark.megatron]
+pytestmark = pytest.mark.slow  # DeepSpeed's wrappers skipping steps
 
 LAYOUTS = {"zero0": ({}, {}), "zero1": ({}, {"zero_stage": 1}), "zero2": ({}, {"zero_stage": 2}),
            "bf16-zero1": ({"precision": "bf16"}, {"zero_stage": 1})}
