@@ -228,7 +228,8 @@ def _stop_when_training(proc: subprocess.Popen, root: Path, send) -> tuple[int, 
     metrics = root / "run" / "tensorboard" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("train/loss_per_token") >= 3:
+        # the quote and colon: not the per-noise-band keys ("train/loss_per_token_t0.0-0.2", ...)
+        if metrics.exists() and metrics.read_text().count('"train/loss_per_token":') >= 3:
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
