@@ -91,7 +91,7 @@ class Assumptions:
     reserve_bytes: float = 2.5 * GB  # CUDA context and NCCL buffers, per GPU
     fragmentation: float = 0.05  # allocator slack on top of the tensor peak
     reduce_bucket_size: int = REDUCE_BUCKET_SIZE
-    device: Literal["cuda", "cpu"] = "cuda"  # cpu: the kernels of the validation runs (dropout masks, AdamW)
+    device: Literal["cuda", "cpu"] = "cuda"  # cpu: the kernels of the validation runs (dropout masks)
 
     def __post_init__(self):
         if not 0.0 < self.efficiency <= 1.0:

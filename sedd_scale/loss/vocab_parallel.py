@@ -386,8 +386,11 @@ class _Context:
 
 def check_token_ids(x: Tensor, name: str, high: int, graph: str, num_tokens: int) -> None:
     """Raise a ValueError naming the range unless every id of `x` is in [0, high) (a host sync on a device)."""
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= high):
-        raise ValueError(f"{name} holds ids in [{int(x.min())}, {int(x.max())}] outside [0, {high}) for the "
+    if not x.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(x))  # one pass over the ids (min and max were two)
+    if lo < 0 or hi >= high:
+        raise ValueError(f"{name} holds ids in [{lo}, {hi}] outside [0, {high}) for the "
                          f"{graph} graph with num_tokens={num_tokens}: check the tokenizer/vocab settings")
 
 
