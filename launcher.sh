@@ -97,8 +97,8 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 
 if [ -z "$tool" ]; then
   # Pre-flight: refuse an impossible recipe or layout, or a run directory the recipe cannot continue
-  # (sedd_scale/run_dir.py), before any process starts.
-  PYTHONWARNINGS=ignore "$py" -m sedd_scale.run_dir "$recipe" --world-size "$world" ${set_args[@]+"${set_args[@]}"} || exit $?
+  # (sedd_scale/train/run_dir.py), before any process starts.
+  PYTHONWARNINGS=ignore "$py" -m sedd_scale.train.run_dir "$recipe" --world-size "$world" ${set_args[@]+"${set_args[@]}"} || exit $?
   echo "launcher: $mode (recipe $recipe)"
 else
   echo "launcher: $mode (tools/$tool.py)"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sedd_scale.spawn import launch  # noqa: E402
+from sedd_scale.testing.spawn import launch  # noqa: E402
 
 
 def recipe(run: str, hidden: int, blocks: int, async_save: bool, save_every: int) -> dict:
@@ -42,11 +42,11 @@ def recipe(run: str, hidden: int, blocks: int, async_save: bool, save_every: int
 
 
 def _trainer(data: dict):
-    from sedd_scale import engine
+    from sedd_scale.distributed import engine
     from megatron.core import parallel_state as ps
     from sedd_scale.config import Recipe, from_dict
-    from sedd_scale.data.synthetic import SyntheticTokens
-    from sedd_scale.trainer import Trainer
+    from sedd_scale.testing.synthetic import SyntheticTokens
+    from sedd_scale.train.trainer import Trainer
 
     r = from_dict(Recipe, copy.deepcopy(data))
     layout, topology = engine.setup(r)
@@ -56,7 +56,7 @@ def _trainer(data: dict):
 
 def save_bytes(data: dict) -> dict:
     """Train one step, save synchronously; the step's total bytes and this rank's EMA bytes."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint.sharded import read_meta
 
     trainer = _trainer(data)
@@ -69,7 +69,7 @@ def save_bytes(data: dict) -> dict:
 
 def stalls(data: dict, steps: int) -> dict:
     """Per-step times and the seconds each save held the loop up."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     trainer = _trainer(data)
     trainer.fit(max_steps=1)  # warm-up: engine, allocator, first save
@@ -93,7 +93,7 @@ def stalls(data: dict, steps: int) -> dict:
 
 _CONSOLIDATE = """
 import json, resource, sys, time
-from sedd_scale import convert
+from sedd_scale.apps import convert
 imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 convert.consolidate(sys.argv[1], sys.argv[2], weights="ema")

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sedd_scale.data.layout import default_seqs_per_sample  # noqa: E402
+from sedd_scale.data.tar_layout import default_seqs_per_sample  # noqa: E402
 from sedd_scale.data.loader import LoaderConfig, TokenLoader  # noqa: E402
 from sedd_scale.data.manifest import Manifest, TokenizerInfo  # noqa: E402
 from sedd_scale.data.prepare import write_sequences  # noqa: E402

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sedd_scale.diffusion import get_graph, get_noise, to_log_score  # noqa: E402
-from sedd_scale.loss import ScoreEntropyHeadConfig, score_entropy_head, weighted_score_entropy_head  # noqa: E402
+from sedd_scale.loss import HeadLossConfig, score_entropy_head, weighted_score_entropy_head  # noqa: E402
 
 ROWS = (("naive", 1), ("fused per-token", 1), ("fused weighted", 1), ("fused weighted", 2))
 
@@ -76,7 +76,7 @@ def _setup(args, tp: int, rank: int, device: torch.device):
         weight=to(w[rank * vl:(rank + 1) * vl].to(dtype)).requires_grad_(True),
         bias=to(b[rank * vl:(rank + 1) * vl].to(dtype)).requires_grad_(True),
         x_t=to(xt), x_0=to(x0), sigma=to(sigma), rate=to(rate), batch=batch,
-        cfg=ScoreEntropyHeadConfig(args.graph, num_tokens, args.graph == "absorb", args.chunk_size))
+        cfg=HeadLossConfig.for_graph(args.graph, num_tokens, args.graph == "absorb", args.chunk_size))
 
 
 def _step(kind: str, d: dict, group) -> None:

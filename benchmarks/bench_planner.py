@@ -3,7 +3,7 @@
     python benchmarks/bench_planner.py            # every table (~6 min on 2 CPU cores)
     python benchmarks/bench_planner.py --quick    # fewer measured layouts (~2 min)
 
-1. Memory: real training steps of a small SEDD (`sedd_scale.step_memory`: the Trainer with DeepSpeed,
+1. Memory: real training steps of a small SEDD (`sedd_scale.testing.step_memory`: the Trainer with DeepSpeed,
    megatron-core layers, the fused loss and the sharded EMA, on CPU ranks), every tensor counted by
    `LiveTensorMemory`, against `planner.stage_memory(..., Assumptions(device="cpu"))`: resident bytes
    between steps, the peak, and (PP = 1) the peak inside engine.forward / backward / step. DeepSpeed's
@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sedd_scale import planner as P  # noqa: E402
+from sedd_scale import plan as P  # noqa: E402
 from sedd_scale.config import Recipe, from_dict, load_recipe  # noqa: E402
 
 MiB = 2**20
@@ -55,8 +55,8 @@ DEFAULT_BUCKET = {"ZeRO-1 fp32, default 5e8 bucket": ({}, {"zero_stage": 1})}
 
 def memory_table(quick: bool) -> list[str]:
     """Measured vs planned memory of real small runs."""
-    from sedd_scale.spawn import launch
-    from sedd_scale.step_memory import measure_cases, validation_recipe
+    from sedd_scale.testing.spawn import launch
+    from sedd_scale.testing.step_memory import measure_cases, validation_recipe
 
     one = {k: v for k, v in CASES_1.items() if not quick or k in QUICK_1}
     two = {k: v for k, v in CASES_2.items() if not quick or k in QUICK_2}
@@ -103,7 +103,7 @@ def deepspeed_table() -> list[str]:
         for n in (8, 64, 512):
             states = {}
             for zero in (2, 3):
-                mem = P.stage_memory(r, P.Candidate(1, 1, n, zero, 1, 8, True), 0)
+                mem = P.stage_memory(r, P.Candidate.of(1, 1, n, zero, 1, 8, True), 0)
                 states[zero] = [sum(getattr(mem.item(k), phase) for k in ("weights", "gradients", "optimizer"))
                                 for phase in ("step", "backward")]
             _, ds2 = estimate_zero2_model_states_mem_needs(sp.total, n, 1, cpu_offload=False)
@@ -129,14 +129,14 @@ def flops_table() -> list[str]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
     from sedd_scale.model.transformer import SEDD
-    from sedd_scale.pipeline import SEDDTrainModule, head_loss_config
-    from sedd_scale.step_memory import VALIDATION_MODEL
+    from sedd_scale.distributed.pipeline import SEDDTrainModule, head_loss_config
+    from sedd_scale.testing.step_memory import VALIDATION_MODEL
 
     rows = [f"{'model':<22} {'recompute':>9} | {'counted':>9} {'planner exec':>12} | {'planner model':>13} "
             f"{'old 6N':>10} {'old/model':>13}  (MFLOP per token; counted = FlopCounterMode + SDPA formulas)"]
-    parallel.init_parallel(1)
+    parallel.init_model_parallel(1)
     for recompute in (False, True):
         raw = {"model": {**VALIDATION_MODEL, "activation_checkpointing": recompute},
                "data": {"manifests": ["unused.json"], "tokenizer": None, "seq_len": VALIDATION_MODEL["length"]},

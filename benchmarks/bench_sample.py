@@ -149,12 +149,12 @@ def end_to_end(kind: str, batch: int, length: int, steps: int, repeats: int, see
     """Tokens/s of tools/sample.py's sampling (generate_batches, analytic, denoise) on a random SEDD of preset `size`
     on `device`; each sampler the best of `repeats` runs, interleaved (`reference`: also the reference-style one,
     CPU only)."""
-    from sedd_scale import parallel  # megatron-core from here on
-    from sedd_scale.generation import generate_batches, model_log_score_fn
+    from sedd_scale.distributed import parallel  # megatron-core from here on
+    from sedd_scale.apps.generation import generate_batches, model_log_score_fn
     from sedd_scale.model.config import preset
     from sedd_scale.model.transformer import SEDD
 
-    parallel.init_parallel(1, seed=seed)
+    parallel.init_model_parallel(1, seed=seed)
     cfg = preset(size, graph=kind, num_tokens=NUM_TOKENS, length=length, dropout=0.0, vocab_multiple=1)
     model = SEDD(cfg, device=device).eval()
     gen = torch.Generator().manual_seed(seed)

@@ -259,9 +259,9 @@ class RandomTokens:
 def build_trainer(case: Case, dropout: float, run_dir: str, precision: str = "fp32", recompute: bool = False,
                   zero_stage: int = 0):
     """A Trainer (world of one) for `case` on random tokens, compile switch on (flip `model_cfg.compile`)."""
-    from sedd_scale import engine
+    from sedd_scale.distributed import engine
     from sedd_scale.config import Recipe, from_dict
-    from sedd_scale.trainer import Trainer
+    from sedd_scale.train.trainer import Trainer
 
     absorb = case.graph == "absorb"
     recipe = from_dict(Recipe, {
@@ -304,7 +304,7 @@ def measure(step) -> tuple[float, float, float]:
 
 def run_case(case: Case, args) -> list[dict]:
     """Interleaved rounds of every variant; one summary row per variant."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     torch.manual_seed(0)
     ref = RefStep(case, args.dropout)

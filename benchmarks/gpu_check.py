@@ -176,7 +176,7 @@ def row_resume(s: Settings, manifest: Path) -> Row:
 
 def row_convert(s: Settings, manifest: Path) -> Row:
     """Consolidate the resumed run's EMA offline, evaluate it and sample from it with the tools."""
-    from sedd_scale import convert
+    from sedd_scale.apps import convert
 
     out = s.work / "consolidated"
     started = time.perf_counter()
@@ -212,7 +212,7 @@ def _peak_tflops(device: str) -> float | None:
         return None
     import torch
 
-    from sedd_scale.planner import GPUS
+    from sedd_scale.plan import GPUS
 
     name = torch.cuda.get_device_name().lower()
     return next((g.bf16_tflops for key, g in GPUS.items() if key in name), None)
@@ -227,8 +227,8 @@ def step_worker(spec: dict) -> dict:
     import torch
 
     from bench_step import Case, build_trainer
-    from sedd_scale import parallel
-    from sedd_scale.flops import projected_fraction, training_flops_per_token
+    from sedd_scale.distributed import parallel
+    from sedd_scale.plan.flops import projected_fraction, training_flops_per_token
 
     cuda = spec["device"] == "cuda"
     dims = QUICK_STEP_MODEL if spec["quick"] else STEP_MODELS[spec["model"]]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sedd_scale import parallel
+from sedd_scale.distributed import parallel
 from sedd_scale.checkpoint import consolidated
 from sedd_scale.checkpoint.hub import (HubFormatError, hub_to_model, load_weights, model_config_from_hub,
                                        noise_from_hub, read_hub)
@@ -54,14 +54,14 @@ def load_pretrained(path: str | Path, tp_size: int = 1, *, device: torch.device 
 
     Call it on every rank of the TP group; a lone process with tp_size=1 needs no launcher. The model
     goes to `device` (default: this rank's GPU, LOCAL_RANK modulo the visible ones, else the CPU) in eval mode; `model(indices, total_noise)` returns this rank's vocabulary shard of
-    the log-scores (`sedd_scale.parallel.gather_tp` joins the shards). `config_overrides` as in `read_weights`.
+    the log-scores (`sedd_scale.distributed.parallel.gather_tp` joins the shards). `config_overrides` as in `read_weights`.
     """
     weights = read_weights(path, **config_overrides)
     cfg, spec = weights.config, dict(weights.noise)
     device = torch.device(device) if device is not None else parallel.local_device()
     if device.type == "cuda":  # each TP rank on its own GPU (before the process group picks one)
         torch.cuda.set_device(device)
-    parallel.init_parallel(tp=tp_size)
+    parallel.init_model_parallel(tp=tp_size)
     model = SEDD(cfg, device="cpu")
     load_weights(model, dict(weights.tensors))
     return model.to(device).eval(), get_graph(cfg.graph, cfg.num_tokens), get_noise(spec.pop("type"), **spec)

@@ -9,10 +9,10 @@ def tp1():
     """megatron's groups for this process (TP = PP = DP = 1), torn down afterwards."""
     import torch.distributed as dist
 
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     created = not dist.is_initialized()
-    parallel.init_parallel(1)
+    parallel.init_model_parallel(1)
     yield
     if created:
         parallel.destroy_parallel()

@@ -76,7 +76,7 @@ def test_the_optimizer_and_layer_norm_take_the_choice(fake_apex):
     and computes what torch's path does (norm, weight, then the adaLN modulation)."""
     from sedd_scale.model import ModelConfig
     from sedd_scale.model.transformer import LayerNorm
-    from sedd_scale.optim import GuardedAdamW, SkipGuard, guarded
+    from sedd_scale.train.optim import GuardedAdamW, SkipGuard, guarded
 
     calls, fused_adam = fake_apex
     assert guarded(torch.optim.AdamW) is GuardedAdamW

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.dist import launch
 from tests.test_trainer import _build, recipe_dict
@@ -16,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def _train_and_save(recipe_data: dict, steps: int = 2) -> None:
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     try:
         _build(recipe_data).fit(max_steps=steps)  # ends with a synchronous checkpoint
@@ -49,7 +48,7 @@ def _flip(path: Path, where: float = 0.5) -> None:
 
 def _resume_errors(recipe_data: dict, runs: dict[str, str]) -> dict[str, str]:
     """Try to resume each run directory (a damaged copy); the error each gives."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint.sharded import CheckpointError
 
     out = {}
@@ -67,7 +66,7 @@ def _resume_errors(recipe_data: dict, runs: dict[str, str]) -> dict[str, str]:
 
 
 def test_a_flipped_byte_in_any_file_is_refused_naming_it(tmp_path):
-    from sedd_scale import convert
+    from sedd_scale.apps import convert
     from sedd_scale.checkpoint.sharded import CheckpointError
     from sedd_scale.pretrained import read_weights
 
@@ -117,7 +116,8 @@ def _portable(tmp: str) -> dict:
     """Train 2 steps and save as a GPU job would have (storages tagged cuda:0, CUDA RNG states), resume on CPU."""
     import torch.serialization
 
-    from sedd_scale import parallel, trainer as trainer_module
+    from sedd_scale.distributed import parallel
+    from sedd_scale.train import trainer as trainer_module
 
     losses = _build(recipe_dict(tmp + "-reference")).fit(max_steps=4).losses
     parallel.destroy_parallel()
@@ -145,7 +145,7 @@ def _portable(tmp: str) -> dict:
 
 
 def test_a_gpu_written_checkpoint_resumes_and_converts_on_cpu(tmp_path):
-    from sedd_scale import convert
+    from sedd_scale.apps import convert
 
     out = launch(_portable, 1, str(tmp_path / "run"))[0]
     assert out["interrupted"] == out["reference"], out  # dropout is off: the tracker's reseeding changes nothing
@@ -156,7 +156,8 @@ def test_a_gpu_written_checkpoint_resumes_and_converts_on_cpu(tmp_path):
 
 def _train_and_gather(cases: dict[str, dict]) -> dict:
     """For each layout: train 2 steps and save, then a fresh engine loads the step and gathers its whole state."""
-    from sedd_scale import convert, parallel
+    from sedd_scale.apps import convert
+    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint import full_state
     from sedd_scale.checkpoint.sharded import read_meta
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from sedd_scale import config as C
+from sedd_scale.config import cli
 from sedd_scale.config import Recipe, RecipeError, from_dict, load_recipe, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_multi_node_recipes(name, tp, pp, world):
     """Layouts as advertised (the file name, the sbatch line), and the parameter count stated in the comments
     matches the model; the planner's numbers quoted there are the planner's (tests/test_planner.py checks that
     these layouts are its choice)."""
-    from sedd_scale import planner
+    from sedd_scale import plan as planner
 
     path = REPO / "recipes" / name
     r = load_recipe(path)
@@ -252,7 +253,7 @@ def test_train_refuses_zero2_with_pipeline_before_any_process_group(capsys):
     """The trainer's entry stops on the recipe, before torch.distributed is touched."""
     import torch.distributed as dist
 
-    from sedd_scale import train
+    from sedd_scale.train import main as train
 
     code = train.main([str(REPO / "recipes" / "cpu-tiny.yaml"), "--set", "parallel.pp=2", "parallel.zero_stage=2"])
     assert code == 2 and "ZeRO-1 only" in capsys.readouterr().err
@@ -270,33 +271,33 @@ def test_lr_schedule():
 
 
 def test_cli_prints_layout_plan_and_recipe(capsys):
-    assert C.main([str(REPO / "recipes" / "cpu-tiny.yaml"), "--world-size", "2", "--print-recipe"]) == 0
+    assert cli.main([str(REPO / "recipes" / "cpu-tiny.yaml"), "--world-size", "2", "--print-recipe"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("layout: world 2 = TP 1 x PP 1 x DP 2")
     plan, recipe = out.split("\n---\n")
     assert "plan: H100 SXM (80 GB), TP1 PP1 DP2 ZeRO-0 micro 16" in plan and "needed per GPU (GB)" in plan
     assert yaml.safe_load(recipe)["parallel"]["global_batch"] == 32
-    assert C.main([str(REPO / "recipes" / "cpu-tiny.yaml"), "--world-size", "3", "--set", "parallel.tp=2"]) == 2
+    assert cli.main([str(REPO / "recipes" / "cpu-tiny.yaml"), "--world-size", "3", "--set", "parallel.tp=2"]) == 2
     assert "not divisible by tp*pp" in capsys.readouterr().err
 
 
 def test_cli_warns_and_proposes(capsys):
     """The issue's layouts: 7B TP4 x PP4 at 1024 GPUs (bubble), 7B without TP or PP on one node (memory)."""
     seven = str(REPO / "recipes" / "sedd-7b-pp8.yaml")
-    assert C.main([seven, "--world-size", "1024", "--set", "parallel.tp=4", "parallel.pp=4",
+    assert cli.main([seven, "--world-size", "1024", "--set", "parallel.tp=4", "parallel.pp=4",
                    "parallel.micro_batch=4"]) == 0
     out = capsys.readouterr().out
     assert "warning: pipeline bubble 60% > 10%" in out and "micro 4 x DP 64 x grad accum 2" in out
-    assert C.main([seven, "--world-size", "8", "--set", "parallel.pp=1"]) == 0
+    assert cli.main([seven, "--world-size", "8", "--set", "parallel.pp=1"]) == 0
     assert "warning: memory: stage 0 needs" in capsys.readouterr().out
-    assert C.main([seven, "--world-size", "64", "--gpu", "a100", "--propose"]) == 0
+    assert cli.main([seven, "--world-size", "64", "--gpu", "a100", "--propose"]) == 0
     out = capsys.readouterr().out
     assert "plan: A100 SXM 80GB (80 GB)" in out and "of 312 TFLOP/s" in out
     table = out[out.index("layouts fit; the fastest"):].splitlines()
     assert table[2].split()[:3] == ["tp", "pp", "dp"] and len(table) == 3 + 10
     # an impossible world size is refused, and the layouts that do exist are still proposed
-    assert C.main([seven, "--world-size", "4", "--propose"]) == 2
+    assert cli.main([seven, "--world-size", "4", "--propose"]) == 2
     captured = capsys.readouterr()
     assert "not divisible by tp*pp = 1*8" in captured.err and "layouts fit" in captured.out
     with pytest.raises(SystemExit):
-        C.main([seven, "--gpu", "v100"])
+        cli.main([seven, "--gpu", "v100"])

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from tests.dist import launch
-from sedd_scale.data.synthetic import SyntheticTokens
+from sedd_scale.testing.synthetic import SyntheticTokens
 from tests.test_trainer import LOSS_RTOL, recipe_dict
 
 pytestmark = pytest.mark.slow
 
 
 def _trainer(recipe_data: dict):
-    from sedd_scale import engine  # first: it applies sedd_scale.compat before megatron loads
+    from sedd_scale.distributed import engine  # first: it applies sedd_scale.compat before megatron loads
     from megatron.core import parallel_state as ps
     from sedd_scale.config import Recipe, from_dict
-    from sedd_scale.trainer import Trainer
+    from sedd_scale.train.trainer import Trainer
 
     recipe = from_dict(Recipe, copy.deepcopy(recipe_data))
     layout, topology = engine.setup(recipe)
@@ -29,7 +29,7 @@ def _trainer(recipe_data: dict):
 
 def train(recipe_data: dict, steps: int, save_at: int | None = None, resume: bool = False) -> list[float]:
     """Train `steps` more steps (resuming from the run's latest checkpoint if asked), saving after `save_at`."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     try:
         trainer = _trainer(recipe_data)
@@ -46,7 +46,7 @@ def train(recipe_data: dict, steps: int, save_at: int | None = None, resume: boo
 
 def start_and_save(recipe_data: dict) -> None:
     """Resume the run (a layout-free step) under the recipe's layout and save it in that layout at once."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     try:
         trainer = _trainer(recipe_data)
@@ -58,7 +58,7 @@ def start_and_save(recipe_data: dict) -> None:
 
 def log_scores(path: str, tp: int) -> torch.Tensor:
     """Full-vocabulary log-scores of a fixed batch from a consolidated or hub directory at TP = tp."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
     from sedd_scale.pretrained import load_pretrained
 
     try:
@@ -73,7 +73,7 @@ def log_scores(path: str, tp: int) -> torch.Tensor:
 
 
 def test_reshard_resumes_with_the_same_losses(tmp_path):
-    from sedd_scale import convert
+    from sedd_scale.apps import convert
 
     source = recipe_dict(str(tmp_path / "a"), tp=2, pp=2, zero_stage=1)
     reference = launch(train, 4, source, 4, 2)[0]  # 4 steps, checkpoint after 2
@@ -99,7 +99,7 @@ def test_reshard_resumes_with_the_same_losses(tmp_path):
 
 @pytest.mark.megatron  # megatron's parameter names and TP splits: rerun under megatron-core 0.19
 def test_round_trip_tp2pp2_consolidated_tp4_hub_and_back(tmp_path):
-    from sedd_scale import convert
+    from sedd_scale.apps import convert
     from sedd_scale.checkpoint import consolidated
 
     source = recipe_dict(str(tmp_path / "a"), tp=2, pp=2, zero_stage=1)
@@ -131,7 +131,7 @@ def test_round_trip_tp2pp2_consolidated_tp4_hub_and_back(tmp_path):
 def test_bf16_reshard_carries_fp32_masters(tmp_path):
     """bf16 weights with fp32 masters (DeepSpeed's bf16 optimizer, ZeRO-1, DP2) -> TP2 ZeRO-2: the tool's own
     verification compares the fp32 masters and moments bitwise; the losses then agree to bf16 rounding."""
-    from sedd_scale import convert
+    from sedd_scale.apps import convert
 
     source = recipe_dict(str(tmp_path / "a"), zero_stage=1)
     source["model"]["precision"] = "bf16"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sedd_scale import convert
+from sedd_scale.apps import convert
 from sedd_scale.checkpoint import consolidated as cons
 from sedd_scale.checkpoint.checksums import write_sums
 from sedd_scale.checkpoint import full_state

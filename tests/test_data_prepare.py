@@ -15,7 +15,7 @@ import pytest
 import webdataset as wds
 
 from sedd_scale.data.corpora import load_corpus
-from sedd_scale.data.layout import ShardLayout, default_seqs_per_sample
+from sedd_scale.data.tar_layout import ShardLayout, default_seqs_per_sample
 from sedd_scale.data.manifest import Manifest, TokenizerInfo
 from sedd_scale.data.packing import Packer
 from sedd_scale.data.prepare import PrepareConfig, PrepareError, prepare, write_sequences

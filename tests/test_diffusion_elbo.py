@@ -7,7 +7,7 @@ import torch
 
 from sedd_scale.diffusion import ElboEstimate, elbo, elbo_per_sequence, get_graph, get_noise, prior_kl
 from sedd_scale.diffusion.elbo import noise_draws, replicate_split, score_entropy_fn
-from sedd_scale.diffusion.exact import F64, Enumerated, generator_matrix, random_joint
+from sedd_scale.testing.exact import F64, Enumerated, generator_matrix, random_joint
 
 CASES = [("absorb", "loglinear"), ("absorb", "geometric"), ("uniform", "geometric"), ("uniform", "loglinear")]
 PANELS = [0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 14.0, 20.0]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sedd_scale.diffusion import get_graph, get_noise, score_entropy_loss
-from sedd_scale.diffusion.exact import F64, Enumerated, generator_matrix, random_joint, transition_matrix
+from sedd_scale.testing.exact import F64, Enumerated, generator_matrix, random_joint, transition_matrix
 
 N = 5
 SIGMAS = [1e-5, 1e-3, 0.3, 0.7, 4.0, 20.0]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sedd_scale.ema import EMA, shard_bounds
+from sedd_scale.train.ema import EMA, shard_bounds
 from tests.dist import launch
 
 

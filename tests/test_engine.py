@@ -1,4 +1,4 @@
-"""DeepSpeed + megatron-core plumbing (sedd_scale.engine) against a float64 single-process oracle.
+"""DeepSpeed + megatron-core plumbing (sedd_scale.distributed.engine) against a float64 single-process oracle.
 
 A toy residual MLP of megatron-core tensor-parallel layers (ColumnParallelLinear -> GELU ->
 RowParallelLinear per block) trains for two optimizer steps (AdamW with weight decay on matrices,
@@ -132,11 +132,11 @@ def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32") -> dict:
     from deepspeed.pipe import LayerSpec, PipelineModule
     from megatron.core import parallel_state as ps
 
-    from sedd_scale import engine
+    from sedd_scale.distributed import engine
 
     recipe = toy_recipe(tp, pp, zero, precision)
     layout = recipe.layout(dist.get_world_size())
-    topology = engine.init_parallel(layout)
+    topology = engine.init_layout(layout)
     torch.manual_seed(0)
     if pp > 1:
         model = PipelineModule(layers=[LayerSpec(Block, i) for i in range(BLOCKS)], topology=topology, loss_fn=mse,
@@ -185,7 +185,7 @@ def topology_mismatch() -> str:
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from megatron.core import parallel_state as ps
 
-    from sedd_scale import engine
+    from sedd_scale.distributed import engine
 
     ps.initialize_model_parallel(pipeline_model_parallel_size=2, order="tp-cp-ep-pp-dp")
     try:
@@ -199,9 +199,9 @@ def topology_mismatch() -> str:
 
 def run_cases(cases: list[tuple[int, int, int]], with_mismatch: bool = False) -> dict:
     """Worker entry: every case in one process launch (imports dominate the cost)."""
-    from sedd_scale import engine
+    from sedd_scale.distributed import engine
 
-    engine.init_distributed(timeout_s=120)  # joins the group tests/dist.py created
+    engine.init_world(timeout_s=120)  # joins the group tests/dist.py created
     out = {case: run_layout(*case) for case in cases}
     if with_mismatch:
         out["mismatch"] = topology_mismatch()
@@ -294,7 +294,7 @@ def test_four_process_layouts_match_one_process():
 def test_guarded_adamw_skips_on_a_non_finite_global_norm():
     """A NaN/inf norm (or DeepSpeed's -1 sentinel) makes step() a no-op flagged as `overflow`; `record` counts; without
     a norm source (under a DeepSpeed wrapper, which tests the norm itself) every step is taken."""
-    from sedd_scale.optim import GuardedAdamW
+    from sedd_scale.train.optim import GuardedAdamW
 
     w = torch.nn.Parameter(torch.ones(3))
     opt = GuardedAdamW([w], lr=0.1, fused=True)
@@ -320,7 +320,7 @@ def test_guarded_adamw_skips_on_a_non_finite_global_norm():
 
 def test_tf32_flags():
     """enable_tf32 (called at start on CUDA) sets torch 2.4's flags, which newer torch maps onto fp32_precision."""
-    from sedd_scale.engine import enable_tf32
+    from sedd_scale.distributed.engine import enable_tf32
 
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
@@ -335,7 +335,7 @@ def test_tf32_flags():
 
 def test_deepspeed_config():
     """The DeepSpeed config carries the layout's batch split, ZeRO stage, clipping and precision."""
-    from sedd_scale.engine import deepspeed_config
+    from sedd_scale.distributed.engine import deepspeed_config
 
     recipe = toy_recipe(1, 2, 1, "bf16")
     config = deepspeed_config(recipe, recipe.layout(4))
@@ -352,7 +352,7 @@ def test_deepspeed_config():
 def test_optimizer_groups_and_schedule():
     """Weight decay on matrices only; the scheduler follows OptimConfig.lr_at."""
     from sedd_scale.config import OptimConfig
-    from sedd_scale.engine import build_optimizer
+    from sedd_scale.distributed.engine import build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     optim = OptimConfig(lr=1.0, warmup=4, weight_decay=0.1, schedule="cosine", min_lr=0.0)

@@ -32,7 +32,7 @@ def _tool():
 
 def evaluate(argv: list[str]) -> dict | None:
     """tools/evaluate.py's run() on this rank (the process group already exists)."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     tool = _tool()
     try:
@@ -81,7 +81,7 @@ def test_any_dp_size_gives_the_same_result_and_layouts_agree(tmp_path):
 
 
 def test_training_checkpoint_evaluates_in_its_layout(tmp_path):
-    from sedd_scale import convert
+    from sedd_scale.apps import convert
 
     data = manifest(tmp_path)
     recipe = recipe_dict(str(tmp_path / "run"), pp=2, zero_stage=1)

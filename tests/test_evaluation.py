@@ -1,4 +1,4 @@
-"""sedd_scale.evaluation in one process: the stated errors against the spreads they claim to predict."""
+"""sedd_scale.diffusion.evaluation in one process: the stated errors against the spreads they claim to predict."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import torch
 
 from sedd_scale.diffusion import get_graph, get_noise, prior_kl
 from sedd_scale.diffusion.elbo import noise_draws
-from sedd_scale.evaluation import batch_generator, evaluate
+from sedd_scale.diffusion.evaluation import batch_generator, evaluate
 from tests.test_diffusion_elbo import RATIO_BOUNDS, one_thread, product_case  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -271,7 +271,7 @@ def test_sigterm_checkpoints_and_exits_143(sandbox, mode):
 @pytest.mark.slow
 def test_two_nodes_without_slurm_meet_at_a_rendezvous(sandbox):
     """--nnodes 2 --node-rank R --rdzv HOST:PORT: two "nodes" (launchers) on this machine over loopback form one world."""
-    from sedd_scale.parallel import free_port
+    from sedd_scale.distributed.parallel import free_port
 
     root, env, _ = sandbox
     rdzv = f"127.0.0.1:{free_port()}"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sedd_scale.diffusion import get_noise
-from sedd_scale.flops import training_flops_per_token
-from sedd_scale.metrics import IntervalStats, NoiseBandLoss
+from sedd_scale.plan.flops import training_flops_per_token
+from sedd_scale.train.metrics import IntervalStats, NoiseBandLoss
 from sedd_scale.model import preset
 
 
@@ -38,7 +38,7 @@ def _step_flops(cfg, x0: torch.Tensor, x_t: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from sedd_scale.model import SEDD
-    from sedd_scale.pipeline import SEDDTrainModule, head_loss_config
+    from sedd_scale.distributed.pipeline import SEDDTrainModule, head_loss_config
 
     module = SEDDTrainModule(SEDD(cfg, device="cpu"), head_loss_config(cfg))
     sigma, rate = torch.full((x0.shape[0],), 0.7), torch.ones(x0.shape[0])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sedd_scale import parallel
+from sedd_scale.distributed import parallel
 from sedd_scale.checkpoint.hub import (HubFormatError, hub_config, hub_shapes, model_config_from_hub, read_hub,
                                        save_hub, write_hub)
 from sedd_scale.model import SEDD, ModelConfig, preset

@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-from sedd_scale import parallel
+from sedd_scale.distributed import parallel
 from sedd_scale.checkpoint.hub import load_hub_state
 from sedd_scale.model import SEDD, preset
 from sedd_scale import compiled

@@ -35,7 +35,7 @@ def _copy_to_region_grad() -> float:
     # is an expanded (stride-0) tensor; its all-reduce over TP ranks must come back summed.
     from megatron.core import tensor_parallel
 
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     x = torch.ones(3, 4, requires_grad=True)
     tensor_parallel.copy_to_tensor_model_parallel_region(x).sum().backward()
@@ -44,7 +44,7 @@ def _copy_to_region_grad() -> float:
 
 def fixture_at_tp2(uniform_dir: str, out_dir: str) -> dict:
     """On 2 ranks: fixture outputs (absorb, no sigma scaling, uniform) and the hub export."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint.hub import read_hub, save_hub
     from sedd_scale.pretrained import load_pretrained
 
@@ -95,7 +95,7 @@ def test_fixture_parity_and_export_at_tp2(tmp_path):
 
 def _run(cfg, state, io, w, seed: int | None = None):
     """Forward + backward of a fixed linear functional of the log-scores; (gathered out, hub-layout grads)."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint.hub import gather_hub_state, load_hub_state
     from sedd_scale.model import SEDD
 
@@ -119,7 +119,7 @@ def _run(cfg, state, io, w, seed: int | None = None):
 
 def tp_agreement() -> dict | None:
     """On 4 ranks: the same weights at TP=1, 2, 4 (DP = 4, 2, 1); rank 0 returns outputs and gradients."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
     from sedd_scale.model import SEDD, ModelConfig
 
     io = fixture_io()
@@ -129,7 +129,7 @@ def tp_agreement() -> dict | None:
     result = {}
     for tp in (1, 2, 4):
         parallel.destroy_parallel()
-        parallel.init_parallel(tp)
+        parallel.init_model_parallel(tp)
         plain = _run(cfg, state, io, w)
         parallel.seed_parallel(0)  # a fresh, seeded model: replicated weights equal on all TP ranks
         fresh = SEDD(cfg, device="cpu").named_parameters()

@@ -2,7 +2,8 @@
 import torch
 
 from sedd_scale.diffusion import get_graph, get_noise
-from sedd_scale.noising import global_row_offset, noise_batch
+from sedd_scale.layout import row_offset as global_row_offset
+from sedd_scale.train.noising import noise_batch
 
 
 def test_any_split_of_the_global_batch_gets_the_same_noise():

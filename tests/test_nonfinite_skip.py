@@ -16,7 +16,7 @@ LAYOUTS = {"zero0": ({}, {}), "zero1": ({}, {"zero_stage": 1}), "zero2": ({}, {"
 
 
 def nonfinite_streaks(tmp: str) -> dict:
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     out = {}
     for name, (model, par) in LAYOUTS.items():

@@ -1,4 +1,4 @@
-"""The layout planner (sedd_scale.planner) against independent oracles.
+"""The layout planner (sedd_scale.plan) against independent oracles.
 
 * parameters: the real model's tensors;
 * activations: the bytes a real block keeps for backward, counted by `LiveTensorMemory`;
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sedd_scale import planner as P
+from sedd_scale import plan as P
 from sedd_scale.config import Recipe, from_dict, load_recipe
-from sedd_scale.flops import projected_fraction
-from sedd_scale.tensor_memory import LiveTensorMemory
+from sedd_scale.plan.flops import projected_fraction
+from sedd_scale.testing.tensor_memory import LiveTensorMemory
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_13B = REPO / "recipes" / "sedd-1.3b-pp2.yaml"
@@ -145,7 +145,7 @@ def test_flops_are_the_matmuls_a_flop_counter_sees(tp1, recompute):
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     from sedd_scale.model.transformer import SEDD
-    from sedd_scale.pipeline import SEDDTrainModule, head_loss_config
+    from sedd_scale.distributed.pipeline import SEDDTrainModule, head_loss_config
 
     r = recipe({"activation_checkpointing": recompute})
     m = r.model
@@ -199,8 +199,8 @@ def test_bubble_is_1f1b():
 def test_planner_assumes_what_deepspeed_and_the_engine_use():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from sedd_scale import engine
-    from sedd_scale.pipeline import head_loss_config
+    from sedd_scale.distributed import engine
+    from sedd_scale.distributed.pipeline import head_loss_config
 
     defaults = DeepSpeedZeroConfig()
     assert (defaults.reduce_bucket_size, defaults.param_persistence_threshold, defaults.max_live_parameters) == (
@@ -227,7 +227,7 @@ def test_model_states_agree_with_deepspeeds_estimators(world):
     r = load_recipe(RECIPE_13B, ["parallel.pp=1", "parallel.tp=1"])
     sp = P.stage_params(r.model, 1, 1, 0)
     for zero in (2, 3):
-        c = P.Candidate(1, 1, world, zero, 1, 8, True)
+        c = P.Candidate.of(1, 1, world, zero, 1, 8, True)
         mem = P.stage_memory(r, c, 0)
         states = sum(mem.item(k).step for k in ("weights", "gradients", "optimizer"))
         if zero == 2:
@@ -342,7 +342,7 @@ def _check(name: str, raw: dict, world: int, measured: list[dict], bucket: int) 
 def test_memory_model_within_15_percent_of_measured_peaks():
     """Real training steps (Trainer: DeepSpeed engine, megatron-core layers, fused loss, sharded EMA) on CPU ranks,
     every tensor counted by LiveTensorMemory: the planner's peak and resident bytes per rank within 15%."""
-    from sedd_scale.step_memory import measure_cases, validation_recipe
+    from sedd_scale.testing.step_memory import measure_cases, validation_recipe
     from tests.dist import launch
 
     two = launch(measure_cases, 2, RUNS_2, 2, BUCKET, timeout=900)

@@ -8,19 +8,18 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from sedd_scale import run_dir
+from sedd_scale.train import run_dir
 from sedd_scale.checkpoint.run_lock import RunDirBusy, RunLock
 from sedd_scale.checkpoint.sharded import FORMAT, CheckpointDir, step_name
 from sedd_scale.config import Recipe, RecipeError, from_dict, load_recipe, to_dict
-from sedd_scale.metrics import Metrics
-from sedd_scale.recipe_changes import APPLIED, LAYOUT, REFUSED, ResumeRefused, flatten
+from sedd_scale.train.metrics import Metrics
+from sedd_scale.config.changes import APPLIED, LAYOUT, REFUSED, ResumeRefused, flatten
 from tests.dist import launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +59,7 @@ def write_recipe(path: Path, raw: dict) -> str:
 
 def _main(argv: list[str]) -> tuple[int, str]:
     """sedd_scale.train.main in this (spawned) process, with its output."""
-    from sedd_scale import train
+    from sedd_scale.train import main as train
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -101,14 +100,14 @@ def test_resume_applies_optimizer_changes_and_refuses_what_changes_the_run(tmp_p
     fake_checkpoint(tmp_path / "run", raw)
     changed = tiny_recipe(tmp_path / "d", tmp_path / "run", optim={"lr": 3e-5, "schedule": "cosine"},
                           train={"steps": 10, "ema": 0.99}, parallel={"micro_batch": 1})
-    applied = run_dir.plan(from_dict(Recipe, changed), 1).changes
+    applied = run_dir.check_start(from_dict(Recipe, changed), 1).changes
     assert [c.describe() for c in applied] == [
         "optim.lr: saved 0.01, now 3e-05", "optim.schedule: saved 'constant', now 'cosine'",
         "parallel.micro_batch: saved 2, now 1", "train.ema: saved 0.9, now 0.99", "train.steps: saved 3, now 10"]
     bad = tiny_recipe(tmp_path / "d", tmp_path / "run", model={"hidden_size": 64}, diffusion={"noise": "geometric"},
                       train={"seed": 1}, optim={"lr": 1e-3})
     with pytest.raises(ResumeRefused) as e:
-        run_dir.plan(from_dict(Recipe, bad), 1)
+        run_dir.check_start(from_dict(Recipe, bad), 1)
     message = str(e.value)
     for line in ("model.hidden_size: saved 32, now 64 (changes the model)",
                  "diffusion.noise: saved 'loglinear', now 'geometric' (changes the noise process)",
@@ -117,16 +116,16 @@ def test_resume_applies_optimizer_changes_and_refuses_what_changes_the_run(tmp_p
         assert line in message, message
     assert "optim.lr" not in message  # an applicable change is not listed among the refused ones
     with pytest.raises(ResumeRefused, match=r"(?s)layout dp: saved 1, now 2.*reshard .* --dp 2"):
-        run_dir.plan(from_dict(Recipe, tiny_recipe(tmp_path / "d", tmp_path / "run")), 2)
+        run_dir.check_start(from_dict(Recipe, tiny_recipe(tmp_path / "d", tmp_path / "run")), 2)
     with pytest.raises(ResumeRefused, match=r"(?s)model.precision: saved .fp32., now .bf16..*reshard"):
-        run_dir.plan(from_dict(Recipe, tiny_recipe(tmp_path / "d", tmp_path / "run", model={"precision": "bf16"},
+        run_dir.check_start(from_dict(Recipe, tiny_recipe(tmp_path / "d", tmp_path / "run", model={"precision": "bf16"},
                                                    parallel={"zero_stage": 1})), 1)  # (bf16 weights need ZeRO)
 
 
 def test_train_refuses_a_changed_model_before_any_process_group(tmp_path, capsys):
     import torch.distributed as dist
 
-    from sedd_scale import train
+    from sedd_scale.train import main as train
 
     raw = tiny_recipe(tmp_path / "d", tmp_path / "run")
     fake_checkpoint(tmp_path / "run", raw)
@@ -140,10 +139,10 @@ def test_resume_false_in_a_used_directory_is_refused_unless_starting_over(tmp_pa
     raw = tiny_recipe(tmp_path / "d", tmp_path / "run", checkpoint={"resume": False})
     fake_checkpoint(tmp_path / "run", raw)
     with pytest.raises(RecipeError, match="holds checkpoints of a run.*checkpoint.start_over=true"):
-        run_dir.plan(from_dict(Recipe, raw), 1)
+        run_dir.check_start(from_dict(Recipe, raw), 1)
     assert (tmp_path / "run" / "latest").is_file()
     over = tiny_recipe(tmp_path / "d", tmp_path / "run", checkpoint={"resume": False, "start_over": True})
-    assert run_dir.plan(from_dict(Recipe, over), 1).start_over
+    assert run_dir.check_start(from_dict(Recipe, over), 1).start_over
     assert [p.name for p in run_dir.start_over(tmp_path / "run")] == ["step_000000003"]
     assert not (tmp_path / "run" / "latest").exists()
     with pytest.raises(RecipeError, match="start_over=true discards the run's checkpoints: it needs resume=false"):
@@ -219,7 +218,7 @@ def test_a_non_utf8_recipe_is_named(tmp_path):
 def test_a_missing_manifest_is_refused_before_any_process_group(tmp_path, capsys):
     import torch.distributed as dist
 
-    from sedd_scale import train
+    from sedd_scale.train import main as train
 
     code = train.main([write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "nowhere", tmp_path / "run"))])
     assert code == 2 and "does not exist: prepare it with tools/prepare_data.py" in capsys.readouterr().err
@@ -261,11 +260,11 @@ def _write_fails(recipe_path: str) -> dict:
     import resource
     import signal
 
-    from sedd_scale import engine
+    from sedd_scale.distributed import engine
     from sedd_scale.checkpoint.sharded import CheckpointError
     from sedd_scale.config import load_recipe
     from sedd_scale.data.loader import LoaderConfig, TokenLoader
-    from sedd_scale.trainer import Trainer
+    from sedd_scale.train.trainer import Trainer
 
     recipe = load_recipe(recipe_path)
     layout, topology = engine.setup(recipe)

@@ -1,4 +1,4 @@
-"""tools/sample.py and sedd_scale.generation: conditioning, layout-independent samples, metrics, bad input.
+"""tools/sample.py and sedd_scale.apps.generation: conditioning, layout-independent samples, metrics, bad input.
 
 A tiny random byte-vocabulary SEDD (257 tokens, absorbing MASK = 257) is sampled by the real CLI
 in one process, under torchrun with DP=2 and with TP=2; samples must be identical. Generative
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sedd_scale.data.tokenizer import ByteTokenizer
-from sedd_scale.generation import (CausalLMScorer, GenerationError, batch_plan, batch_seed, build_conditioning,
+from sedd_scale.apps.generation import (CausalLMScorer, GenerationError, batch_plan, batch_seed, build_conditioning,
                                    parse_template, perplexity_summary, unigram_entropy)
 from sedd_scale.model.config import ModelConfig
 
@@ -130,7 +130,7 @@ def test_conditioning_builder_and_template_syntax():
 
 @pytest.mark.megatron
 def test_prefix_suffix_infill_and_dp_split_in_process(tp1, byte_ckpt):
-    from sedd_scale.generation import generate_batches, model_log_score_fn, sample_records
+    from sedd_scale.apps.generation import generate_batches, model_log_score_fn, sample_records
     from sedd_scale.pretrained import load_pretrained
 
     model, graph, noise = load_pretrained(byte_ckpt, device="cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sedd_scale.data.loader import EvalBatch
-from sedd_scale.data.synthetic import SyntheticTokens
+from sedd_scale.testing.synthetic import SyntheticTokens
 from tests.dist import launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.megatron]
@@ -34,10 +34,10 @@ def recipe_dict(tmp: str, **parallel) -> dict:
 
 
 def _build(recipe_data: dict):
-    from sedd_scale import engine  # first: it applies sedd_scale.compat before megatron loads
+    from sedd_scale.distributed import engine  # first: it applies sedd_scale.compat before megatron loads
     from megatron.core import parallel_state as ps
     from sedd_scale.config import Recipe, from_dict
-    from sedd_scale.trainer import Trainer
+    from sedd_scale.train.trainer import Trainer
 
     recipe = from_dict(Recipe, copy.deepcopy(recipe_data))
     layout, topology = engine.setup(recipe)
@@ -47,7 +47,7 @@ def _build(recipe_data: dict):
 
 def _run(recipe_data: dict, steps: int, resume_at: int | None = None) -> list[float]:
     """Train `steps` steps (optionally: stop at `resume_at`, save, rebuild everything, resume)."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     try:
         trainer = _build(recipe_data)
@@ -120,10 +120,10 @@ def signals_nonfinite_and_layout_checks(tmp: str) -> dict:
     import os
     import signal
 
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint.sharded import CheckpointError
 
-    from sedd_scale.metrics import Metrics
+    from sedd_scale.train.metrics import Metrics
 
     out = {}
     data = recipe_dict(tmp)
@@ -190,8 +190,8 @@ def test_signal_save_nonfinite_stop_layout_refusal_metrics_and_bf16(tmp_path):
 
 
 def logged_interval(tmp: str) -> dict:
-    from sedd_scale import parallel
-    from sedd_scale.metrics import Metrics
+    from sedd_scale.distributed import parallel
+    from sedd_scale.train.metrics import Metrics
 
     data = recipe_dict(tmp)
     data["train"].update(log_every=3, eval_every=3, eval_draws=2, sample_steps=2)

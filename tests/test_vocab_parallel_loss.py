@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sedd_scale.diffusion import get_graph, to_log_score
-from sedd_scale.loss import ScoreEntropyHeadConfig, score_entropy_head, weighted_score_entropy_head
+from sedd_scale.loss import HeadLossConfig, score_entropy_head, weighted_score_entropy_head
 from tests.dist import launch
 
 N = 37  # real tokens; absorb has 38 states
@@ -86,7 +86,7 @@ def fused(case: dict, graph: str, scale_by_sigma: bool, *, weighted: bool, chunk
           tp: int = 1, rank: int = 0, dtype=torch.float32, group=None, compile: bool = False):
     """This rank's fused loss (per token) and grads (hidden, weight shard, bias shard)."""
     vl = V_PAD // tp
-    cfg = ScoreEntropyHeadConfig(graph, N, scale_by_sigma, chunk_size, compile=compile)
+    cfg = HeadLossConfig.for_graph(graph, N, scale_by_sigma, chunk_size, compile=compile)
     h = case["hidden"].to(dtype, copy=True).requires_grad_(True)
     w = case["weight"][rank * vl:(rank + 1) * vl].to(dtype, copy=True).requires_grad_(True)
     b = case["bias"][rank * vl:(rank + 1) * vl].to(dtype, copy=True).requires_grad_(True)
@@ -170,7 +170,7 @@ def test_compiled_chunks_match_the_oracle_and_eager(graph, scale_by_sigma, weigh
         ref = reference(case, graph, scale_by_sigma)
         check_against(ref, fused(case, graph, scale_by_sigma, weighted=weighted, compile=True)[:2], rtol,
                       f"compile=True vs reference (extreme={extreme})")
-        cfg = ScoreEntropyHeadConfig(graph, N, scale_by_sigma)
+        cfg = HeadLossConfig.for_graph(graph, N, scale_by_sigma)
         x_t, x_0 = case["x_t"].reshape(-1), case["x_0"].reshape(-1)
         sigma = case["sigma"][:, None].expand(B, L).reshape(-1)
         tok = _token_terms(cfg, x_t, x_0, sigma, 0, N, torch.float32)
@@ -194,7 +194,7 @@ def test_compiled_chunks_match_the_oracle_and_eager(graph, scale_by_sigma, weigh
 def test_grad_output_scales_and_single_backward():
     """Per-token mode honours any upstream gradient; the weighted mode scales by d(total); one backward only."""
     case = make_case("uniform", seed=3)
-    cfg = ScoreEntropyHeadConfig("uniform", N, chunk_size=7)
+    cfg = HeadLossConfig.for_graph("uniform", N, chunk_size=7)
     h = case["hidden"].clone().requires_grad_(True)
     w, b = case["weight"].clone().requires_grad_(True), case["bias"].clone().requires_grad_(True)
     up = torch.randn(B, L, dtype=torch.float64)
@@ -241,7 +241,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
 def test_bad_input_is_rejected_with_a_clear_error():
     """Wrong ids, noise, shapes and configs name the problem."""
     case = make_case("absorb")
-    cfg = ScoreEntropyHeadConfig("absorb", N)
+    cfg = HeadLossConfig.for_graph("absorb", N)
     args = lambda **o: {**dict(hidden=case["hidden"], weight=case["weight"], bias=case["bias"],  # noqa: E731
                                x_t=case["x_t"], x_0=case["x_0"], total_noise=case["sigma"], cfg=cfg), **o}
     with pytest.raises(ValueError, match="x_0 holds ids"):
@@ -255,11 +255,11 @@ def test_bad_input_is_rejected_with_a_clear_error():
     with pytest.raises(ValueError, match="share a dtype"):
         score_entropy_head(**args(weight=case["weight"].double()))
     with pytest.raises(ValueError, match="scale_by_sigma"):
-        ScoreEntropyHeadConfig("uniform", N, scale_by_sigma=True)
+        HeadLossConfig.for_graph("uniform", N, scale_by_sigma=True)
     with pytest.raises(ValueError, match="unknown graph"):
-        ScoreEntropyHeadConfig("gaussian", N)
+        HeadLossConfig.for_graph("gaussian", N)
     with pytest.raises(ValueError, match="chunk_size"):
-        ScoreEntropyHeadConfig("absorb", N, chunk_size=0)
+        HeadLossConfig.for_graph("absorb", N, chunk_size=0)
 
 
 class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
@@ -285,7 +285,7 @@ def test_the_training_path_makes_no_host_sync_but_the_masked_count(graph, scale_
     case = make_case(graph, seed=8)
     case["bias"][:2] = torch.tensor([70.0, -80.0])  # the far branches are exercised, without a host decision
     case["weight"] = case["weight"] / 64  # keeps every log-score below 80 (on the grid: logits stay exact)
-    cfg = ScoreEntropyHeadConfig(graph, N, scale_by_sigma, chunk_size=5)
+    cfg = HeadLossConfig.for_graph(graph, N, scale_by_sigma, chunk_size=5)
     h = case["hidden"].clone().requires_grad_(True)
     w, b = case["weight"].clone().requires_grad_(True), case["bias"].clone().requires_grad_(True)
     with _HostSyncs() as syncs:
@@ -311,7 +311,7 @@ def test_bf16_gemm_operands_accumulate_in_float32():
     case["hidden"] = torch.randn(B, L, H, generator=g)  # off the dyadic grid: bf16 rounding is visible
     case["weight"] = torch.randn(V_PAD, H, generator=g) / 4
     rounded = {**case, "hidden": case["hidden"].bfloat16().float(), "weight": case["weight"].bfloat16().float()}
-    cfg = ScoreEntropyHeadConfig("absorb", N, True, chunk_size=5, gemm_dtype=torch.bfloat16)
+    cfg = HeadLossConfig.for_graph("absorb", N, True, chunk_size=5, gemm_dtype=torch.bfloat16)
     h = case["hidden"].clone().requires_grad_(True)
     w, b = case["weight"].clone().requires_grad_(True), case["bias"].clone().requires_grad_(True)
     total, loss = weighted_score_entropy_head(h, w, b, case["x_t"], case["x_0"], case["sigma"], case["rate"], cfg)
@@ -326,7 +326,7 @@ def test_bf16_gemm_operands_accumulate_in_float32():
     unrounded = oracle(case, "absorb", True)[0]
     assert ((loss.double() - unrounded).abs() / unrounded.clamp(min=1e-30)).max() > 1e-4  # the operands were rounded
     with pytest.raises(ValueError, match="gemm_dtype"):
-        ScoreEntropyHeadConfig("absorb", N, gemm_dtype=torch.int8)
+        HeadLossConfig.for_graph("absorb", N, gemm_dtype=torch.int8)
 
 
 def _numpy(result):
@@ -351,7 +351,7 @@ def _megatron_head_check(case, graph, scale_by_sigma):
         head.weight.copy_(case["weight"][rank * vl:(rank + 1) * vl])
         head.bias.copy_(case["bias"][rank * vl:(rank + 1) * vl])
     gr = get_graph(graph, N)
-    cfg = ScoreEntropyHeadConfig(graph, N, scale_by_sigma, chunk_size=4)
+    cfg = HeadLossConfig.for_graph(graph, N, scale_by_sigma, chunk_size=4)
     out = {}
     for path in ("fused", "megatron"):
         head.zero_grad(set_to_none=True)

@@ -82,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Execute one parsed command; returns its summary."""
-    from sedd_scale import convert
+    from sedd_scale.apps import convert
 
     if args.command == "consolidate":
         return convert.consolidate(args.checkpoint, args.out, weights=args.weights, training_state=args.training_state)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; a bad input exits with 2 and a message naming the fix."""
-    from sedd_scale.convert import ConversionError
+    from sedd_scale.apps.convert import ConversionError
 
     args = parser().parse_args(argv)
     started = time.perf_counter()

@@ -138,7 +138,7 @@ def _recipe_for_weights(weights, manifest: str, *, tp: int, pp: int, micro_batch
 
 def build(args, world: int):
     """The trainer holding the checkpoint's weights under the evaluation layout, and the recipe."""
-    from sedd_scale import convert
+    from sedd_scale.apps import convert
     from sedd_scale.checkpoint import consolidated as cons
     from sedd_scale.checkpoint import full_state, hub
     from sedd_scale.checkpoint.sharded import ANY_LAYOUT, read_meta
@@ -190,12 +190,12 @@ def run(args) -> dict | None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from sedd_scale import engine
+    from sedd_scale.distributed import engine
     from sedd_scale.data.loader import EvalLoader
-    from sedd_scale.metrics import Metrics
+    from sedd_scale.train.metrics import Metrics
 
     started = time.perf_counter()
-    engine.init_distributed()
+    engine.init_world()
     trainer, recipe = build(args, dist.get_world_size())
     cfg = trainer.model_cfg
     if args.protocol == "ptb":

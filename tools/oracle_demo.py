@@ -10,7 +10,7 @@ import torch
 
 from sedd_scale.diffusion import get_graph, get_noise, sample
 from sedd_scale.diffusion.elbo import elbo_per_sequence, prior_kl
-from sedd_scale.diffusion.exact import Enumerated, random_joint, total_variation
+from sedd_scale.testing.exact import Enumerated, random_joint, total_variation
 
 
 def main() -> None:

@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from sedd_scale.generation import (CausalLMScorer, Conditioning, GenerationError, atomic_write,  # noqa: E402
-                                   batch_plan, build_conditioning, check_layout, choose_tokenizer, collect_samples,
+from sedd_scale.apps.generation import (CausalLMScorer, Conditioning, GenerationError, atomic_write,  # noqa: E402
+                                   batch_plan, build_conditioning, check_tp, choose_tokenizer, collect_samples,
                                    generate_batches, model_log_score_fn, read_model_config, sample_records,
                                    score_samples, unigram_entropy)
 from sedd_scale.model.config import ModelConfig  # noqa: E402
@@ -104,7 +104,7 @@ class Plan:
     """Everything decided from the inputs before any process group or model exists."""
 
     def __init__(self, args: argparse.Namespace, meta: ModelConfig, world: int):
-        check_layout(world, args.tp, meta.n_heads)
+        check_tp(world, args.tp, meta.n_heads)
         if args.steps < 1:
             raise GenerationError(f"--steps must be >= 1, got {args.steps}")
         if args.seed < 0:
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     """Check, sample, collect on rank 0, score and write; returns the exit code."""
     check_files(args)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    check_layout(world, args.tp)
+    check_tp(world, args.tp)
     meta = read_model_config(args.checkpoint)
     plan = Plan(args, meta, world)
     if plan.scorer is not None and rank == 0:
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from sedd_scale import parallel  # megatron-core from here on
+    from sedd_scale.distributed import parallel  # megatron-core from here on
     from megatron.core import parallel_state as ps
     from sedd_scale.pretrained import load_pretrained
 
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.set_device(parallel.local_device())
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     created = not dist.is_initialized()
-    parallel.init_distributed()
+    parallel.join_process_group()
     try:
         overrides = {"precision": args.precision} if args.precision else {}
         try:

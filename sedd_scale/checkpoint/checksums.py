@@ -17,6 +17,24 @@ class ChecksumError(ValueError):
     """A file whose bytes are not the ones recorded when it was written."""
 
 
+class HashingWriter:
+    """A write-only file object that hashes (sha256) and counts what passes through it: a file's record is
+    known when it is written, without reading it back."""
+
+    def __init__(self, f):
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        """Hash, count and write `data`."""
+        self.hash.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        """Flush the underlying file."""
+        self.f.flush()
+
+
 def file_record(path: Path) -> dict:
     """{"bytes", "sha256"} of a file, read in 8 MiB blocks."""
     h, size = hashlib.sha256(), 0

@@ -28,6 +28,7 @@ import torch
 from sedd_scale import compat  # noqa: F401  (before deepspeed)
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine  # noqa: E402
 
+from sedd_scale.checkpoint.checksums import HashingWriter  # noqa: E402
 from sedd_scale.checkpoint.sharded import CheckpointError  # noqa: E402
 
 Record = dict[str, Any]  # {"bytes": int, "sha256": str}
@@ -57,21 +58,6 @@ def nbytes(obj: Any) -> int:
     return 0
 
 
-class _HashingFile:
-    """A write-only file object that hashes and counts what passes through it."""
-
-    def __init__(self, f):
-        self.f, self.hash, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.hash.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def write_files(root: Path, files: list[tuple[Path, Any]]) -> dict[str, Record]:
     """torch.save each (path, state) (paths under `root`), fsynced; {path relative to root: record}.
 
@@ -83,7 +69,7 @@ def write_files(root: Path, files: list[tuple[Path, Any]]) -> dict[str, Record]:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:
-                hashing = _HashingFile(f)
+                hashing = HashingWriter(f)
                 torch.save(state, hashing)
                 f.flush()
                 os.fsync(f.fileno())

@@ -50,16 +50,7 @@ class FullState:
 
 def local_keys(trainer) -> list[tuple[str, nn.Parameter]]:
     """(model key, parameter) of this rank, in `engine.module.parameters()` order (the EMA's order)."""
-    n_blocks, out = trainer.model_cfg.n_blocks, []
-    for name, p in trainer.engine.module.named_parameters():
-        if trainer.is_pipe:  # DeepSpeed names pipeline layers by their index: input, blocks, output
-            index, rest = name.split(".", 1)
-            i = int(index)
-            key = (f"input_layer.{rest}" if i == 0 else f"output_layer.{rest}" if i == n_blocks + 1
-                   else f"blocks.{i - 1}.{rest}")
-        else:
-            key = name.removeprefix("model.")
-        out.append((key, p))
+    out = [(trainer.runner.model_key(name), p) for name, p in trainer.engine.module.named_parameters()]
     unknown = sorted(set(k for k, _ in out) - set(model_kinds(trainer.model_cfg)))
     if unknown:
         raise RuntimeError(f"parameters without a model key (a changed module layout?): {unknown}")

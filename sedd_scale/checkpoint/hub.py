@@ -25,7 +25,7 @@ from sedd_scale.model import rotary
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
 
 # The format needs no megatron-core (input checks read config.json cheaply): the functions on TP-sharded
-# models import `sedd_scale.parallel` when called.
+# models import `sedd_scale.distributed.parallel` when called.
 if TYPE_CHECKING:
     from sedd_scale.model.transformer import SEDD
 
@@ -262,7 +262,7 @@ def model_to_hub(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor
 
 def load_weights(model: SEDD, state: dict[str, Tensor]) -> None:
     """Load whole model-keyed tensors into this TP rank's shards (strict: every parameter is set once)."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     cfg, rank, tp = model.config, parallel.tp_rank(), parallel.tp_size()
     kinds = model_kinds(cfg)
@@ -291,7 +291,7 @@ def gather_weights(model: SEDD, values: dict[str, Tensor] | None = None) -> dict
 
 def gather_tp_tensor(local: Tensor, kind: str, cfg: ModelConfig) -> Tensor:
     """The whole tensor (float32, CPU) from this TP rank's slice `local` split as `kind`; a TP collective."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     local, tp = local.detach().float().contiguous(), parallel.tp_size()
     if kind == "rep" or tp == 1:
@@ -324,7 +324,7 @@ def save_hub(model: SEDD, path: str | Path, config: dict[str, Any]) -> None:
               if getattr(derived, k) != getattr(model.config, k)}
     if differ:
         raise HubFormatError(f"config disagrees with the model (config, model): {differ}; build it with hub_config()")
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     state = gather_hub_state(model)
     if parallel.tp_rank() == 0:

@@ -35,7 +35,7 @@ from sedd_scale.checkpoint.files import read_verified
 from sedd_scale.checkpoint.hub import model_kinds, unshard_tensors
 from sedd_scale.checkpoint.sharded import ANY_LAYOUT, CheckpointError, read_meta
 from sedd_scale.config import Recipe, from_dict
-from sedd_scale.ema import shard_bounds
+from sedd_scale.train.ema import shard_bounds
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _FIX = "this checkpoint cannot be converted; use an earlier step (or restore the file from a copy)"
@@ -256,7 +256,7 @@ def _counters(reader: _Reader, extra: dict, infos: list[dict]) -> dict[str, Any]
     steps = {s for info in infos for s in info["steps"]}
     if len(steps) > 1:
         raise CheckpointError(f"{reader.step}: AdamW's step differs between parameter groups ({sorted(steps)})")
-    states = reader.load(f"deepspeed/mp_rank_00_model_states.pt" if reader.zero != 3 else
+    states = reader.load("deepspeed/mp_rank_00_model_states.pt" if reader.zero != 3 else
                          "deepspeed/zero_pp_rank_0_mp_rank_00_model_states.pt")
     return {"step": extra["step"], "tokens_seen": extra["tokens_seen"], "skipped_total": extra["skipped_total"],
             "optimizer_step": int(steps.pop()) if steps else 0, "lrs": infos[0]["lrs"] if infos else [],

@@ -17,7 +17,7 @@ Design (every choice serves exact resume and one data stream whatever the parall
   consumed counts only, so every rank agrees and those counts are the state.
 * Optimizer step j consumes global sequences [j*G, (j+1)*G), G = global batch (rows per step over
   all DP ranks and micro-batches). Micro-batch m of DP rank r holds rows [o, o+mb) of that batch,
-  o = sedd_scale.noising.global_row_offset(m, r, mb, dp) = m*mb*dp + r*mb: the convention by which
+  o = sedd_scale.layout.row_offset(m, r, mb, dp) = m*mb*dp + r*mb: the convention by which
   the trainer noises a row by its global index, and what Megatron's GPTDataset does. The union over
   ranks and micro-batches of a step is the same G sequences whatever dp, micro_batch and grad_accum
   are, so a checkpoint resharded to another layout with the same G trains on the same sequences.
@@ -56,7 +56,7 @@ from sedd_scale.data.manifest import Manifest, ManifestError
 from sedd_scale.data.permutation import KeyedPermutation
 from sedd_scale.data.reader import RowReader
 from sedd_scale.data.urlcache import UrlCache, is_url
-from sedd_scale.noising import global_row_offset
+from sedd_scale.layout import row_offset
 
 STATE_FORMAT, STATE_VERSION = "sedd-scale-loader", 3
 
@@ -223,7 +223,7 @@ class _BatchStream(IterableDataset):
             choices, positions, after = _plan(self.weights, consumed, self.global_batch)
             for m in range(first, self.accum):
                 if t % num_workers == worker:
-                    o = global_row_offset(m, self.dp_rank, mb, self.dp_size)
+                    o = row_offset(m, self.dp_rank, mb, self.dp_size)
                     src, pos = choices[o:o + mb], positions[o:o + mb]
                     out = np.empty((mb, seq_len), dtype=np.int64)
                     for d in np.unique(src):

@@ -29,7 +29,7 @@ from urllib.parse import urljoin
 
 import numpy as np
 
-from sedd_scale.data.layout import ShardLayout
+from sedd_scale.data.tar_layout import ShardLayout
 from sedd_scale.data.tokenizer import TOKENIZERS, tokenizer_identity
 from sedd_scale.data.urlcache import UrlError, is_url, read_url
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from sedd_scale.data.layout import default_seqs_per_sample
+from sedd_scale.data.tar_layout import default_seqs_per_sample
 from sedd_scale.data.manifest import DTYPES, Manifest, SplitInfo, TokenizerInfo
 from sedd_scale.data.packing import Packer
 from sedd_scale.data.shards import ShardWriter

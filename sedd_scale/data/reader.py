@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from sedd_scale.data.layout import ShardLayout
+from sedd_scale.data.tar_layout import ShardLayout
 from sedd_scale.data.manifest import ShardRef
 from sedd_scale.data.shards import ShardError
 from sedd_scale.data.urlcache import UrlCache, is_url

@@ -14,7 +14,6 @@ the CRC32 of the rows it reads (`reader.py`).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 import zlib
@@ -22,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sedd_scale.checkpoint.checksums import HashingWriter
 from sedd_scale.data.fetch import sha256_bytes
-from sedd_scale.data.layout import ShardLayout
+from sedd_scale.data.tar_layout import ShardLayout
 from sedd_scale.data.manifest import DTYPES, ShardInfo, ShardRef
 
 
@@ -40,18 +40,6 @@ def row_crcs(rows: np.ndarray) -> np.ndarray:
     """CRC32 (zlib's) of each row's little-endian bytes, as uint32."""
     rows = np.ascontiguousarray(rows)
     return np.fromiter((zlib.crc32(r) for r in rows), dtype="<u4", count=len(rows))
-
-
-class _HashingFile:
-    """A write-only file that also hashes what passes through (so a shard is never read back)."""
-
-    def __init__(self, raw):
-        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.raw.write(data)
 
 
 class ShardWriter:
@@ -98,7 +86,7 @@ class ShardWriter:
         path, crc_path = self.out_dir / f"{stem}.tar", self.out_dir / f"{stem}.crc32"
         tmp = path.with_suffix(".tar.tmp")
         with open(tmp, "wb") as raw:
-            sink = _HashingFile(raw)
+            sink = HashingWriter(raw)
             with wds.TarWriter(sink, user="", group="", mode=0o644, mtime=0, encoder=False,
                                format=tarfile.USTAR_FORMAT) as tar:
                 for start in range(0, n, self.seqs_per_sample):
@@ -114,7 +102,7 @@ class ShardWriter:
         crc_tmp.replace(crc_path)
         tmp.replace(path)
         self._written += n
-        self.shards.append(ShardInfo(path.name, n, sink.size, sink.sha256.hexdigest(), crc_path.name,
+        self.shards.append(ShardInfo(path.name, n, sink.size, sink.hash.hexdigest(), crc_path.name,
                                      sha256_bytes(crcs)))
 
 

@@ -1,8 +1,8 @@
 """The SEDD diffusion core: graphs, noise schedules, loss, ELBO and samplers (named like the reference)."""
 from .elbo import ElboEstimate, elbo, elbo_per_sequence, prior_kl
 from .graph import Absorbing, Graph, Uniform, get_graph
-from .loss import LossOutput, sample_times, score_entropy_loss
-from .noise import GeometricNoise, LogLinearNoise, get_noise
+from .noise import GeometricNoise, LogLinearNoise, get_noise, sample_times
+from .reference_loss import LossOutput, score_entropy_loss
 from .parametrization import to_log_score
 from .sampling import Infill, analytic_step, denoise_step, euler_step, sample, sample_categorical
 

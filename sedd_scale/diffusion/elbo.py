@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .graph import Graph
-from .loss import LogScoreFn
+from .reference_loss import LogScoreFn
 from .noise import Noise
 
 

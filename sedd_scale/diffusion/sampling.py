@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .graph import Graph
-from .loss import LogScoreFn
+from .reference_loss import LogScoreFn
 from .noise import Noise
 
 # float64 elements per chunk of positions: bounds the draw's extra memory to 32 MiB on CPU (larger chunks

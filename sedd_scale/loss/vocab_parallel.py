@@ -1,4 +1,5 @@
-"""Score entropy fused with the vocabulary-parallel output head, chunked over tokens (sedd-math 2.1).
+"""An objective (`objectives.py`; score entropy: `score_entropy.py`) fused with the vocabulary-parallel output
+head, chunked over tokens (sedd-math 2.1).
 
 Each tensor-parallel (TP) rank holds rows [vocab_start, vocab_start + V_local) of the head
 (megatron `ColumnParallelLinear(H -> V_pad, gather_output=False)`). Every score-entropy term is
@@ -21,7 +22,7 @@ default; the trainer checks the loader's batches on the host and its noising yie
 sigma by construction), and the overflow-safe forms below are branch-free arithmetic. Eagerly, a
 training chunk (the weighted loss) makes five passes over its logits for absorb (shift, exp, sum,
 scale, bias gradient) around its three GEMMs, fourteen for uniform; with `compile` each output of a
-chunk is one fused expression (`_absorb_fused`, `_uniform_fused`).
+chunk is one fused expression (`score_entropy._absorb_fused`, `_uniform_fused`).
 
 GEMM operands may be narrower than the inputs (`gemm_dtype`: bf16 under bf16-mixed, on tensor
 cores) with fp32 accumulation and fp32 logits: on CUDA `torch.mm(..., out_dtype=torch.float32)`
@@ -31,7 +32,6 @@ TF32, so CUDA still runs them on tensor cores).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -39,43 +39,34 @@ import torch.distributed as dist
 from packaging.version import Version
 from torch import Tensor
 
-from sedd_scale.compiled import Region
-from sedd_scale.diffusion.parametrization import log_expm1
+from sedd_scale.loss.objectives import HeadObjective, Selected, head_objective
 
-# Above this u = l - log r, the vector terms r * phi(u) are formed as e^l - r (1 + u): r * e^u alone
-# could overflow while e^l does not, and e^u >> 1 + u leaves nothing to cancel.
-_FAR = 40.0
-GRAPHS = ("absorb", "uniform")
 _MM_OUT_DTYPE = Version(torch.__version__.split("+")[0]).release >= (2, 8)  # torch.mm(..., out_dtype=)
 
 
 @dataclass(frozen=True)
-class ScoreEntropyHeadConfig:
-    """What the fused head+loss needs to know about the graph, the chunking and the GEMM precision."""
+class HeadLossConfig:
+    """What the fused head+loss needs: the objective (graph terms, which rows are projected), the chunking and
+    the GEMM precision."""
 
-    graph: str
-    num_tokens: int
-    scale_by_sigma: bool = False
+    objective: HeadObjective
     chunk_size: int = 1024
     gemm_dtype: torch.dtype | None = None  # GEMM operand dtype (None: the inputs'); accumulation stays fp32
     compile: bool = False  # fuse each chunk's elementwise work with torch.compile (model.compile)
 
     def __post_init__(self):
-        if self.graph not in GRAPHS:
-            raise ValueError(f"unknown graph {self.graph!r}; choose one of {GRAPHS}")
-        if self.num_tokens < 2:
-            raise ValueError(f"num_tokens must be >= 2, got {self.num_tokens}")
-        if self.scale_by_sigma and self.graph != "absorb":
-            raise ValueError("scale_by_sigma is only defined for the absorb graph (the reference asserts it)")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.gemm_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"gemm_dtype must be None, float32, bfloat16 or float16, got {self.gemm_dtype}")
 
-    @property
-    def graph_dim(self) -> int:
-        """States per position: N + 1 (MASK) for absorb, N for uniform."""
-        return self.num_tokens + (self.graph == "absorb")
+    @classmethod
+    def for_graph(cls, graph: str, num_tokens: int, scale_by_sigma: bool = False, chunk_size: int = 1024,
+                  gemm_dtype: torch.dtype | None = None, compile: bool = False, *,
+                  objective: str = "score_entropy") -> "HeadLossConfig":
+        """The config of the registered objective `objective` (default: score entropy) on `graph`."""
+        return cls(head_objective(objective, graph, num_tokens, scale_by_sigma=scale_by_sigma), chunk_size,
+                   gemm_dtype, compile)
 
 
 def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
@@ -87,72 +78,6 @@ def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
     return a.float() @ b.float()  # exact products of half operands, fp32 sums
 
 
-def _bregman(l: Tensor, log_r: Tensor, r: Tensor) -> Tensor:
-    """r * phi(l - log r), phi(u) = expm1(u) - u, for vectors; finite while e^l is."""
-    u = l - log_r
-    near = r * (torch.expm1(u.clamp(max=_FAR)) - u)
-    return torch.where(u > _FAR, torch.exp(l) - r * (1.0 + u), near)
-
-
-def _bregman_grad(l: Tensor, log_r: Tensor, r: Tensor) -> Tensor:
-    """d/dl of r * phi(l - log r) = r * expm1(l - log r), for vectors; finite while e^l is."""
-    u = l - log_r
-    return torch.where(u > _FAR, torch.exp(l) - r, r * torch.expm1(u.clamp(max=_FAR)))
-
-
-def _put(t: Tensor, col: Tensor, inside: Tensor, value: Tensor) -> None:
-    """t[i, col[i]] = value[i] for rows where `inside`; other rows keep their values (no host sync)."""
-    idx = torch.where(inside, col, torch.zeros_like(col)).unsqueeze(1)
-    t.scatter_(1, idx, torch.where(inside, value, t.gather(1, idx).squeeze(1)).unsqueeze(1))
-
-
-@dataclass
-class _Tokens:
-    """Per active token: local columns of x_0 / x_t and the ratios r of sedd-math 2.1 (accumulation dtype)."""
-
-    rows: Tensor | None  # indices into the flattened tokens, None = all tokens
-    col0: Tensor
-    in0: Tensor  # x_0's entry is in this shard and carries the special ratio r0
-    colx: Tensor | None  # x_t's (self, excluded) entry (uniform only)
-    inx: Tensor | None
-    shift: Tensor | None  # absorb scale_by_sigma offset
-    log_r: Tensor | None  # default ratio of every other entry (uniform; absorb's is 0)
-    r: Tensor | None
-    log_r0: Tensor
-    r0: Tensor
-    weight: float  # the rate weight Q[x_t, y] of every entry: 1 (absorb, masked) or 1/N (uniform)
-
-    def chunk(self, s: int, e: int) -> "_Tokens":
-        """The same fields for active tokens s:e."""
-        cut = lambda t: t if t is None else t[s:e]  # noqa: E731
-        return _Tokens(None, *(cut(getattr(self, f)) for f in
-                               ("col0", "in0", "colx", "inx", "shift", "log_r", "r", "log_r0", "r0")), self.weight)
-
-
-def _token_terms(cfg: ScoreEntropyHeadConfig, x_t: Tensor, x_0: Tensor, sigma: Tensor,
-                 vocab_start: int, n_local: int, dtype: torch.dtype) -> _Tokens:
-    """Select the tokens with a nonzero loss and form their ratios in float64."""
-    rows = None
-    if cfg.graph == "absorb":
-        rows = torch.nonzero(x_t == cfg.num_tokens).squeeze(1)  # the one host sync: sizes what follows
-        x_t, x_0, sigma = x_t[rows], x_0[rows], sigma[rows]
-    log_e = log_expm1(sigma.double())  # log(e^sigma - 1)
-    col0 = x_0 - vocab_start
-    in0 = (col0 >= 0) & (col0 < n_local)
-    cast = lambda t: t.to(dtype)  # noqa: E731
-    if cfg.graph == "absorb":
-        shift = cast(log_e + math.log(cfg.num_tokens)) if cfg.scale_by_sigma else None
-        return _Tokens(rows, col0, in0, None, None, shift, None, None, cast(-log_e), cast(torch.exp(-log_e)), 1.0)
-    colx = x_t - vocab_start
-    inx = (colx >= 0) & (colx < n_local)
-    # log a = log E - log(E + N), without the 1 - N/(E + N) cancellation (sedd-math 9.1).
-    log_a = log_e - torch.logaddexp(log_e, torch.full_like(log_e, math.log(cfg.num_tokens)))
-    same = x_t == x_0
-    log_r = torch.where(same, log_a, torch.zeros_like(log_a))
-    return _Tokens(rows, col0, in0 & ~same, colx, inx, None, cast(log_r), cast(log_r.exp()),
-                   cast(-log_a), cast(torch.exp(-log_a)), 1.0 / cfg.num_tokens)
-
-
 def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """The chunk's raw logits over this shard's real tokens, in the accumulation dtype."""
     if b is not None and h.dtype == w.dtype == b.dtype and h.dtype in (torch.float32, torch.float64):
@@ -162,97 +87,6 @@ def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         z += b.to(z.dtype)
     return z
 
-
-def _absorb_terms(z: Tensor, tok: _Tokens, scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """(per-token loss, logit gradient or None) of a masked chunk of raw logits; consumes z (in place). Terms are
-    e^l_y, except r0 phi(l_x0 - log r0) at x_0; gradients e^l_y, except r0 expm1(l_x0 - log r0) at x_0."""
-    if tok.shift is not None:
-        z.sub_(tok.shift.unsqueeze(1))
-    col0 = torch.where(tok.in0, tok.col0, 0)
-    l0 = z.gather(1, col0.unsqueeze(1)).squeeze(1)
-    e = z.exp_()
-    _put(e, tok.col0, tok.in0, _bregman(l0, tok.log_r0, tok.r0))
-    loss = e.sum(1)
-    if scale is None:
-        return loss, None
-    _put(e, tok.col0, tok.in0, _bregman_grad(l0, tok.log_r0, tok.r0))
-    return loss, e.mul_(scale.to(e.dtype).unsqueeze(1))
-
-
-def _uniform_terms(z: Tensor, tok: _Tokens, scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """(per-token loss, logit gradient or None) of a chunk of the uniform graph; consumes z (in place).
-
-    Every entry holds r phi(u) and its gradient r expm1(u), u = l - log r, as r (t - u) + d and r t + d with
-    t = expm1(min(u, FAR)) and d = e^max(l, FAR + log r) - e^(FAR + log r): for u <= FAR (every sane entry)
-    d is exactly 0, and beyond it the sums are e^l - r (1 + u) and e^l - r, finite while e^l is. No branch.
-    """
-    col0 = torch.where(tok.in0, tok.col0, 0)
-    l0 = z.gather(1, col0.unsqueeze(1)).squeeze(1)
-    r = tok.r.unsqueeze(1)
-    edge = (_FAR + tok.log_r).unsqueeze(1)
-    d = torch.maximum(z, edge).exp_().sub_(edge.exp())
-    u = z.sub_(tok.log_r.unsqueeze(1))
-    t = u.clamp(max=_FAR).expm1_()
-    terms = (t - u).mul_(r).add_(d)
-    _put(terms, tok.col0, tok.in0, _bregman(l0, tok.log_r0, tok.r0))
-    _put(terms, tok.colx, tok.inx, torch.zeros_like(l0))
-    loss = terms.sum(1) * tok.weight
-    if scale is None:
-        return loss, None
-    g = torch.mul(t, r, out=u).add_(d)
-    _put(g, tok.col0, tok.in0, _bregman_grad(l0, tok.log_r0, tok.r0))
-    _put(g, tok.colx, tok.inx, torch.zeros_like(l0))
-    return loss, g.mul_((scale * tok.weight).to(g.dtype).unsqueeze(1))
-
-
-def _at(z: Tensor, col: Tensor, inside: Tensor) -> Tensor:
-    """(chunk, V_local) mask of the entries [i, col[i]] for rows where `inside`."""
-    return (torch.arange(z.shape[1], device=z.device) == col.unsqueeze(1)) & inside.unsqueeze(1)
-
-
-def _absorb_fused(z, col0, in0, shift, log_r0, r0, scale):
-    """`_absorb_terms` as one expression per output (its puts as masks, nothing in place): what torch.compile fuses
-    into a pass for the loss and a pass for the gradient."""
-    l = z if shift is None else z - shift.unsqueeze(1)
-    l0 = l.gather(1, torch.where(in0, col0, 0).unsqueeze(1)).squeeze(1)
-    at0, e = _at(l, col0, in0), l.exp()
-    loss = torch.where(at0, _bregman(l0, log_r0, r0).unsqueeze(1), e).sum(1)
-    if scale is None:
-        return loss, None
-    return loss, torch.where(at0, _bregman_grad(l0, log_r0, r0).unsqueeze(1), e) * scale.to(e.dtype).unsqueeze(1)
-
-
-def _uniform_fused(z, col0, in0, colx, inx, log_r, r, log_r0, r0, scale, weight: float):
-    """`_uniform_terms` as one expression per output, for torch.compile (the same formulas)."""
-    l0 = z.gather(1, torch.where(in0, col0, 0).unsqueeze(1)).squeeze(1)
-    at0, atx = _at(z, col0, in0), _at(z, colx, inx)
-    edge = (_FAR + log_r).unsqueeze(1)
-    d = torch.maximum(z, edge).exp() - edge.exp()
-    u = z - log_r.unsqueeze(1)
-    t = u.clamp(max=_FAR).expm1()
-    terms = torch.where(atx, 0.0, (t - u) * r.unsqueeze(1) + d)
-    loss = torch.where(at0, _bregman(l0, log_r0, r0).unsqueeze(1), terms).sum(1) * weight
-    if scale is None:
-        return loss, None
-    g = torch.where(at0, _bregman_grad(l0, log_r0, r0).unsqueeze(1), torch.where(atx, 0.0, t * r.unsqueeze(1) + d))
-    return loss, g * (scale * weight).to(g.dtype).unsqueeze(1)
-
-
-ABSORB_FUSED, UNIFORM_FUSED = Region(_absorb_fused), Region(_uniform_fused)
-
-
-def _chunk_terms(cfg: ScoreEntropyHeadConfig, z: Tensor, tok: _Tokens, scale: Tensor | None):
-    """(per-token loss, logit gradient or None) of a chunk of raw logits, eager or compiled (`cfg.compile`).
-
-    The fused absorbing chunk computes e^l once per output, which costs nothing on a GPU (memory-bound) but
-    more than eager's single in-place pass on a CPU, where it stays eager; the uniform chunk is fused everywhere.
-    """
-    if not cfg.compile or (cfg.graph == "absorb" and z.device.type == "cpu"):
-        return (_absorb_terms if cfg.graph == "absorb" else _uniform_terms)(z, tok, scale)
-    if cfg.graph == "absorb":
-        return ABSORB_FUSED(True, z, tok.col0, tok.in0, tok.shift, tok.log_r0, tok.r0, scale)
-    return UNIFORM_FUSED(True, z, tok.col0, tok.in0, tok.colx, tok.inx, tok.log_r, tok.r, tok.log_r0, tok.r0, scale,
-                         tok.weight)
 
 
 class _Grads:
@@ -290,7 +124,7 @@ class _Grads:
         if self.b is not None:
             self.b[: self.n] += g.sum(0)
 
-    def finish(self, tok: _Tokens, hidden: Tensor, weight: Tensor, bias: Tensor | None, group) -> tuple:
+    def finish(self, tok: Selected, hidden: Tensor, weight: Tensor, bias: Tensor | None, group) -> tuple:
         """All-reduce the hidden-state gradient over TP and return (d hidden, d weight, d bias) in input dtypes."""
         if not self.started:
             self.w.zero_()
@@ -328,7 +162,7 @@ def _forward_chunks(hidden, weight, bias, tok, cfg, n_local, acc, scale=None):
                 grads.add(s, e, None, None, None)
             continue
         z = _chunk_logits(h_act[s:e], w, b)
-        partial[s:e], g = _chunk_terms(cfg, z, t, None if scale is None else scale[s:e])
+        partial[s:e], g = cfg.objective.terms(z, t, None if scale is None else scale[s:e], cfg.compile)
         if grads is not None:
             grads.add(s, e, g, h_act[s:e], w)
     return partial, grads
@@ -358,23 +192,23 @@ class _Context:
         rank = 0 if self.group is None else dist.get_rank(self.group)
         v_local = weight.shape[0]
         self.vocab_start = rank * v_local if vocab_start is None else vocab_start
-        if v_local * tp < cfg.graph_dim:
+        if v_local * tp < cfg.objective.graph_dim:
             raise ValueError(f"the head covers {v_local} x {tp} ranks = {v_local * tp} entries but the "
-                             f"{cfg.graph} graph has {cfg.graph_dim} states: wrong num_tokens or vocab padding")
-        self.n_local = max(0, min(cfg.num_tokens - self.vocab_start, v_local))
+                             f"{cfg.objective.graph} graph has {cfg.objective.graph_dim} states: wrong num_tokens or vocab padding")
+        self.n_local = max(0, min(cfg.objective.num_tokens - self.vocab_start, v_local))
         self.x_t, self.x_0 = x_t.reshape(-1), x_0.reshape(-1)
         sigma = total_noise.to(x_t.device)
         if sigma.dim() == 1 and len(x_t.shape) > 1 and sigma.shape[0] == x_t.shape[0]:
             sigma = sigma.reshape(-1, *([1] * (len(x_t.shape) - 1)))  # per sequence -> per token
         self.sigma = sigma.expand(x_t.shape).reshape(-1)
         if check_inputs:
-            check_token_ids(self.x_t, "x_t", cfg.graph_dim, cfg.graph, cfg.num_tokens)
-            check_token_ids(self.x_0, "x_0", cfg.num_tokens, cfg.graph, cfg.num_tokens)
+            check_token_ids(self.x_t, "x_t", cfg.objective.graph_dim, cfg.objective.graph, cfg.objective.num_tokens)
+            check_token_ids(self.x_0, "x_0", cfg.objective.num_tokens, cfg.objective.graph, cfg.objective.num_tokens)
             if self.sigma.numel() and not bool((self.sigma > 0).all()):
                 raise ValueError("total_noise must be > 0 (the loss has 1/(e^sigma - 1) terms); sample t > 0")
         self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         self.hidden = hidden.reshape(-1, hidden.shape[-1])
-        self.tok = _token_terms(cfg, self.x_t, self.x_0, self.sigma, self.vocab_start, self.n_local, self.acc)
+        self.tok = cfg.objective.select(self.x_t, self.x_0, self.sigma, self.vocab_start, self.n_local, self.acc)
 
     def per_token(self, partial: Tensor) -> Tensor:
         """Scatter the active tokens' losses into a (*tokens) tensor (zeros elsewhere)."""
@@ -411,7 +245,7 @@ class _PerTokenScoreEntropy(torch.autograd.Function):
     """Per-token loss; backward recomputes each chunk's logits (4 projections in all, memory O(chunk))."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, c: _Context, cfg: ScoreEntropyHeadConfig):
+    def forward(ctx, hidden, weight, bias, c: _Context, cfg: HeadLossConfig):
         partial, _ = _forward_chunks(c.hidden, weight, bias, c.tok, cfg, c.n_local, c.acc)
         _all_reduce(partial, c.group)
         ctx.save_for_backward(hidden, weight, bias)
@@ -436,7 +270,7 @@ class _WeightedScoreEntropy(torch.autograd.Function):
     """sum_t w_t loss_t with the gradients formed in the forward pass (3 projections); backward only scales."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, token_weight: Tensor, c: _Context, cfg: ScoreEntropyHeadConfig):
+    def forward(ctx, hidden, weight, bias, token_weight: Tensor, c: _Context, cfg: HeadLossConfig):
         scale = token_weight.reshape(-1).to(c.acc)
         if c.tok.rows is not None:
             scale = scale[c.tok.rows]
@@ -464,7 +298,7 @@ class _WeightedScoreEntropy(torch.autograd.Function):
 
 
 def score_entropy_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, x_t: Tensor, x_0: Tensor,
-                       total_noise: Tensor, cfg: ScoreEntropyHeadConfig, *, vocab_start: int | None = None,
+                       total_noise: Tensor, cfg: HeadLossConfig, *, vocab_start: int | None = None,
                        tp_group: dist.ProcessGroup | None = None, check_inputs: bool = True) -> Tensor:
     """Per-token score entropy (no rate weight), shape of x_t, from hidden (*x_t.shape, H) and this rank's head shard.
 
@@ -478,7 +312,7 @@ def score_entropy_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, x_t:
 
 
 def weighted_score_entropy_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, x_t: Tensor, x_0: Tensor,
-                                total_noise: Tensor, token_weight: Tensor, cfg: ScoreEntropyHeadConfig, *,
+                                total_noise: Tensor, token_weight: Tensor, cfg: HeadLossConfig, *,
                                 vocab_start: int | None = None, tp_group: dist.ProcessGroup | None = None,
                                 check_inputs: bool = True) -> tuple[Tensor, Tensor]:
     """(sum_t token_weight_t * loss_t, per-token loss detached): the training objective in one pass.

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from sedd_scale import compat  # noqa: F401  (before megatron.core)
 from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
-from sedd_scale import accelerators, parallel  # noqa: E402
+from sedd_scale import accelerators  # noqa: E402
+from sedd_scale.distributed import parallel  # noqa: E402
 from sedd_scale.compiled import Region, check_compiler  # noqa: E402
 from sedd_scale.diffusion.parametrization import to_log_score  # noqa: E402
 from sedd_scale.model import rotary  # noqa: E402
@@ -278,8 +279,8 @@ class OutputLayer(nn.Module):
 class SEDD(nn.Module):
     """The whole network on one pipeline stage: (indices, total noise) -> vocab-sharded log-scores.
 
-    Needs megatron's parallel groups (`sedd_scale.parallel.init_parallel`); seed it first
-    (`init_parallel(..., seed=s)`) so replicated weights agree across TP ranks. Parameters are
+    Needs megatron's parallel groups (`sedd_scale.distributed.parallel.init_model_parallel`); seed it first
+    (`init_model_parallel(..., seed=s)`) so replicated weights agree across TP ranks. Parameters are
     created on `device` (default: CUDA when available; the TP layers on CUDA land on
     `torch.cuda.current_device()`).
     """

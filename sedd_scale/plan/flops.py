@@ -1,9 +1,9 @@
 """Model FLOPs per trained token (what MFU is measured against) and the share of positions the head projects."""
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
+from sedd_scale.diffusion.noise import masked_fraction
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
 
 if TYPE_CHECKING:
@@ -37,16 +37,8 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, head_fraction: floa
 
 
 def projected_fraction(recipe: "Recipe") -> float:
-    """Expected fraction of tokens the loss projects: the masked ones for absorb (t ~ U[sampling_eps, 1]),
-    all of them for uniform."""
+    """Expected fraction of tokens the loss projects: the masked ones for absorb (t ~ U[sampling_eps, 1], any
+    schedule: `diffusion.noise.masked_fraction`), all of them for uniform."""
     if recipe.model.graph != "absorb":
         return 1.0
-    d = recipe.diffusion
-    s = d.sampling_eps
-    if d.noise == "loglinear":  # P(masked | t) = (1 - eps) t
-        return (1.0 - d.noise_eps) * (1.0 + s) / 2.0
-    lo, hi = math.log(d.sigma_min), math.log(d.sigma_max)  # P(masked | t) = 1 - exp(-sigma_bar(t))
-    n = 4096  # Simpson's rule; the integrand is smooth, error < 1e-9
-    xs = [s + (1.0 - s) * i / n for i in range(n + 1)]
-    ys = [1.0 - math.exp(-math.exp(lo + x * (hi - lo))) for x in xs]
-    return (ys[0] + ys[-1] + 4 * sum(ys[1:-1:2]) + 2 * sum(ys[2:-1:2])) / (3 * n)
+    return masked_fraction(recipe.diffusion.schedule(), recipe.diffusion.sampling_eps)

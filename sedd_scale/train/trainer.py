@@ -34,23 +34,24 @@ from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 
-from sedd_scale import engine as ds_engine  # noqa: E402
-from sedd_scale import parallel  # noqa: E402
+from sedd_scale.distributed import engine as ds_engine  # noqa: E402
+from sedd_scale.distributed import parallel  # noqa: E402
 from sedd_scale.checkpoint.files import SnapshotIO, to_host  # noqa: E402
 from sedd_scale.checkpoint.saver import Saver  # noqa: E402
 from sedd_scale.checkpoint.sharded import (ANY_LAYOUT, CheckpointDir, CheckpointError, check_layout,  # noqa: E402
                                            read_meta, step_of)
 from sedd_scale.config import Layout, Recipe, to_dict  # noqa: E402
-from sedd_scale.diffusion import ElboEstimate, get_graph, get_noise, sample  # noqa: E402
-from sedd_scale.evaluation import evaluate  # noqa: E402
-from sedd_scale.ema import EMA  # noqa: E402
-from sedd_scale.generation import unigram_entropy  # noqa: E402
+from sedd_scale.diffusion import ElboEstimate, get_graph, sample  # noqa: E402
+from sedd_scale.diffusion.evaluation import evaluate  # noqa: E402
+from sedd_scale.train.ema import EMA  # noqa: E402
+from sedd_scale.apps.generation import unigram_entropy  # noqa: E402
 from sedd_scale.loss.vocab_parallel import check_token_ids  # noqa: E402
-from sedd_scale.flops import projected_fraction, training_flops_per_token  # noqa: E402
-from sedd_scale.metrics import IntervalStats, Metrics, NoiseBandLoss  # noqa: E402
-from sedd_scale.model import SEDD, ModelConfig  # noqa: E402
-from sedd_scale.noising import NoisedBatch, global_row_offset, noise_batch  # noqa: E402
-from sedd_scale.pipeline import SEDDTrainModule, build_pipeline, head_loss_config  # noqa: E402
+from sedd_scale.plan.flops import projected_fraction, training_flops_per_token  # noqa: E402
+from sedd_scale.train.metrics import IntervalStats, Metrics, NoiseBandLoss  # noqa: E402
+from sedd_scale.model import ModelConfig  # noqa: E402
+from sedd_scale.train.noising import NoisedBatch, noise_batch  # noqa: E402
+from sedd_scale.distributed.pipeline import head_loss_config  # noqa: E402
+from sedd_scale.distributed.runner import build_runner  # noqa: E402
 
 
 @dataclass
@@ -126,17 +127,13 @@ class Trainer:
         self.device = parallel.local_device()
         self.rank = dist.get_rank()
         self.dp_rank = ps.get_data_parallel_rank()
-        self.is_pipe = layout.pp > 1
         self.model_cfg: ModelConfig = recipe.model
         self.graph = get_graph(self.model_cfg.graph, num_tokens=self.model_cfg.num_tokens)
-        self.noise = get_noise(recipe.diffusion.noise, **recipe.diffusion.noise_kwargs())
+        self.noise = recipe.diffusion.schedule()
         parallel.seed_parallel(recipe.train.seed)
-        loss_cfg = head_loss_config(self.model_cfg)
-        if self.is_pipe:
-            module = build_pipeline(self.model_cfg, topology, loss_cfg, self.device)
-        else:
-            module = SEDDTrainModule(SEDD(self.model_cfg, self.device), loss_cfg)
-        self.engine = ds_engine.build_engine(module, recipe, layout)
+        loss_cfg = head_loss_config(self.model_cfg, recipe.diffusion.objective)
+        self.runner = build_runner(self.model_cfg, recipe, layout, topology, loss_cfg, self.device)
+        self.engine = self.runner.engine
         self.io = self.engine.checkpoint_engine = SnapshotIO()
         self.ema = EMA(self._local_params(), recipe.train.ema, dp_rank=self.dp_rank, dp_size=layout.dp,
                        group=ps.get_data_parallel_group())
@@ -280,7 +277,7 @@ class Trainer:
     def _noised(self, x0: torch.Tensor, step: int, micro: int) -> NoisedBatch:
         lay, d = self.layout, self.recipe.diffusion
         return noise_batch(x0.to(self.device), self.graph, self.noise, seed=self.recipe.train.seed, step=step,
-                           row_offset=global_row_offset(micro, self.dp_rank, lay.micro_batch, lay.dp),
+                           row_offset=lay.row_offset(micro, self.dp_rank),
                            global_rows=lay.global_batch, sampling_eps=d.sampling_eps, stratified=d.stratified)
 
     def _next_batch(self) -> torch.Tensor:
@@ -292,33 +289,19 @@ class Trainer:
                         self.model_cfg.num_tokens)
         return batch
 
-    def _pipe_micro_batches(self, step: int) -> Iterator:
+    def _micro_batches(self, step: int) -> Iterator:
         for micro in range(self.layout.grad_accum):
             nb = self._noised(self._next_batch(), step, micro)
-            yield (nb.x_t, nb.total_noise), (nb.x0, nb.x_t, nb.total_noise, nb.rate)
+            yield nb.x0, nb.x_t, nb.total_noise, nb.rate
 
     def train_step(self, bands: NoiseBandLoss | None = None) -> float:
         """One optimizer step; returns the global mean loss per token. `bands` collects the per-sequence losses
         by noise level (on the device) when the update is applied."""
         self.engine.train()
-        if self.is_pipe:
-            loss = self.engine.train_batch(data_iter=self._pipe_micro_batches(self.step)).detach().float()
-            records = self.engine.module.loss_fn.records
-        else:
-            losses = []
-            for micro in range(self.layout.grad_accum):
-                nb = self._noised(self._next_batch(), self.step, micro)
-                loss = self.engine(nb.x0, nb.x_t, nb.total_noise, nb.rate)
-                self.engine.backward(loss)
-                self.engine.step()
-                losses.append(loss.detach().float())
-            loss = torch.stack(losses).mean()
-            dist.all_reduce(loss, group=ps.get_data_parallel_group())
-            loss = loss / self.layout.dp
-            records = self.engine.module.records
+        loss = self.runner.train_batch(self._micro_batches(self.step))
         # Skipped by our optimizer (ZeRO-0) or by DeepSpeed's ZeRO/bf16 wrapper: the engine knows either way.
         self.base_optimizer().record(self.engine.was_step_applied())
-        kept = records.take()  # (total noise, per-sequence loss) per micro-batch; none off the last stage
+        kept = self.runner.records.take()  # (total noise, per-sequence loss) per micro-batch; none off the last stage
         if not self.base_optimizer().last_skipped:
             self.ema.update(self._local_params())
             if bands is not None and ps.get_tensor_model_parallel_rank() == 0:  # TP ranks hold the same losses
@@ -332,27 +315,14 @@ class Trainer:
     @torch.no_grad()
     def eval_loss(self, x0: torch.Tensor, x_t: torch.Tensor, total_noise: torch.Tensor, rate: torch.Tensor) -> float:
         """Mean over the micro-batch of rate * sum_i score entropy through this layout (the same value on every rank)."""
-        if not self.is_pipe:
-            return float(self.engine.module(x0, x_t, total_noise, rate))
-        # Stages cache the shapes they exchange; evaluation batches may differ from training's.
-        self.engine.reset_activation_shape()
-        batch = iter([((x_t, total_noise), (x0, x_t, total_noise, rate))])
-        # No reduction: the engine would average over DP ranks, which evaluate different batches.
-        out = self.engine.eval_batch(batch, num_micro_batches=1, reduce_output=None, bcast_loss=False)
-        self.engine.reset_activation_shape()
-        value = torch.zeros(1, dtype=torch.float64, device=self.device)
-        if self.engine.is_last_stage():
-            value[0] = float(out[0])
-        group = ps.get_pipeline_model_parallel_group()
-        dist.broadcast(value, src=dist.get_process_group_ranks(group)[-1], group=group)
-        return float(value)
+        return self.runner.eval_loss(x0, x_t, total_noise, rate)
 
     @torch.no_grad()
     def validate(self, batches: Iterable, draws: int, *, antithetic: bool = True, seed: int | None = None,
                  ema: bool = True, progress=None) -> ElboEstimate:
         """The ELBO over `batches` (.tokens, .valid, .index: `EvalLoader`'s) with EMA (or raw) weights.
 
-        `sedd_scale.evaluation.evaluate` through the training engine, so TP/PP layouts never gather
+        `sedd_scale.diffusion.evaluation.evaluate` through the training engine, so TP/PP layouts never gather
         the vocabulary; DP ranks evaluate their own batches and the result is independent of DP.
         """
         self.engine.eval()
@@ -362,39 +332,11 @@ class Trainer:
                             seed=seed, device=self.device, dp_group=ps.get_data_parallel_group(), progress=progress)
 
     @torch.no_grad()
-    def _pipe_log_scores(self, x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary log-scores through the pipeline, made on the last stage and sent to every stage."""
-        total = total.float()
-        self.engine.reset_activation_shape()
-        # The engine also evaluates the loss (its running total breaks without one); the labels are
-        # placeholders of the right kinds and the value is discarded.
-        batch = iter([((x, total), (torch.zeros_like(x), x, total, torch.ones_like(total)))])
-        _, features = self.engine.eval_batch(batch, return_logits=True, bcast_loss=False, num_micro_batches=1)
-        self.engine.reset_activation_shape()
-        group = ps.get_pipeline_model_parallel_group()
-        stage = self.engine.module.loss_fn.output_stage
-        if stage is not None:  # the last stage
-            out = parallel.gather_tp(stage.log_score(stage.linear(features)[0], x, total))
-        else:
-            out = torch.empty(*x.shape, self.model_cfg.padded_vocab(self.layout.tp), device=self.device)
-        dist.broadcast(out, src=dist.get_process_group_ranks(group)[-1], group=group)
-        return out
-
-    @torch.no_grad()
     def samples(self, count: int, steps: int) -> torch.Tensor:
         """A few unconditional samples with EMA weights (analytic sampler), the same on every rank."""
-        if self.is_pipe:
-            log_score = self._pipe_log_scores
-        else:
-            model: SEDD = self.engine.module.model
-            model.eval()
-
-            def log_score(x, total):
-                return parallel.gather_tp(model(x, total.float()))
-
         gen = torch.Generator(device=self.device).manual_seed(self.recipe.train.seed + self.step)
         with self.ema.applied(self._local_params()):
-            return sample(log_score, self.graph, self.noise, (count, self.recipe.data.seq_len), steps=steps,
+            return sample(self.runner.log_scores, self.graph, self.noise, (count, self.recipe.data.seq_len), steps=steps,
                           predictor="analytic", device=self.device, generator=gen)
 
     # -- the loop ------------------------------------------------------------------------------

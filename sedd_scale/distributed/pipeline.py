@@ -14,22 +14,22 @@ from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
 from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
 
-from sedd_scale.loss import ScoreEntropyHeadConfig, weighted_score_entropy_head  # noqa: E402
+from sedd_scale.loss import HeadLossConfig, weighted_score_entropy_head  # noqa: E402
 from sedd_scale.model import SEDD, Block, InputLayer, ModelConfig, OutputLayer  # noqa: E402
 from sedd_scale.model.transformer import megatron_config  # noqa: E402
 
 
-def head_loss_config(model: ModelConfig, chunk_size: int = 1024) -> ScoreEntropyHeadConfig:
-    """The fused loss settings that match a model (bf16-mixed: bf16 GEMM operands, fp32 accumulation; model.compile:
-    the chunks' elementwise work compiled too)."""
-    return ScoreEntropyHeadConfig(graph=model.graph, num_tokens=model.num_tokens,
-                                  scale_by_sigma=model.scale_by_sigma, chunk_size=chunk_size,
-                                  gemm_dtype=torch.bfloat16 if model.precision == "bf16-mixed" else None,
-                                  compile=model.compile)
+def head_loss_config(model: ModelConfig, objective: str = "score_entropy", chunk_size: int = 1024) -> HeadLossConfig:
+    """The fused loss settings that match a model and the recipe's objective (bf16-mixed: bf16 GEMM operands, fp32
+    accumulation; model.compile: the chunks' elementwise work compiled too)."""
+    return HeadLossConfig.for_graph(model.graph, model.num_tokens, objective=objective,
+                                    scale_by_sigma=model.scale_by_sigma, chunk_size=chunk_size,
+                                    gemm_dtype=torch.bfloat16 if model.precision == "bf16-mixed" else None,
+                                    compile=model.compile)
 
 
 def head_loss(output_layer: OutputLayer, features: Tensor, x0: Tensor, x_t: Tensor, total_noise: Tensor,
-              rate: Tensor, cfg: ScoreEntropyHeadConfig) -> tuple[Tensor, Tensor]:
+              rate: Tensor, cfg: HeadLossConfig) -> tuple[Tensor, Tensor]:
     """(mean over the micro-batch of sum_i rate * score_entropy_i, the per-sequence losses detached).
 
     The inputs are valid by construction (the trainer checks the loader's ids; noising yields x_t and
@@ -62,7 +62,7 @@ class LossRecords:
 class SEDDTrainModule(nn.Module):
     """PP = 1: (x0, x_t, total_noise, rate) -> the micro-batch loss through the fused head."""
 
-    def __init__(self, model: SEDD, loss_cfg: ScoreEntropyHeadConfig):
+    def __init__(self, model: SEDD, loss_cfg: HeadLossConfig):
         super().__init__()
         self.model, self.loss_cfg = model, loss_cfg
         self.records = LossRecords()
@@ -102,7 +102,7 @@ class OutputStage(OutputLayer):
 class HeadLoss:
     """DeepSpeed pipeline loss_fn: needs the last stage's OutputStage, bound after construction."""
 
-    def __init__(self, cfg: ScoreEntropyHeadConfig):
+    def __init__(self, cfg: HeadLossConfig):
         self.cfg, self.output_stage = cfg, None
         self.records = LossRecords()
 
@@ -122,7 +122,7 @@ class HeadLoss:
         return loss
 
 
-def build_pipeline(model: ModelConfig, topology: PipeModelDataParallelTopology, loss_cfg: ScoreEntropyHeadConfig,
+def build_pipeline(model: ModelConfig, topology: PipeModelDataParallelTopology, loss_cfg: HeadLossConfig,
                    device) -> PipelineModule:
     """A PipelineModule over `topology`'s pipe axis; blocks are balanced across stages."""
     mcfg = megatron_config(model, device)

@@ -1,6 +1,6 @@
 """Measured tensor memory of real training steps: the oracle the layout planner is checked against.
 
-`measure(recipe)` runs in each rank of a launched world (`sedd_scale.spawn.launch` on CPU): it
+`measure(recipe)` runs in each rank of a launched world (`sedd_scale.testing.spawn.launch` on CPU): it
 builds the real `Trainer` (DeepSpeed engine, megatron-core layers, fused loss, sharded EMA) on
 synthetic tokens inside a `LiveTensorMemory` context, so every tensor the run creates is counted,
 runs one warm-up step (the optimizer creates its state lazily), then `steps` more, and reports:
@@ -49,7 +49,7 @@ def measure_cases(cases: dict[str, tuple[dict, dict]], world: int, reduce_bucket
             for name, (model, parallel) in cases.items()}
 
 
-class SyntheticTokens:
+class RandomTokens:
     """This rank's micro-batches of uniform random tokens, a function of (seed, count, DP rank)."""
 
     def __init__(self, num_tokens: int, micro_batch: int, seq_len: int, dp_rank: int, seed: int = 0):
@@ -73,7 +73,7 @@ class SyntheticTokens:
 
 def _with_bucket(reduce_bucket_size: int | None):
     """Make engine.deepspeed_config use `reduce_bucket_size` (None: DeepSpeed's default)."""
-    from sedd_scale import engine
+    from sedd_scale.distributed import engine
 
     original = engine.deepspeed_config
     if reduce_bucket_size is None:
@@ -108,11 +108,11 @@ def _phase_hooks(engine, mem, phases: dict[str, int]) -> None:
 def measure(recipe_data: dict, steps: int = 2, reduce_bucket_size: int | None = None) -> dict[str, Any]:
     """On each rank of a launched world: train `steps` measured steps of `recipe_data` (a raw recipe mapping;
     its checkpoint.dir is replaced by a temporary one) and return this rank's bytes (see the module docstring)."""
-    from sedd_scale import engine
-    from sedd_scale import parallel
+    from sedd_scale.distributed import engine
+    from sedd_scale.distributed import parallel
     from sedd_scale.config import Recipe, from_dict
-    from sedd_scale.tensor_memory import LiveTensorMemory
-    from sedd_scale.trainer import Trainer
+    from sedd_scale.testing.tensor_memory import LiveTensorMemory
+    from sedd_scale.train.trainer import Trainer
     from megatron.core import parallel_state as ps
 
     original = _with_bucket(reduce_bucket_size)
@@ -123,7 +123,7 @@ def measure(recipe_data: dict, steps: int = 2, reduce_bucket_size: int | None = 
             recipe = from_dict(Recipe, data)
             layout, topology = engine.setup(recipe)
             with LiveTensorMemory() as mem:
-                loader = SyntheticTokens(recipe.model.num_tokens, layout.micro_batch, recipe.data.seq_len,
+                loader = RandomTokens(recipe.model.num_tokens, layout.micro_batch, recipe.data.seq_len,
                                          ps.get_data_parallel_rank(), recipe.train.seed)
                 with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints memory reports while building
                     trainer = Trainer(recipe, layout, topology, loader=loader)

@@ -44,7 +44,7 @@ def launch(fn: Callable, world_size: int, *args, timeout: float = 600.0, group_t
     """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    from sedd_scale.parallel import free_port  # here: workers importing this module skip megatron
+    from sedd_scale.distributed.parallel import free_port  # here: workers importing this module skip megatron
 
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, group_timeout_s, threads),

@@ -5,7 +5,7 @@
 * `checkpoint.resume: false` in a directory with checkpoints is refused unless
   `checkpoint.start_over: true` says to discard them (`start_over`, done by rank 0 under the run lock).
 
-`python -m sedd_scale.run_dir RECIPE --world-size N [--set k=v ...]` is the launcher's pre-flight:
+`python -m sedd_scale.train.run_dir RECIPE --world-size N [--set k=v ...]` is the launcher's pre-flight:
 it prints the layout and what a resume would change, or the reason the run cannot start (exit 2).
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 
 from sedd_scale.checkpoint.sharded import LATEST, CheckpointDir, CheckpointError, read_meta
 from sedd_scale.config import Recipe, RecipeError, add_recipe_args, from_dict, load_recipe, overrides_from_args, to_dict
-from sedd_scale.recipe_changes import Change, ResumeRefused, check_resume
+from sedd_scale.config.changes import Change, ResumeRefused, check_resume
 
 
 @dataclass
-class Plan:
+class RunStart:
     """How the run starts: from `latest` (None: from scratch), applying `changes` to the saved recipe."""
 
     latest: Path | None
@@ -41,7 +41,7 @@ def _has_checkpoints(ckpts: CheckpointDir) -> bool:
     return (ckpts.root / LATEST).exists() or bool(ckpts.steps())
 
 
-def plan(recipe: Recipe, world_size: int) -> Plan:
+def check_start(recipe: Recipe, world_size: int) -> RunStart:
     """The start of a run of `recipe` on `world_size` ranks; RecipeError / ResumeRefused / CheckpointError when
     it must not start (nothing is touched either way)."""
     layout = recipe.layout(world_size)
@@ -51,13 +51,13 @@ def plan(recipe: Recipe, world_size: int) -> Plan:
             raise RecipeError(f"checkpoint.resume is false but {ckpts.root} holds checkpoints of a run: resume it "
                               "(checkpoint.resume=true), choose a new checkpoint.dir, or set "
                               "checkpoint.start_over=true to delete them and start again")
-        return Plan(None, [], start_over=_has_checkpoints(ckpts))
+        return RunStart(None, [], start_over=_has_checkpoints(ckpts))
     latest = ckpts.latest()
     if latest is None:
         if ckpts.steps():
             raise CheckpointError(f"{ckpts.root} holds step folders but no `latest` pointer: write the name of the "
                                   f"one to resume into {ckpts.root / LATEST} (e.g. {ckpts.steps()[-1].name})")
-        return Plan(None, [])
+        return RunStart(None, [])
     meta = read_meta(latest)
     try:
         saved = from_dict(Recipe, meta["recipe"])
@@ -67,7 +67,7 @@ def plan(recipe: Recipe, world_size: int) -> Plan:
     here = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero_stage": layout.zero_stage}
     changes = check_resume(to_dict(saved), to_dict(recipe), meta["layout"], here, checkpoint=str(latest),
                            run_dir=str(ckpts.root))
-    return Plan(latest, changes)
+    return RunStart(latest, changes)
 
 
 def start_over(root: str | Path) -> list[Path]:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, overrides_from_args(args))
         layout = recipe.layout(args.world_size)
-        start = plan(recipe, args.world_size)
+        start = check_start(recipe, args.world_size)
     except (RecipeError, ResumeRefused, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

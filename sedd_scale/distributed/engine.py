@@ -8,7 +8,7 @@ coincide: rank = tp_rank + TP * (dp_rank + DP * pp_rank) in megatron's default o
 * PP = 1: the model is an ordinary module, `deepspeed.initialize(mpu=MegatronMPU())`, so ZeRO
   shards over megatron's data-parallel group and the clipping norm sums over TP shards.
   Without an mpu DeepSpeed treats every rank as data-parallel and is silently wrong.
-* PP > 1: the model is a DeepSpeed `PipelineModule` built on `init_parallel`'s topology; its
+* PP > 1: the model is a DeepSpeed `PipelineModule` built on `init_layout`'s topology; its
   engine takes no mpu (it derives one from the topology) and supports ZeRO-1 only.
 """
 from __future__ import annotations
@@ -28,9 +28,10 @@ from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state as ps
 
-from sedd_scale import accelerators, parallel
+from sedd_scale import accelerators
+from sedd_scale.distributed import parallel
 from sedd_scale.config import Layout, OptimConfig, Recipe
-from sedd_scale.optim import SkipGuard, guarded
+from sedd_scale.train.optim import SkipGuard, guarded
 
 
 def env_world_size() -> int:
@@ -38,7 +39,7 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+def init_world(timeout_s: float = 600.0) -> tuple[int, int]:
     """Join (or create, for a plain single process) the default process group and attach DeepSpeed's
     communication layer to it; returns (rank, world size)."""
     if "RANK" not in os.environ:  # `python -m sedd_scale.train` without a launcher: a world of one
@@ -49,7 +50,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
         torch.cuda.set_device(parallel.local_device())
         enable_tf32()
     # A timeout turns a hang (mismatched collectives, a dead rank) into an error.
-    parallel.init_distributed(parallel.default_backend(), timeout_s=timeout_s)
+    parallel.join_process_group(parallel.default_backend(), timeout_s=timeout_s)
     # DeepSpeed's comm layer (used by PipelineModule before any engine exists) wraps the same group.
     deepspeed.init_distributed(dist_backend=parallel.default_backend(), auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
@@ -67,13 +68,13 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def init_parallel(layout: Layout) -> PipeModelDataParallelTopology:
+def init_layout(layout: Layout) -> PipeModelDataParallelTopology:
     """Initialise megatron's TP/PP/DP groups for `layout`, check them against DeepSpeed's topology, return it."""
     if not dist.is_initialized():
-        raise RuntimeError("init_parallel needs the default process group: call init_distributed() first")
+        raise RuntimeError("init_layout needs the default process group: call init_world() first")
     if dist.get_world_size() != layout.world_size:
         raise RuntimeError(f"layout is for {layout.world_size} ranks but {dist.get_world_size()} were launched")
-    parallel.init_parallel(layout.tp, layout.pp)
+    parallel.init_model_parallel(layout.tp, layout.pp)
     topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
     check_topology(topology)
     return topology
@@ -170,7 +171,7 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, layout: Layout, total_s
     is_pipe = isinstance(model, PipelineModule)
     if layout.pp > 1 and not is_pipe:
         raise ValueError(f"pp={layout.pp} needs the model as a deepspeed.pipe.PipelineModule built on "
-                         "init_parallel()'s topology")
+                         "init_layout()'s topology")
     if is_pipe and model.topology().get_dim("pipe") != layout.pp:
         raise ValueError(f"the PipelineModule has {model.topology().get_dim('pipe')} stages, the layout pp={layout.pp}")
     # DeepSpeed keeps the last engine's mpu in a module global; a stale one breaks the next engine.
@@ -216,8 +217,8 @@ def _guard_by_grad_norm(engine, optimizer: SkipGuard) -> None:
 def setup(recipe: Recipe, timeout_s: float = 600.0) -> tuple[Layout, PipeModelDataParallelTopology]:
     """Resolve the layout for the launched world size (refusing impossible ones first), then build all groups."""
     layout = recipe.layout(env_world_size())  # raises before any process group exists
-    init_distributed(timeout_s)
-    return layout, init_parallel(layout)
+    init_world(timeout_s)
+    return layout, init_layout(layout)
 
 
 def describe_rank() -> str:

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .diffusion.graph import Graph
-from .diffusion.loss import sample_times
-from .diffusion.noise import Noise
+from sedd_scale.diffusion.graph import Graph
+from sedd_scale.diffusion.noise import Noise, sample_times
 
 
 @dataclass
@@ -27,11 +26,6 @@ class NoisedBatch:
     x_t: Tensor
     total_noise: Tensor
     rate: Tensor
-
-
-def global_row_offset(micro: int, dp_rank: int, micro_batch: int, dp: int) -> int:
-    """First row, in the step's global batch, of micro-batch `micro` on data-parallel rank `dp_rank`."""
-    return micro * micro_batch * dp + dp_rank * micro_batch
 
 
 def noise_batch(x0: Tensor, graph: Graph, noise: Noise, *, seed: int, step: int, row_offset: int,

@@ -53,6 +53,7 @@ REFUSED: dict[str, str] = {
     "model.precision": "the precision of the weights and the optimizer state",
     **{f"diffusion.{k}": "the noise process" for k in ("noise", "noise_eps", "sigma_min", "sigma_max",
                                                        "sampling_eps", "stratified")},
+    "diffusion.objective": "the training objective",
     "data.tokenizer": "the tokenizer",
     **{f"data.{k}": "the data stream" for k in ("manifests", "weights", "seq_len", "skip_corrupt")},
     "parallel.global_batch": "the data stream (step j reads global sequences [j*G, (j+1)*G))",

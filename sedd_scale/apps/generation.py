@@ -66,7 +66,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
         raise GenerationError(f"cannot read {str(path)!r}: {e}") from e
 
 
-def check_layout(world_size: int, tp: int, n_heads: int | None = None) -> None:
+def check_tp(world_size: int, tp: int, n_heads: int | None = None) -> None:
     """Raise GenerationError unless `tp` divides the world size (and the model's heads, when known)."""
     if tp < 1 or world_size % tp:
         raise GenerationError(f"--tp {tp} does not divide the world size {world_size}: launch a multiple of {tp} "
@@ -217,7 +217,7 @@ def batch_seed(seed: int, batch: int) -> int:
 
 def model_log_score_fn(model) -> Callable[[Tensor, Tensor], Tensor]:
     """The full-vocabulary log-score function of a (TP-sharded) SEDD: its shards gathered on every TP rank."""
-    from sedd_scale import parallel
+    from sedd_scale.distributed import parallel
 
     def log_score(x: Tensor, total: Tensor) -> Tensor:
         return parallel.gather_tp(model(x, total.float()))

@@ -19,8 +19,8 @@ from sedd_scale.config import RecipeError, add_recipe_args, load_recipe, overrid
 from sedd_scale.data.manifest import ManifestError
 from sedd_scale.data.shards import ShardError
 from sedd_scale.data.urlcache import UrlError
-from sedd_scale.recipe_changes import ResumeRefused
-from sedd_scale import run_dir
+from sedd_scale.config.changes import ResumeRefused
+from sedd_scale.train import run_dir
 
 DEFAULT_RECIPE = "recipes/cpu-tiny.yaml"
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, overrides_from_args(args))
         # The run directory and the data are checked before any process group (WORLD_SIZE as engine.setup reads it).
-        start = run_dir.plan(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+        start = run_dir.check_start(recipe, int(os.environ.get("WORLD_SIZE", "1")))
         manifest = Path(recipe.data.manifests[0])
         if not manifest.exists() and not recipe.data.prepare:
             raise RecipeError(f"data.manifests[0] = {manifest} does not exist: prepare it with tools/prepare_data.py "
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from sedd_scale import engine  # heavy imports (megatron, deepspeed) only once the recipe is valid
+    from sedd_scale.distributed import engine  # heavy imports (megatron, deepspeed) only once the recipe is valid
 
     layout, topology = engine.setup(recipe)
     import torch.distributed as dist
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def take_run_dir(recipe, start: run_dir.Plan):
+def take_run_dir(recipe, start: run_dir.RunStart):
     """Rank 0 locks the run directory for the run (refusing a busy one on every rank), discards the old
     checkpoints when starting over, and removes leftovers of crashed saves."""
     import torch.distributed as dist
@@ -129,7 +129,7 @@ def prepare_missing_data(recipe) -> None:
         raise ManifestError(failure[0])
 
 
-def run(recipe, layout, topology, start: run_dir.Plan | None = None):
+def run(recipe, layout, topology, start: run_dir.RunStart | None = None):
     """Data, trainer, resume, train, and a final report (validation bound, samples) on rank 0."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -137,8 +137,8 @@ def run(recipe, layout, topology, start: run_dir.Plan | None = None):
     from sedd_scale.data.checked import check_split
     from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader, check_sources
     from sedd_scale.data.tokenizer import get_tokenizer
-    from sedd_scale.metrics import Metrics
-    from sedd_scale.trainer import Trainer
+    from sedd_scale.train.metrics import Metrics
+    from sedd_scale.train.trainer import Trainer
 
     prepare_missing_data(recipe)
     d, dp_rank = recipe.data, ps.get_data_parallel_rank()

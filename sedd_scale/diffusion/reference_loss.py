@@ -1,4 +1,6 @@
-"""The training objective: sigma-weighted denoising score entropy summed over positions (sedd-math 2.2)."""
+"""The unfused reference objective: sigma-weighted denoising score entropy summed over positions (sedd-math 2.2),
+from full-vocabulary log-scores. Training uses the fused vocab-parallel head (`sedd_scale/loss/`); the tests
+use this one as its oracle."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .graph import Graph
-from .noise import Noise
+from .noise import Noise, sample_times
 
 LogScoreFn = Callable[[Tensor, Tensor], Tensor]
 """(x_t (B, L), total_noise (B,)) -> log-scores (B, L, >= graph.dim); entries past graph.dim are padding."""
@@ -21,16 +23,6 @@ class LossOutput:
     loss: Tensor
     per_sequence: Tensor
     per_token: Tensor
-
-
-def sample_times(batch: int, *, eps: float, stratified: bool = False, device=None,
-                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None) -> Tensor:
-    """t in [eps, 1]: i.i.d. uniform, or stratified (one draw in each of `batch` equal strata, shuffled)."""
-    u = torch.rand(batch, device=device, dtype=dtype, generator=generator)
-    if stratified:
-        perm = torch.randperm(batch, device=device, generator=generator).to(dtype)
-        u = (perm + u) / batch
-    return eps + (1.0 - eps) * u
 
 
 def score_entropy_loss(log_score_fn: LogScoreFn, graph: Graph, noise: Noise, x0: Tensor, *,

@@ -1,19 +1,18 @@
 """Random token batches laid out like the training loader's global stream (tests and benchmarks).
 
 Each step's global batch is drawn from (seed, step) and a rank's micro-batches hold its rows of it
-(`noising.global_row_offset`), so every layout trains on the same rows; the state is the position
+(`sedd_scale.layout.row_offset`), so every layout trains on the same rows; the state is the position
 in that stream, the same on every rank and layout at a step boundary.
 """
 from __future__ import annotations
 
 import torch
 
-from sedd_scale.noising import global_row_offset
 
 
 class SyntheticTokens:
     """Each step's global batch drawn from (seed, step); a rank's micro-batches hold its rows of it
-    (the row convention of `noising.global_row_offset`), so every layout trains on the same rows."""
+    (the row convention of `sedd_scale.layout.row_offset`), so every layout trains on the same rows."""
 
     def __init__(self, num_tokens: int, seq_len: int, layout, dp_rank: int, seed: int = 0):
         self.num_tokens, self.seq_len, self.layout, self.dp_rank, self.seed = num_tokens, seq_len, layout, dp_rank, seed
@@ -26,7 +25,7 @@ class SyntheticTokens:
             step, micro = divmod(self.count, lay.grad_accum)
             gen = torch.Generator().manual_seed(self.seed * 100_003 + step)
             full = torch.randint(0, self.num_tokens, (lay.global_batch, self.seq_len), generator=gen)
-            start = global_row_offset(micro, self.dp_rank, lay.micro_batch, lay.dp)
+            start = lay.row_offset(micro, self.dp_rank)
             self.count += 1
             yield full[start:start + lay.micro_batch]
 

@@ -1,5 +1,5 @@
 """Monitoring sinks (tensorboard scalars and texts, a JSONL file, a console progress bar), the training loss per
-noise level and the logging interval's averages (FLOP counts: `sedd_scale.flops`)."""
+noise level and the logging interval's averages (FLOP counts: `sedd_scale.plan.flops`)."""
 from __future__ import annotations
 
 import json

@@ -27,7 +27,7 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> None:
+def join_process_group(backend: str | None = None, timeout_s: float = 600.0) -> None:
     """Join the default process group: from torchrun's environment, or as a lone process when it is unset."""
     if dist.is_initialized():
         return
@@ -48,9 +48,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_parallel(tp: int = 1, pp: int = 1, *, seed: int | None = None) -> None:
+def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int | None = None) -> None:
     """Create megatron's TP/PP/DP groups (DP = world / (tp * pp)); seed the RNGs when `seed` is given."""
-    init_distributed()
+    join_process_group()
     world = dist.get_world_size()
     if tp < 1 or pp < 1 or world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}: "
@@ -59,7 +59,7 @@ def init_parallel(tp: int = 1, pp: int = 1, *, seed: int | None = None) -> None:
         have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
         if have != (tp, pp):
             raise RuntimeError(f"parallel groups already exist for tp={have[0]}, pp={have[1]}; "
-                               f"call sedd_scale.parallel.destroy_parallel() before asking for tp={tp}, pp={pp}")
+                               f"call sedd_scale.distributed.parallel.destroy_parallel() before asking for tp={tp}, pp={pp}")
     else:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if seed is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -98,8 +97,8 @@ def _check_output(out: Path) -> None:
 def build_trainer(recipe_data: dict, loader_state: dict | None = None, checkpoint_dir: str | None = None):
     """Process groups (from the launch environment) and a Trainer without data for `recipe_data`
     (checkpoints written to `checkpoint_dir`, default the recipe's)."""
-    from sedd_scale import engine
-    from sedd_scale.trainer import Trainer
+    from sedd_scale.distributed import engine
+    from sedd_scale.train.trainer import Trainer
 
     recipe = from_dict(Recipe, copy.deepcopy(recipe_data))
     layout, topology = engine.setup(recipe)
