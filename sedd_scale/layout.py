@@ -3,6 +3,7 @@ and which global rows a rank's micro-batch holds (Megatron's convention). Pure a
 recipe, the data loaders, the trainer and the planner alike, so they cannot disagree."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -23,6 +24,13 @@ def row_offset(micro: int, dp_rank: int, micro_batch: int, dp: int) -> int:
     """First global row (within a step's global batch) of DP rank `dp_rank`'s micro-batch `micro`:
     micro * micro_batch * dp + dp_rank * micro_batch (Megatron's convention; data and noise follow it)."""
     return micro * micro_batch * dp + dp_rank * micro_batch
+
+
+def shard_bounds(numel: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
+    """[start, end) of the elements of a flattened tensor of `numel` that DP rank `dp_rank` holds: ceil(n / DP) each
+    (ZeRO-3's rule; the EMA is sharded by it)."""
+    c = math.ceil(numel / dp_size)
+    return min(numel, dp_rank * c), min(numel, (dp_rank + 1) * c)
 
 
 @dataclass(frozen=True)

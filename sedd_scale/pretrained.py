@@ -53,8 +53,9 @@ def load_pretrained(path: str | Path, tp_size: int = 1, *, device: torch.device 
     (config.json + model.safetensors) or our consolidated format (tools/convert_checkpoint.py).
 
     Call it on every rank of the TP group; a lone process with tp_size=1 needs no launcher. The model
-    goes to `device` (default: this rank's GPU, LOCAL_RANK modulo the visible ones, else the CPU) in eval mode; `model(indices, total_noise)` returns this rank's vocabulary shard of
-    the log-scores (`sedd_scale.distributed.parallel.gather_tp` joins the shards). `config_overrides` as in `read_weights`.
+    goes to `device` (default: this rank's GPU, LOCAL_RANK modulo the visible ones, else the CPU) in eval mode;
+    `model(indices, total_noise)` returns this rank's vocabulary shard of the log-scores
+    (`sedd_scale.distributed.parallel.gather_tp` joins the shards). `config_overrides` as in `read_weights`.
     """
     weights = read_weights(path, **config_overrides)
     cfg, spec = weights.config, dict(weights.noise)

@@ -17,3 +17,14 @@ def tp1():
     if created:
         parallel.destroy_parallel()
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny ops: one intra-op thread avoids oversubscribing a busy machine (20x slower under load otherwise)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -76,7 +76,7 @@ def test_the_optimizer_and_layer_norm_take_the_choice(fake_apex):
     and computes what torch's path does (norm, weight, then the adaLN modulation)."""
     from sedd_scale.model import ModelConfig
     from sedd_scale.model.transformer import LayerNorm
-    from sedd_scale.train.optim import GuardedAdamW, SkipGuard, guarded
+    from sedd_scale.distributed.optim import GuardedAdamW, SkipGuard, guarded
 
     calls, fused_adam = fake_apex
     assert guarded(torch.optim.AdamW) is GuardedAdamW
@@ -95,7 +95,8 @@ def test_the_optimizer_and_layer_norm_take_the_choice(fake_apex):
     norm = LayerNorm(8, torch.float32, torch.device("cpu"), ModelConfig())
     assert norm.kernels.layer_norm == "torch"  # no CUDA here
     g = torch.Generator().manual_seed(0)
-    x, shift, scale = torch.randn(2, 5, 8, generator=g), torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
+    x = torch.randn(2, 5, 8, generator=g)
+    shift, scale = torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(8, generator=g))
     want = norm(x, shift, scale)

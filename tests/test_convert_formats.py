@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from sedd_scale.apps import convert
 from sedd_scale.checkpoint import consolidated as cons
-from sedd_scale.checkpoint.checksums import write_sums
+from sedd_scale.checksums import write_sums
 from sedd_scale.checkpoint import full_state
 from sedd_scale.checkpoint.sharded import FORMAT as TRAIN_FORMAT
 from sedd_scale.model.config import ModelConfig
@@ -38,11 +38,13 @@ def test_hub_fixture_round_trips_bitwise(tmp_path):
     ckpt = cons.open_consolidated(back)
     assert ckpt.config["weights"] == "hub" and ckpt.noise == {"type": "loglinear", "eps": 1e-3}
     convert.to_hub(back, tmp_path / "hub")
-    original, again = load_file(str(FIXTURE / "model.safetensors")), load_file(str(tmp_path / "hub" / "model.safetensors"))
+    original = load_file(str(FIXTURE / "model.safetensors"))
+    again = load_file(str(tmp_path / "hub" / "model.safetensors"))
     assert set(original) == set(again)
     for key, value in original.items():
         assert torch.equal(value.float(), again[key]), key
-    want, got = json.loads((FIXTURE / "config.json").read_text()), json.loads((tmp_path / "hub" / "config.json").read_text())
+    want = json.loads((FIXTURE / "config.json").read_text())
+    got = json.loads((tmp_path / "hub" / "config.json").read_text())
     for section in ("tokens", "graph", "model"):
         assert got[section] == want[section], section
     assert got["noise"]["type"] == want["noise"]["type"]
@@ -115,8 +117,10 @@ def test_incomplete_training_checkpoint_is_refused(tmp_path):
 
 
 def test_differences_catch_any_changed_bit():
-    a = full_state.FullState({c: {"w": torch.arange(4.0)} for c in full_state.CATEGORIES}, {"step": 3, "loader": {"s": 1}})
-    b = full_state.FullState({c: {"w": torch.arange(4.0)} for c in full_state.CATEGORIES}, {"step": 3, "loader": {"s": 1}})
+    tensors = {c: {"w": torch.arange(4.0)} for c in full_state.CATEGORIES}
+    a = full_state.FullState(tensors, {"step": 3, "loader": {"s": 1}})
+    b = full_state.FullState({c: {"w": w.clone() for w in ts.values()} for c, ts in tensors.items()},
+                             {"step": 3, "loader": {"s": 1}})
     assert full_state.differences(a, b) == []
     b.tensors["exp_avg_sq"]["w"] = torch.arange(4.0).nextafter(torch.tensor(10.0))
     b.counters["loader"] = {"s": 2}

@@ -139,15 +139,6 @@ def iid_formula_stderr(fn, graph, noise, x0, num_samples, gen):
     return total / x0.numel(), math.sqrt(variance) / x0.numel()
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: one intra-op thread avoids oversubscribing a busy machine (20x slower under load otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SEEDS = 40
 RATIO_BOUNDS = (0.6, 1.65)  # spread / stated over 40 seeds: the spread alone is known to +-11% (1 sigma)
 

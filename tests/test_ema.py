@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from sedd_scale.train.ema import EMA, shard_bounds
+from sedd_scale.layout import shard_bounds
+from sedd_scale.train.ema import EMA
 from tests.dist import launch
 
 

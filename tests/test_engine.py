@@ -11,9 +11,9 @@ norms rel 1e-5, weights abs 5e-6 (fp32 arithmetic vs float64; one Adam step move
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.megatron  # rerun under megatron-core 0.19.x by tools/test.sh
-import torch
 
 D, F, BLOCKS = 8, 16, 2  # width, hidden width (TP-split), blocks (PP-split)
 MICRO, GLOBAL, STEPS, LR, CLIP, WD = 2, 8, 2, 1e-2, 0.05, 0.1
@@ -31,7 +31,8 @@ def full_weights(i: int) -> dict[str, torch.Tensor]:
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch of optimizer step `step`: inputs and targets, (GLOBAL, D) float64."""
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(GLOBAL, D, generator=g, dtype=torch.float64), torch.randn(GLOBAL, D, generator=g, dtype=torch.float64)
+    x = torch.randn(GLOBAL, D, generator=g, dtype=torch.float64)
+    return x, torch.randn(GLOBAL, D, generator=g, dtype=torch.float64)
 
 
 def micro_batches(step: int, dp_rank: int, dp: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -165,9 +166,9 @@ def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32") -> dict:
     blocks = [m for m in eng.module.modules() if isinstance(m, Block)]
     params = [p for b in blocks for p in b.parameters()]
     with deepspeed.zero.GatheredParameters(params, enabled=zero == 3):
+        names = {"w1": ("col", "weight"), "b1": ("col", "bias"), "w2": ("row", "weight"), "b2": ("row", "bias")}
         shards = {(b.index, k): getattr(b, layer).__getattr__(attr).detach().float().clone()
-                  for b in blocks for k, (layer, attr) in
-                  {"w1": ("col", "weight"), "b1": ("col", "bias"), "w2": ("row", "weight"), "b2": ("row", "bias")}.items()}
+                  for b in blocks for k, (layer, attr) in names.items()}
     inner = eng.optimizer
     while not isinstance(inner, torch.optim.Optimizer) or hasattr(inner, "optimizer"):  # DeepSpeed's wrappers
         inner = inner.optimizer
@@ -233,7 +234,8 @@ def check_against_oracle(results: list[dict], case, ref: dict, rtol: float = 1e-
     for r in results:  # every rank reports the same (DP-averaged) loss and the global norm
         res = r[case]
         for what in ("losses", "norms"):
-            torch.testing.assert_close(torch.tensor(res[what], dtype=torch.float64), torch.tensor(ref[what], dtype=torch.float64),
+            torch.testing.assert_close(torch.tensor(res[what], dtype=torch.float64),
+                                       torch.tensor(ref[what], dtype=torch.float64),
                                        rtol=rtol, atol=0, msg=lambda m: f"{case} {what}: {m}")
     full = assemble(results, case)
     assert set(full) == set(ref["weights"]), f"{case}: gathered {sorted(full)}"
@@ -279,7 +281,8 @@ def test_two_process_layouts_match_one_process():
 
 @pytest.mark.slow
 def test_four_process_layouts_match_one_process():
-    """TP2 x PP2, PP2 x DP2, TP2 x DP2 with ZeRO-2/3 on 4 processes equal the oracle; a mis-ordered topology is caught."""
+    """TP2 x PP2, PP2 x DP2, TP2 x DP2 with ZeRO-2/3 on 4 processes equal the oracle; a mis-ordered topology is
+    caught."""
     from tests.dist import launch
 
     cases = [(2, 2, 1), (1, 2, 1), (2, 1, 2), (2, 1, 3)]
@@ -288,13 +291,14 @@ def test_four_process_layouts_match_one_process():
     for case in cases:
         check_against_oracle(results, case, ref)
         assert all(r[case]["inner_optimizer"] == "GuardedAdamW" and r[case]["skipped"] == 0 for r in results)
-    assert all("differs from DeepSpeed's 'data' axis" in r["mismatch"] for r in results), [r["mismatch"] for r in results]
+    mismatches = [r["mismatch"] for r in results]
+    assert all("differs from DeepSpeed's 'data' axis" in m for m in mismatches), mismatches
 
 
 def test_guarded_adamw_skips_on_a_non_finite_global_norm():
     """A NaN/inf norm (or DeepSpeed's -1 sentinel) makes step() a no-op flagged as `overflow`; `record` counts; without
     a norm source (under a DeepSpeed wrapper, which tests the norm itself) every step is taken."""
-    from sedd_scale.train.optim import GuardedAdamW
+    from sedd_scale.distributed.optim import GuardedAdamW
 
     w = torch.nn.Parameter(torch.ones(3))
     opt = GuardedAdamW([w], lr=0.1, fused=True)

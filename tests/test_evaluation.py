@@ -12,7 +12,7 @@ import torch
 from sedd_scale.diffusion import get_graph, get_noise, prior_kl
 from sedd_scale.diffusion.elbo import noise_draws
 from sedd_scale.diffusion.evaluation import batch_generator, evaluate
-from tests.test_diffusion_elbo import RATIO_BOUNDS, one_thread, product_case  # noqa: F401 (a fixture)
+from tests.test_diffusion_elbo import RATIO_BOUNDS, product_case
 
 ROOT = Path(__file__).resolve().parents[1]
 

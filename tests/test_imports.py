@@ -95,8 +95,8 @@ def test_the_top_level_holds_at_most_six_modules():
 
 def test_only_tests_and_benchmarks_import_the_testing_helpers():
     graph = import_graph()
-    users = sorted(m for m, targets in graph.items()
-                   if not m.startswith("sedd_scale.testing") and any(t.startswith("sedd_scale.testing") for t in targets))
+    users = sorted(m for m, targets in graph.items() if not m.startswith("sedd_scale.testing")
+                   and any(t.startswith("sedd_scale.testing") for t in targets))
     assert not users, f"package modules import test-only helpers: {users}"
 
 

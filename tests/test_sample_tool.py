@@ -21,7 +21,8 @@ import torch
 
 from sedd_scale.data.tokenizer import ByteTokenizer
 from sedd_scale.apps.generation import (CausalLMScorer, GenerationError, batch_plan, batch_seed, build_conditioning,
-                                   parse_template, perplexity_summary, unigram_entropy)
+                                   parse_template, perplexity_summary)
+from sedd_scale.diffusion.sampling import unigram_entropy
 from sedd_scale.model.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -52,7 +52,8 @@ import torch  # noqa: E402
 from sedd_scale.apps.generation import (CausalLMScorer, Conditioning, GenerationError, atomic_write,  # noqa: E402
                                    batch_plan, build_conditioning, check_tp, choose_tokenizer, collect_samples,
                                    generate_batches, model_log_score_fn, read_model_config, sample_records,
-                                   score_samples, unigram_entropy)
+                                   score_samples)
+from sedd_scale.diffusion.sampling import unigram_entropy
 from sedd_scale.model.config import ModelConfig  # noqa: E402
 
 

@@ -26,7 +26,7 @@ import torch
 
 from sedd_scale.checkpoint import consolidated as cons
 from sedd_scale.checkpoint import hub
-from sedd_scale.checkpoint.checksums import file_record
+from sedd_scale.checksums import file_record
 from sedd_scale.checkpoint.sharded import (ANY_LAYOUT, FORMAT, LATEST, CheckpointDir, atomic_write_text, read_meta,
                                            staged_dir, step_name)
 from sedd_scale.config import Recipe, RecipeError, apply_overrides, from_dict, to_dict

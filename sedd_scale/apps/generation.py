@@ -269,16 +269,6 @@ def collect_samples(local: dict[int, Tensor], num_batches: int, *, contribute: b
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
-def unigram_entropy(ids: Tensor) -> Tensor:
-    """Per-sample unigram entropy (nats, (N,) float64; SEDD/MDLM diversity): -sum_v p_v ln p_v, p_v = count(v) / L."""
-    rows = []
-    for row in ids.reshape(ids.shape[0], -1):
-        counts = torch.unique(row, return_counts=True)[1].to(torch.float64)
-        p = counts / counts.sum()
-        rows.append(-(p * p.log()).sum())
-    return torch.stack(rows) if rows else torch.zeros(0, dtype=torch.float64)
-
-
 def perplexity_summary(nll_sum: Tensor, counts: Tensor) -> dict[str, float]:
     """gen_ppl: mean over samples of exp(mean NLL) (the reference's); gen_ppl_token: exp(sum NLL / sum tokens)."""
     nll_sum, counts = nll_sum.to(torch.float64), counts.to(torch.float64)

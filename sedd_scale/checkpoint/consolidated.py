@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from sedd_scale.checkpoint.checksums import ChecksumError, verify_sums, write_sums
+from sedd_scale.checksums import ChecksumError, verify_sums, write_sums
 from sedd_scale.checkpoint.hub import hub_shapes, key_map
 from sedd_scale.checkpoint.safetensors_writer import save_tensors
 from sedd_scale.checkpoint.sharded import staged_dir

@@ -28,7 +28,7 @@ import torch
 from sedd_scale import compat  # noqa: F401  (before deepspeed)
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine  # noqa: E402
 
-from sedd_scale.checkpoint.checksums import HashingWriter  # noqa: E402
+from sedd_scale.checksums import HashingWriter  # noqa: E402
 from sedd_scale.checkpoint.sharded import CheckpointError  # noqa: E402
 
 Record = dict[str, Any]  # {"bytes": int, "sha256": str}

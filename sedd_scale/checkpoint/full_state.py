@@ -30,6 +30,7 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
 from megatron.core import parallel_state as ps  # noqa: E402
 
+from sedd_scale.distributed import deepspeed_files as ds_files  # noqa: E402
 from sedd_scale.checkpoint.consolidated import TRAINING_CATEGORIES  # noqa: E402
 from sedd_scale.checkpoint.hub import gather_tp_tensor, model_kinds, shard_tensor  # noqa: E402
 from sedd_scale.checkpoint.sharded import CheckpointError  # noqa: E402
@@ -85,21 +86,13 @@ def _ensure_moments(trainer) -> None:
         mapping.set_optim_state_fragment(flat, base.state[flat])
 
 
-def _partitioned(p: nn.Parameter) -> bool:
-    return hasattr(p, "ds_id")  # a ZeRO-3 parameter
-
-
-def _fragmented(p: nn.Parameter) -> bool:
-    return hasattr(p, "_hp_mapping")  # ZeRO-1/2 or DeepSpeed's bf16 optimizer: fp32 state in flat partitions
-
-
 def _shape(p: nn.Parameter) -> torch.Size:
-    return p.ds_shape if _partitioned(p) else p.shape
+    return p.ds_shape if ds_files.zero3_partitioned(p) else p.shape
 
 
 def _get(trainer, p: nn.Parameter, key: str | None) -> Tensor:
     """This TP rank's whole fp32 master weight (key None) or AdamW moment of `p` (a DP collective under ZeRO)."""
-    if _partitioned(p) or _fragmented(p):
+    if ds_files.zero3_partitioned(p) or ds_files.zero_fragmented(p):
         value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
         return value.detach().float().reshape(_shape(p)).cpu()
     value = p if key is None else trainer.base_optimizer().state[p][key]
@@ -109,13 +102,13 @@ def _get(trainer, p: nn.Parameter, key: str | None) -> Tensor:
 def _set(trainer, p: nn.Parameter, key: str | None, value: Tensor) -> None:
     """Set this TP rank's whole fp32 master weight (and the module's copy) or an AdamW moment of `p`."""
     value = value.to(p.device)
-    if _partitioned(p) or _fragmented(p):
+    if ds_files.zero3_partitioned(p) or ds_files.zero_fragmented(p):
         (safe_set_full_fp32_param(p, value) if key is None else safe_set_full_optimizer_state(p, value, key))
     elif key is not None:
         trainer.base_optimizer().state[p][key].copy_(value)
     if key is not None:
         return
-    if _partitioned(p):  # the module's own partition of the (possibly bf16) parameter
+    if ds_files.zero3_partitioned(p):  # the module's own partition of the (possibly bf16) parameter
         part, dp, rank = p.ds_tensor, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         flat = F.pad(value.flatten(), (0, part.numel() * dp - value.numel()))
         part.data.copy_(flat[rank * part.numel():(rank + 1) * part.numel()])

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from sedd_scale.checkpoint.checksums import ChecksumError, verify_sums, write_sums
+from sedd_scale.checksums import ChecksumError, verify_sums, write_sums
 from sedd_scale.checkpoint.safetensors_writer import save_tensors
 from sedd_scale.diffusion.noise import GeometricNoise
 from sedd_scale.model import rotary

@@ -29,25 +29,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sedd_scale.checkpoint.checksums import file_record
+from sedd_scale.distributed import deepspeed_files as ds_files
+from sedd_scale.checksums import file_record
 from sedd_scale.checkpoint.consolidated import TRAINING_CATEGORIES
 from sedd_scale.checkpoint.files import read_verified
 from sedd_scale.checkpoint.hub import model_kinds, unshard_tensors
 from sedd_scale.checkpoint.sharded import ANY_LAYOUT, CheckpointError, read_meta
 from sedd_scale.config import Recipe, from_dict
-from sedd_scale.train.ema import shard_bounds
+from sedd_scale.layout import shard_bounds
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _FIX = "this checkpoint cannot be converted; use an earlier step (or restore the file from a copy)"
-
-
-def model_key(name: str, n_blocks: int, pipelined: bool) -> str:
-    """Our model key (the TP=1 `SEDD` parameter name) of a parameter named `name` by DeepSpeed."""
-    if not pipelined:
-        return name.removeprefix("model.")
-    index, rest = name.split(".", 1)  # a PipelineModule names parameters by their layer's index
-    i = int(index)
-    return f"input_layer.{rest}" if i == 0 else f"output_layer.{rest}" if i == n_blocks + 1 else f"blocks.{i - 1}.{rest}"
 
 
 class _Reader:
@@ -96,11 +88,10 @@ def _optimizer_info(state: dict) -> dict:
 
 def _fragments(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, dict[str, Tensor]], dict]:
     """ZeRO-1/2 and DeepSpeed's bf16 optimizer: {category: {DeepSpeed name: whole flat tensor}}, optimizer info."""
-    prefix = "bf16_zero" if reader.bf16 else "zero"
     pieces: dict[str, dict[str, list[Tensor]]] = {c: defaultdict(list) for c in wanted}
     info = {}
     for d in range(reader.dp):
-        osd = reader.load(f"deepspeed/{prefix}_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt")["optimizer_state_dict"]
+        osd = reader.load(ds_files.optim_states(d, mp, bf16=reader.bf16))["optimizer_state_dict"]
         base = osd["base_optimizer_state"]
         info = _optimizer_info(base)
         for g, mapping in enumerate(osd["param_slice_mappings"]):
@@ -114,11 +105,11 @@ def _fragments(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, di
 
 def _zero3(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, dict[str, Tensor]], dict]:
     """ZeRO-3: each parameter's partitions, ceil(n / DP) elements per rank in parameter order, joined."""
-    shapes = reader.load(f"deepspeed/zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt")["param_shapes"]
+    shapes = reader.load(ds_files.zero_model_states(0, mp))["param_shapes"]
     pieces: dict[str, dict[str, list[Tensor]]] = {c: defaultdict(list) for c in wanted}
     info = {}
     for d in range(reader.dp):
-        osd = reader.load(f"deepspeed/zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt")["optimizer_state_dict"]
+        osd = reader.load(ds_files.optim_states(d, mp))["optimizer_state_dict"]
         base = osd["optimizer_state_dict"]
         info = _optimizer_info(base)
         for g, group_shapes in enumerate(shapes):
@@ -130,17 +121,18 @@ def _zero3(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, dict[s
                     pieces[c][name].append(flat[c][offset:offset + size].clone())
                 offset += size
     numels = {n: math.prod(s) for group in shapes for n, s in group.items()}
-    return {c: {n: torch.cat(parts)[: numels[n]] for n, parts in by_name.items()} for c, by_name in pieces.items()}, info
+    joined = {c: {n: torch.cat(parts)[: numels[n]] for n, parts in by_name.items()} for c, by_name in pieces.items()}
+    return joined, info
 
 
 def _no_zero(reader: _Reader, stage: int, tp: int, names: list[str], wanted: set[str]) -> tuple[dict, dict]:
     """No ZeRO, fp32: the module's weights and torch's per-parameter AdamW state (ids in param-group order)."""
     mp = stage * reader.tp + tp if reader.pp > 1 else tp
-    states = reader.load(f"deepspeed/mp_rank_{mp:02d}_model_states.pt")
+    states = reader.load(ds_files.model_states(mp))
     if reader.pp > 1:
         weights = {}
         for index in sorted({int(n.split(".", 1)[0]) for n in names}):
-            layer = reader.load(f"deepspeed/layer_{index:02d}-model_{tp:02d}-model_states.pt")
+            layer = reader.load(ds_files.layer_states(index, tp))
             weights.update({f"{index}.{k}": v for k, v in layer.items() if v is not None})
     else:
         weights = states["module"]
@@ -225,7 +217,7 @@ def read_state(step: str | Path, categories: tuple[str, ...] = TRAINING_CATEGORI
                 if missing:
                     raise CheckpointError(f"{reader.step}: no {c} found for {missing} (pp stage {stage}, tp {tp})")
                 for name in names:
-                    key = model_key(name, cfg.n_blocks, reader.pp > 1)
+                    key = ds_files.model_key(name, cfg.n_blocks, reader.pp > 1)
                     parts[c][key][tp] = tensors[c][name].float().view(shapes[name])
     reader.verify_rest()  # a conversion refuses a damaged checkpoint even where it did not need the file
     full: dict[str, dict[str, Tensor]] = {c: {} for c in parts}
@@ -246,7 +238,7 @@ def _local_shapes(cfg, kinds: dict[str, str], tp_size: int, tp: int, names: list
     whole = expected_shapes(cfg)
     out = {}
     for name in names:
-        key = model_key(name, cfg.n_blocks, pipelined)
+        key = ds_files.model_key(name, cfg.n_blocks, pipelined)
         out[name] = shard_tensor(torch.empty(whole[key], device="meta"), kinds[key], cfg, tp, tp_size).shape
     return out
 
@@ -256,8 +248,7 @@ def _counters(reader: _Reader, extra: dict, infos: list[dict]) -> dict[str, Any]
     steps = {s for info in infos for s in info["steps"]}
     if len(steps) > 1:
         raise CheckpointError(f"{reader.step}: AdamW's step differs between parameter groups ({sorted(steps)})")
-    states = reader.load("deepspeed/mp_rank_00_model_states.pt" if reader.zero != 3 else
-                         "deepspeed/zero_pp_rank_0_mp_rank_00_model_states.pt")
+    states = reader.load(ds_files.model_states(0) if reader.zero != 3 else ds_files.zero_model_states(0, 0))
     return {"step": extra["step"], "tokens_seen": extra["tokens_seen"], "skipped_total": extra["skipped_total"],
             "optimizer_step": int(steps.pop()) if steps else 0, "lrs": infos[0]["lrs"] if infos else [],
             "lr_scheduler": states["lr_scheduler"], "ema_num_updates": extra["ema"]["num_updates"],

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sedd_scale.checkpoint.checksums import file_record
+from sedd_scale.checksums import file_record
 
 FORMAT = "sedd-scale/train-v2"
 # The layout of a step written by the conversion tools: its `state/` folder is a consolidated directory with

@@ -46,8 +46,9 @@ class DiffusionConfig:
     objective: str = "score_entropy"  # the training objective fused with the head (`sedd_scale.loss.OBJECTIVES`)
 
     def __post_init__(self):
-        if self.objective not in {name for name, _ in OBJECTIVES}:
-            raise ValueError(f"objective: unknown {self.objective!r}; choose one of {sorted({n for n, _ in OBJECTIVES})}")
+        objectives = sorted({name for name, _ in OBJECTIVES})
+        if self.objective not in objectives:
+            raise ValueError(f"objective: unknown {self.objective!r}; choose one of {objectives}")
         if not 0.0 < self.sampling_eps < 1.0:
             raise ValueError(f"sampling_eps must be in (0, 1), got {self.sampling_eps}")
         if self.noise not in SCHEDULES:
@@ -141,7 +142,8 @@ class OptimConfig:
             raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
 
     def lr_at(self, step: int, total_steps: int) -> float:
-        """Learning rate for optimizer step `step` (0-based) of `total_steps`: the reference's lr*min(step/warmup, 1)."""
+        """Learning rate for optimizer step `step` (0-based) of `total_steps`: the reference's
+        lr * min(step / warmup, 1)."""
         if self.warmup and step < self.warmup:
             return self.lr * step / self.warmup
         if self.schedule == "constant":
@@ -271,7 +273,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise RecipeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save the recipe as UTF-8") from None
+        raise RecipeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save the recipe as UTF-8"
+                          ) from None
     data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")

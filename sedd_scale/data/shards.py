@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sedd_scale.checkpoint.checksums import HashingWriter
+from sedd_scale.checksums import HashingWriter
 from sedd_scale.data.fetch import sha256_bytes
 from sedd_scale.data.tar_layout import ShardLayout
 from sedd_scale.data.manifest import DTYPES, ShardInfo, ShardRef

@@ -24,7 +24,8 @@ def _expand(sigma: Tensor | float, like: Tensor, dtype: torch.dtype | None = Non
     try:
         torch.broadcast_shapes(sigma.shape, like.shape)
     except RuntimeError:
-        raise ValueError(f"sigma of shape {tuple(sigma.shape)} does not broadcast to tokens {tuple(like.shape)}") from None
+        raise ValueError(f"sigma of shape {tuple(sigma.shape)} does not broadcast to tokens {tuple(like.shape)}"
+                         ) from None
     return sigma
 
 
@@ -237,6 +238,16 @@ class Uniform(Graph):
         terms.scatter_(-1, idx0, torch.where(same, 0.0, at_x0).unsqueeze(-1))
         terms.scatter_(-1, idx, 0.0)
         return terms.sum(-1) / self.dim
+
+
+def check_token_ids(x: Tensor, name: str, high: int, graph: str, num_tokens: int) -> None:
+    """Raise a ValueError naming the range unless every id of `x` is in [0, high) (a host sync on a device)."""
+    if not x.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(x))  # one pass over the ids (min and max were two)
+    if lo < 0 or hi >= high:
+        raise ValueError(f"{name} holds ids in [{lo}, {hi}] outside [0, {high}) for the "
+                         f"{graph} graph with num_tokens={num_tokens}: check the tokenizer/vocab settings")
 
 
 def get_graph(kind: str, num_tokens: int) -> Graph:

@@ -229,7 +229,8 @@ def euler_step(log_score_fn: LogScoreFn, graph: Graph, noise: Noise, x: Tensor, 
 
 def analytic_step(log_score_fn: LogScoreFn, graph: Graph, noise: Noise, x: Tensor, t: Tensor, dt: float,
                   generator: torch.Generator | None = None) -> Tensor:
-    """Tweedie tau-leaping: w_y = [exp(-dsigma Q) s]_y exp(dsigma Q)[x, y], dsigma = sigma_bar(t) - sigma_bar(t - dt)."""
+    """Tweedie tau-leaping: w_y = [exp(-dsigma Q) s]_y exp(dsigma Q)[x, y],
+    dsigma = sigma_bar(t) - sigma_bar(t - dt)."""
     total = noise.total_noise(t)
     dsigma = (total - noise.total_noise(t - dt)).double()
     return jump(log_score_fn(x, total), graph, x, StepLaw.analytic(graph, dsigma), generator)
@@ -265,3 +266,13 @@ def sample(log_score_fn: LogScoreFn, graph: Graph, noise: Noise, shape: tuple[in
     if denoise:
         x = denoise_step(log_score_fn, graph, noise, clamp(x), grid[-1].expand(shape[0]), generator)
     return clamp(x)
+
+
+def unigram_entropy(ids: Tensor) -> Tensor:
+    """Per-sample unigram entropy (nats, (N,) float64; SEDD/MDLM diversity): -sum_v p_v ln p_v, p_v = count(v) / L."""
+    rows = []
+    for row in ids.reshape(ids.shape[0], -1):
+        counts = torch.unique(row, return_counts=True)[1].to(torch.float64)
+        p = counts / counts.sum()
+        rows.append(-(p * p.log()).sum())
+    return torch.stack(rows) if rows else torch.zeros(0, dtype=torch.float64)

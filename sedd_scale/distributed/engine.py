@@ -31,7 +31,7 @@ from megatron.core import parallel_state as ps
 from sedd_scale import accelerators
 from sedd_scale.distributed import parallel
 from sedd_scale.config import Layout, OptimConfig, Recipe
-from sedd_scale.train.optim import SkipGuard, guarded
+from sedd_scale.distributed.optim import SkipGuard, guarded
 
 
 def env_world_size() -> int:

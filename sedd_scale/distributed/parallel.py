@@ -59,7 +59,8 @@ def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int | None = None) ->
         have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
         if have != (tp, pp):
             raise RuntimeError(f"parallel groups already exist for tp={have[0]}, pp={have[1]}; "
-                               f"call sedd_scale.distributed.parallel.destroy_parallel() before asking for tp={tp}, pp={pp}")
+                               "call sedd_scale.distributed.parallel.destroy_parallel() before asking for "
+                               f"tp={tp}, pp={pp}")
     else:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if seed is not None:

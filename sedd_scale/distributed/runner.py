@@ -16,6 +16,7 @@ from torch import Tensor
 from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
 from megatron.core import parallel_state as ps  # noqa: E402
 
+from sedd_scale.distributed import deepspeed_files as ds_files  # noqa: E402
 from sedd_scale.distributed import engine as ds_engine  # noqa: E402
 from sedd_scale.distributed import parallel  # noqa: E402
 from sedd_scale.distributed.pipeline import LossRecords, SEDDTrainModule, build_pipeline  # noqa: E402
@@ -65,7 +66,7 @@ class PlainRunner:
 
     def model_key(self, name: str) -> str:
         """The model's key of a parameter DeepSpeed names `name`."""
-        return name.removeprefix("model.")
+        return ds_files.model_key(name, self.model_cfg.n_blocks, pipelined=False)
 
 
 class PipelineRunner:
@@ -125,11 +126,7 @@ class PipelineRunner:
 
     def model_key(self, name: str) -> str:
         """The model's key of a parameter DeepSpeed names `name` (layers by index: input, blocks, output)."""
-        index, rest = name.split(".", 1)
-        i = int(index)
-        if i == 0:
-            return f"input_layer.{rest}"
-        return f"output_layer.{rest}" if i == self.model_cfg.n_blocks + 1 else f"blocks.{i - 1}.{rest}"
+        return ds_files.model_key(name, self.model_cfg.n_blocks, pipelined=True)
 
 
 Runner = PlainRunner | PipelineRunner

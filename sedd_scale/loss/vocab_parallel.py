@@ -39,6 +39,7 @@ import torch.distributed as dist
 from packaging.version import Version
 from torch import Tensor
 
+from sedd_scale.diffusion.graph import check_token_ids
 from sedd_scale.loss.objectives import HeadObjective, Selected, head_objective
 
 _MM_OUT_DTYPE = Version(torch.__version__.split("+")[0]).release >= (2, 8)  # torch.mm(..., out_dtype=)
@@ -194,7 +195,8 @@ class _Context:
         self.vocab_start = rank * v_local if vocab_start is None else vocab_start
         if v_local * tp < cfg.objective.graph_dim:
             raise ValueError(f"the head covers {v_local} x {tp} ranks = {v_local * tp} entries but the "
-                             f"{cfg.objective.graph} graph has {cfg.objective.graph_dim} states: wrong num_tokens or vocab padding")
+                             f"{cfg.objective.graph} graph has {cfg.objective.graph_dim} states: wrong num_tokens or "
+                             "vocab padding")
         self.n_local = max(0, min(cfg.objective.num_tokens - self.vocab_start, v_local))
         self.x_t, self.x_0 = x_t.reshape(-1), x_0.reshape(-1)
         sigma = total_noise.to(x_t.device)
@@ -216,16 +218,6 @@ class _Context:
             return partial.reshape(self.shape)
         out = partial.new_zeros(self.x_t.shape[0]).index_copy_(0, self.tok.rows, partial)
         return out.reshape(self.shape)
-
-
-def check_token_ids(x: Tensor, name: str, high: int, graph: str, num_tokens: int) -> None:
-    """Raise a ValueError naming the range unless every id of `x` is in [0, high) (a host sync on a device)."""
-    if not x.numel():
-        return
-    lo, hi = (int(v) for v in torch.aminmax(x))  # one pass over the ids (min and max were two)
-    if lo < 0 or hi >= high:
-        raise ValueError(f"{name} holds ids in [{lo}, {hi}] outside [0, {high}) for the "
-                         f"{graph} graph with num_tokens={num_tokens}: check the tokenizer/vocab settings")
 
 
 def _resolve_group(tp_group):

@@ -16,7 +16,7 @@ columns [r * V_pad / tp, (r + 1) * V_pad / tp). The noise embedding, the adaLN l
 norms are small and replicated; their inputs and output gradients are identical on all TP
 ranks (the column-parallel layers all-reduce their input gradients), so their gradients agree
 without extra communication. The residual-branch dropout acts on replicated activations and
-draws from the default RNG (equal across TP ranks, see `parallel.seed_parallel`); attention
+draws from the default RNG (equal across TP ranks, see `sedd_scale.distributed.parallel.seed_parallel`); attention
 dropout acts on head shards and draws from megatron's per-TP-rank tracker.
 
 Layout is (batch, length, hidden) like the reference.
@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sedd_scale import compat  # noqa: F401  (before megatron.core)
+from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
 from sedd_scale import accelerators  # noqa: E402
-from sedd_scale.distributed import parallel  # noqa: E402
 from sedd_scale.compiled import Region, check_compiler  # noqa: E402
 from sedd_scale.diffusion.parametrization import to_log_score  # noqa: E402
 from sedd_scale.model import rotary  # noqa: E402
@@ -61,7 +61,7 @@ def _uniform_init(fan_in: int):
 def megatron_config(cfg: ModelConfig, device: torch.device) -> ModelParallelConfig:
     """megatron-core layer settings for this model on `device` (CPU-safe: no fusions, no sequence parallel)."""
     return ModelParallelConfig(
-        tensor_model_parallel_size=parallel.tp_size(),
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         params_dtype=cfg.params_dtype,
         # Off CUDA (CPU, meta), each full matrix is built from the default RNG and sliced.
         use_cpu_initialization=device.type != "cuda",
@@ -159,7 +159,8 @@ class InputLayer(nn.Module):
         super().__init__()
         self.config = cfg
         self.vocab_embed = tensor_parallel.VocabParallelEmbedding(
-            cfg.padded_vocab(parallel.tp_size()), cfg.hidden_size, init_method=_uniform_init(cfg.hidden_size),
+            cfg.padded_vocab(ps.get_tensor_model_parallel_world_size()), cfg.hidden_size,
+            init_method=_uniform_init(cfg.hidden_size),
             config=mcfg)
         self.sigma_map = SigmaMap(cfg, device)
 
@@ -180,7 +181,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, device: torch.device):
         super().__init__()
         self.config = cfg
-        h, tp = cfg.hidden_size, parallel.tp_size()
+        h, tp = cfg.hidden_size, ps.get_tensor_model_parallel_world_size()
         cfg.check_tp(tp)
         if cfg.compile:
             check_compiler(device)
@@ -249,9 +250,9 @@ class OutputLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, device: torch.device):
         super().__init__()
         self.config = cfg
-        h, tp = cfg.hidden_size, parallel.tp_size()
+        h, tp = cfg.hidden_size, ps.get_tensor_model_parallel_world_size()
         self.padded_vocab = cfg.padded_vocab(tp)
-        self.vocab_start = parallel.tp_rank() * (self.padded_vocab // tp)
+        self.vocab_start = ps.get_tensor_model_parallel_rank() * (self.padded_vocab // tp)
         self.norm_final = LayerNorm(h, cfg.params_dtype, device, cfg)
         self.adaLN_modulation = _linear(cfg, cfg.cond_dim, 2 * h, device, zero=True)
         self.linear = tensor_parallel.ColumnParallelLinear(

@@ -19,19 +19,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def _partitioned(p: Tensor) -> bool:
-    return hasattr(p, "ds_tensor")  # a ZeRO-3 parameter: its data lives in its own DP partition
+from sedd_scale.distributed.deepspeed_files import zero3_partitioned
+from sedd_scale.layout import shard_bounds
 
 
 def _numel(p: Tensor) -> int:
-    return p.ds_numel if _partitioned(p) else p.numel()
-
-
-def shard_bounds(numel: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
-    """[start, end) of the elements of a flattened tensor of `numel` that DP rank `dp_rank` averages."""
-    c = math.ceil(numel / dp_size)
-    return min(numel, dp_rank * c), min(numel, (dp_rank + 1) * c)
+    return p.ds_numel if zero3_partitioned(p) else p.numel()
 
 
 class EMA:
@@ -72,7 +65,7 @@ class EMA:
         out = []
         for p, n in zip(params, self.numels):
             start, end = shard_bounds(n, self.dp_rank, self.dp_size)
-            out.append(p.ds_tensor.data.view(-1)[: end - start] if _partitioned(p) else p.data.view(-1)[start:end])
+            out.append(p.ds_tensor.data.view(-1)[: end - start] if zero3_partitioned(p) else p.data.view(-1)[start:end])
         return out
 
     @torch.no_grad()
@@ -112,10 +105,10 @@ class EMA:
     @torch.no_grad()
     def applied(self, params: Sequence[Tensor]) -> Iterator[None]:
         """Temporarily load the averaged weights into `params` (evaluation, sampling; a DP collective)."""
-        gathered = None if all(_partitioned(p) for p in params) else self._gathered()
-        saved = [(p.ds_tensor if _partitioned(p) else p).detach().clone() for p in params]
+        gathered = None if all(zero3_partitioned(p) for p in params) else self._gathered()
+        saved = [(p.ds_tensor if zero3_partitioned(p) else p).detach().clone() for p in params]
         for i, (p, src) in enumerate(zip(params, self._sources(params), strict=True)):
-            if _partitioned(p):  # the module reads its own partition
+            if zero3_partitioned(p):  # the module reads its own partition
                 src.copy_(self.shards[i])
             else:
                 p.copy_(self.whole(gathered, i).view_as(p))
@@ -123,7 +116,7 @@ class EMA:
             yield
         finally:
             for b, p in zip(saved, params, strict=True):
-                (p.ds_tensor if _partitioned(p) else p).copy_(b)
+                (p.ds_tensor if zero3_partitioned(p) else p).copy_(b)
 
     def state_dict(self) -> dict:
         """This rank's shard, the update count and how the shards are laid out over DP."""

@@ -42,10 +42,10 @@ from sedd_scale.checkpoint.sharded import (ANY_LAYOUT, CheckpointDir, Checkpoint
                                            read_meta, step_of)
 from sedd_scale.config import Layout, Recipe, to_dict  # noqa: E402
 from sedd_scale.diffusion import ElboEstimate, get_graph, sample  # noqa: E402
+from sedd_scale.diffusion.graph import check_token_ids  # noqa: E402
+from sedd_scale.diffusion.sampling import unigram_entropy  # noqa: E402
 from sedd_scale.diffusion.evaluation import evaluate  # noqa: E402
 from sedd_scale.train.ema import EMA  # noqa: E402
-from sedd_scale.apps.generation import unigram_entropy  # noqa: E402
-from sedd_scale.loss.vocab_parallel import check_token_ids  # noqa: E402
 from sedd_scale.plan.flops import projected_fraction, training_flops_per_token  # noqa: E402
 from sedd_scale.train.metrics import IntervalStats, Metrics, NoiseBandLoss  # noqa: E402
 from sedd_scale.model import ModelConfig  # noqa: E402
@@ -231,7 +231,7 @@ class Trainer:
         the whole tensors (`full_state.load`); the first save writes this run's own layout."""
         from sedd_scale.checkpoint import consolidated as cons
         from sedd_scale.checkpoint import full_state
-        from sedd_scale.checkpoint.checksums import file_record
+        from sedd_scale.checksums import file_record
 
         problem = [None]
         if self.rank == 0:
