@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py                          # every case, 2 threads (several minutes)
     python benchmarks/bench_step.py --cases tiny-absorb --rounds 20
     python benchmarks/bench_step.py --threads 8              # another machine
+    python benchmarks/bench_step.py --no-reference-ddp       # the reference's modules without its DDP wrapper
 
 Ours is `Trainer.train_step()` as `sedd_scale.train` runs it: layout-independent noising, the model under
 DeepSpeed (one process, ZeRO-0, gradient clipping 1.0), the fused vocab-parallel loss, AdamW, the EMA
@@ -92,7 +93,13 @@ VARIANTS = {"ours eager": False, "ours compiled": True}
 
 # --- the reference step, re-implemented --------------------------------------------------------------
 REFERENCE = "louaaron/Score-Entropy-Discrete-Diffusion@0605786"
-REFERENCE_LABEL = "reference step (re-implemented)"
+
+
+def reference_label(ddp: bool = True) -> str:
+    """The reference step's row name."""
+    return "reference step (re-implemented)" + ("" if ddp else ", no DDP")
+
+
 REFERENCE_NOTE = f"""\
 reference step = {REFERENCE} (run_train.py, losses.get_step_fn), re-implemented from its
 source and run as that code runs on a CPU (its torch pin is 2.0.1; this is the installed torch).
@@ -600,7 +607,8 @@ def run_case(case: Case, args) -> list[dict]:
             stack.callback(trainers[name].saver.close)
             check_compile(trainers[name], compiled, name)
         torch.manual_seed(0)
-        variants = {REFERENCE_LABEL: checked_step(RefStep(case, args.dropout), None, REFERENCE_LABEL)}
+        label = reference_label(args.reference_ddp)
+        variants = {label: checked_step(RefStep(case, args.dropout, ddp=args.reference_ddp), None, label)}
         variants.update({name: checked_step(trainers[name].train_step, VARIANTS[name], name) for name in VARIANTS})
         times = {k: [] for k in variants}
         cpus = {k: [] for k in variants}
@@ -618,8 +626,7 @@ def run_case(case: Case, args) -> list[dict]:
             check_compile(trainers[name], compiled, name)
     parallel.destroy_parallel()
     rows = []
-    ref = {"time": statistics.median(times[REFERENCE_LABEL]), "best": min(times[REFERENCE_LABEL]),
-           "cpu": statistics.median(cpus[REFERENCE_LABEL])}
+    ref = {"time": statistics.median(times[label]), "best": min(times[label]), "cpu": statistics.median(cpus[label])}
     for name in variants:
         t, best, cpu = statistics.median(times[name]), min(times[name]), statistics.median(cpus[name])
         rows.append(dict(case=case.name, variant=name, time=t, best=best, cpu=cpu, tokens_per_s=case.tokens / t,
@@ -636,6 +643,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first (compilation happens here)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.1, help="residual-branch dropout, both sides (paper: 0.1)")
+    p.add_argument("--no-reference-ddp", dest="reference_ddp", action="store_false",
+                   help="run the reference's model and noise without DistributedDataParallel (run_train.py always "
+                        "wraps them; without it: the step as a one-process user calling the reference's modules)")
     p.add_argument("--warm-cache", action="store_true",
                    help="reuse the user's inductor cache (default: an empty one, so compile time is a first run's)")
     args = p.parse_args()
@@ -643,6 +653,8 @@ def main() -> None:
         fresh_inductor_cache()
     torch.set_num_threads(args.threads)
     print(REFERENCE_NOTE)
+    if not args.reference_ddp:
+        print("--no-reference-ddp: the reference's model and noise run unwrapped (no DistributedDataParallel)")
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, dropout {args.dropout}; step = median wall time "
           f"over interleaved rounds (best = fastest round, CPU = median CPU time of all threads, which a loaded "
           f"machine inflates less); 'vs reference step' = the reference step's time over the variant's; indicative "

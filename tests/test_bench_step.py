@@ -102,7 +102,7 @@ def _variants() -> dict:
                                                                      ("_uniform_fused", True)], False, "ours eager"))
             out["no_region"] = _refusal(lambda: bs.check_regions([], True, "ours compiled"))
             out["region_in_reference"] = _refusal(lambda: bs.check_regions([("_gate_residual", False)], None,
-                                                                           "reference step (re-implemented)"))
+                                                                           bs.reference_label()))
         finally:
             eager.saver.close()
             compiled.saver.close()
