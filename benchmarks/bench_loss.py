@@ -7,7 +7,8 @@ Every row runs in fresh processes (TP=2: two ranks joined by gloo), so peaks do 
 the growth during one fwd+bwd step over what was allocated before it (hidden states, head parameters, ids):
 on CUDA from the caching allocator (`torch.cuda.max_memory_allocated`), on CPU from the process's resident
 set (the kernel's VmHWM high-water mark, reset through /proc/self/clear_refs before the step). Time is the
-mean wall time of the measured steps after one warm-up step.
+mean wall time of the measured steps after one warm-up step. The fused rows run eagerly (`compile=False`:
+the chunk expressions uncompiled; `model.compile` would fuse them).
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def _setup(args, tp: int, rank: int, device: torch.device):
         weight=to(w[rank * vl:(rank + 1) * vl].to(dtype)).requires_grad_(True),
         bias=to(b[rank * vl:(rank + 1) * vl].to(dtype)).requires_grad_(True),
         x_t=to(xt), x_0=to(x0), sigma=to(sigma), rate=to(rate), batch=batch,
-        cfg=HeadLossConfig.for_graph(args.graph, num_tokens, args.graph == "absorb", args.chunk_size))
+        cfg=HeadLossConfig.for_graph(args.graph, num_tokens, args.graph == "absorb", args.chunk_size,
+                                   compile=False))  # every row eager (the chunk expressions uncompiled)
 
 
 def _step(kind: str, d: dict, group) -> None:
@@ -148,8 +150,8 @@ def main() -> None:
         p.error("--tokens must be a multiple of --batch")
     print(f"tokens {args.batch}x{args.tokens // args.batch}, H {args.hidden}, V {args.vocab}, graph {args.graph}, "
           f"chunk {args.chunk_size}, {args.dtype}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"peak = {'CUDA allocator' if args.device.startswith('cuda') else 'RSS high-water'} growth over the step",
-          flush=True)
+          f"peak = {'CUDA allocator' if args.device.startswith('cuda') else 'RSS high-water'} growth over the step; "
+          f"fused rows eager (compile off)", flush=True)
     print("| path | TP | peak / rank (MiB) | naive peak / this | time (s) | time / naive |")
     print("|---|---|---|---|---|---|", flush=True)
     naive = None

@@ -155,7 +155,8 @@ def end_to_end(kind: str, batch: int, length: int, steps: int, repeats: int, see
     from sedd_scale.model.transformer import SEDD
 
     parallel.init_model_parallel(1, seed=seed)
-    cfg = preset(size, graph=kind, num_tokens=NUM_TOKENS, length=length, dropout=0.0, vocab_multiple=1)
+    cfg = preset(size, graph=kind, num_tokens=NUM_TOKENS, length=length, dropout=0.0, vocab_multiple=1,
+                 compile=False)  # one eager model serves both samplers
     model = SEDD(cfg, device=device).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

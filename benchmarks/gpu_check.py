@@ -226,10 +226,11 @@ def step_worker(spec: dict) -> dict:
 
     import torch
 
-    from bench_step import Case, build_trainer
+    from bench_step import Case, build_trainer, check_compile, checked_step, fresh_inductor_cache
     from sedd_scale.distributed import parallel
     from sedd_scale.plan.flops import projected_fraction, training_flops_per_token
 
+    fresh_inductor_cache()
     cuda = spec["device"] == "cuda"
     dims = QUICK_STEP_MODEL if spec["quick"] else STEP_MODELS[spec["model"]]
     steps, warmup = (2, 1) if spec["quick"] else (5, 2)
@@ -243,10 +244,15 @@ def step_worker(spec: dict) -> dict:
                 if cuda:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                trainer = build_trainer(case, 0.0, run_dir, precision="bf16-mixed", recompute=recompute, zero_stage=1)
-                trainer.model_cfg.compile = compiled
+                # Every compile switch from `compiled`, set before the trainer is built (the loss's and the LayerNorm
+                # kernel choice are derived then), and checked: the switches held, the regions the first step runs.
+                trainer = build_trainer(case, 0.0, run_dir, precision="bf16-mixed", recompute=recompute, zero_stage=1,
+                                        compile=compiled)
+                variant = f"step-{spec['model']} {'compiled' if compiled else 'eager'}"
+                check_compile(trainer, compiled, variant)
+                first_step = checked_step(trainer.train_step, compiled, variant)
                 for _ in range(warmup):
-                    trainer.train_step()
+                    first_step()
                 if cuda:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
