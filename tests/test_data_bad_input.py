@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from sedd_scale.config import DataConfig, RecipeError, from_dict
-from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader
+from sedd_scale.data.checked import check_split
+from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader, check_sources
 from sedd_scale.data.manifest import Manifest, ManifestError
 from sedd_scale.data.shards import ShardError, read_shard, verify_shard
 from tests.test_data_loader import ids, make_dataset, take
@@ -110,6 +111,48 @@ def test_missing_shard_is_refused_at_start(ds):
         EvalLoader(str(ds / "manifest.json"), "valid", 4)
 
 
+def test_a_missing_shards_advice_fits_a_fresh_run_a_resume_and_evaluation(ds):
+    manifest = str(ds / "manifest.json")
+    saved = TokenLoader(config(ds))
+    take(saved, 3)
+    state = saved.state_dict()  # a checkpoint's loader state, all shards read
+    shard(ds, 4).unlink()
+    with pytest.raises(ShardError, match=f"missing shard {shard(ds, 4)}: restore it or prepare the data again "
+                                         r"\(or set data.skip_corrupt: true to train without it\)"):
+        check_sources(config(ds))
+    fresh = TokenLoader(config(ds, skip_corrupt=True))  # the advice works for a fresh run ...
+    assert fresh.skipped_shards == [str(shard(ds, 4))]
+    with pytest.raises(ManifestError, match="data.skip_corrupt leaves out other shards"):
+        fresh.load_state_dict(state)  # ... not for a resume: so a resume is told otherwise
+    with pytest.raises(ShardError) as resumed:
+        check_sources(config(ds), resuming=True)
+    assert str(resumed.value).startswith(f"missing shard {shard(ds, 4)}: restore it: this run resumes from a "
+                                         "checkpoint"), resumed.value
+    assert str(resumed.value).endswith("or start a new checkpoint.dir with data.skip_corrupt: true to train without "
+                                       "it"), resumed.value
+    (ds / "valid-000000.tar").unlink()  # an evaluation split is read whole: skip_corrupt is no advice there
+    with pytest.raises(ShardError, match=r"missing shard .*valid-000000.tar: restore it or prepare the data again "
+                                         r"\(an evaluation split is read whole: data.skip_corrupt does not apply"):
+        EvalLoader(manifest, "valid", 4)
+    with pytest.raises(ValueError, match="an evaluation split must be whole"):  # what skip_corrupt would have done
+        EvalLoader(manifest, "valid", 4, checked=check_split(manifest, "valid", skip_corrupt=True))
+    with pytest.raises(ShardError, match=r"valid-000000.tar: restore it, or point data.valid at another prepared "
+                                         "dataset"):
+        check_split(manifest, "valid", resuming=True, evaluation=True)
+
+
+def test_data_prepared_again_under_a_run_is_refused_naming_the_manifest(ds):
+    saved = TokenLoader(config(ds))
+    take(saved, 3)
+    state = saved.state_dict()
+    make_dataset(ds, 150, seqs_per_shard=25, valid=10, first_id=1)  # other content, same shape (prepared again)
+    with pytest.raises(ManifestError, match=rf"cannot resume on {ds / 'manifest.json'}: the dataset changed since "
+                                            r"the checkpoint was saved \(manifest fingerprint [0-9a-f]{12} -> "
+                                            r"[0-9a-f]{12}: it was prepared again.*restore the dataset the run was "
+                                            "trained on, or start a new checkpoint.dir"):
+        TokenLoader(config(ds)).load_state_dict(state)
+
+
 def test_skip_corrupt_is_opt_in_counts_and_is_a_recipe_key(ds):
     shard(ds, 1).write_bytes(b"not a tar at all")
     shard(ds, 3, ".crc32").unlink()
@@ -124,8 +167,11 @@ def test_skip_corrupt_is_opt_in_counts_and_is_a_recipe_key(ds):
     assert sorted(stream) == [i for s in (0, 2, 4) for i in range(25 * s, 25 * s + 25)]
     state = loader.state_dict()
     assert state["sources"][0]["skipped"] == loader.skipped_shards
-    shard(ds, 5).write_bytes(intact5)  # now a different set is bad: resuming must refuse
-    with pytest.raises(ValueError, match="different set of corrupt shards"):
+    shard(ds, 5).write_bytes(intact5)  # now a different set is bad: resuming must refuse, saying what to do
+    shard(ds, 0).unlink()
+    with pytest.raises(ManifestError, match=rf"cannot resume on {ds / 'manifest.json'}: data.skip_corrupt leaves out "
+                                            rf"other shards .*: restore \['{shard(ds, 0)}'\] and move "
+                                            rf"\['{shard(ds, 5)}'\] away again .* or start a new checkpoint.dir"):
         TokenLoader(config(ds, skip_corrupt=True)).load_state_dict(state)
     # what the errors advise exists: data.skip_corrupt is a recipe key (off unless set)
     assert DataConfig(manifests=["m.json"]).skip_corrupt is False

@@ -16,7 +16,7 @@ import torch
 from sedd_scale.data.checked import CheckedSplit, check_split
 from sedd_scale.data.tar_layout import ShardLayout
 from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader, check_sources
-from sedd_scale.data.manifest import Manifest, ShardInfo, SplitInfo, TokenizerInfo
+from sedd_scale.data.manifest import Manifest, ManifestError, ShardInfo, SplitInfo, TokenizerInfo
 from sedd_scale.data.prepare import write_sequences
 from sedd_scale.layout import row_offset as global_row_offset
 
@@ -240,7 +240,7 @@ def test_state_refuses_a_different_stream(data, tmp_path):
     with pytest.raises(ValueError, match="seed"):
         TokenLoader(LoaderConfig([data["a"]], 8, 4, seed=1, global_batch=8), 0, 2).load_state_dict(state)
     changed = make_dataset(tmp_path / "a2", 203, first_id=1)  # same shape, different content
-    with pytest.raises(ValueError, match="manifest's content changed"):
+    with pytest.raises(ManifestError, match="the dataset changed since the checkpoint was saved"):
         TokenLoader(LoaderConfig([changed], 8, 4, seed=0, global_batch=8), 0, 2).load_state_dict(state)
     with pytest.raises(ValueError, match="blends 1 manifests, this loader 2"):
         TokenLoader(LoaderConfig([data["a"], data["b"]], 8, 4, seed=0, global_batch=8), 0, 2).load_state_dict(state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -254,6 +255,51 @@ def test_an_interrupted_build_or_swap_keeps_the_old_dataset(tmp_path, monkeypatc
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
     with pytest.raises(PrepareError, match="is not empty"):
         prepare({"train": iter(documents(5))}, PrepareConfig(out, tokenizer="byte", progress=False), {})
+
+
+def test_a_killed_preparations_folders_are_removed_by_the_next_one_and_nothing_else(tmp_path, capsys):
+    out = tmp_path / "d"
+    config = PrepareConfig(out, tokenizer="byte", seq_len=16, valid_fraction=0.0, workers=1, shard_tokens=64,
+                           progress=False, overwrite=True)
+    prepare({"train": iter(documents(40))}, config, {})
+    committed = snapshot(out)
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited (and been reaped): its folders are stale
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        siblings = {name: tmp_path / name for name in (
+            f".d.tmp-{dead_pid}@{host}.k1ll3d", f".d.old-{dead_pid}@{host}.r3plcd",  # stale: removed
+            f".d.tmp-{live.pid}@{host}.w0rk1n",  # a preparation in progress: kept
+            f".d.tmp-{dead_pid}@elsewhere.example.org.n0d3s",  # another host's: cannot be checked here, kept
+            ".d.tmp-x7q2ab",  # no owner recorded (an older version's): kept
+            f".e.tmp-{dead_pid}@{host}.0th3r")}  # another --out's: not this preparation's business
+        for path in siblings.values():
+            path.mkdir()
+            (path / "manifest.json").write_text("{}")
+        stats = prepare({"train": iter(documents(30, seed=1))}, config, {})
+        err = capsys.readouterr().err
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted(["d", *list(siblings)[2:]]), left
+        assert Manifest.load(out / "manifest.json").fingerprint() == stats.manifest.fingerprint()
+        assert snapshot(out) != committed  # the new dataset replaced the committed one, as --overwrite asks
+        for name in list(siblings)[:2]:
+            assert f"removed {siblings[name]}: a temporary folder of a preparation of {out} (process {dead_pid}) " \
+                   "that was killed" in err, err
+        assert f"left {siblings[list(siblings)[3]]}: a temporary folder of a preparation of {out} by process " \
+               f"{dead_pid} on host elsewhere.example.org, which this host cannot check" in err, err
+        assert f"left {siblings['.d.tmp-x7q2ab']}: a temporary folder of a preparation of {out} by an unknown " \
+               "process" in err, err
+        assert str(live.pid) not in err and ".e.tmp" not in err
+        # killed between its two renames: the old dataset sits aside and nothing replaced it, so it is kept
+        aside = tmp_path / f".d.old-{dead_pid}@{host}.4s1d3"
+        out.rename(aside)
+        prepare({"train": iter(documents(20, seed=2))}, config, {})
+        assert aside.is_dir() and out.is_dir()
+        assert f"left {aside}: it holds the dataset {out} had before" in capsys.readouterr().err
+    finally:
+        live.stdin.close()
+        live.wait()
 
 
 def test_ptb_official_splits(tmp_path):

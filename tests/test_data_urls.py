@@ -17,6 +17,7 @@ import webdataset as wds
 
 from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader
 from sedd_scale.data.manifest import Manifest, ManifestError
+from sedd_scale.data.shards import ShardError
 from sedd_scale.data.urlcache import UrlError
 from tests.test_data_loader import make_dataset, same, take
 
@@ -105,6 +106,27 @@ def test_a_download_that_differs_from_the_manifest_is_refused(server, tmp_path):
     assert cached == [f"{refs[2].info.sha256}.tar"]  # the intact tar of shard 2; nothing bad, no partial file
 
 
+def test_a_cached_copy_damaged_after_the_download_is_named_to_delete_and_fetched_again(server, tmp_path):
+    base, www, gets = server
+    url, cache = f"{base}/d/manifest.json", tmp_path / "cache"
+    reference = take(TokenLoader(config(url, cache)), 40)  # every shard fetched into the cache
+    m = Manifest.load(url)
+    info = m.splits["train"].shards[2]
+    cached = cache / f"{info.sha256}.tar"
+    data = bytearray(cached.read_bytes())
+    data[int(m.layout.row_offsets([7])[0]) + 3] ^= 0xFF  # a byte of row 7: same size, so the cache keeps the copy
+    cached.write_bytes(bytes(data))
+    with pytest.raises(ShardError) as damaged:
+        take(TokenLoader(config(url, cache)), 40)
+    message = str(damaged.value)
+    assert f"shard {base}/d/train-000002.tar (cached as {cached})" in message and "fails its CRC32 check" in message
+    assert message.endswith(f"the cached copy {cached} changed after it was fetched: delete it (the next read "
+                            "fetches it again and checks the sha256)"), message  # the intact sidecar is not named
+    cached.unlink()  # as told
+    assert same(take(TokenLoader(config(url, cache)), 40), reference)
+    assert gets["/d/train-000002.tar"] == 2 and cached.read_bytes() == (www / "d" / "train-000002.tar").read_bytes()
+
+
 def test_an_unwritable_cache_directory_is_refused(server, tmp_path):
     base, _, _ = server
     (tmp_path / "a-file").write_text("")
@@ -144,4 +166,8 @@ def test_verify_a_url_dataset(server, tmp_path):
     cached.write_bytes(bytes(data))
     r = verify()
     assert r.returncode == 1 and f"BAD train: sha256 mismatch for shard {cached}" in r.stdout
-    assert os.path.exists(cached)
+    assert f"the cached copy {cached} changed after it was fetched: delete it" in r.stdout, r.stdout
+    assert os.path.exists(cached)  # --verify reports; deleting is the user's call
+    cached.unlink()
+    r = verify()
+    assert r.returncode == 0 and "all shards intact" in r.stdout, r.stdout + r.stderr

@@ -301,6 +301,48 @@ def test_a_failed_checkpoint_write_is_named_cleaned_up_and_the_previous_one_resu
     assert out["resumed"] == (True, 2), out
 
 
+def error_lines(out: str) -> list[str]:
+    """The lines of a run's output that report an error, after checking that no traceback came with them."""
+    assert "Traceback" not in out, out
+    return [line for line in out.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_missing_shard_or_on_data_prepared_again_is_one_clear_line(tmp_path):
+    from sedd_scale.data.prepare import PrepareConfig, prepare
+    from tests.test_data_prepare import documents
+
+    data, run = tmp_path / "d", tmp_path / "run"
+    config = PrepareConfig(data, tokenizer="byte", seq_len=8, valid_fraction=0.1, workers=1, seqs_per_sample=4,
+                           shard_tokens=8 * 32, progress=False, overwrite=True)
+    prepare({"train": iter(documents(60))}, config, {})
+    raw = tiny_recipe(data, run, model={"num_tokens": 257}, train={"steps": 2})
+    raw["data"]["tokenizer"] = "byte"
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    code, out = train_main(recipe)
+    assert code == 0, out
+
+    shard = data / "train-000001.tar"
+    shard.rename(tmp_path / "aside.tar")  # lost before the resume: the advice is to restore it, not to skip it
+    code, out = train_main(recipe, "--set", "train.steps=3")
+    assert code == 2, out
+    assert error_lines(out) == [f"error: missing shard {shard}: restore it: this run resumes from a checkpoint, and "
+                                "leaving the shard out (data.skip_corrupt) or preparing the data again changes the "
+                                "data stream, which a resume refuses; or start a new checkpoint.dir with "
+                                "data.skip_corrupt: true to train without it"], out
+    (tmp_path / "aside.tar").rename(shard)
+
+    prepare({"train": iter(documents(60, seed=1))}, config, {})  # prepare_data --overwrite under the run
+    code, out = train_main(recipe, "--set", "train.steps=3")
+    assert code == 2, out
+    (line,) = error_lines(out)
+    assert line.startswith(f"error: cannot resume on {data / 'manifest.json'}: the dataset changed since the "
+                           "checkpoint was saved"), line
+    assert line.endswith("restore the dataset the run was trained on, or start a new checkpoint.dir to train on this "
+                         "one (to keep the weights: tools/convert_checkpoint.py consolidate, then shard --recipe)")
+    assert CheckpointDir(run).latest().name == "step_000000002"  # nothing written, nothing lost
+
+
 @pytest.mark.slow
 def test_an_empty_valid_split_is_said_not_skipped_silently(tmp_path):
     from sedd_scale.data.manifest import TokenizerInfo

@@ -42,14 +42,15 @@ def expected_template() -> list[int | None]:
     return layout + [None] * (LENGTH - len(layout))
 
 
-def cli(*args: str, procs: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, procs: int = 1, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """tools/sample.py in a fresh process (or `procs` under torchrun), one thread each (reproducible matmuls)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--standalone", "--nproc-per-node", str(procs)]
-    return subprocess.run([*launcher, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=240)
+    return subprocess.run([*launcher, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=240,
+                          cwd=cwd)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -159,6 +160,21 @@ def test_prefix_suffix_infill_and_dp_split_in_process(tp1, byte_ckpt):
     assert x.shape == (2, 32) and int(x.max()) < 50  # MASK (50) never survives the denoiser
     rec = sample_records(x, cond, None, unigram_entropy(x))[0]
     assert "text" not in rec and rec["conditioning"] == {"type": "unconditional", "given_ranges": []}
+
+
+def test_without_out_every_sample_is_printed_and_nothing_is_written(baseline, byte_ckpt, tmp_path):
+    proc = cli(str(byte_ckpt), *RUN, cwd=tmp_path)  # the README's form: no --out
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records, _ = baseline
+    for rec in records:  # all 8 samples (not --show's 2), the same ones --out writes
+        assert f"--- sample {rec['index']} ---\n{rec['text']}\n" in proc.stdout, proc.stdout
+    assert "unigram entropy" in proc.stdout and "wrote" not in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+    proc = cli(str(byte_ckpt), "--num-samples", "2", "--steps", "2", "--length", str(LENGTH), "--tokenizer", "none",
+               "--show", "1", "--summary", str(tmp_path / "s.json"))  # ids are printed without a tokenizer
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"--- sample 0 ---\n\[\d+(, \d+){29}\]\n", proc.stdout) and "--- sample 1 ---" not in proc.stdout
+    assert f"wrote {tmp_path / 's.json'}" in proc.stdout and [p.name for p in tmp_path.iterdir()] == ["s.json"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,14 +32,7 @@ from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from sedd_scale.checkpoint.consolidated import ConsolidatedError  # noqa: E402
-from sedd_scale.checkpoint.hub import HubFormatError  # noqa: E402
-from sedd_scale.checkpoint.sharded import CheckpointError  # noqa: E402
-from sedd_scale.config import RecipeError  # noqa: E402
-from sedd_scale.data.manifest import ManifestError  # noqa: E402
-from sedd_scale.data.shards import ShardError  # noqa: E402
-from sedd_scale.data.urlcache import UrlError  # noqa: E402
+# torch, megatron and the checkpoint code are imported where used, so a wrong flag is answered at once.
 
 
 class EvaluationError(ValueError):
@@ -97,7 +90,7 @@ def _ptb_manifest(length: int, num_tokens: int) -> Path:
 
 def _readable_manifest(path: Path) -> bool:
     """Whether `path` is a manifest this code reads (False: missing, or another format version)."""
-    from sedd_scale.data.manifest import Manifest
+    from sedd_scale.data.manifest import Manifest, ManifestError
 
     if not path.is_file():
         return False
@@ -243,9 +236,17 @@ def run(args) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, evaluate, print the table on rank 0; bad input exits with 2 and the reason."""
+    args = parser().parse_args(argv)
     import torch.distributed as dist
 
-    args = parser().parse_args(argv)
+    from sedd_scale.checkpoint.consolidated import ConsolidatedError
+    from sedd_scale.checkpoint.hub import HubFormatError
+    from sedd_scale.checkpoint.sharded import CheckpointError
+    from sedd_scale.config import RecipeError
+    from sedd_scale.data.manifest import ManifestError
+    from sedd_scale.data.shards import ShardError
+    from sedd_scale.data.urlcache import UrlError
+
     try:
         result = run(args)
     except (EvaluationError, ConsolidatedError, HubFormatError, CheckpointError, RecipeError, ManifestError,

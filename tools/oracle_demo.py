@@ -6,12 +6,6 @@ import argparse
 import math
 import time
 
-import torch
-
-from sedd_scale.diffusion import get_graph, get_noise, sample
-from sedd_scale.diffusion.elbo import elbo_per_sequence, prior_kl
-from sedd_scale.testing.exact import Enumerated, random_joint, total_variation
-
 
 def main() -> None:
     """Print sampler TV per step count and the ELBO-vs-NLL gap for both graphs."""
@@ -19,6 +13,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    import torch  # after parsing: a wrong flag is answered without loading torch
+
+    from sedd_scale.diffusion import get_graph, get_noise, sample
+    from sedd_scale.diffusion.elbo import elbo_per_sequence, prior_kl
+    from sedd_scale.testing.exact import Enumerated, random_joint, total_variation
+
     p0 = random_joint(3, 4, seed=args.seed)
     print(f"data: a random joint over 3 tokens x 4 positions (81 sequences), {args.samples} samples per cell")
     print(f"{'graph':8} {'noise':10} {'sampler':9} " + " ".join(f"{'TV@' + str(s):>8}" for s in (2, 8, 32, 128)))

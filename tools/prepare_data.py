@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+# None of these loads torch (sedd_scale.data's loaders do; --verify imports the shard cache from there).
 from sedd_scale.data.corpora import CORPORA, expand_inputs, jsonl_documents, load_corpus, text_documents  # noqa: E402
-from sedd_scale.data.loader import shard_cache  # noqa: E402
 from sedd_scale.data.manifest import Manifest  # noqa: E402
 from sedd_scale.data.prepare import PrepareConfig, prepare  # noqa: E402
 from sedd_scale.data.shards import verify_shard  # noqa: E402
 from sedd_scale.data.tokenizer import TOKENIZER_SPECS  # noqa: E402
-from sedd_scale.data.urlcache import UrlError, is_url  # noqa: E402
+from sedd_scale.data.urlcache import UrlError, damaged_copy_advice, is_url  # noqa: E402
 
 # What bad input raises (a message naming the file/problem and the fix); anything else is a bug: traceback.
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -35,6 +35,8 @@ BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
 
 def verify(location: str, cache_dir: str | None = None) -> int:
     """Check every shard of a manifest (sizes, sha256s, tar layout, every CRC32); return the number of bad shards."""
+    from sedd_scale.data.loader import shard_cache
+
     manifest = Manifest.load(location)
     cache = shard_cache(cache_dir)
     bad = 0
@@ -48,6 +50,8 @@ def verify(location: str, cache_dir: str | None = None) -> int:
                 problem: str | None = str(e)
             else:
                 problem = verify_shard(Path(tar), Path(crc), ref, manifest.layout, manifest.dtype)
+                if problem and is_url(ref.tar):  # the cache's copy went bad after it landed: delete, fetch again
+                    problem += f"; {damaged_copy_advice([(tar, ref.info.sha256), (crc, ref.info.crc_sha256)])}"
             if problem:
                 bad += 1
                 print(f"BAD {name}: {problem}")

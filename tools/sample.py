@@ -1,19 +1,21 @@
 """Sample a trained SEDD model (unconditional, prefix/suffix, or templates with blanks) and report metrics.
 
-    python tools/sample.py CKPT --out samples.jsonl [--num-samples 8] [--batch-size 8] [--steps 1024]
+    python tools/sample.py CKPT [--out samples.jsonl] [--num-samples 8] [--batch-size 8] [--steps 1024]
         [--predictor analytic|euler] [--length L] [--seed 0] [--tp 1] [--tokenizer auto|gpt2|byte|none]
         [--prefix TEXT] [--suffix TEXT] | [--template "The [BLANK] sat on the [BLANK:3]." --blank-len 8]
         [--gen-ppl-model HF_DIR [--gen-ppl-tokens auto|ids|text] [--gen-ppl-batch-size N]]
         [--eps 1e-5] [--no-denoise] [--precision fp32|bf16|bf16-mixed] [--summary PATH] [--overwrite]
-        [--extrapolate]
+        [--extrapolate] [--show N]
     torchrun --nproc-per-node 8 tools/sample.py CKPT --tp 2 --out samples.jsonl ...
 
 CKPT is any directory `sedd_scale.pretrained.load_pretrained` accepts; the weights it holds (EMA or
 raw) are the ones sampled. With W processes and --tp T, DP = W / T replicas each draw their share
 of the batches: batch b (global index) uses a generator seeded from (--seed, b) and goes to DP rank
-b mod DP, so the samples do not depend on the number of processes. Rank 0 writes the JSONL (one
-line per sample: index, ids, text, conditioning, unigram_entropy, gen_ppl) and a JSON summary next
-to it (`<out minus .jsonl>.summary.json`), both atomically, and prints a table.
+b mod DP, so the samples do not depend on the number of processes. Rank 0 prints the samples (text,
+or ids without a tokenizer; all of them without --out, the first --show with it) and a table. With
+--out it writes the JSONL (one line per sample: index, ids, text, conditioning, unigram_entropy,
+gen_ppl) and a JSON summary next to it (`<out minus .jsonl>.summary.json`, or --summary), both
+atomically; without --out nothing is written but a --summary asked for.
 
 Templates: `[BLANK]` is a blank of --blank-len tokens, `[BLANK:N]` one of N tokens; the text
 between is tokenised piece by piece as written (GPT-2 BPE: a space before a blank is its own token,
@@ -34,7 +36,8 @@ otherwise the text is re-tokenised with the scorer's tokenizer (see CausalLMScor
 
 Bad input (missing checkpoint, too long a prefix/suffix/template, a length past the training length
 without --extrapolate, --tp not dividing the world size or the heads, an existing --out without
---overwrite) exits with code 2 before any work; existing files are left as they are.
+--overwrite) exits with code 2 before any work; existing files are left as they are. The command line
+is parsed before torch and the model code are imported, so a wrong flag is answered at once.
 """
 from __future__ import annotations
 
@@ -47,22 +50,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import torch  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
-from sedd_scale.apps.generation import (CausalLMScorer, Conditioning, GenerationError, atomic_write,  # noqa: E402
-                                   batch_plan, build_conditioning, check_tp, choose_tokenizer, collect_samples,
-                                   generate_batches, model_log_score_fn, read_model_config, sample_records,
-                                   score_samples)
-from sedd_scale.diffusion.sampling import unigram_entropy
-from sedd_scale.model.config import ModelConfig  # noqa: E402
+if TYPE_CHECKING:  # torch and the model code are imported only once the command line parses
+    import torch
+
+    from sedd_scale.apps.generation import CausalLMScorer, Conditioning
+    from sedd_scale.model.config import ModelConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory: hub (config.json + model.safetensors) or consolidated")
-    p.add_argument("--out", required=True, help="JSONL file of samples (rank 0 writes it)")
-    p.add_argument("--summary", help="JSON summary file (default: <out without .jsonl>.summary.json)")
+    p.add_argument("--out", help="JSONL file of samples (rank 0 writes it; default: print them, write nothing)")
+    p.add_argument("--summary", help="JSON summary file (default: <out without .jsonl>.summary.json with --out, "
+                                     "else none)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --summary files")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8, help="samples per sampler call (per DP rank)")
@@ -89,14 +92,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ppl.add_argument("--gen-ppl-tokens", choices=("auto", "ids", "text"), default="auto",
                      help="score our ids directly, or re-tokenised text (auto: ids when the vocabularies match)")
     ppl.add_argument("--gen-ppl-batch-size", type=int, default=8)
-    p.add_argument("--show", type=int, default=2, help="samples to print")
+    p.add_argument("--show", type=int, default=None, help="samples to print (default: 2 with --out, else all)")
     return p.parse_args(argv)
 
 
-def summary_path(args: argparse.Namespace) -> Path:
-    """Where the JSON summary goes."""
+def summary_path(args: argparse.Namespace) -> Path | None:
+    """Where the JSON summary goes (None: nowhere, the samples are only printed)."""
     if args.summary:
         return Path(args.summary)
+    if not args.out:
+        return None
     out = Path(args.out)
     return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
 
@@ -105,6 +110,9 @@ class Plan:
     """Everything decided from the inputs before any process group or model exists."""
 
     def __init__(self, args: argparse.Namespace, meta: ModelConfig, world: int):
+        from sedd_scale.apps.generation import (CausalLMScorer, GenerationError, build_conditioning, check_tp,
+                                           choose_tokenizer)
+
         check_tp(world, args.tp, meta.n_heads)
         if args.steps < 1:
             raise GenerationError(f"--steps must be >= 1, got {args.steps}")
@@ -129,6 +137,8 @@ class Plan:
 
 def check_files(args: argparse.Namespace) -> None:
     """Checkpoint, scorer and output paths, before anything is loaded."""
+    from sedd_scale.apps.generation import GenerationError, batch_plan
+
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise GenerationError(f"checkpoint directory {str(ckpt)!r} does not exist: pass the directory holding "
@@ -136,14 +146,19 @@ def check_files(args: argparse.Namespace) -> None:
     if args.gen_ppl_model and not (Path(args.gen_ppl_model) / "config.json").is_file():
         raise GenerationError(f"--gen-ppl-model {args.gen_ppl_model!r} is not a local Hugging Face model directory "
                               "(no config.json): pass the folder written by save_pretrained; nothing is downloaded")
-    for path in (Path(args.out), summary_path(args)):
-        if path.exists() and not args.overwrite:
+    for path in (args.out and Path(args.out), summary_path(args)):
+        if path and path.exists() and not args.overwrite:
             raise GenerationError(f"{str(path)!r} exists: pass --overwrite to replace it, or another --out/--summary")
     batch_plan(args.num_samples, args.batch_size)
 
 
 def run(args: argparse.Namespace) -> int:
     """Check, sample, collect on rank 0, score and write; returns the exit code."""
+    import torch
+
+    from sedd_scale.apps.generation import (CausalLMScorer, batch_plan, check_tp, collect_samples, generate_batches,
+                                       model_log_score_fn, read_model_config)
+
     check_files(args)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     check_tp(world, args.tp)
@@ -204,9 +219,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(args, plan: Plan, ids: torch.Tensor, seconds: float, world: int, dp_size: int, device) -> None:
-    """Rank 0: metrics, the JSONL and summary files, the printed table."""
+    """Rank 0: metrics, the JSONL and summary files, the printed samples and table."""
+    from sedd_scale.apps.generation import atomic_write, sample_records, score_samples
+    from sedd_scale.diffusion.sampling import unigram_entropy
+
     entropy = unigram_entropy(ids)
-    summary = {"checkpoint": str(args.checkpoint), "out": str(args.out), "num_samples": int(ids.shape[0]),
+    summary = {"checkpoint": str(args.checkpoint), "out": args.out, "num_samples": int(ids.shape[0]),
                "length": int(ids.shape[1]), "steps": args.steps, "predictor": args.predictor, "seed": args.seed,
                "batch_size": args.batch_size, "eps": args.eps, "denoise": not args.no_denoise,
                "world_size": world, "tp": args.tp, "dp": dp_size, "model_length": plan.meta.length,
@@ -220,11 +238,13 @@ def report(args, plan: Plan, ids: torch.Tensor, seconds: float, world: int, dp_s
         ppl, per_sample_ppl = score_samples(plan.scorer, ids)
         summary.update(ppl)
     records = sample_records(ids, plan.conditioning, plan.tokenizer, entropy, per_sample_ppl)
-    atomic_write(args.out, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    atomic_write(summary_path(args), [json.dumps(summary, indent=2) + "\n"])
-    for rec in records[: max(args.show, 0)]:
-        if "text" in rec:
-            print(f"--- sample {rec['index']} ---\n{rec['text']}")
+    if args.out:
+        atomic_write(args.out, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    if summary_path(args):
+        atomic_write(summary_path(args), [json.dumps(summary, indent=2) + "\n"])
+    show = args.show if args.show is not None else 2 if args.out else len(records)
+    for rec in records[: max(show, 0)]:
+        print(f"--- sample {rec['index']} ---\n{rec['text'] if 'text' in rec else json.dumps(rec['ids'])}")
     rows = [("samples", f"{summary['num_samples']} x {summary['length']} tokens"),
             ("sampler", f"{args.predictor}, {args.steps} steps, seed {args.seed}"),
             ("layout", f"world {world} = DP {dp_size} x TP {args.tp}"),
@@ -241,12 +261,16 @@ def report(args, plan: Plan, ids: torch.Tensor, seconds: float, world: int, dp_s
                                           f"{summary['gen_ppl_skipped']} too short to score"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    print(f"wrote {args.out} and {summary_path(args)}")
+    written = [str(path) for path in (args.out, summary_path(args)) if path]
+    if written:
+        print(f"wrote {' and '.join(written)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: exit code 0, or 2 for input that cannot work (the message says what to change)."""
     args = parse_args(argv)
+    from sedd_scale.apps.generation import GenerationError  # torch loads here, once the command line parsed
+
     try:
         return run(args)
     except GenerationError as e:

@@ -5,12 +5,20 @@ dp_size)`; evaluate with `EvalLoader(manifest, "valid" | "test", micro_batch, dp
 At scale, rank 0 runs `check_sources(config)` / `check_split(manifest, split)` and shares the
 result (`checked=`), so the other ranks do no per-shard metadata work at start.
 """
-from sedd_scale.data.checked import CheckedSplit, check_split
-from sedd_scale.data.loader import EvalBatch, EvalLoader, LoaderConfig, TokenLoader, check_sources
-from sedd_scale.data.manifest import Manifest, ManifestError
-from sedd_scale.data.shards import ShardError
-from sedd_scale.data.tokenizer import get_tokenizer, tokenizer_vocab_size
-from sedd_scale.data.urlcache import UrlError
+import importlib
 
-__all__ = ["CheckedSplit", "EvalBatch", "EvalLoader", "LoaderConfig", "Manifest", "ManifestError", "ShardError",
-           "TokenLoader", "UrlError", "check_sources", "check_split", "get_tokenizer", "tokenizer_vocab_size"]
+# name -> submodule. Loaded on first use, so that importing a light submodule (manifest, tokenizer, prepare: what
+# tools/prepare_data.py needs) does not load torch along with the loaders.
+_EXPORTS = {"CheckedSplit": "checked", "check_split": "checked", "EvalBatch": "loader", "EvalLoader": "loader",
+            "LoaderConfig": "loader", "TokenLoader": "loader", "check_sources": "loader", "Manifest": "manifest",
+            "ManifestError": "manifest", "ShardError": "shards", "get_tokenizer": "tokenizer",
+            "tokenizer_vocab_size": "tokenizer", "UrlError": "urlcache"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """The exported names, imported from their submodule on first use."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"sedd_scale.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'sedd_scale.data' has no attribute {name!r}")

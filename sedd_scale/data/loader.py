@@ -103,10 +103,11 @@ def shard_cache(directory: str | None) -> UrlCache:
     return UrlCache(directory if directory is not None else cache_dir() / "shards")
 
 
-def check_sources(config: LoaderConfig) -> list[CheckedSplit]:
+def check_sources(config: LoaderConfig, resuming: bool = False) -> list[CheckedSplit]:
     """Load the config's manifests and check their splits' shards (rank 0's startup work, shared with the others).
 
-    Refuses manifests that cannot be blended (sequence length, tokenizer) before any shard is touched.
+    Refuses manifests that cannot be blended (sequence length, tokenizer) before any shard is touched; `resuming`
+    (a run continuing from a checkpoint) fits the advice of a shard problem to that situation.
     """
     manifests = [Manifest.load(p) for p in config.manifests]
     first = manifests[0]
@@ -118,7 +119,7 @@ def check_sources(config: LoaderConfig) -> list[CheckedSplit]:
         if m.tokenizer != first.tokenizer:
             raise ManifestError(f"cannot blend {m.location} ({m.tokenizer.describe()}) with {first.location} "
                                 f"({first.tokenizer.describe()}): all manifests must use the same tokenizer")
-    return [check_split(m, config.split, config.skip_corrupt) for m in manifests]
+    return [check_split(m, config.split, config.skip_corrupt, resuming=resuming) for m in manifests]
 
 
 class _Source:
@@ -371,12 +372,7 @@ class TokenLoader:
             raise ValueError(f"loader state blends {len(state['sources'])} manifests, this loader "
                              f"{len(mine['sources'])}")
         for old, new in zip(state["sources"], mine["sources"]):
-            for key, what in (("fingerprint", "the manifest's content changed"),
-                              ("weight", "the blend weight changed"),
-                              ("skipped", "a different set of corrupt shards is skipped")):
-                if old[key] != new[key]:
-                    raise ValueError(f"cannot resume on {new['manifest']}: {what} since the state was saved "
-                                     f"({old[key]!r} -> {new[key]!r}); resuming would not continue the same stream")
+            _check_same_source(old, new)
         micro = int(state["micro"])
         if micro:
             saved = state["layout"]
@@ -392,6 +388,29 @@ class TokenLoader:
                 raise ValueError(f"loader state has micro={micro}, outside [0, grad_accum={self.grad_accum})")
         self.steps, self._consumed, self.micro = int(state["steps"]), [int(c) for c in state["consumed"]], micro
         self._generation += 1  # an iterator made before this load is stale
+
+
+def _check_same_source(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse to resume a source whose data changed since its state was saved (ManifestError: bad input, exit 2),
+    naming the manifest and the way forward."""
+    where = f"cannot resume on {new['manifest']}"
+    stream = "so resuming would not continue the same data stream"
+    if old["fingerprint"] != new["fingerprint"]:
+        raise ManifestError(
+            f"{where}: the dataset changed since the checkpoint was saved (manifest fingerprint "
+            f"{old['fingerprint'][:12]} -> {new['fingerprint'][:12]}: it was prepared again, e.g. by prepare_data "
+            f"--overwrite), {stream}: restore the dataset the run was trained on, or start a new checkpoint.dir to "
+            "train on this one (to keep the weights: tools/convert_checkpoint.py consolidate, then shard --recipe)")
+    if old["weight"] != new["weight"]:
+        raise ManifestError(f"{where}: its blend weight changed since the checkpoint was saved ({old['weight']!r} -> "
+                            f"{new['weight']!r}), {stream}: set data.weights back, or start a new checkpoint.dir")
+    if old["skipped"] != new["skipped"]:
+        gone = [s for s in new["skipped"] if s not in old["skipped"]]
+        back = [s for s in old["skipped"] if s not in new["skipped"]]
+        todo = " and ".join(part for part in (f"restore {gone}" if gone else "",
+                                              f"move {back} away again" if back else "") if part)
+        raise ManifestError(f"{where}: data.skip_corrupt leaves out other shards than when the checkpoint was saved, "
+                            f"{stream}: {todo} (the same shards must be left out), or start a new checkpoint.dir")
 
 
 class EvalBatch(NamedTuple):
@@ -427,7 +446,7 @@ class EvalLoader:
             raise ValueError(f"need 0 <= dp_rank < dp_size and micro_batch >= 1, got {self.dp_rank}, "
                              f"{self.dp_size}, {self.micro_batch}")
         if self.checked is None:
-            self.checked = check_split(self.manifest, self.split)
+            self.checked = check_split(self.manifest, self.split, evaluation=True)
         elif (self.checked.manifest.location, self.checked.split) != (str(self.manifest), self.split):
             raise ValueError(f"checked split {self.checked.split!r} of {self.checked.manifest.location} is not "
                              f"split {self.split!r} of {self.manifest}")

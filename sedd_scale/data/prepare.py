@@ -9,13 +9,18 @@ documents, spread evenly over the corpus.
 The dataset is built in a temporary sibling of the output directory and renamed into place when
 complete, so a failure or crash midway leaves no half-written dataset, and with `overwrite` the
 old dataset stays whole until the new one is ready. A non-empty output directory is refused unless
-`overwrite` is set, and even then only if it holds nothing but a prepared dataset.
+`overwrite` is set, and even then only if it holds nothing but a prepared dataset. The siblings'
+names carry their owner (`.OUT.tmp-PID@HOST.*`, `.OUT.old-PID@HOST.*`), so that the next preparation
+of OUT removes those of a process that is gone (killed midway); never one of a live process, nor one
+of another host (whose processes cannot be seen from here), nor an old dataset not yet replaced.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from collections import deque
@@ -134,12 +139,63 @@ def check_output(out: Path, overwrite: bool) -> None:
                            "*.tar, *.crc32); move the other files away or choose another directory")
 
 
+def _sibling(out: Path, kind: str) -> Path:
+    """A new temporary sibling of `out` (kind "tmp": the dataset being built, "old": the one it replaces), its
+    name recording this process and host so that a later preparation can tell whether its owner is gone."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}@{socket.gethostname()}.", dir=out.parent))
+
+
+def _owner_alive(pid: int, host: str) -> bool | None:
+    """Whether process `pid` of `host` runs; None for another host (its processes cannot be seen from here)."""
+    if host != socket.gethostname():
+        return None
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_siblings(out: Path) -> list[str]:
+    """Remove the temporary siblings of `out` left by preparations whose process is gone; returns a line per sibling
+    removed or left (one of another host or of an unknown owner, an old dataset that `out` has not replaced)."""
+    notes: list[str] = []
+    if not out.parent.is_dir():
+        return notes
+    for path in sorted(out.parent.iterdir()):
+        kind = next((k for k in ("tmp", "old") if path.name.startswith(f".{out.name}.{k}-")), None)
+        if kind is None or not path.is_dir():
+            continue
+        owner, _, _ = path.name[len(f".{out.name}.{kind}-"):].rpartition(".")
+        pid, _, host = owner.partition("@")
+        alive = _owner_alive(int(pid), host) if pid.isdigit() and host else None
+        if alive:
+            continue
+        if alive is None:
+            who = f"process {pid} on host {host}" if pid.isdigit() and host else "an unknown process"
+            notes.append(f"left {path}: a temporary folder of a preparation of {out} by {who}, which this host cannot "
+                         "check; delete it once no preparation of that directory runs")
+        elif kind == "old" and not (out / "manifest.json").is_file():
+            # Killed between the two renames: this is the previous dataset, and nothing replaced it.
+            notes.append(f"left {path}: it holds the dataset {out} had before a preparation (process {pid}) was "
+                         f"killed while replacing it; rename it back to {out} to keep it, or delete it")
+        else:
+            shutil.rmtree(path)
+            notes.append(f"removed {path}: a temporary folder of a preparation of {out} (process {pid}) that was "
+                         "killed")
+    return notes
+
+
 def _swap_into_place(built: Path, out: Path) -> None:
     """Rename the finished dataset to `out`; an old one is renamed aside first and deleted only after."""
     if not out.exists() or not any(out.iterdir()):
         os.replace(built, out)  # rename(2) replaces an empty directory atomically
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = _sibling(out, "old")
     os.replace(out, old)  # the old dataset stays whole until the new one is in place
     try:
         os.replace(built, out)
@@ -162,8 +218,10 @@ def prepare(splits: dict[str, Iterable[str]], config: PrepareConfig, source: dic
     tokenizer = TokenizerInfo(tok.name, tok.vocab_size, tok.eos_id, tok.sha256)  # a missing EOS fails here
     if is_tokenizer_file(config.tokenizer):
         source = {**source, "tokenizer_file": str(Path(config.tokenizer).resolve())}
+    for note in remove_stale_siblings(out):
+        print(note, file=sys.stderr, flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    stage = _sibling(out, "tmp")
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the dataset gets the usual permissions

@@ -18,11 +18,12 @@ import numpy as np
 from sedd_scale.data.tar_layout import ShardLayout
 from sedd_scale.data.manifest import ShardRef
 from sedd_scale.data.shards import ShardError
-from sedd_scale.data.urlcache import UrlCache, is_url
+from sedd_scale.data.urlcache import UrlCache, damaged_copy_advice, is_url
 
-CRC_ADVICE = ("run `python tools/prepare_data.py --verify MANIFEST` to list every damaged shard, then restore "
-              "them or prepare the data again (with data.skip_corrupt: true a missing shard is left out, so moving "
-              "a damaged one away also works)")
+# A resume refuses other data, so only restoring the shards continues a run; anything else is a new run.
+CRC_ADVICE = ("run `python tools/prepare_data.py --verify MANIFEST` to list every damaged shard, then restore them "
+              "from a copy (a run resumes only on the data it started with); or start a new checkpoint.dir, with the "
+              "data prepared again or the damaged shards moved away and data.skip_corrupt: true")
 
 
 class RowReader:
@@ -72,13 +73,13 @@ class RowReader:
         return fd
 
     @staticmethod
-    def _pread(fd: int, size: int, offset: int, where: str) -> bytes:
+    def _pread(fd: int, size: int, offset: int, where: str, fix: str = "restore it or prepare the data again") -> bytes:
         data = os.pread(fd, size, offset)
         while len(data) < size:  # short reads happen (signals, network filesystems); EOF means truncation
             more = os.pread(fd, size - len(data), offset + len(data))
             if not more:
                 raise ShardError(f"{where} ends before byte {offset + size}: it was truncated since the run "
-                                 "started; restore it or prepare the data again")
+                                 f"started; {fix}")
             data += more
         return data
 
@@ -92,7 +93,10 @@ class RowReader:
         if rows.min() < 0 or rows.max() >= info.num_sequences:
             raise ValueError(f"rows outside [0, {info.num_sequences}) of shard {ref.tar}")
         tar_path = self._local(ref.tar, info.num_bytes, info.sha256, ".tar")
-        where = ref.tar if tar_path == ref.tar else f"{ref.tar} (cached as {tar_path})"
+        cached = tar_path != ref.tar
+        where = f"{ref.tar} (cached as {tar_path})" if cached else ref.tar
+        truncated = (f"delete {tar_path} (the next read fetches it again)" if cached
+                     else "restore it or prepare the data again")
         tar = self._fd(tar_path, "shard")
         if self.verify:
             crc_path = self._local(ref.crc, info.crc_bytes, info.crc_sha256, ".crc32")
@@ -103,7 +107,7 @@ class RowReader:
         size = layout.row_bytes
         for run in np.split(np.arange(len(ordered)), np.flatnonzero(np.diff(ordered) != 1) + 1):
             start = int(offsets[run[0]])
-            buf = memoryview(self._pread(tar, int(offsets[run[-1]]) + size - start, start, where))
+            buf = memoryview(self._pread(tar, int(offsets[run[-1]]) + size - start, start, where, truncated))
             if self.verify:
                 stored = np.frombuffer(self._pread(crc, 4 * len(run), 4 * int(ordered[run[0]]), ref.crc), "<u4")
             for k, i in enumerate(run):
@@ -111,9 +115,11 @@ class RowReader:
                 if self.verify and zlib.crc32(piece) != stored[k]:
                     row = int(ordered[i])
                     key = ref.first + row // layout.seqs_per_sample * layout.seqs_per_sample
+                    # A cached copy is ours to replace: name the damaged file(s), not the (intact) object behind.
+                    why = (damaged_copy_advice([(tar_path, info.sha256), (crc_path, info.crc_sha256)]) if cached else
+                           f"the shard or its sidecar {ref.crc} changed after it was prepared; {CRC_ADVICE}")
                     raise ShardError(
                         f"sequence {row} of shard {where} (sample {key:012d}) fails its CRC32 check (stored "
-                        f"{int(stored[k]):08x}, read {zlib.crc32(piece):08x}): the shard or its sidecar {ref.crc} "
-                        f"changed after it was prepared; {CRC_ADVICE}")
+                        f"{int(stored[k]):08x}, read {zlib.crc32(piece):08x}): {why}")
                 out[order[i]] = np.frombuffer(piece, dtype=self.dtype)
         return out

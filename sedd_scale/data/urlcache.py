@@ -6,7 +6,8 @@ addressed: the manifest names it, and two URLs of the same bytes share one copy)
 temporary file, its size and sha256 checked against the manifest, then renamed into place. A lock
 file per entry makes the ranks and workers of a node that share a cache download each file once.
 Cached files are then read like local shards; their sha256 is not checked again (each sequence's
-CRC32 still is, on every read). Nothing is evicted: size the cache for the corpus, or clear it.
+CRC32 still is, on every read: a copy damaged in the cache is named, to be deleted and fetched again).
+Nothing is evicted: size the cache for the corpus, or clear it.
 """
 from __future__ import annotations
 
@@ -71,6 +72,23 @@ def read_url(url: str) -> bytes:
     blocks: list[bytes] = []
     _stream_url(url, blocks.append)
     return b"".join(blocks)
+
+
+def damaged_copy_advice(copies: list[tuple[str | Path, str]]) -> str:
+    """What to do when a check fails on files read from the cache, given as (path, sha256 the manifest records):
+    delete the copies whose sha256 no longer matches (all of them when none differs), to have them fetched again."""
+    bad = [str(path) for path, sha in copies if _file_sha256(path) != sha] or [str(path) for path, _ in copies]
+    noun, it, was = ("copy", "it", "it was") if len(bad) == 1 else ("copies", "them", "they were")
+    return (f"the cached {noun} {' and '.join(bad)} changed after {was} fetched: delete {it} (the next read "
+            f"fetches {it} again and checks the sha256)")
+
+
+def _file_sha256(path: str | Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 class UrlCache:

@@ -146,11 +146,14 @@ def run(recipe, layout, topology, start: run_dir.RunStart | None = None):
                           weights=d.weights, seed=recipe.train.seed, num_workers=d.num_workers,
                           global_batch=layout.global_batch, skip_corrupt=d.skip_corrupt, cache_dir=d.cache_dir)
     valid_manifest = d.valid or d.manifests[0]
+    # A resumed run cannot leave a bad shard out or take re-prepared data: the advice for a bad shard says so.
+    resuming = start is not None and start.latest is not None
     # Rank 0 loads the manifests and checks every shard's size once; every rank builds its loaders from that.
     checked = [None]
     if dist.get_rank() == 0:
         try:
-            checked = [(check_sources(config), check_split(valid_manifest, "valid"))]
+            checked = [(check_sources(config, resuming=resuming),
+                        check_split(valid_manifest, "valid", resuming=resuming, evaluation=True))]
         except (ManifestError, ShardError, ValueError) as e:  # raised on every rank below
             checked = [e]
     dist.broadcast_object_list(checked, src=0)
