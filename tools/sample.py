@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
     """Check, sample, collect on rank 0, score and write; returns the exit code."""
     import torch
 
-    from sedd_scale.apps.generation import (CausalLMScorer, batch_plan, check_tp, collect_samples, generate_batches,
-                                       model_log_score_fn, read_model_config)
+    from sedd_scale.apps.generation import (CausalLMScorer, GenerationError, batch_plan, check_tp, collect_samples,
+                                            generate_batches, model_log_score_fn, read_model_config)
 
     check_files(args)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
