@@ -194,6 +194,108 @@ def test_metrics_jsonl_drops_replayed_steps(tmp_path):
     assert {"step": 4, "event": "resumed", "dropped_records": 2} in lines
 
 
+@pytest.mark.parametrize("tail, warned", [
+    (b'{"step": 4, "train/loss_per_tok', True),  # a full disk cut the record short
+    (b'{"step": 4, "note": "\xe2\x82', True),  # ... in the middle of a multi-byte character
+    (b"[1, 2", True),
+    (b'{"step": 3, "note": "whole"}', False),  # complete but without its newline: kept, the next record follows it
+])
+def test_a_half_written_last_metrics_line_is_dropped_with_a_warning_and_the_resume_goes_on(tmp_path, capsys, tail,
+                                                                                          warned):
+    m = Metrics(tmp_path, total_steps=10)
+    for step in (1, 2, 3):
+        m.scalars(step, {"train/loss_per_token": float(step)})
+    m.close()
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "ab") as f:
+        f.write(tail)
+    m = Metrics(tmp_path, total_steps=10, start_step=3)  # raised JSONDecodeError before the fix
+    m.scalars(4, {"train/loss_per_token": 14.0})
+    m.close()
+    err = capsys.readouterr().err
+    if warned:
+        assert f"warning: {path}, line 4: dropped an unreadable record" in err and "a write cut short" in err, err
+    else:
+        assert "warning" not in err, err
+    lines = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses again
+    losses = [(r["step"], r["train/loss_per_token"]) for r in lines if "train/loss_per_token" in r]
+    assert losses == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0)]
+    assert ({"step": 3, "note": "whole"} in lines) == (not warned)
+
+
+def test_a_full_disk_under_the_metrics_writer_is_named_with_the_free_space(tmp_path, monkeypatch):
+    """ENOSPC: one message naming the file, its directory and the free space; what was written stays."""
+    import errno
+    import shutil
+
+    from sedd_scale.metrics import MetricsError
+
+    m = Metrics(tmp_path, total_steps=10)
+    m.scalars(1, {"train/loss_per_token": 1.0})
+
+    class Full:
+        """The JSONL file on a full disk: every write fails."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            self.f.flush()
+
+        def close(self):
+            self.f.close()
+
+    m.jsonl = Full(m.jsonl)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 2**29, 2**29))
+    m.scalars(2, {"train/loss_per_token": 2.0})
+    m.scalars(3, {"train/loss_per_token": 3.0})  # after a failure: skipped, the first failure is kept
+    path = tmp_path / "metrics.jsonl"
+    assert m.failure == (f"could not write {path}: no space left on the filesystem of {tmp_path} (0.50 GiB free): "
+                         "free space there"), m.failure
+    with pytest.raises(MetricsError) as e:  # nobody took the failure: closing raises it
+        m.close()
+    assert str(e.value) == m.failure
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
+
+
+EFBIG_METRICS = """
+import json, resource, signal, sys
+from sedd_scale.metrics import Metrics, MetricsError
+m = Metrics(sys.argv[1], total_steps=1000)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+for step in range(1, 1000):
+    m.scalars(step, {"train/loss_per_token": step / 7})
+    if m.failure:
+        break
+try:
+    m.close()
+except MetricsError as e:
+    print(json.dumps({"step": step, "error": str(e)}))
+"""
+
+
+def test_the_file_size_limit_under_the_metrics_writer_is_named_as_such_and_a_resume_drops_the_cut_record(tmp_path):
+    """EFBIG (ulimit -f) is reported as the file-size limit, not as a full disk; the next run goes on."""
+    p = subprocess.run([sys.executable, "-c", EFBIG_METRICS, str(tmp_path)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip(), p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    assert 10 < out["step"] < 999, out
+    assert out["error"].startswith(f"could not write {tmp_path}/"), out
+    assert "file-size limit (ulimit -f / RLIMIT_FSIZE: 4096 bytes), not a full disk" in out["error"], out
+    assert "no space left" not in out["error"], out
+    resumed = subprocess.run([sys.executable, "-c", "import sys; from sedd_scale.metrics import Metrics; "
+                              "Metrics(sys.argv[1], total_steps=1000, start_step=5).close()", str(tmp_path)],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert resumed.returncode == 0 and "dropped an unreadable record" in resumed.stderr, resumed.stderr
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 5], lines  # and the resume marker
+
+
 # --- recipe parsing -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, message", [
     ("optim:\n  lr: 1e-3\n  lr: 2e-3\n", "line 3, column 3: found the key 'lr' twice (first on line 2)"),
