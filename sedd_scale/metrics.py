@@ -229,6 +229,14 @@ class Metrics:
         if self.enabled:
             self.bar.write(line)
 
+    def flush(self) -> None:
+        """Write out what the sinks hold (a failure is kept in `failure`, as for any write)."""
+        if self.enabled and self.failure is None:
+            with self._writing(self.events):
+                self.writer.flush()
+            with self._writing(str(self.jsonl_path)):
+                self.jsonl.flush()
+
     def close(self) -> None:
         """Flush and close every sink; raises MetricsError for a failed write nobody took (`take_failure`)."""
         if not self.enabled:
