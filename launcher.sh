@@ -140,6 +140,12 @@ else
   # for the job do not reach it; this script hands SIGTERM / SIGUSR1 / SIGINT to the workers instead.
   # They checkpoint and exit 0 (SEDD_STOP_EXIT_CODE), torchrun exits 0, and this script exits 143
   # (128 + SIGTERM) so that schedulers requeue the job.
+  # SIGKILL of this script cannot be trapped, and torchrun, in its own session, would outlive it with the
+  # workers and the run lock. So torchrun starts through a few lines of Python that ask the kernel to send
+  # it SIGTERM when this script dies (prctl PR_SET_PDEATHSIG, kept across the exec into torchrun; the
+  # parent check closes the window where this script died first): torchrun then stops its workers as on
+  # any SIGTERM (they write a pre-emption checkpoint; whatever is left after 30 s is killed) and exits.
+  # (Not `exec torchrun`: it would turn the scheduler's SIGTERM into a crash, see above.)
   export SEDD_STOP_EXIT_CODE=0
   if [ -n "$nnodes" ]; then
     host_flag=$([ "$node_rank" -eq 0 ] && echo 1 || echo 0)  # node 0 hosts the rendezvous store
@@ -148,7 +154,14 @@ else
   else
     run=(--standalone --nproc-per-node "$world")
   fi
-  setsid "$py" -m torch.distributed.run "${run[@]}" "${train[@]}" &
+  die_with_parent='import ctypes, os, signal, sys
+os.setsid()
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:  # 1: PR_SET_PDEATHSIG
+    sys.exit(f"launcher: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("launcher: the launcher exited before torchrun started")
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])'
+  "$py" -c "$die_with_parent" "$$" -m torch.distributed.run "${run[@]}" "${train[@]}" &
   child=$! stopped=""
   forward() { stopped="$1"; pkill "-$1" -P "$child" || true; }
   trap 'forward TERM' TERM; trap 'forward USR1' USR1; trap 'forward INT' INT

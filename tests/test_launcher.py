@@ -313,6 +313,82 @@ def test_sigterm_checkpoints_and_exits_143(sandbox, mode):
     assert step >= 3 and (root / "run" / f"step_{step:09d}" / "meta.json").is_file()
 
 
+def _living(pid: int) -> str | None:
+    """The start time of process `pid` (with the pid, an identity that survives pid reuse); None once it has
+    exited (a zombie waiting for its parent has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ..., starttime (22nd)
+    return None if fields[0] in "ZX" else fields[19]
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """{pid: start time} of every living descendant of `pid`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        start = _living(child)
+        if start is not None:
+            found[child] = start
+            todo += children.get(child, [])
+    return found
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_launcher_takes_torchrun_and_its_workers_with_it(sandbox, tmp_path):
+    """SIGKILL cannot be trapped: torchrun must still not outlive the launcher, nor its workers, nor the run lock."""
+    import signal
+    import time
+
+    from sedd_scale.checkpoint.run_lock import RunDirBusy, RunLock
+
+    root, env, _ = sandbox
+    recipe = _tiny_run(root)
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:  # files: no pipe to fill
+        proc = subprocess.Popen([str(root / "launcher.sh"), recipe, "--nproc", "2"], cwd=root, env=env, text=True,
+                                stdout=out, stderr=err)
+    family: dict[int, str] = {}
+    try:
+        metrics = root / "run" / "tensorboard" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count('"train/loss_per_token":') >= 2:
+                break
+            time.sleep(0.2)
+        family = _descendants(proc.pid)
+        logs = lambda: (tmp_path / "out.log").read_text() + (tmp_path / "err.log").read_text()  # noqa: E731
+        assert proc.poll() is None and len(family) >= 3, (family, logs())  # torchrun and two workers
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        deadline = time.monotonic() + 90  # torchrun's grace for its workers is 30 s; a tiny checkpoint takes less
+        left = family
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = {pid: start for pid, start in family.items() if _living(pid) == start}
+        assert not left, (f"still running after the launcher's SIGKILL: {left}", logs())
+        try:
+            RunLock(root / "run").acquire().release()
+        except RunDirBusy as e:
+            pytest.fail(f"the run lock outlived the launcher: {e}")
+    finally:  # whatever the outcome, nothing this test started keeps running
+        for pid, start in family.items():
+            if _living(pid) == start:
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.slow
 def test_two_nodes_without_slurm_meet_at_a_rendezvous(sandbox):
     """--nnodes 2 --node-rank R --rdzv HOST:PORT: two "nodes" (launchers) on this machine over loopback form one world."""
