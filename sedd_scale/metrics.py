@@ -38,7 +38,10 @@ def describe_write_error(error: OSError, directory: str | Path) -> str:
     existing = directory
     while not existing.exists() and existing != existing.parent:  # the free space of where it would have gone
         existing = existing.parent
-    free = f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free"
+    try:
+        free = f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free"
+    except OSError as e:  # the description must not hide the error it describes
+        free = f"free space unknown: {e.strerror or e}"
     if error.errno == errno.ENOSPC:
         return f"no space left on the filesystem of {directory} ({free}): free space there"
     if error.errno == errno.EDQUOT:

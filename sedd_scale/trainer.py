@@ -530,7 +530,7 @@ class Trainer:
         also = ""
         try:
             self.saver.wait()
-        except CheckpointError as e:  # on a full disk the checkpoint in flight fails as well: said, not lost
+        except (CheckpointError, OSError) as e:  # on a full disk the checkpoint in flight fails too: said, not lost
             also = f"; the checkpoint being written failed as well: {e}"
         self.saver.close()
         latest = self.checkpoints.latest()
