@@ -9,8 +9,10 @@
 #                tools/slurm.sbatch): default is the allocation's task count; N sets the tasks per
 #                node instead. One srun task per rank: RANK/LOCAL_RANK/WORLD_SIZE come from
 #                SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, MASTER_ADDR is the first host of the job's
-#                node list (MASTER_PORT from the job id unless set), and the venv's python must be
-#                on a filesystem every node sees.
+#                node list, MASTER_PORT (unless set) is 20000 + (the first 32 bits of the sha256 of
+#                the job id) mod 12768: in 20000-32767, below Linux's ephemeral ports, and any two
+#                job ids (nearby ones, 20000 apart, array tasks) get unrelated ports. The venv's
+#                python must be on a filesystem every node sees.
 #   --set k=v    recipe overrides (several after one --set, or repeat --set)
 #   --nnodes N --node-rank R --rdzv HOST:PORT
 #                several nodes without slurm: run this on every node (R = 0 .. N-1, the same HOST:PORT,
@@ -74,13 +76,28 @@ train=(-m sedd_scale.train "$recipe" ${set_args[@]+"${set_args[@]}"} ${extra[@]+
 
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   command -v srun >/dev/null || die "SLURM_JOB_ID is set but srun is not on PATH"
+  # What slurm sets in an allocation, checked here (set -u would stop at the first use with `unbound variable`).
+  [ -n "${SLURM_JOB_NODELIST:-}" ] || die "SLURM_JOB_NODELIST is not set: run inside a slurm allocation (sbatch," \
+    "salloc) or unset SLURM_JOB_ID to run on this machine"
   nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+  [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "SLURM_JOB_NUM_NODES must be a positive integer, got '$nodes'"
   if [ -n "$nproc" ]; then
     world=$((nodes * nproc))
     srun_args=(--nodes="$nodes" --ntasks="$world" --ntasks-per-node="$nproc")
   else
-    world="${SLURM_NTASKS:?inside an allocation without SLURM_NTASKS: pass --nproc (tasks per node)}"
+    [ -n "${SLURM_NTASKS:-}" ] || die "SLURM_NTASKS is not set (an allocation without a task count): pass --nproc" \
+      "(tasks per node)"
+    [[ "$SLURM_NTASKS" =~ ^[1-9][0-9]*$ ]] || die "SLURM_NTASKS must be a positive integer, got '$SLURM_NTASKS'"
+    world="$SLURM_NTASKS"
     srun_args=(--ntasks="$world")
+  fi
+  if [ -n "${MASTER_PORT:-}" ]; then
+    [[ "$MASTER_PORT" =~ ^[1-9][0-9]{0,4}$ ]] && ((MASTER_PORT <= 65535)) || \
+      die "MASTER_PORT must be a port number (1-65535), got '$MASTER_PORT'"
+  else
+    # A hash of the whole id (not the id modulo the range, which repeats every range's width); see the top.
+    digest="$(printf %s "$SLURM_JOB_ID" | sha256sum)" || die "sha256sum failed (coreutils is needed for MASTER_PORT)"
+    MASTER_PORT=$((20000 + 16#${digest:0:8} % 12768))
   fi
   mode="slurm: $nodes node(s), srun $world tasks"
 elif [ -n "$nnodes" ]; then
@@ -109,7 +126,7 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   hosts="$(scontrol show hostnames "$SLURM_JOB_NODELIST")" || die "scontrol show hostnames failed"
   MASTER_ADDR="${hosts%%$'\n'*}"
   [ -n "$MASTER_ADDR" ] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no host"
-  export MASTER_ADDR MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+  export MASTER_ADDR MASTER_PORT
   echo "launcher: master $MASTER_ADDR:$MASTER_PORT"
   # Each task maps slurm's ids to torch.distributed's variables, then becomes the trainer (or tool).
   exec srun --kill-on-bad-exit=1 "${srun_args[@]}" bash -c \
@@ -123,6 +140,12 @@ else
   # for the job do not reach it; this script hands SIGTERM / SIGUSR1 / SIGINT to the workers instead.
   # They checkpoint and exit 0 (SEDD_STOP_EXIT_CODE), torchrun exits 0, and this script exits 143
   # (128 + SIGTERM) so that schedulers requeue the job.
+  # SIGKILL of this script cannot be trapped, and torchrun, in its own session, would outlive it with the
+  # workers and the run lock. So torchrun starts through a few lines of Python that ask the kernel to send
+  # it SIGTERM when this script dies (prctl PR_SET_PDEATHSIG, kept across the exec into torchrun; the
+  # parent check closes the window where this script died first): torchrun then stops its workers as on
+  # any SIGTERM (they write a pre-emption checkpoint; whatever is left after 30 s is killed) and exits.
+  # (Not `exec torchrun`: it would turn the scheduler's SIGTERM into a crash, see above.)
   export SEDD_STOP_EXIT_CODE=0
   if [ -n "$nnodes" ]; then
     host_flag=$([ "$node_rank" -eq 0 ] && echo 1 || echo 0)  # node 0 hosts the rendezvous store
@@ -131,7 +154,14 @@ else
   else
     run=(--standalone --nproc-per-node "$world")
   fi
-  setsid "$py" -m torch.distributed.run "${run[@]}" "${train[@]}" &
+  die_with_parent='import ctypes, os, signal, sys
+os.setsid()
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:  # 1: PR_SET_PDEATHSIG
+    sys.exit(f"launcher: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("launcher: the launcher exited before torchrun started")
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])'
+  "$py" -c "$die_with_parent" "$$" -m torch.distributed.run "${run[@]}" "${train[@]}" &
   child=$! stopped=""
   forward() { stopped="$1"; pkill "-$1" -P "$child" || true; }
   trap 'forward TERM' TERM; trap 'forward USR1' USR1; trap 'forward INT' INT

@@ -80,7 +80,7 @@ def stalls(data: dict, steps: int) -> dict:
         trainer.train_step()
         step_times.append(time.perf_counter() - started)
         (in_flight if trainer.saver.busy() else []).append(step_times[-1])
-        stop, writing, failed = trainer._status()
+        stop, writing, failed, _ = trainer._status()  # (no metrics here)
         if trainer.saver.pending is not None and not writing:
             trainer.saver.finish(failed)
         if trainer.step % data["train"]["save_every"] == 0:

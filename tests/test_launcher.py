@@ -96,6 +96,13 @@ SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS":
              "SLURM_JOB_NODELIST": "localhost,node-b"}
 
 
+def slurm_port(job_id: str) -> int:
+    """launcher.sh's MASTER_PORT for a slurm job: 20000 + (first 32 bits of sha256(job id)) mod 12768."""
+    import hashlib
+
+    return 20000 + int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16) % 12768
+
+
 def test_help(sandbox):
     """--help prints the usage."""
     p = run(sandbox, "--help")
@@ -135,7 +142,7 @@ def test_slurm_nproc_sets_tasks_per_node(sandbox):
     assert "scontrol show hostnames localhost,node-b" in log
     assert "--nodes=2 --ntasks=4 --ntasks-per-node=2" in log
     assert "layout: world 4 = TP 1 x PP 1 x DP 4 | ZeRO-0 | batch 32 = micro 8 x DP 4 x grad accum 1" in p.stdout
-    assert "launcher: master localhost:24242" in p.stdout  # port 20000 + job id % 20000
+    assert f"launcher: master localhost:{slurm_port('4242')}" in p.stdout
 
 
 @pytest.mark.slow
@@ -168,8 +175,46 @@ def test_slurm_two_nodes(sandbox):
     assert "layout: world 4 = TP 2 x PP 2 x DP 1 | ZeRO-0 | batch 32 = micro 16 x DP 1 x grad accum 2" in p.stdout
     ranks = rank_lines(p.stdout)
     # (rank, world, local rank, master, port, tp, pp, dp): megatron/DeepSpeed order rank = tp + 2 * pp
-    assert ranks == [(r, 4, r % 2, "localhost", 24242, r % 2, r // 2, 0) for r in range(4)], ranks
+    assert ranks == [(r, 4, r % 2, "localhost", slurm_port("4242"), r % 2, r // 2, 0) for r in range(4)], ranks
     assert "srun --kill-on-bad-exit=1 --ntasks=4" in sandbox[2].read_text()
+
+
+def sbatch(sandbox, env: dict, *args) -> subprocess.CompletedProcess:
+    """tools/slurm.sbatch run by bash as slurm would (SLURM_* faked, stand-in srun recording only)."""
+    root, base, _ = sandbox
+    shutil.copy(REPO / "tools" / "slurm.sbatch", root / "tools" / "slurm.sbatch")
+    return subprocess.run(["bash", str(root / "tools" / "slurm.sbatch"), TINY, *args], cwd=root, timeout=300,
+                          env={**base, "SLURM_SUBMIT_DIR": str(root), "FAKE_SRUN_DRY": "1", **env},
+                          capture_output=True, text=True)
+
+
+SBATCH_ENV = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "1",
+              "SLURM_JOB_NODELIST": "localhost"}
+
+
+@pytest.mark.parametrize("missing", ["SLURM_JOB_NODELIST", "SLURM_NTASKS", "SLURM_JOB_ID"])
+def test_sbatch_without_a_slurm_variable_names_it(sandbox, missing):
+    """A variable slurm should have set is missing: one line naming it (not bash's `unbound variable`), no srun."""
+    env = {k: v for k, v in SBATCH_ENV.items() if k != missing}
+    p = sbatch(sandbox, env)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"{missing} is not set" in p.stderr and "unbound variable" not in p.stderr, p.stderr
+    assert not sandbox[2].exists() or "srun" not in sandbox[2].read_text()
+
+
+def test_sbatch_master_port_comes_from_a_hash_of_the_whole_job_id(sandbox):
+    """Any job id works (an array task's 4242_7 included), ids 20000 apart get different ports, all in 20000-32767."""
+    ports = {}
+    for job in ("4242", "24242", "44242", "4242_7"):
+        p = sbatch(sandbox, {**SBATCH_ENV, "SLURM_JOB_ID": job})
+        assert p.returncode == 0 and "unbound variable" not in p.stderr, p.stdout + p.stderr
+        ports[job] = int(re.search(r"launcher: master localhost:(\d+)", p.stdout)[1])
+    assert ports == {job: slurm_port(job) for job in ports}, ports
+    assert len(set(ports.values())) == 4 and all(20000 <= port <= 32767 for port in ports.values()), ports
+    p = sbatch(sandbox, {**SBATCH_ENV, "MASTER_PORT": "29500"})  # an explicit port is used as given
+    assert p.returncode == 0 and "launcher: master localhost:29500" in p.stdout, p.stdout + p.stderr
+    p = sbatch(sandbox, {**SBATCH_ENV, "MASTER_PORT": "port"})
+    assert p.returncode == 2 and "MASTER_PORT must be a port number (1-65535), got 'port'" in p.stderr, p.stderr
 
 
 PROBE_TOOL = """\
@@ -266,6 +311,82 @@ def test_sigterm_checkpoints_and_exits_143(sandbox, mode):
         assert "Traceback" not in err and "SignalException" not in err, err
     step = int((root / "run" / "latest").read_text().removeprefix("step_"))
     assert step >= 3 and (root / "run" / f"step_{step:09d}" / "meta.json").is_file()
+
+
+def _living(pid: int) -> str | None:
+    """The start time of process `pid` (with the pid, an identity that survives pid reuse); None once it has
+    exited (a zombie waiting for its parent has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ..., starttime (22nd)
+    return None if fields[0] in "ZX" else fields[19]
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """{pid: start time} of every living descendant of `pid`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        start = _living(child)
+        if start is not None:
+            found[child] = start
+            todo += children.get(child, [])
+    return found
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_launcher_takes_torchrun_and_its_workers_with_it(sandbox, tmp_path):
+    """SIGKILL cannot be trapped: torchrun must still not outlive the launcher, nor its workers, nor the run lock."""
+    import signal
+    import time
+
+    from sedd_scale.checkpoint.run_lock import RunDirBusy, RunLock
+
+    root, env, _ = sandbox
+    recipe = _tiny_run(root)
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:  # files: no pipe to fill
+        proc = subprocess.Popen([str(root / "launcher.sh"), recipe, "--nproc", "2"], cwd=root, env=env, text=True,
+                                stdout=out, stderr=err)
+    family: dict[int, str] = {}
+    try:
+        metrics = root / "run" / "tensorboard" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count('"train/loss_per_token":') >= 2:
+                break
+            time.sleep(0.2)
+        family = _descendants(proc.pid)
+        logs = lambda: (tmp_path / "out.log").read_text() + (tmp_path / "err.log").read_text()  # noqa: E731
+        assert proc.poll() is None and len(family) >= 3, (family, logs())  # torchrun and two workers
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        deadline = time.monotonic() + 90  # torchrun's grace for its workers is 30 s; a tiny checkpoint takes less
+        left = family
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = {pid: start for pid, start in family.items() if _living(pid) == start}
+        assert not left, (f"still running after the launcher's SIGKILL: {left}", logs())
+        try:
+            RunLock(root / "run").acquire().release()
+        except RunDirBusy as e:
+            pytest.fail(f"the run lock outlived the launcher: {e}")
+    finally:  # whatever the outcome, nothing this test started keeps running
+        for pid, start in family.items():
+            if _living(pid) == start:
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow

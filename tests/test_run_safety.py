@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,24 @@ def test_a_busy_run_directory_is_refused_naming_the_holder_and_a_dead_holder_doe
 
 
 # --- metrics across a resume ----------------------------------------------------------------------
+class FullDisk:
+    """A metrics JSONL file on a full disk: every write fails with ENOSPC (what was written before stays)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, text):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
 def test_metrics_jsonl_drops_replayed_steps(tmp_path):
     m = Metrics(tmp_path, total_steps=10)
     for step in range(1, 7):
@@ -191,6 +210,92 @@ def test_metrics_jsonl_drops_replayed_steps(tmp_path):
     losses = [(r["step"], r["train/loss_per_token"]) for r in lines if "train/loss_per_token" in r]
     assert losses == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 15.0), (6, 16.0)]
     assert {"step": 4, "event": "resumed", "dropped_records": 2} in lines
+
+
+@pytest.mark.parametrize("tail, warned", [
+    (b'{"step": 4, "train/loss_per_tok', True),  # a full disk cut the record short
+    (b'{"step": 4, "note": "\xe2\x82', True),  # ... in the middle of a multi-byte character
+    (b"[1, 2", True),
+    (b'{"step": 3, "note": "whole"}', False),  # complete but without its newline: kept, the next record follows it
+])
+def test_a_half_written_last_metrics_line_is_dropped_with_a_warning_and_the_resume_goes_on(tmp_path, capsys, tail,
+                                                                                          warned):
+    m = Metrics(tmp_path, total_steps=10)
+    for step in (1, 2, 3):
+        m.scalars(step, {"train/loss_per_token": float(step)})
+    m.close()
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "ab") as f:
+        f.write(tail)
+    m = Metrics(tmp_path, total_steps=10, start_step=3)  # raised JSONDecodeError before the fix
+    m.scalars(4, {"train/loss_per_token": 14.0})
+    m.close()
+    err = capsys.readouterr().err
+    if warned:
+        assert f"warning: {path}, line 4: dropped an unreadable record" in err and "a write cut short" in err, err
+    else:
+        assert "warning" not in err, err
+    lines = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses again
+    losses = [(r["step"], r["train/loss_per_token"]) for r in lines if "train/loss_per_token" in r]
+    assert losses == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0)]
+    assert ({"step": 3, "note": "whole"} in lines) == (not warned)
+
+
+def test_a_full_disk_under_the_metrics_writer_is_named_with_the_free_space(tmp_path, monkeypatch):
+    """ENOSPC: one message naming the file, its directory and the free space; what was written stays."""
+    import shutil
+
+    from sedd_scale.train.metrics import MetricsError
+
+    m = Metrics(tmp_path, total_steps=10)
+    m.scalars(1, {"train/loss_per_token": 1.0})
+
+    m.jsonl = FullDisk(m.jsonl)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 2**29, 2**29))
+    m.scalars(2, {"train/loss_per_token": 2.0})
+    m.scalars(3, {"train/loss_per_token": 3.0})  # after a failure: skipped, the first failure is kept
+    path = tmp_path / "metrics.jsonl"
+    assert m.failure == (f"could not write {path}: no space left on the filesystem of {tmp_path} (0.50 GiB free): "
+                         "free space there"), m.failure
+    with pytest.raises(MetricsError) as e:  # nobody took the failure: closing raises it
+        m.close()
+    assert str(e.value) == m.failure
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
+
+
+EFBIG_METRICS = """
+import json, resource, signal, sys
+from sedd_scale.train.metrics import Metrics, MetricsError
+m = Metrics(sys.argv[1], total_steps=1000)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+for step in range(1, 1000):
+    m.scalars(step, {"train/loss_per_token": step / 7})
+    if m.failure:
+        break
+try:
+    m.close()
+except MetricsError as e:
+    print(json.dumps({"step": step, "error": str(e)}))
+"""
+
+
+def test_the_file_size_limit_under_the_metrics_writer_is_named_as_such_and_a_resume_drops_the_cut_record(tmp_path):
+    """EFBIG (ulimit -f) is reported as the file-size limit, not as a full disk; the next run goes on."""
+    p = subprocess.run([sys.executable, "-c", EFBIG_METRICS, str(tmp_path)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip(), p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    assert 10 < out["step"] < 999, out
+    assert out["error"].startswith(f"could not write {tmp_path}/"), out
+    assert "file-size limit (ulimit -f / RLIMIT_FSIZE: 4096 bytes), not a full disk" in out["error"], out
+    assert "no space left" not in out["error"], out
+    resumed = subprocess.run([sys.executable, "-c", "import sys; from sedd_scale.train.metrics import Metrics; "
+                              "Metrics(sys.argv[1], total_steps=1000, start_step=5).close()", str(tmp_path)],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert resumed.returncode == 0 and "dropped an unreadable record" in resumed.stderr, resumed.stderr
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 5], lines  # and the resume marker
 
 
 # --- recipe parsing -----------------------------------------------------------------------------------
@@ -355,3 +460,117 @@ def test_an_empty_valid_split_is_said_not_skipped_silently(tmp_path):
     code, out = train_main(recipe)
     assert code == 0, out
     assert "the valid split of" in out and "is empty: no validation ELBO will be reported" in out, out
+
+
+def _metrics_disk_full(argv: list[str], fail_at: int) -> tuple[int, str]:
+    """sedd_scale.train.main whose metrics JSONL is on a disk that is full from the record of step `fail_at` on."""
+    from sedd_scale.train import metrics
+
+    scalars = metrics.Metrics.scalars
+
+    def filling(self, step, values):
+        if step >= fail_at and self.enabled and not isinstance(self.jsonl, FullDisk):
+            self.jsonl = FullDisk(self.jsonl)
+        scalars(self, step, values)
+
+    metrics.Metrics.scalars = filling
+    return _main(argv)
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_metrics_stops_the_run_with_one_line_and_the_run_resumes(tmp_path, data):
+    """ENOSPC from the metrics writer mid-run: exit 1 with the message (file, free space, where the run resumes
+    from), the checkpoint being written is committed or removed (no staging folder left), nothing committed lost."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(data, run, train={"steps": 8, "save_every": 2}))
+    code, out = launch(_metrics_disk_full, 1, [recipe], 5, timeout=600)[0]  # a raw OSError traceback before the fix
+    assert code == 1, out
+    jsonl = run / "tensorboard" / "metrics.jsonl"
+    assert (f"error: could not write {jsonl}: no space left on the filesystem of {run / 'tensorboard'} (" in out
+            and " GiB free): free space there" in out), out
+    assert f"training stopped at step 5; it resumes from {run / 'step_000000004'}" in out, out
+    assert "Traceback" not in out, out
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".tmp-")], sorted(run.iterdir())
+    assert CheckpointDir(run).latest().name == "step_000000004"
+    code, out = train_main(recipe)  # the disk has room again
+    assert code == 0 and "resumed from step 4" in out, out
+    assert re.findall(r"step (\d+): validation ELBO", out) == ["8"], out  # the step it was measured at
+    assert [r["step"] for r in records(run) if "train/loss_per_token" in r] == list(range(1, 9))
+
+
+def _signal_during(argv: list[str], at_step: int) -> tuple[int, str, list[tuple[str, int]]]:
+    """sedd_scale.train.main with a SIGTERM arriving during training step `at_step`; returns the exit code, the
+    output and the (validate / samples, step) calls made after the signal."""
+    import os
+    import signal
+
+    from sedd_scale.train.trainer import Trainer
+
+    after: list[tuple[str, int]] = []
+    train_step, validate, samples = Trainer.train_step, Trainer.validate, Trainer.samples
+
+    def stepping(self, *args, **kwargs):
+        if self.step + 1 == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler does; the trainer's handler notes it
+        return train_step(self, *args, **kwargs)
+
+    def validating(self, *args, **kwargs):
+        if self.stop.raised:
+            after.append(("validate", self.step))
+        return validate(self, *args, **kwargs)
+
+    def sampling(self, *args, **kwargs):
+        if self.stop.raised:
+            after.append(("samples", self.step))
+        return samples(self, *args, **kwargs)
+
+    Trainer.train_step, Trainer.validate, Trainer.samples = stepping, validating, sampling
+    code, out = _main(argv)
+    return code, out, after
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at_step", [4, 5])
+def test_sigterm_goes_straight_to_the_checkpoint_and_143_without_validation_or_samples(tmp_path, data, at_step):
+    """A SIGTERM during a step where validation is due (4) or not (5, the last one at 4): the pre-emption
+    checkpoint and exit 143, no validation or samples after the signal, no validation line naming another step."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(data, run, train={"steps": 100, "eval_every": 2,
+                                                                               "save_every": 100}))
+    code, out, after = launch(_signal_during, 1, [recipe], at_step, timeout=600)[0]
+    assert code == 143, out
+    assert after == [], after
+    assert re.search(rf"SIGTERM at step {at_step}: checkpoint \S+step_{at_step:09d} written in", out), out
+    assert "validation ELBO" not in out, out  # the end-of-run report is skipped: the grace period is for the exit
+    assert CheckpointDir(run).latest().name == step_name(at_step)
+    valid = [r["step"] for r in records(run) if "valid/elbo_nats_per_token" in r]
+    assert valid == ([2, 4] if at_step == 5 else [2]), valid
+
+
+
+def _fails_in_step(argv: list[str], at_step: int) -> tuple[int, str]:
+    """sedd_scale.train.main whose training step `at_step` raises (a shard found corrupt mid-run)."""
+    from sedd_scale.data.shards import ShardError
+    from sedd_scale.train.trainer import Trainer
+
+    train_step = Trainer.train_step
+
+    def failing(self, *args, **kwargs):
+        if self.step + 1 == at_step:
+            raise ShardError("shard-00001.tar is corrupt (injected by the test)")
+        return train_step(self, *args, **kwargs)
+
+    Trainer.train_step = failing
+    return _main(argv)
+
+
+@pytest.mark.slow
+def test_an_error_while_a_checkpoint_is_being_written_leaves_no_staging_folder(tmp_path, data):
+    """Step 2's save is written in the background and committed at step 3's end; step 3 fails first: the
+    uncommitted folder is removed, step 1 stays latest."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(data, run, train={"steps": 10, "save_every": 1}))
+    code, out = launch(_fails_in_step, 1, [recipe], 3, timeout=600)[0]
+    assert code == 2 and "error: shard-00001.tar is corrupt" in out, out
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".tmp-")], sorted(run.iterdir())
+    assert CheckpointDir(run).latest().name == "step_000000001"

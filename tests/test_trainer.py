@@ -127,14 +127,15 @@ def signals_nonfinite_and_layout_checks(tmp: str) -> dict:
 
     out = {}
     data = recipe_dict(tmp)
-    data["train"]["log_every"] = 1
+    data["train"].update(log_every=1, eval_every=1, eval_draws=2, sample_steps=2)  # validation due at every step
     trainer = _build(data)
     metrics = Metrics(f"{tmp}/tb", total_steps=100)
+    rows = torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(3))
     os.kill(os.getpid(), signal.SIGUSR1)  # as slurm does before the time limit
-    result = trainer.fit(max_steps=5, metrics=metrics)
+    result = trainer.fit(max_steps=5, metrics=metrics, valid_batches=[EvalBatch(rows, torch.ones(4, dtype=bool), 0)])
     metrics.close()
     out["metrics"] = open(f"{tmp}/tb/metrics.jsonl").read()
-    out["signal"] = (result.stopped_by_signal, trainer.step, trainer.checkpoints.latest().name)
+    out["signal"] = (result.stopped_by_signal, trainer.step, trainer.checkpoints.latest().name, result.valid)
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     trainer.stop.raised = None  # the run would exit here; this test goes on with the same trainer
 
@@ -169,7 +170,9 @@ def signals_nonfinite_and_layout_checks(tmp: str) -> dict:
 
 def test_signal_save_nonfinite_stop_layout_refusal_metrics_and_bf16(tmp_path):
     out = launch(signals_nonfinite_and_layout_checks, 1, str(tmp_path))[0]
-    assert out["signal"] == (True, 1, "step_000000001"), out
+    assert out["signal"] == (True, 1, "step_000000001", None), out  # straight to the checkpoint: no validation
+    logged = [k for line in out["metrics"].splitlines() for k in json.loads(line)]
+    assert not [k for k in logged if k.startswith(("valid/", "samples/"))], logged
     # The only checkpoint is the step right before the streak, which may hold the diverging update: it is not
     # trusted, so nothing older is left and `latest` stays (test_run_safety covers the roll-back).
     assert "3 consecutive steps had non-finite losses or gradients (steps 2-4)" in out["nonfinite"], out

@@ -1,7 +1,8 @@
 """Training entry point, started by launcher.sh on every rank: `python -m sedd_scale.train RECIPE [--set k=v ...]`.
 
 Exit codes: 0 done; 2 bad input (recipe, data, run directory), before any process group where it can
-be known then; 143 (128 + SIGTERM) after a pre-emption checkpoint, so that schedulers requeue the job
+be known then; 1 a fault the message names (non-finite updates, a full disk, a failed checkpoint
+write); 143 (128 + SIGTERM) after a pre-emption checkpoint, so that schedulers requeue the job
 (`SEDD_STOP_EXIT_CODE` overrides it: launcher.sh sets 0 under torchrun, which reports any other code
 as a crash, and exits 143 itself).
 """
@@ -21,6 +22,7 @@ from sedd_scale.data.shards import ShardError
 from sedd_scale.data.urlcache import UrlError
 from sedd_scale.config.changes import ResumeRefused
 from sedd_scale.train import run_dir
+from sedd_scale.train.metrics import MetricsError
 
 DEFAULT_RECIPE = "recipes/cpu-tiny.yaml"
 
@@ -65,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         dist.destroy_process_group()
         return 2
-    except FloatingPointError as e:  # a run of non-finite updates: the message says where to resume from
-        if dist.get_rank() == 0:
+    except (FloatingPointError, MetricsError) as e:  # non-finite updates, a full disk: the message says what to do
+        if dist.get_rank() == 0:  # the same message on every rank
             print(f"error: {e}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 1
+    except CheckpointError as e:  # a checkpoint write failed: the rank that failed names the file
+        print(f"error: rank {dist.get_rank()}: {e}", file=sys.stderr)
         dist.destroy_process_group()
         return 1
     dist.barrier()
@@ -191,10 +197,14 @@ def run(recipe, layout, topology, start: run_dir.RunStart | None = None):
         result = trainer.fit(valid_batches=valid, decode=tokenizer.decode if tokenizer else None, metrics=metrics)
     finally:
         metrics.close()
+    if result.stopped_by_signal:  # straight to the exit: the scheduler's grace period is for the checkpoint
+        return result
     if rank0 and result.valid is not None:
         v = result.valid
-        print(f"step {trainer.step}: validation ELBO {v.nats_per_token:.4f} +- {v.stderr:.4f} nats/token, "
+        print(f"step {result.valid_step}: validation ELBO {v.nats_per_token:.4f} +- {v.stderr:.4f} nats/token, "
               f"perplexity <= {v.perplexity_bound:.2f} ({v.num_sequences} sequences, EMA weights)", flush=True)
+    if trainer.signalled():  # the run is complete; a signal now asks for a prompt exit, not samples
+        return result
     texts = trainer.samples(3, steps=recipe.train.sample_steps)
     if rank0 and tokenizer is not None:
         for i, ids in enumerate(texts.tolist()):

@@ -2,16 +2,51 @@
 noise level and the logging interval's averages (FLOP counts: `sedd_scale.plan.flops`)."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import resource
+import shutil
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+
+class MetricsError(RuntimeError):
+    """Writing the run's monitoring files failed (a full disk, a quota, the file-size limit)."""
+
+
+def describe_write_error(error: OSError, directory: str | Path) -> str:
+    """Why a write under `directory` failed and what to do, in words: a full disk (with its free space), an
+    exhausted quota, or the file-size limit (EFBIG: ulimit -f, or the filesystem's largest file), which is no
+    full disk and needs no space freed."""
+    directory = Path(directory)
+    if error.errno == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            return (f"a file reached this process's file-size limit (ulimit -f / RLIMIT_FSIZE: {limit} bytes), not a "
+                    "full disk: raise the limit (ulimit -f unlimited, or the scheduler's file-size setting)")
+        return (f"a file reached the largest size the filesystem of {directory} allows, not a full disk: write the "
+                "run to another filesystem")
+    existing = directory
+    while not existing.exists() and existing != existing.parent:  # the free space of where it would have gone
+        existing = existing.parent
+    try:
+        free = f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free"
+    except OSError as e:  # the description must not hide the error it describes
+        free = f"free space unknown: {e.strerror or e}"
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the filesystem of {directory} ({free}): free space there"
+    if error.errno == errno.EDQUOT:
+        return f"the disk quota of {directory} is used up ({free} on its filesystem): free space or raise the quota"
+    return f"{error.strerror or error} (the filesystem of {directory} has {free})"
 
 
 class NoiseBandLoss:
@@ -71,59 +106,121 @@ class IntervalStats:
         return self.loss / self.applied if self.applied else float("nan")
 
 
+def _record_step(line: bytes) -> int | None:
+    """The step of one JSONL record, or None when the line is not a whole record."""
+    try:
+        record = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    step = record.get("step", 0) if isinstance(record, dict) else None
+    return step if isinstance(step, (int, float)) else None
+
+
 def truncate_jsonl(path: Path, last_step: int) -> int:
-    """Drop the records of `path` past `last_step` (atomically); returns how many were dropped."""
+    """Drop the records of `path` past `last_step` (atomically); returns how many were dropped.
+
+    A line that is no record (a write cut short by a full disk or the file-size limit) is dropped too, with a
+    warning naming the file and the line: the resume goes on instead of failing on it every time.
+    """
     if not path.is_file():
         return 0
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(lines):
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        step = _record_step(line)
+        if step is None:
+            shown = line[:80].decode("utf-8", "replace").rstrip("\n")
+            print(f"warning: {path}, line {number}: dropped an unreadable record (a write cut short, e.g. by a full "
+                  f"disk): {shown!r}", file=sys.stderr, flush=True)
+        elif step <= last_step:
+            kept.append(line if line.endswith(b"\n") else line + b"\n")  # the next record starts on a line of its own
+    if kept != lines:
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(b"".join(kept))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # the original file is untouched
+            raise
     return len(lines) - len(kept)
 
 
 class Metrics:
-    """Rank 0 writes; on other ranks every call is a no-op, so callers need no rank checks."""
+    """Rank 0 writes; on other ranks every call is a no-op, so callers need no rank checks.
+
+    A failed write (a full disk, the file-size limit) does not raise where it happens: the message is kept in
+    `failure` and later writes are skipped, so that rank 0 goes on with the collectives every rank makes until
+    the trainer, which checks `failure` every step, stops all ranks together (`take_failure`). Closing a
+    Metrics whose failure nobody took raises it.
+    """
 
     def __init__(self, log_dir: str | Path, *, total_steps: int, start_step: int = 0, enabled: bool = True):
         self.enabled = enabled
+        self.failure: str | None = None
+        self._failure_taken = False
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        # A run restarting at `start_step` replays the steps after it: tensorboard hides the events from
-        # start_step + 1 on (purge_step), and metrics.jsonl keeps only the records up to start_step.
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1)
-        dropped = truncate_jsonl(self.log_dir / "metrics.jsonl", start_step)
-        self.jsonl = open(self.log_dir / "metrics.jsonl", "a")
-        if start_step or dropped:  # mark the restart in the log
-            self.jsonl.write(json.dumps({"step": start_step, "event": "resumed" if start_step else "restarted",
-                                         "dropped_records": dropped}) + "\n")
+        self.jsonl_path = self.log_dir / "metrics.jsonl"
+        self.events = f"the tensorboard events in {self.log_dir}"
+        self.writer = self.jsonl = None
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
         self.started = time.time()
+        with self._writing(str(self.log_dir)):
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        with self._writing(self.events):
+            # A run restarting at `start_step` replays the steps after it: tensorboard hides the events from
+            # start_step + 1 on (purge_step), and metrics.jsonl keeps only the records up to start_step.
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1)
+        with self._writing(str(self.jsonl_path)):
+            dropped = truncate_jsonl(self.jsonl_path, start_step)
+            self.jsonl = open(self.jsonl_path, "a")
+            if start_step or dropped:  # mark the restart in the log
+                self.jsonl.write(json.dumps({"step": start_step, "event": "resumed" if start_step else "restarted",
+                                             "dropped_records": dropped}) + "\n")
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Keep the first failed write of `what` (in log_dir) as `failure`, described (full disk, file-size limit)."""
+        try:
+            yield
+        except OSError as e:
+            if self.failure is None:
+                self.failure = f"could not write {what}: {describe_write_error(e, self.log_dir)}"
+
+    def take_failure(self) -> str | None:
+        """The failed write's message, if any; the caller reports it, so close() no longer raises it."""
+        self._failure_taken = True
+        return self.failure
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Record scalars at `step` (tensorboard + JSONL) and show the main ones on the bar."""
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in values.items()}
-        for key, value in clean.items():
-            if math.isfinite(value):
-                self.writer.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.started, 3), **clean}) + "\n")
-        self.jsonl.flush()
+        if self.failure is None:
+            with self._writing(self.events):
+                for key, value in clean.items():
+                    if math.isfinite(value):
+                        self.writer.add_scalar(key, value, step)
+        if self.failure is None:
+            with self._writing(str(self.jsonl_path)):
+                self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.started, 3), **clean})
+                                 + "\n")
+                self.jsonl.flush()
         shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in clean.items() if k in ("train/loss_per_token", "train/lr")}
         if shown:
             self.bar.set_postfix(shown, refresh=False)
 
     def text(self, step: int, tag: str, text: str) -> None:
         """Record a text (e.g. samples) at `step`."""
-        if self.enabled:
-            self.writer.add_text(tag, text, step)
+        if self.enabled and self.failure is None:
+            with self._writing(self.events):
+                self.writer.add_text(tag, text, step)
 
     def advance(self, steps: int = 1) -> None:
         """Move the progress bar (its ETA comes from the measured rate)."""
@@ -135,9 +232,26 @@ class Metrics:
         if self.enabled:
             self.bar.write(line)
 
+    def flush(self) -> None:
+        """Write out what the sinks hold (a failure is kept in `failure`, as for any write)."""
+        if self.enabled and self.failure is None:
+            with self._writing(self.events):
+                self.writer.flush()
+            with self._writing(str(self.jsonl_path)):
+                self.jsonl.flush()
+
     def close(self) -> None:
-        """Flush and close every sink."""
-        if self.enabled:
-            self.bar.close()
-            self.writer.close()
-            self.jsonl.close()
+        """Flush and close every sink; raises MetricsError for a failed write nobody took (`take_failure`)."""
+        if not self.enabled:
+            return
+        self.bar.close()
+        # After a failure, closing flushes what could not be written and fails the same way: that is the
+        # failure already kept, so only the first one is reported.
+        if self.writer is not None:
+            with self._writing(self.events):
+                self.writer.close()
+        if self.jsonl is not None:
+            with self._writing(str(self.jsonl_path)):
+                self.jsonl.close()
+        if self.failure is not None and not self._failure_taken:
+            raise MetricsError(self.failure)

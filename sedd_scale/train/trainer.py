@@ -20,7 +20,9 @@ import math
 import random
 import resource
 import secrets
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,7 +49,7 @@ from sedd_scale.diffusion.sampling import unigram_entropy  # noqa: E402
 from sedd_scale.diffusion.evaluation import evaluate  # noqa: E402
 from sedd_scale.train.ema import EMA  # noqa: E402
 from sedd_scale.plan.flops import projected_fraction, training_flops_per_token  # noqa: E402
-from sedd_scale.train.metrics import IntervalStats, Metrics, NoiseBandLoss  # noqa: E402
+from sedd_scale.train.metrics import IntervalStats, Metrics, MetricsError, NoiseBandLoss  # noqa: E402
 from sedd_scale.model import ModelConfig  # noqa: E402
 from sedd_scale.train.noising import NoisedBatch, noise_batch  # noqa: E402
 from sedd_scale.distributed.pipeline import head_loss_config  # noqa: E402
@@ -56,12 +58,14 @@ from sedd_scale.distributed.runner import build_runner  # noqa: E402
 
 @dataclass
 class TrainResult:
-    """What a run did: per-step mean loss per token (global batch), skipped steps, last validation."""
+    """What a run did: per-step mean loss per token (global batch), skipped steps, last validation (and the step
+    it was measured at)."""
 
     start_step: int
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0
     valid: ElboEstimate | None = None
+    valid_step: int | None = None
     stopped_by_signal: bool = False
 
 
@@ -147,6 +151,7 @@ class Trainer:
         self.stop = _StopFlag()  # installed now: a pre-emption signal during setup is honoured too
         self.data_wait = 0.0  # seconds spent waiting for the loader in the current step
         self.notes: list[str] = []  # what a resume changed or could not restore, for the logs
+        self._staging: Path | None = None  # the folder of the last save started (gone once committed)
 
     # -- state ---------------------------------------------------------------------------------
     def _local_params(self) -> list[torch.Tensor]:
@@ -162,7 +167,7 @@ class Trainer:
         with train.async_save) or at once (`sync`). Returns the seconds training was held up."""
         started = time.perf_counter()
         self.saver.wait()  # the previous save is committed before this one starts
-        staging = self.saver.staging(self.step)
+        staging = self._staging = self.saver.staging(self.step)
         self.engine.save_checkpoint(str(staging), tag="deepspeed", save_latest=False)
         files = self.io.take()
         extra = {"step": self.step, "tokens_seen": self.tokens_seen, "ema": self.ema.state_dict(),
@@ -342,7 +347,18 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, *, valid_batches: list | None = None, decode=None, metrics: Metrics | None = None,
             max_steps: int | None = None) -> TrainResult:
-        """Train to recipe.train.steps (or `max_steps` more steps); save periodically, on signals and at the end."""
+        """Train to recipe.train.steps (or `max_steps` more steps); save periodically, on signals and at the end.
+
+        A pre-emption signal (SIGTERM, SIGUSR1) ends the step with a checkpoint and nothing else: validation and
+        samples still to come are skipped. A failed metrics write stops every rank with MetricsError."""
+        try:
+            return self._fit(valid_batches, decode, metrics, max_steps)
+        except BaseException:
+            self._discard_uncommitted()
+            raise
+
+    def _fit(self, valid_batches: list | None, decode, metrics: Metrics | None, max_steps: int | None) -> TrainResult:
+        """The training loop of `fit`."""
         tc = self.recipe.train
         end = tc.steps if max_steps is None else min(tc.steps, self.step + max_steps)
         result = TrainResult(start_step=self.step)
@@ -394,8 +410,10 @@ class Trainer:
                     scalars["train/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 metrics.scalars(self.step, scalars)
                 interval = IntervalStats()
-            if valid_batches and (self.step % tc.eval_every == 0 or self.step == end):
-                result.valid = self.validate(valid_batches, draws=tc.eval_draws)
+            # After a pre-emption signal the scheduler's grace period is for the checkpoint: no validation or samples
+            # (tens of seconds on a real model) run after it, on any rank (`signalled` is a collective).
+            if valid_batches and (self.step % tc.eval_every == 0 or self.step == end) and not self.signalled():
+                result.valid, result.valid_step = self.validate(valid_batches, draws=tc.eval_draws), self.step
                 if metrics:
                     valid = {"valid/elbo_nats_per_token": result.valid.nats_per_token,
                              "valid/elbo_stderr": result.valid.stderr,  # Monte-Carlo, from independent replicates
@@ -403,13 +421,16 @@ class Trainer:
                     if math.isfinite(result.valid.data_stderr):  # over the validation batches (needs two)
                         valid["valid/elbo_data_stderr"] = result.valid.data_stderr
                     metrics.scalars(self.step, valid)
+                if metrics and not self.signalled():
                     texts = self.samples(2, steps=tc.sample_steps)
                     metrics.scalars(self.step, {"samples/unigram_entropy": float(unigram_entropy(texts.cpu()).mean())})
                     if decode is not None:
                         metrics.text(self.step, "samples", "\n\n---\n\n".join(decode(t.tolist()) for t in texts))
-            stop, writing, failed = self._status()
+            stop, writing, failed, metrics_failed = self._status(metrics)
             if self.saver.pending is not None and not writing:
                 self.saver.finish(failed)  # every rank is done: rank 0 commits (or all raise)
+            if metrics_failed:
+                self._stop_for_metrics(metrics)
             skipping = streak_start is not None
             if stop:
                 self._stop_for_signal(skipping, metrics)
@@ -419,15 +440,60 @@ class Trainer:
                 stall = self.save(sync=self.step == end)
         self.saver.wait()
         self.saver.close()
+        if metrics:  # the last events are written now: a failure is every rank's, like one during the loop
+            metrics.flush()
+            if self._status(metrics)[3]:
+                self._stop_for_metrics(metrics)
         return result
 
-    def _status(self) -> tuple[bool, bool, bool]:
+    def signalled(self) -> bool:
+        """Whether a pre-emption signal reached any rank (a collective: every rank calls it at the same point)."""
+        flag = torch.tensor([float(self.stop.raised is not None)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+    def _status(self, metrics: Metrics | None = None) -> tuple[bool, bool, bool, bool]:
         """(a pre-emption signal reached some rank, some rank is still writing a checkpoint, some rank's write
-        failed): one small all-reduce per step."""
-        flags = torch.tensor([float(self.stop.raised is not None), *self.saver.status()], device=self.device)
+        failed, some rank's metrics write failed): one small all-reduce per step."""
+        metrics_failed = metrics is not None and metrics.failure is not None
+        flags = torch.tensor([float(self.stop.raised is not None), *self.saver.status(), float(metrics_failed)],
+                             device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, writing, failed = (bool(v) for v in flags.tolist())
-        return stop, writing, failed
+        stop, writing, failed, metrics_failed = (bool(v) for v in flags.tolist())
+        return stop, writing, failed, metrics_failed
+
+    def _stop_for_metrics(self, metrics: Metrics | None) -> None:
+        """A metrics write failed (a full disk, the file-size limit): every rank finishes the checkpoint being
+        written (committed, or removed when a rank could not write it) and raises MetricsError with rank 0's
+        message and the checkpoint the run resumes from."""
+        failures: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, metrics.take_failure() if metrics else None)
+        failure = next(f for f in failures if f is not None)
+        also = ""
+        try:
+            self.saver.wait()
+        except (CheckpointError, OSError) as e:  # on a full disk the checkpoint in flight fails too: said, not lost
+            also = f"; the checkpoint being written failed as well: {e}"
+        self.saver.close()
+        latest = self.checkpoints.latest()
+        resume = f"it resumes from {latest}" if latest else "it starts from scratch (no checkpoint was committed)"
+        raise MetricsError(f"{failure}, then start the run again: training stopped at step {self.step}; {resume}, "
+                           f"committed checkpoints are untouched{also}")
+
+    def _discard_uncommitted(self) -> None:
+        """After an error in the loop: wait for this rank's checkpoint writer, then rank 0 removes the staging
+        folder of a save that was not committed, so a failed run (e.g. on a full disk) leaves no half checkpoint
+        behind. Committed checkpoints are untouched. (A rank still writing when rank 0 failed alone may leave
+        files there again; the next run's start removes such leftovers.)"""
+        pending = self.saver.pending
+        if pending is not None and pending.thread is not None:
+            pending.thread.join()
+        if self.rank == 0 and self._staging is not None and self._staging.exists():
+            try:
+                shutil.rmtree(self._staging)
+            except OSError as e:  # the error being raised matters more; say what is left, and where
+                print(f"warning: could not remove the uncommitted checkpoint folder {self._staging} ({e}): delete "
+                      "it, or the next run's start removes it", file=sys.stderr, flush=True)
 
     def _stop_for_signal(self, skipping: bool, metrics: Metrics | None) -> None:
         """Pre-emption: write this step's checkpoint at once (nothing else), and say what was written how fast."""
