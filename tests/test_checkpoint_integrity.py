@@ -2,8 +2,8 @@
 kind of file, offline conversion equal to the live engines' gather, portability between GPU and CPU."""
 from __future__ import annotations
 
-import copy
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,76 +40,168 @@ def test_replicated_state_is_written_once(tmp_path):
     assert sizes[2] <= 1.05 * sizes[1], sizes  # was 1.21x with an EMA copy per DP rank
 
 
-def _flip(path: Path, where: float = 0.5) -> None:
-    data = bytearray(path.read_bytes())
-    data[int(len(data) * where)] ^= 0x40
+# ---------------------------------------------------------------------------------------------
+# A flipped byte anywhere, in any file of any format, is refused naming the file. The checksums are checked
+# before a file is parsed, so where a flip lands (a JSON value or its syntax, a tensor or a header) and how
+# long the temporary paths are (they are in config.json and meta.json) change nothing.
+def _positions(path: Path) -> list[int]:
+    """The bytes flipped in `path`: the first two, seven spread over the file, the last two."""
+    n = path.stat().st_size
+    return sorted({0, 1, *(n * k // 8 for k in range(1, 8)), n - 2, n - 1})
+
+
+@contextmanager
+def _flipped(path: Path, where: int):
+    """`path` with the byte at `where` flipped (one bit, 0x40: ASCII stays ASCII) for the block, restored after."""
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[where] ^= 0x40
     path.write_bytes(bytes(data))
+    try:
+        yield
+    finally:
+        path.write_bytes(original)
 
 
-def _resume_errors(recipe_data: dict, runs: dict[str, str]) -> dict[str, str]:
-    """Try to resume each run directory (a damaged copy); the error each gives."""
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def _named(error: BaseException, path: Path) -> bool:
+    """Whether an error names `path` as damaged or (a damaged SHA256SUMS: a listed name changed) the listing."""
+    text = str(error)
+    return f"{path} is damaged" in text or (path.name == "SHA256SUMS" and f"{path} lists it" in text)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict:
+    """One trained checkpoint (PP2, ZeRO-1: layer files, model and optimizer states, ours) and what the conversion
+    tools make of it: a consolidated directory with training state, a hub directory, a layout-free run."""
+    from sedd_scale.apps import convert
+
+    root = tmp_path_factory.mktemp("integrity")
+    recipe = recipe_dict(str(root / "run"), pp=2, zero_stage=1)
+    launch(_train_and_save, 2, recipe)
+    convert.consolidate(root / "run", root / "consolidated", weights="ema", training_state=True)
+    convert.to_hub(root / "consolidated", root / "hub")
+    convert.reshard(root / "run", root / "resharded")
+    return {"recipe": recipe, "run": root / "run", "step": root / "run" / "step_000000002",
+            "consolidated": root / "consolidated", "hub": root / "hub", "resharded": root / "resharded"}
+
+
+def test_every_file_of_a_step_is_listed_and_meta_json_is_checked_too(saved):
+    step = saved["step"]
+    listed = [line.split("  ", 1)[1] for line in (step / "SHA256SUMS").read_text().splitlines()]
+    assert listed == [f for f in _files(step) if f != "SHA256SUMS"] and "meta.json" in listed, listed
+    kinds = ["deepspeed/layer_01-model_00-model_states.pt", "deepspeed/mp_rank_01_model_states.pt",
+             "deepspeed/zero_pp_rank_0_mp_rank_01_optim_states.pt", "rank_00001.pt", "zero_to_fp32.py"]
+    assert set(kinds) <= set(listed), listed
+
+
+def test_a_flipped_byte_in_a_training_checkpoint_stops_its_conversion_naming_the_file(saved, tmp_path):
+    """Every file of a step (meta.json and SHA256SUMS included) and of a layout-free one, and the `latest` pointer."""
+    from sedd_scale.apps import convert
+    from sedd_scale.checkpoint.sharded import CheckpointError
+
+    for run in (saved["run"], saved["resharded"]):
+        step = run / "step_000000002"
+        for path in [run / "latest"] + [step / rel for rel in _files(step)]:
+            for where in _positions(path):
+                with _flipped(path, where), pytest.raises((CheckpointError, ValueError)) as e:
+                    convert.consolidate(run, tmp_path / "out", weights="raw", training_state=True)
+                if path.name == "latest":  # the pointer names a step that is not there
+                    assert f"{path} names" in str(e.value) and "missing" in str(e.value), (where, str(e.value))
+                else:
+                    assert _named(e.value, path), (path, where, str(e.value))
+                if run == saved["run"] and path.suffix == ".pt":
+                    assert "cannot be converted" in str(e.value), (path, where, str(e.value))
+                assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())  # nothing half-written
+    convert.consolidate(saved["run"], tmp_path / "out", weights="raw")  # all restored: it converts
+
+
+def _resume_errors(recipe_data: dict, steps: dict[str, str]) -> dict[str, str]:
+    """One trainer loads each step folder in turn (damaged copies); the error each gives, then the intact one."""
     from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint.sharded import CheckpointError
 
     out = {}
-    for name, run in runs.items():
-        data = copy.deepcopy(recipe_data)
-        data["checkpoint"]["dir"] = run
-        try:
-            _build(data).resume()
-            out[name] = "no error"
-        except CheckpointError as e:
-            out[name] = str(e)
-        finally:
-            parallel.destroy_parallel()
+    try:
+        trainer = _build(recipe_data)
+        for name, step in steps.items():
+            try:
+                trainer.load(Path(step))
+                out[name] = "no error"
+            except CheckpointError as e:
+                out[name] = str(e)
+        trainer.load(Path(recipe_data["checkpoint"]["dir"]) / "step_000000002")
+        out["intact"] = trainer.step
+    finally:
+        parallel.destroy_parallel()
     return out
 
 
-def test_a_flipped_byte_in_any_file_is_refused_naming_it(tmp_path):
+def test_a_flipped_byte_in_any_file_a_resume_reads_is_refused_naming_it(saved, tmp_path):
+    """Damaged copies of the step (the files a resume reads: not DeepSpeed's helper scripts) and of a layout-free
+    step, each byte flipped at its start, middle and end; every rank stops, one at least naming the file."""
+    steps, damaged = {}, {}
+    for source in (saved["step"], saved["resharded"] / "step_000000002"):
+        for rel in _files(source):
+            if rel.endswith(".py"):
+                continue
+            n = (source / rel).stat().st_size
+            for where in (0, n // 2, n - 1):
+                name = f"{source.parent.name}-{rel.replace('/', '-')}-{where}"
+                copy_ = tmp_path / name / source.name
+                shutil.copytree(source, copy_)
+                data = bytearray((copy_ / rel).read_bytes())
+                data[where] ^= 0x40
+                (copy_ / rel).write_bytes(bytes(data))
+                steps[name], damaged[name] = str(copy_), copy_ / rel
+    errors = launch(_resume_errors, 2, saved["recipe"], steps)
+    assert [e["intact"] for e in errors] == [2, 2], errors  # nothing was left half-loaded
+    for name, path in damaged.items():
+        named = [e[name] for e in errors if _named(e[name], path)]
+        told = [e[name] for e in errors if "another rank could not read its files" in e[name]]
+        assert named and len(named) + len(told) == 2, (name, [e[name] for e in errors])
+        if path.suffix == ".pt" and "resharded" not in name:
+            assert "restore the file from a copy" in named[0], named[0]
+
+
+def test_a_flipped_byte_in_any_file_of_an_export_is_refused_naming_it(saved, tmp_path):
+    """Consolidated and hub directories: every file (config.json, SHA256SUMS, tensors, counters) at every position,
+    through every reader: load_pretrained's, evaluation's and sampling's, and each conversion's."""
     from sedd_scale.apps import convert
-    from sedd_scale.checkpoint.sharded import CheckpointError
+    from sedd_scale.apps.generation import read_model_config
     from sedd_scale.pretrained import read_weights
 
-    source = recipe_dict(str(tmp_path / "a"), pp=2, zero_stage=1)  # layer files, optimizer and model states
-    launch(_train_and_save, 2, source)
-    step = tmp_path / "a" / "step_000000002"
-    kinds = {"layer weights": "deepspeed/layer_01-model_00-model_states.pt",
-             "model states": "deepspeed/mp_rank_01_model_states.pt",
-             "optimizer states": "deepspeed/zero_pp_rank_0_mp_rank_01_optim_states.pt",
-             "ours (EMA, RNG, data position)": "rank_00001.pt"}
-    runs = {}
-    for kind, rel in kinds.items():
-        run = tmp_path / kind.split()[0]
-        shutil.copytree(tmp_path / "a", run)
-        _flip(run / step.name / rel)
-        runs[kind] = str(run)
-        with pytest.raises(CheckpointError, match=f"{run / step.name / rel} is damaged.*cannot be converted"):
-            convert.consolidate(run, tmp_path / f"out-{kind.split()[0]}", weights="raw", training_state=True)
-        assert not (tmp_path / f"out-{kind.split()[0]}").exists()
-    errors = launch(_resume_errors, 2, source, runs)
-    for kind, rel in kinds.items():
-        # the rank that reads the damaged file names it; the other learns of it and stops too
-        named = [e[kind] for e in errors if f"{runs[kind]}/{step.name}/{rel} is damaged" in e[kind]]
-        told = [e[kind] for e in errors if "another rank could not read its files" in e[kind]]
-        assert len(named) == 1 and len(told) == 1, (kind, errors)
-        assert "restore the file from a copy" in named[0], named[0]
+    readers = {"read_weights": read_weights, "read_model_config": read_model_config,
+               "describe": convert.describe}
+    consolidated_only = {"shard": lambda p: convert.shard(p, tmp_path / "out", tp=1),
+                         "to_hub": lambda p: convert.to_hub(p, tmp_path / "out")}
+    hub_only = {"from_hub": lambda p: convert.from_hub(p, tmp_path / "out")}
+    for folder, extra in ((saved["consolidated"], consolidated_only), (saved["hub"], hub_only)):
+        assert {"SHA256SUMS", "config.json", "model.safetensors"} <= set(_files(folder)), _files(folder)
+        for rel in _files(folder):
+            path = folder / rel
+            for where in _positions(path):
+                with _flipped(path, where):
+                    for reader, read in {**readers, **extra}.items():
+                        if folder == saved["hub"] and reader in ("read_model_config", "describe") and \
+                                rel == "model.safetensors":
+                            continue  # of a hub directory, they read config.json only
+                        with pytest.raises(ValueError) as e:
+                            read(folder)
+                        assert _named(e.value, path), (reader, rel, where, str(e.value))
+                        assert not (tmp_path / "out").exists(), reader
 
-    # exports: a consolidated directory and a hub directory, each file flipped in a copy
-    consolidated, hub = tmp_path / "c", tmp_path / "hub"
-    convert.consolidate(tmp_path / "a", consolidated, weights="ema", training_state=True)
-    convert.to_hub(consolidated, hub)
-    for folder, files in ((consolidated, ["model.safetensors", "training/exp_avg.safetensors",
-                                          "training/counters.pt", "config.json"]),
-                          (hub, ["model.safetensors", "config.json"])):
-        for rel in files:
-            copy_ = tmp_path / f"{folder.name}-{rel.replace('/', '-')}"
-            shutil.copytree(folder, copy_)
-            _flip(copy_ / rel, 0.9 if rel == "config.json" else 0.5)  # in config.json: a value, not the JSON syntax
-            with pytest.raises(ValueError, match=f"{copy_ / rel} is damaged"):
-                read_weights(copy_)
-            if folder is consolidated:
-                with pytest.raises(ValueError, match=f"{copy_ / rel} is damaged"):
-                    convert.shard(copy_, tmp_path / f"s-{copy_.name}", tp=1)
+
+def test_conversions_create_missing_parent_folders_of_their_outputs(saved, tmp_path):
+    from sedd_scale.apps import convert
+
+    deep = tmp_path / "a" / "b"
+    assert convert.consolidate(saved["run"], deep / "ema", weights="ema")["out"] == str(deep / "ema")
+    assert convert.reshard(saved["run"], deep / "c" / "run")["out"] == str(deep / "c" / "run")
+    assert (deep / "ema" / "model.safetensors").is_file() and (deep / "c" / "run" / "latest").is_file()
 
 
 def _portable(tmp: str) -> dict:

@@ -97,6 +97,54 @@ def test_conversions_refuse_bad_requests_before_any_work(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.lstrip(".").startswith(("o1", "o2", "o3", "o4", "o5"))]
 
 
+def test_conversions_create_missing_parent_folders_of_their_outputs(tmp_path):
+    source = tiny_consolidated(tmp_path / "c")
+    assert convert.to_hub(source, tmp_path / "hub" / "cpu-tiny") == tmp_path / "hub" / "cpu-tiny"
+    assert cons.open_consolidated(convert.from_hub(tmp_path / "hub" / "cpu-tiny", tmp_path / "x" / "y" / "back"))
+    assert convert.shard(source, tmp_path / "runs" / "new" / "run", tp=2)["out"] == str(tmp_path / "runs/new/run")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(convert.ConversionError, match=f"{tmp_path / 'file'} is a file, not a directory"):
+        convert.to_hub(source, tmp_path / "file" / "hub")
+    assert (tmp_path / "file").read_text() == "mine"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "to-hub", str(source),
+                          "hub2/cpu-tiny"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "hub2" / "cpu-tiny" / "model.safetensors").is_file()
+
+
+def test_a_hub_directory_without_sha256sums_is_read_with_a_note(tmp_path, capsys):
+    """The reference's own hub format has no SHA256SUMS: its files are used unverified, and that is said once."""
+    from sedd_scale.pretrained import read_weights
+
+    read_weights(FIXTURE)
+    err = capsys.readouterr().err
+    assert f"note: {FIXTURE} has no SHA256SUMS" in err and "its files were not verified" in err, err
+    assert err.count("note: ") == 1, err
+    ours = convert.to_hub(tiny_consolidated(tmp_path / "c"), tmp_path / "hub")  # our export has one: no note
+    capsys.readouterr()
+    read_weights(ours)
+    assert "note: " not in capsys.readouterr().err
+    (ours / "SHA256SUMS").unlink()
+    read_weights(ours)
+    assert f"note: {ours} has no SHA256SUMS" in capsys.readouterr().err
+
+
+def test_a_damaged_hub_directory_without_sha256sums_names_the_file(tmp_path):
+    from sedd_scale.checkpoint.hub import HubFormatError
+    from sedd_scale.pretrained import read_weights
+
+    hub = convert.to_hub(tiny_consolidated(tmp_path / "c"), tmp_path / "hub")
+    (hub / "SHA256SUMS").unlink()
+    config = (hub / "config.json").read_text()
+    (hub / "config.json").write_text(config.replace(":", ";", 1))  # JSON syntax: only the parser can tell
+    with pytest.raises(cons.ConsolidatedError, match=f"{hub / 'config.json'} is not valid JSON"):
+        read_weights(hub)
+    (hub / "config.json").write_text(config)
+    (hub / "model.safetensors").write_bytes((hub / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(HubFormatError, match=f"{hub / 'model.safetensors'} is not a readable safetensors file"):
+        read_weights(hub)
+
+
 def test_incomplete_training_checkpoint_is_refused(tmp_path):
     step = tmp_path / "run" / "step_000000004"
     (step / "deepspeed").mkdir(parents=True)

@@ -99,7 +99,10 @@ def test_training_checkpoint_evaluates_in_its_layout(tmp_path):
 def test_bad_requests_exit_2_before_any_work(tmp_path):
     ckpt = str(tiny_consolidated(tmp_path / "c"))
     data = manifest(tmp_path)
+    (tmp_path / "not-a-checkpoint").mkdir()
+    (tmp_path / "not-a-checkpoint" / "notes.txt").write_text("no checkpoint here")
     cases = {"does not exist": [str(tmp_path / "nope")],
+             f"{tmp_path / 'not-a-checkpoint'} is neither a checkpoint folder": [str(tmp_path / "not-a-checkpoint")],
              "--draws must be >= 2": [ckpt, "--draws", "1"],
              "GPT-2-vocabulary": [ckpt, "--protocol", "ptb"],
              "seq_len": [ckpt, "--manifest", str(_other_length(tmp_path))],

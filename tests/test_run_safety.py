@@ -150,6 +150,37 @@ def test_resume_false_in_a_used_directory_is_refused_unless_starting_over(tmp_pa
         from_dict(Recipe, tiny_recipe(tmp_path / "d", tmp_path / "run", checkpoint={"start_over": True}))
 
 
+def test_the_pre_flight_reads_a_step_an_interrupted_re_save_set_aside_and_touches_nothing(tmp_path):
+    raw = tiny_recipe(tmp_path / "d", tmp_path / "run")
+    fake_checkpoint(tmp_path / "run", raw)
+    final = tmp_path / "run" / step_name(3)
+    aside = tmp_path / "run" / f".tmp-old-{final.name}-1765000000000000000"
+    os.rename(final, aside)  # a crash between the re-save's two renames
+    start = run_dir.check_start(from_dict(Recipe, raw), 1)
+    assert start.latest == aside and start.describe()[0] == f"resume: {final} (put back from {aside}, where an " \
+                                                            "interrupted re-save left it)", start.describe()
+    assert aside.is_dir() and not final.exists()
+
+
+@pytest.mark.slow
+def test_a_start_after_a_crash_between_a_re_saves_renames_puts_the_step_back_and_resumes_it(tmp_path, data):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(data, run, train={"steps": 2}))
+    code, out = train_main(recipe)
+    assert code == 0, out
+    aside = run / ".tmp-old-step_000000002-1765000000000000000"
+    os.rename(run / step_name(2), aside)  # the step `latest` names, set aside; its new copy never renamed in
+    staging = CheckpointDir(run).staging(2, "crashed")
+    staging.mkdir()
+    code, out = train_main(recipe, "--set", "train.steps=3")
+    assert code == 0, out
+    assert f"restored {run / step_name(2)}: a re-save of it was interrupted" in out, out
+    assert "resumed from step 2" in out, out
+    assert not aside.exists() and not staging.exists()
+    assert [p.name for p in CheckpointDir(run).steps()] == [step_name(s) for s in (1, 2, 3)]
+    assert CheckpointDir(run).latest().name == step_name(3)
+
+
 # --- the run lock -----------------------------------------------------------------------------------
 HOLD = """
 import sys, time
@@ -361,10 +392,14 @@ def test_a_diverged_run_points_latest_before_the_streak_and_a_lower_lr_resumes_c
 
 
 def _write_fails(recipe_path: str) -> dict:
-    """Train 2 steps, then make every file write fail (a file-size limit, as a full disk does)."""
+    """Train 2 steps, then make every file write fail: a file-size limit (`ulimit -f`: EFBIG), then a full disk
+    (ENOSPC, from the write itself); each in a synchronous and an asynchronous save."""
+    import errno
+    import os
     import resource
     import signal
 
+    from sedd_scale.checkpoint import files
     from sedd_scale.distributed import engine
     from sedd_scale.checkpoint.sharded import CheckpointError
     from sedd_scale.config import load_recipe
@@ -377,16 +412,41 @@ def _write_fails(recipe_path: str) -> dict:
     trainer = Trainer(recipe, layout, topology, loader=loader)
     trainer.fit(max_steps=2)
     out = {"latest": trainer.checkpoints.latest().name}
+
+    def saves(cause: str) -> None:
+        for mode in ("sync", "async"):
+            try:
+                trainer.fit(max_steps=1) if mode == "async" else trainer.save(sync=True)
+                out[f"{cause} {mode}"] = "no error"
+            except CheckpointError as e:
+                out[f"{cause} {mode}"] = str(e)
+        out[f"{cause} left"] = sorted(p.name for p in Path(recipe.checkpoint.dir).iterdir())
+
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
-    for mode in ("sync", "async"):
-        try:
-            trainer.fit(max_steps=1) if mode == "async" else trainer.save(sync=True)
-            out[mode] = "no error"
-        except CheckpointError as e:
-            out[mode] = str(e)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    out["left"] = sorted(p.name for p in Path(recipe.checkpoint.dir).iterdir())
+    try:
+        saves("EFBIG")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    real_init = files.HashingWriter.__init__
+
+    class FillingDisk:  # the file object under the hashing one: write(2) fails once the file holds 4 KiB
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data) -> int:
+            if self.f.tell() + len(data) > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def flush(self) -> None:
+            self.f.flush()
+
+    files.HashingWriter.__init__ = lambda self, f: real_init(self, FillingDisk(f))
+    try:
+        saves("ENOSPC")
+    finally:
+        files.HashingWriter.__init__ = real_init
     resumed = Trainer(recipe, layout, topology, loader=TokenLoader(
         LoaderConfig(list(recipe.data.manifests), 8, layout.micro_batch, global_batch=4)))
     out["resumed"] = (resumed.resume(), resumed.step)
@@ -400,9 +460,17 @@ def test_a_failed_checkpoint_write_is_named_cleaned_up_and_the_previous_one_resu
     out = launch(_write_fails, 1, recipe, timeout=600)[0]
     assert out["latest"] == "step_000000002"
     for mode in ("sync", "async"):  # the async write fails in its thread and is raised at the next step
-        assert "could not write checkpoint file" in out[mode] and "GiB free" in out[mode], out
-        assert "the previous checkpoint stays `latest`" in out[mode], out
-    assert not [name for name in out["left"] if name.startswith(".tmp-")], out["left"]  # staging removed
+        limit, full = out[f"EFBIG {mode}"], out[f"ENOSPC {mode}"]
+        assert f"could not write checkpoint file {run}/.tmp-step_" in limit, out
+        assert "file-size limit, 4096 bytes" in limit and "ulimit -f unlimited" in limit, out
+        assert "not a full disk" in limit and "is full" not in limit and "still had" not in limit, out
+        assert f"could not write checkpoint file {run}/.tmp-step_" in full, out
+        assert f"the filesystem of {run} is full (ENOSPC" in full and "GiB free and this rank still had" in full, out
+        assert "ulimit" not in full, out
+        for message in (limit, full):
+            assert "the previous checkpoint stays `latest`" in message, out
+    for cause in ("EFBIG", "ENOSPC"):  # staging removed, nothing else touched
+        assert not [name for name in out[f"{cause} left"] if name.startswith(".tmp-")], out[f"{cause} left"]
     assert out["resumed"] == (True, 2), out
 
 

@@ -129,18 +129,36 @@ def _recipe_for_weights(weights, manifest: str, *, tp: int, pp: int, micro_batch
     return data
 
 
-def build(args, world: int):
-    """The trainer holding the checkpoint's weights under the evaluation layout, and the recipe."""
+def training_step(path: Path) -> Path | None:
+    """The step folder of a training checkpoint (run directory or step folder), or None for a consolidated or hub
+    directory; EvaluationError for anything else. Cheap: called before any process group."""
     from sedd_scale.apps import convert
     from sedd_scale.checkpoint import consolidated as cons
-    from sedd_scale.checkpoint import full_state, hub
+    from sedd_scale.checkpoint import hub
+
+    if not path.exists():
+        raise EvaluationError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise EvaluationError(f"checkpoint {path} is a file: pass a checkpoint directory")
+    if cons.is_consolidated(path) or (path / hub.CONFIG_FILE).is_file():
+        return None
+    try:
+        return convert.find_step(path)
+    except convert.ConversionError as e:
+        raise EvaluationError(f"{e}: pass a training checkpoint (run directory or step_* folder), or a consolidated "
+                              "or hub directory (config.json + model.safetensors)") from None
+
+
+def build(args, world: int, step: Path | None):
+    """The trainer holding the checkpoint's weights under the evaluation layout, and the recipe (`step`: the
+    training checkpoint's step folder, None for a consolidated or hub directory)."""
+    from sedd_scale.apps import convert
+    from sedd_scale.checkpoint import full_state
     from sedd_scale.checkpoint.sharded import ANY_LAYOUT, read_meta
     from sedd_scale.pretrained import read_weights
 
     path = Path(args.checkpoint)
-    if not path.exists():
-        raise EvaluationError(f"checkpoint {path} does not exist")
-    if cons.is_consolidated(path) or (path / hub.CONFIG_FILE).is_file():
+    if step is None:
         weights = read_weights(path)
         trained = (weights.recipe or {}).get("parallel", {})
         tp, pp = args.tp or trained.get("tp", 1), args.pp or trained.get("pp", 1)
@@ -151,7 +169,6 @@ def build(args, world: int):
         trainer = convert.build_trainer(recipe)
         full_state.load(trainer, {"weights": weights.tensors}, None)  # the EMA starts as these weights
         return trainer, recipe
-    step = convert.find_step(path)
     meta = read_meta(step)
     if meta["layout"] != ANY_LAYOUT and meta["world_size"] != world:  # a resharded (layout-free) step runs anywhere
         raise EvaluationError(f"{step} was written by {meta['world_size']} ranks and is evaluated in its own layout: "
@@ -179,6 +196,7 @@ def run(args) -> dict | None:
         raise EvaluationError(f"{args.out} exists: choose another --out (results are never overwritten)")
     if args.manifest and not args.protocol:
         _choose_split(args.manifest, args.split)  # an empty split fails before any process group or model
+    step = training_step(Path(args.checkpoint))  # so does a folder that is no checkpoint
 
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -189,7 +207,7 @@ def run(args) -> dict | None:
 
     started = time.perf_counter()
     engine.init_world()
-    trainer, recipe = build(args, dist.get_world_size())
+    trainer, recipe = build(args, dist.get_world_size(), step)
     cfg = trainer.model_cfg
     if args.protocol == "ptb":
         manifest, split = str(_ptb_manifest(cfg.length, cfg.num_tokens)), "test"

@@ -11,12 +11,11 @@
 * to_hub / from_hub: consolidated <-> the reference's hub format (a renaming).
 
 Outputs are written to a temporary name, reread and compared with what was meant, and only then
-renamed into place; an existing output is never touched.
+renamed into place; an existing output is never touched, missing parent folders are created.
 """
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -26,9 +25,9 @@ import torch
 
 from sedd_scale.checkpoint import consolidated as cons
 from sedd_scale.checkpoint import hub
-from sedd_scale.checksums import file_record
+from sedd_scale.checksums import SUMS_FILE, file_record
 from sedd_scale.checkpoint.sharded import (ANY_LAYOUT, FORMAT, LATEST, CheckpointDir, atomic_write_text, read_meta,
-                                           staged_dir, step_name)
+                                           staged_dir, step_name, write_meta)
 from sedd_scale.config import Recipe, RecipeError, apply_overrides, from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
 
@@ -88,10 +87,12 @@ def check_complete(step: Path, meta: dict) -> None:
 
 
 def _check_output(out: Path) -> None:
+    """Refuse an existing output; missing parent folders are fine (`staged_dir` creates them when it writes)."""
     if out.exists():
         raise ConversionError(f"output {out} exists: choose a new directory (conversions never overwrite)")
-    if not out.parent.exists():
-        raise ConversionError(f"output's parent {out.parent} does not exist")
+    nearest = next(p for p in out.absolute().parents if p.exists())
+    if not nearest.is_dir():
+        raise ConversionError(f"output {out} cannot be created: {nearest} is a file, not a directory")
 
 
 def build_trainer(recipe_data: dict, loader_state: dict | None = None, checkpoint_dir: str | None = None):
@@ -174,8 +175,8 @@ def _write_run(out: Path, step: int, recipe_data: dict, write_state) -> Path:
         write_state(folder / "state")
         files = {str(p.relative_to(folder)): file_record(p) for p in sorted(folder.rglob("*")) if p.is_file()}
         meta = {"format": FORMAT, "step": step, "layout": ANY_LAYOUT, "recipe": recipe_data, "world_size": None,
-                "bytes": sum(r["bytes"] for r in files.values()), "files": files}
-        atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
+                "bytes": sum(r["bytes"] for r in files.values()), "files": files, "sums": SUMS_FILE}
+        write_meta(folder, meta)
         atomic_write_text(staging / LATEST, folder.name)
     return out / step_name(step)
 
@@ -272,7 +273,7 @@ def describe(path: str | Path) -> dict:
         return {"kind": "consolidated", "weights": ckpt.config["weights"], "training_state": ckpt.has_training_state,
                 "model": to_dict(ckpt.model), "step": ckpt.config.get("step")}
     if (path / hub.CONFIG_FILE).is_file() and (path / hub.WEIGHTS_FILE).is_file():
-        return {"kind": "hub", "config": json.loads((path / hub.CONFIG_FILE).read_text())}
+        return {"kind": "hub", "config": hub.read_hub_config(path)}
     step = find_step(path)
     meta = read_meta(step)
     return {"kind": "training", "folder": str(step), "step": meta["step"], "layout": meta["layout"]}

@@ -17,7 +17,6 @@ Megatron-core is imported only by the functions that need it, so checking inputs
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -61,7 +60,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
         if not (path / hub.CONFIG_FILE).is_file():
             raise GenerationError(f"{path} holds no config.json: pass a hub or consolidated checkpoint directory "
                                   "(config.json + model.safetensors)")
-        return hub.model_config_from_hub(json.loads((path / hub.CONFIG_FILE).read_text()))
+        return hub.model_config_from_hub(hub.read_hub_config(path))
     except (consolidated.ConsolidatedError, hub.HubFormatError) as e:
         raise GenerationError(f"cannot read {str(path)!r}: {e}") from e
 

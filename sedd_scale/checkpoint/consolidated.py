@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from sedd_scale.checksums import ChecksumError, verify_sums, write_sums
+from sedd_scale.checksums import ChecksumError, verified_text, verify_sums, write_sums
 from sedd_scale.checkpoint.hub import hub_shapes, key_map
 from sedd_scale.checkpoint.safetensors_writer import save_tensors
 from sedd_scale.checkpoint.sharded import staged_dir
@@ -113,11 +113,26 @@ class LazyTensors(Mapping):
 
 
 def is_consolidated(path: str | Path) -> bool:
-    """Whether `path` looks like a consolidated checkpoint (its config.json names our format)."""
-    config = Path(path) / CONFIG_FILE
-    if not config.is_file():
+    """Whether `path` looks like a consolidated checkpoint (its config.json names our format); the config.json of a
+    directory with SHA256SUMS (ours, or a hub directory we wrote) is checked against it before it is parsed."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
         return False
-    return json.loads(config.read_text()).get("format") == FORMAT
+    config = _read_config(path, verify=True, required=False)
+    return isinstance(config, dict) and config.get("format") == FORMAT
+
+
+def _read_config(path: Path, *, verify: bool, required: bool = True) -> Any:
+    """config.json parsed, after its bytes were checked against SHA256SUMS (`verify`); ConsolidatedError naming the
+    file when it is damaged."""
+    try:
+        text = verified_text(path, CONFIG_FILE, required=required) if verify else (path / CONFIG_FILE).read_text()
+        return json.loads(text)
+    except ChecksumError as e:
+        raise ConsolidatedError(str(e)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # only where nothing recorded its bytes
+        raise ConsolidatedError(f"{path / CONFIG_FILE} is not valid JSON ({e}): the directory is damaged; write it "
+                                "again with tools/convert_checkpoint.py") from None
 
 
 def open_consolidated(path: str | Path, *, verify: bool = True) -> Consolidated:
@@ -131,13 +146,10 @@ def open_consolidated(path: str | Path, *, verify: bool = True) -> Consolidated:
             verify_sums(path)
         except ChecksumError as e:
             raise ConsolidatedError(str(e)) from None
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConsolidatedError(f"{config_path} is not valid JSON ({e}): the directory is damaged; write it again "
-                                "with tools/convert_checkpoint.py") from None
-    if config.get("format") != FORMAT:
-        raise ConsolidatedError(f"{config_path}: format {config.get('format')!r}, expected {FORMAT!r}")
+    config = _read_config(path, verify=False)  # verified above (or by the caller)
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ConsolidatedError(f"{config_path}: format {found!r}, expected {FORMAT!r}")
     ckpt = Consolidated(path, config)
     check_tensors(ckpt.model, ckpt.weights(), str(path / WEIGHTS_FILE))
     return ckpt

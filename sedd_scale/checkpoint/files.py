@@ -3,8 +3,9 @@
 * `to_host` copies a state (nested dicts/lists of tensors) to CPU memory: the only part of a save
   that has to stop training; the copy is then written at leisure.
 * `write_files` torch.saves (path, state) pairs through a hashing file, so each file's size and
-  sha256 are known when it is written (no reread), fsyncs them, and names the directory and the
-  free space when a write fails (a full disk, a quota).
+  sha256 are known when it is written (no reread), fsyncs them, and says why a write failed: a full
+  disk or quota (ENOSPC, EDQUOT: the directory, its free space, what was left to write) apart from a
+  file-size limit (EFBIG: `ulimit -f`, or the filesystem's largest file), which no free space cures.
 * `read_verified` reads a whole file, checks its size and sha256 against what was recorded at write
   time, and unpickles it onto the CPU (map_location="cpu"): a checkpoint written on GPUs loads on a
   CPU-only machine and vice versa; the trainer moves tensors where they belong.
@@ -14,10 +15,12 @@
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import io
 import os
 import pickle
+import resource
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -66,6 +69,7 @@ def write_files(root: Path, files: list[tuple[Path, Any]]) -> dict[str, Record]:
     """
     records: dict[str, Record] = {}
     for i, (path, state) in enumerate(files):
+        hashing = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:
@@ -74,15 +78,36 @@ def write_files(root: Path, files: list[tuple[Path, Any]]) -> dict[str, Record]:
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as e:  # RuntimeError: torch's stream writer ("file write failed")
-            free = shutil.disk_usage(root).free if root.exists() else 0
-            left = sum(nbytes(s) for _, s in files[i:])
-            raise CheckpointError(
-                f"could not write checkpoint file {path} ({type(e).__name__}: {e}); the filesystem of "
-                f"{root.parent} has {free / 2**30:.2f} GiB free and this rank still had {left / 2**30:.2f} GiB "
-                "to write: free space (or raise the quota) for at least one more checkpoint, or lower "
-                "train.keep_last; the previous checkpoint stays `latest`") from e
+            cause = e if isinstance(e, OSError) else hashing.error if hashing is not None else None
+            raise CheckpointError(_write_failure(root, path, cause or e, sum(nbytes(s) for _, s in files[i:]))) from e
         records[str(path.relative_to(root))] = {"bytes": hashing.size, "sha256": hashing.hash.hexdigest()}
     return records
+
+
+def _write_failure(root: Path, path: Path, error: BaseException, left: int) -> str:
+    """What went wrong writing `path` (under `root`) and what to do, by the errno of `error`."""
+    code = getattr(error, "errno", None)
+    where = root.parent
+    free = shutil.disk_usage(where).free if where.exists() else 0
+    kept = "the previous checkpoint stays `latest`"
+    if code == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            return (f"could not write checkpoint file {path}: it reached this process's file-size limit, {limit} "
+                    f"bytes (`ulimit -f` shows {limit // 1024}; EFBIG: {os.strerror(code)}), not a full disk ({where} "
+                    f"has {free / 2**30:.2f} GiB free): raise the limit (`ulimit -f unlimited` in the job script) "
+                    f"and resume; {kept}")
+        return (f"could not write checkpoint file {path}: it is larger than the filesystem of {where} allows "
+                f"(EFBIG: {os.strerror(code)}; no `ulimit -f` is set): put checkpoint.dir on a filesystem that holds "
+                f"larger files; {kept}")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        full = "is full" if code == errno.ENOSPC else "is over its quota"
+        return (f"could not write checkpoint file {path}: the filesystem of {where} {full} "
+                f"({errno.errorcode[code]}: {os.strerror(code)}); it has {free / 2**30:.2f} GiB free and this rank "
+                f"still had {left / 2**30:.2f} GiB to write: free at least that much there (or raise the quota), "
+                f"or lower train.keep_last; {kept}")
+    return (f"could not write checkpoint file {path} ({type(error).__name__}: {error}); {where} has "
+            f"{free / 2**30:.2f} GiB free and this rank still had {left / 2**30:.2f} GiB to write; {kept}")
 
 
 def read_verified(path: Path, record: Record | None, *, fix: str) -> Any:

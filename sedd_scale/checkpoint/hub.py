@@ -9,6 +9,7 @@ missing, unexpected or mis-shaped key is an error that lists all of them. The TP
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from sedd_scale.checksums import ChecksumError, verify_sums, write_sums
+from sedd_scale.checksums import SUMS_FILE, ChecksumError, verify_sums, write_sums
 from sedd_scale.checkpoint.safetensors_writer import save_tensors
 from sedd_scale.diffusion.noise import GeometricNoise
 from sedd_scale.model import rotary
@@ -175,18 +176,54 @@ def noise_to_hub(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_hub(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(config dict, full state dict) of a hub checkpoint directory."""
+    """(config dict, full state dict) of a hub checkpoint directory, checked against its SHA256SUMS first when it
+    has one (and said so on stderr when it has none)."""
     path = Path(path)
     files = [path / CONFIG_FILE, path / WEIGHTS_FILE]
     absent = [str(f) for f in files if not f.is_file()]
     if absent:
         raise FileNotFoundError(f"hub checkpoint {str(path)!r} lacks {absent} "
                                 f"(a directory with {CONFIG_FILE} and {WEIGHTS_FILE} is expected)")
-    try:  # SHA256SUMS (our exports) catches damage; a hub directory written elsewhere may have none
-        verify_sums(path, [CONFIG_FILE, WEIGHTS_FILE], required=False)
-        return json.loads(files[0].read_text()), load_file(str(files[1]))
-    except (ChecksumError, SafetensorError, json.JSONDecodeError) as e:
-        raise HubFormatError(f"hub checkpoint {str(path)!r} is damaged: {e}") from None
+    try:  # SHA256SUMS (our exports) catches damage before anything is parsed; one written elsewhere may have none
+        verified = verify_sums(path, [CONFIG_FILE, WEIGHTS_FILE], required=False)
+    except ChecksumError as e:
+        raise HubFormatError(str(e)) from None
+    if not verified:
+        note_unverified(path)
+    config = _parse_config(files[0])
+    try:
+        return config, load_file(str(files[1]))
+    except SafetensorError as e:
+        raise HubFormatError(f"{files[1]} is not a readable safetensors file ({e}): the hub checkpoint is damaged; "
+                             "copy it again from the source") from None
+
+
+def read_hub_config(path: str | Path) -> dict[str, Any]:
+    """A hub directory's config.json, checked against its SHA256SUMS (when it has one) before it is parsed."""
+    path = Path(path)
+    try:
+        verify_sums(path, [CONFIG_FILE], required=False)
+    except ChecksumError as e:
+        raise HubFormatError(str(e)) from None
+    return _parse_config(path / CONFIG_FILE)
+
+
+def _parse_config(path: Path) -> dict[str, Any]:
+    try:  # checked bytes parse; without SHA256SUMS, damage shows only here
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HubFormatError(f"{path} is not valid JSON ({e}): the hub checkpoint is damaged; copy it again from "
+                             "the source") from None
+    if not isinstance(config, dict):
+        raise HubFormatError(f"{path} holds a JSON {type(config).__name__}, not the reference's config object")
+    return config
+
+
+def note_unverified(path: Path) -> None:
+    """Say (on rank 0 only) that a hub directory without SHA256SUMS is used unverified."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"note: {path} has no {SUMS_FILE} (e.g. the reference's own hub format), so its files were not "
+              "verified", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 @contextmanager
 def take_run_dir(recipe, start: run_dir.RunStart):
     """Rank 0 locks the run directory for the run (refusing a busy one on every rank), discards the old
-    checkpoints when starting over, and removes leftovers of crashed saves."""
+    checkpoints when starting over, puts back a step folder an interrupted re-save set aside, and removes
+    leftovers of crashed saves."""
     import torch.distributed as dist
 
     from sedd_scale.checkpoint.run_lock import RunLock
@@ -102,7 +103,10 @@ def take_run_dir(recipe, start: run_dir.RunStart):
             if start.start_over:
                 gone = run_dir.start_over(recipe.checkpoint.dir)
                 print(f"start over: deleted {len(gone)} checkpoint folder(s) of {recipe.checkpoint.dir}", flush=True)
-            CheckpointDir(recipe.checkpoint.dir).clean_stale()
+            ckpts = CheckpointDir(recipe.checkpoint.dir)
+            for step in ckpts.restore_set_aside():  # before clean_stale: it is the only intact copy of that step
+                print(f"restored {step}: a re-save of it was interrupted between its two renames", flush=True)
+            ckpts.clean_stale()
         except RunDirBusy as e:
             outcome = [str(e)]
     dist.broadcast_object_list(outcome, src=0)

@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sedd_scale.checkpoint.sharded import LATEST, CheckpointDir, CheckpointError, read_meta
+from sedd_scale.checkpoint.sharded import (LATEST, SET_ASIDE, CheckpointDir, CheckpointError, read_meta,
+                                           set_aside_for)
 from sedd_scale.config import Recipe, RecipeError, add_recipe_args, from_dict, load_recipe, overrides_from_args, to_dict
 from sedd_scale.config.changes import Change, ResumeRefused, check_resume
 
@@ -34,7 +35,11 @@ class RunStart:
         if self.latest is None:
             return ["start: from scratch" + (" (the directory's old checkpoints are discarded)" if self.start_over
                                              else "")]
-        return [f"resume: {self.latest}"] + [f"  applied from this recipe: {c.describe()}" for c in self.changes]
+        where = str(self.latest)
+        if self.latest.name.startswith(SET_ASIDE):
+            where = (f"{self.latest.parent / set_aside_for(self.latest)} (put back from {self.latest}, where an "
+                     "interrupted re-save left it)")
+        return [f"resume: {where}"] + [f"  applied from this recipe: {c.describe()}" for c in self.changes]
 
 
 def _has_checkpoints(ckpts: CheckpointDir) -> bool:
@@ -52,7 +57,7 @@ def check_start(recipe: Recipe, world_size: int) -> RunStart:
                               "(checkpoint.resume=true), choose a new checkpoint.dir, or set "
                               "checkpoint.start_over=true to delete them and start again")
         return RunStart(None, [], start_over=_has_checkpoints(ckpts))
-    latest = ckpts.latest()
+    latest = ckpts.latest(set_aside_ok=True)  # an interrupted re-save's copy: read there, put back at the start
     if latest is None:
         if ckpts.steps():
             raise CheckpointError(f"{ckpts.root} holds step folders but no `latest` pointer: write the name of the "

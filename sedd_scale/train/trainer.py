@@ -240,10 +240,13 @@ class Trainer:
 
         problem = [None]
         if self.rank == 0:
+            fix = "convert the checkpoint again (tools/convert_checkpoint.py reshard), or restore it from a copy"
             for rel, record in meta["files"].items():
-                if not (path / rel).is_file() or file_record(path / rel) != record:
-                    problem = [f"{path / rel} is missing or damaged (not the bytes meta.json recorded): convert the "
-                               "checkpoint again (tools/convert_checkpoint.py reshard)"]
+                if not (path / rel).is_file():
+                    problem = [f"{path / rel} is missing: {fix}"]
+                elif file_record(path / rel) != record:
+                    problem = [f"{path / rel} is damaged (not the bytes meta.json recorded): {fix}"]
+                if problem[0] is not None:
                     break
         dist.broadcast_object_list(problem, src=0)
         if problem[0] is not None:
