@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sedd_scale.testing.spawn import launch  # noqa: E402
+from sedd_scale.testing.spawn import launch
 
 
 def recipe(run: str, hidden: int, blocks: int, async_save: bool, save_every: int) -> dict:
@@ -42,9 +42,10 @@ def recipe(run: str, hidden: int, blocks: int, async_save: bool, save_every: int
 
 
 def _trainer(data: dict):
-    from sedd_scale.distributed import engine
     from megatron.core import parallel_state as ps
+
     from sedd_scale.config import Recipe, from_dict
+    from sedd_scale.distributed import engine
     from sedd_scale.testing.synthetic import SyntheticTokens
     from sedd_scale.train.trainer import Trainer
 
@@ -56,8 +57,8 @@ def _trainer(data: dict):
 
 def save_bytes(data: dict) -> dict:
     """Train one step, save synchronously; the step's total bytes and this rank's EMA bytes."""
-    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint.sharded import read_meta
+    from sedd_scale.distributed import parallel
 
     trainer = _trainer(data)
     trainer.fit(max_steps=1)

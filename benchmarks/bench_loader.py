@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sedd_scale.data.tar_layout import default_seqs_per_sample  # noqa: E402
-from sedd_scale.data.loader import LoaderConfig, TokenLoader  # noqa: E402
-from sedd_scale.data.manifest import Manifest, TokenizerInfo  # noqa: E402
-from sedd_scale.data.prepare import write_sequences  # noqa: E402
+from sedd_scale.data.loader import LoaderConfig, TokenLoader
+from sedd_scale.data.manifest import Manifest, TokenizerInfo
+from sedd_scale.data.prepare import write_sequences
+from sedd_scale.data.tar_layout import default_seqs_per_sample
 
 CPU_TINY_STEP_S = 0.4  # README: ~4 minutes for 600 steps on 2 cores
 

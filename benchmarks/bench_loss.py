@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sedd_scale.diffusion import get_graph, get_noise, to_log_score  # noqa: E402
-from sedd_scale.loss import HeadLossConfig, score_entropy_head, weighted_score_entropy_head  # noqa: E402
+from sedd_scale.diffusion import get_graph, get_noise, to_log_score
+from sedd_scale.loss import HeadLossConfig, score_entropy_head, weighted_score_entropy_head
 
 ROWS = (("naive", 1), ("fused per-token", 1), ("fused weighted", 1), ("fused weighted", 2))
 

@@ -22,8 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sedd_scale import plan as P  # noqa: E402
-from sedd_scale.config import Recipe, from_dict, load_recipe  # noqa: E402
+from sedd_scale import plan as P
+from sedd_scale.config import Recipe, from_dict, load_recipe
 
 MiB = 2**20
 BUCKET = 2_000_000
@@ -130,8 +130,8 @@ def flops_table() -> list[str]:
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     from sedd_scale.distributed import parallel
-    from sedd_scale.model.transformer import SEDD
     from sedd_scale.distributed.pipeline import SEDDTrainModule, head_loss_config
+    from sedd_scale.model.transformer import SEDD
     from sedd_scale.testing.step_memory import VALIDATION_MODEL
 
     rows = [f"{'model':<22} {'recompute':>9} | {'counted':>9} {'planner exec':>12} | {'planner model':>13} "

@@ -32,8 +32,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sedd_scale.diffusion import analytic_step, get_graph, get_noise  # noqa: E402
-from sedd_scale.diffusion.graph import Graph  # noqa: E402
+from sedd_scale.diffusion import analytic_step, get_graph, get_noise
+from sedd_scale.diffusion.graph import Graph
 
 NUM_TOKENS = 50257  # GPT-2: absorb has V = 50258 states (MASK last), uniform 50257
 
@@ -149,8 +149,8 @@ def end_to_end(kind: str, batch: int, length: int, steps: int, repeats: int, see
     """Tokens/s of tools/sample.py's sampling (generate_batches, analytic, denoise) on a random SEDD of preset `size`
     on `device`; each sampler the best of `repeats` runs, interleaved (`reference`: also the reference-style one,
     CPU only)."""
-    from sedd_scale.distributed import parallel  # megatron-core from here on
     from sedd_scale.apps.generation import generate_batches, model_log_score_fn
+    from sedd_scale.distributed import parallel  # megatron-core from here on
     from sedd_scale.model.config import preset
     from sedd_scale.model.transformer import SEDD
 

@@ -472,8 +472,8 @@ def build_trainer(case: Case, dropout: float, run_dir: str, precision: str = "fp
     The compile switch is set here, before anything is built, because the trainer derives other switches from it
     when it builds (the fused loss's config, the LayerNorm kernel choice): flipping `trainer.model_cfg.compile`
     afterwards flips only the model's regions. `check_compile` says whether a built trainer is what was asked."""
-    from sedd_scale.distributed import engine
     from sedd_scale.config import Recipe, from_dict
+    from sedd_scale.distributed import engine
     from sedd_scale.train.trainer import Trainer
 
     absorb = case.graph == "absorb"

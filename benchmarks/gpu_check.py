@@ -225,8 +225,8 @@ def step_worker(spec: dict) -> dict:
     import resource
 
     import torch
-
     from bench_step import Case, build_trainer, check_compile, checked_step, fresh_inductor_cache
+
     from sedd_scale.distributed import parallel
     from sedd_scale.plan.flops import projected_fraction, training_flops_per_token
 
@@ -350,7 +350,8 @@ def row_sampler(s: Settings, manifest: Path) -> Row:
         return Row("sampler", False, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
     got = json.loads(result[len("RESULT "):])
     shape = "B2 x L64, tiny, 8 steps" if s.quick else "B16 x L1024, sedd-small dims, 128 steps"
-    return Row("sampler", got["ours"] > 0, f"{shape}: {got['ours']:.0f} tokens/s (one forward {got['forward_s']:.3f} s)")
+    return Row("sampler", got["ours"] > 0,
+               f"{shape}: {got['ours']:.0f} tokens/s (one forward {got['forward_s']:.3f} s)")
 
 
 ROWS = {"train": lambda s, m: [row_train(s, m, "fp32"), row_train(s, m, "bf16-mixed")],
@@ -376,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device here; run with --device cpu --quick to check the code on this CPU", file=sys.stderr)
+        print("error: no CUDA device here; run with --device cpu --quick to check the code on this CPU",
+              file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)

@@ -10,12 +10,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sedd_scale.distributed import parallel
 from sedd_scale.checkpoint import consolidated
-from sedd_scale.checkpoint.hub import (HubFormatError, hub_to_model, load_weights, model_config_from_hub,
-                                       noise_from_hub, read_hub)
+from sedd_scale.checkpoint.hub import (
+    HubFormatError,
+    hub_to_model,
+    load_weights,
+    model_config_from_hub,
+    noise_from_hub,
+    read_hub,
+)
 from sedd_scale.diffusion import Graph, get_graph, get_noise
 from sedd_scale.diffusion.noise import Noise
+from sedd_scale.distributed import parallel
 from sedd_scale.model.config import ModelConfig
 from sedd_scale.model.transformer import SEDD
 

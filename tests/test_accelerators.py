@@ -74,9 +74,9 @@ def test_without_apex_cuda_uses_torch_fused_adam(monkeypatch):
 def test_the_optimizer_and_layer_norm_take_the_choice(fake_apex):
     """apex's FusedAdam runs under the same non-finite guard; the model's LayerNorm calls apex's kernel when chosen
     and computes what torch's path does (norm, weight, then the adaLN modulation)."""
+    from sedd_scale.distributed.optim import GuardedAdamW, SkipGuard, guarded
     from sedd_scale.model import ModelConfig
     from sedd_scale.model.transformer import LayerNorm
-    from sedd_scale.distributed.optim import GuardedAdamW, SkipGuard, guarded
 
     calls, fused_adam = fake_apex
     assert guarded(torch.optim.AdamW) is GuardedAdamW

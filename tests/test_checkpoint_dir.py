@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from sedd_scale.checkpoint.files import read_verified, write_files
-from sedd_scale.checkpoint.sharded import (FILES_DIR, CheckpointDir, CheckpointError, check_layout, read_meta,
-                                           step_name)
+from sedd_scale.checkpoint.sharded import FILES_DIR, CheckpointDir, CheckpointError, check_layout, read_meta, step_name
 
 
 def write_step(ckpt: CheckpointDir, step: int, payload: str, ranks: int = 1, meta: dict | None = None):

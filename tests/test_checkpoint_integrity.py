@@ -121,8 +121,8 @@ def test_a_flipped_byte_in_a_training_checkpoint_stops_its_conversion_naming_the
 
 def _resume_errors(recipe_data: dict, steps: dict[str, str]) -> dict[str, str]:
     """One trainer loads each step folder in turn (damaged copies); the error each gives, then the intact one."""
-    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint.sharded import CheckpointError
+    from sedd_scale.distributed import parallel
 
     out = {}
     try:
@@ -249,9 +249,9 @@ def test_a_gpu_written_checkpoint_resumes_and_converts_on_cpu(tmp_path):
 def _train_and_gather(cases: dict[str, dict]) -> dict:
     """For each layout: train 2 steps and save, then a fresh engine loads the step and gathers its whole state."""
     from sedd_scale.apps import convert
-    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint import full_state
     from sedd_scale.checkpoint.sharded import read_meta
+    from sedd_scale.distributed import parallel
 
     out = {}
     for name, data in cases.items():

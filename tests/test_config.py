@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 from sedd_scale import config as C
-from sedd_scale.config import cli
-from sedd_scale.config import Recipe, RecipeError, from_dict, load_recipe, to_dict
+from sedd_scale.config import Recipe, RecipeError, cli, from_dict, load_recipe, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -8,17 +8,18 @@ import json
 import pytest
 import torch
 
-from tests.dist import launch
 from sedd_scale.testing.synthetic import SyntheticTokens
+from tests.dist import launch
 from tests.test_trainer import LOSS_RTOL, recipe_dict
 
 pytestmark = pytest.mark.slow
 
 
 def _trainer(recipe_data: dict):
-    from sedd_scale.distributed import engine  # first: it applies sedd_scale.compat before megatron loads
     from megatron.core import parallel_state as ps
+
     from sedd_scale.config import Recipe, from_dict
+    from sedd_scale.distributed import engine  # first: it applies sedd_scale.compat before megatron loads
     from sedd_scale.train.trainer import Trainer
 
     recipe = from_dict(Recipe, copy.deepcopy(recipe_data))

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from sedd_scale.apps import convert
 from sedd_scale.checkpoint import consolidated as cons
-from sedd_scale.checksums import write_sums
 from sedd_scale.checkpoint import full_state
 from sedd_scale.checkpoint.sharded import FORMAT as TRAIN_FORMAT
+from sedd_scale.checksums import write_sums
 from sedd_scale.model.config import ModelConfig
 from tests.test_trainer import recipe_dict
 

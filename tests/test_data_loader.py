@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from sedd_scale.data.checked import CheckedSplit, check_split
-from sedd_scale.data.tar_layout import ShardLayout
 from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader, check_sources
 from sedd_scale.data.manifest import Manifest, ManifestError, ShardInfo, SplitInfo, TokenizerInfo
 from sedd_scale.data.prepare import write_sequences
+from sedd_scale.data.tar_layout import ShardLayout
 from sedd_scale.layout import row_offset as global_row_offset
 
 VOCAB = TokenizerInfo("gpt2", 50257, 50256)

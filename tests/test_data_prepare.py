@@ -16,12 +16,12 @@ import pytest
 import webdataset as wds
 
 from sedd_scale.data.corpora import load_corpus
-from sedd_scale.data.tar_layout import ShardLayout, default_seqs_per_sample
 from sedd_scale.data.manifest import Manifest, TokenizerInfo
 from sedd_scale.data.packing import Packer
 from sedd_scale.data.prepare import PrepareConfig, PrepareError, prepare, write_sequences
 from sedd_scale.data.reader import RowReader
 from sedd_scale.data.shards import read_shard
+from sedd_scale.data.tar_layout import ShardLayout, default_seqs_per_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

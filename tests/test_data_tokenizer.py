@@ -13,8 +13,14 @@ from sedd_scale.data.fetch import fetch_package
 from sedd_scale.data.loader import LoaderConfig, TokenLoader
 from sedd_scale.data.manifest import ManifestError
 from sedd_scale.data.prepare import PrepareConfig, prepare
-from sedd_scale.data.tokenizer import (GPT2_RANKS_SHA256, ByteTokenizer, get_tokenizer, gpt2_rank_file,
-                                       tokenizer_identity, tokenizer_vocab_size)
+from sedd_scale.data.tokenizer import (
+    GPT2_RANKS_SHA256,
+    ByteTokenizer,
+    get_tokenizer,
+    gpt2_rank_file,
+    tokenizer_identity,
+    tokenizer_vocab_size,
+)
 
 DOCS = ["Hello world", "", "naïve café — 東京 🙂", "<|endoftext|> is text here", "two\nlines  and   spaces "]
 

@@ -4,8 +4,16 @@ import math
 import pytest
 import torch
 
-from sedd_scale.diffusion import (Infill, analytic_step, denoise_step, euler_step, get_graph, get_noise, sample,
-                                  sample_categorical)
+from sedd_scale.diffusion import (
+    Infill,
+    analytic_step,
+    denoise_step,
+    euler_step,
+    get_graph,
+    get_noise,
+    sample,
+    sample_categorical,
+)
 from sedd_scale.testing.exact import F64, Enumerated, generator_matrix, random_joint, total_variation
 
 SAMPLES = 20_000

@@ -85,10 +85,11 @@ def draw_samples(trainer, count: int, seed: int) -> torch.Tensor:
 
 
 def train_and_sample(folder: str) -> dict:
-    from sedd_scale.distributed import engine  # first: it applies sedd_scale.compat before megatron loads
     from megatron.core import parallel_state as ps
+
     from sedd_scale.config import Recipe, from_dict
     from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader
+    from sedd_scale.distributed import engine  # first: it applies sedd_scale.compat before megatron loads
     from sedd_scale.train.trainer import Trainer
 
     manifest = write_dataset(folder)

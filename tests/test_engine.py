@@ -71,10 +71,11 @@ class Block(torch.nn.Module):
 
     def __init__(self, index: int):
         super().__init__()
-        from sedd_scale import compat  # noqa: F401
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
         from megatron.core.model_parallel_config import ModelParallelConfig
+
+        from sedd_scale import compat  # noqa: F401
 
         tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,

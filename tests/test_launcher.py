@@ -151,7 +151,8 @@ def test_single_process(sandbox):
     p = run(sandbox, TINY, "--layout-only")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "launcher: single process" in p.stdout
-    assert p.stdout.count("layout: world 1 = TP 1 x PP 1 x DP 1 | ZeRO-0 | batch 32 = micro 16 x DP 1 x grad accum 2") == 2
+    layout = "layout: world 1 = TP 1 x PP 1 x DP 1 | ZeRO-0 | batch 32 = micro 16 x DP 1 x grad accum 2"
+    assert p.stdout.count(layout) == 2
     assert [r[:3] for r in rank_lines(p.stdout)] == [(0, 1, 0)]
 
 
@@ -391,7 +392,8 @@ def test_kill_9_of_the_launcher_takes_torchrun_and_its_workers_with_it(sandbox, 
 
 @pytest.mark.slow
 def test_two_nodes_without_slurm_meet_at_a_rendezvous(sandbox):
-    """--nnodes 2 --node-rank R --rdzv HOST:PORT: two "nodes" (launchers) on this machine over loopback form one world."""
+    """--nnodes 2 --node-rank R --rdzv HOST:PORT: two "nodes" (launchers) on this machine over loopback form one
+    world."""
     from sedd_scale.distributed.parallel import free_port
 
     root, env, _ = sandbox

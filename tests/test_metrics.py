@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from sedd_scale.diffusion import get_noise
+from sedd_scale.model import preset
 from sedd_scale.plan.flops import training_flops_per_token
 from sedd_scale.train.metrics import IntervalStats, NoiseBandLoss
-from sedd_scale.model import preset
 
 
 def test_flops_per_token_hand_count():
@@ -37,8 +37,8 @@ def _step_flops(cfg, x0: torch.Tensor, x_t: torch.Tensor) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sedd_scale.model import SEDD
     from sedd_scale.distributed.pipeline import SEDDTrainModule, head_loss_config
+    from sedd_scale.model import SEDD
 
     module = SEDDTrainModule(SEDD(cfg, device="cpu"), head_loss_config(cfg))
     sigma, rate = torch.full((x0.shape[0],), 0.7), torch.ones(x0.shape[0])

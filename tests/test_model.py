@@ -11,11 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sedd_scale.checkpoint.hub import (
+    HubFormatError,
+    hub_config,
+    hub_shapes,
+    model_config_from_hub,
+    read_hub,
+    save_hub,
+    write_hub,
+)
 from sedd_scale.distributed import parallel
-from sedd_scale.checkpoint.hub import (HubFormatError, hub_config, hub_shapes, model_config_from_hub, read_hub,
-                                       save_hub, write_hub)
-from sedd_scale.model import SEDD, ModelConfig, preset
-from sedd_scale.model import rotary
+from sedd_scale.model import SEDD, ModelConfig, preset, rotary
 from sedd_scale.pretrained import load_pretrained
 
 pytestmark = pytest.mark.megatron  # rerun under megatron-core 0.19.x by tools/test.sh

@@ -13,10 +13,10 @@ import dataclasses
 import pytest
 import torch
 
-from sedd_scale.distributed import parallel
-from sedd_scale.checkpoint.hub import load_hub_state
-from sedd_scale.model import SEDD, preset
 from sedd_scale import compiled
+from sedd_scale.checkpoint.hub import load_hub_state
+from sedd_scale.distributed import parallel
+from sedd_scale.model import SEDD, preset
 from tests.test_model import random_hub_state
 
 RTOL = 1e-5

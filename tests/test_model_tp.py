@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from tests.dist import launch
 from sedd_scale.checkpoint.hub import write_hub
+from tests.dist import launch
 from tests.test_model import ATOL, FIXTURE, expected_raw_scores, fixture_io, random_hub_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.megatron]  # megatron: rerun under 0.19.x by tools/test.sh
@@ -44,8 +44,8 @@ def _copy_to_region_grad() -> float:
 
 def fixture_at_tp2(uniform_dir: str, out_dir: str) -> dict:
     """On 2 ranks: fixture outputs (absorb, no sigma scaling, uniform) and the hub export."""
-    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint.hub import read_hub, save_hub
+    from sedd_scale.distributed import parallel
     from sedd_scale.pretrained import load_pretrained
 
     io = fixture_io()
@@ -95,8 +95,8 @@ def test_fixture_parity_and_export_at_tp2(tmp_path):
 
 def _run(cfg, state, io, w, seed: int | None = None):
     """Forward + backward of a fixed linear functional of the log-scores; (gathered out, hub-layout grads)."""
-    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint.hub import gather_hub_state, load_hub_state
+    from sedd_scale.distributed import parallel
     from sedd_scale.model import SEDD
 
     model = SEDD(cfg, device="cpu")

@@ -144,8 +144,8 @@ def test_block_saved_bytes_match_a_real_block(tp1, precision, dropout, recompute
 def test_flops_are_the_matmuls_a_flop_counter_sees(tp1, recompute):
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-    from sedd_scale.model.transformer import SEDD
     from sedd_scale.distributed.pipeline import SEDDTrainModule, head_loss_config
+    from sedd_scale.model.transformer import SEDD
 
     r = recipe({"activation_checkpointing": recompute})
     m = r.model

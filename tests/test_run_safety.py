@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import yaml
 
-from sedd_scale.train import run_dir
 from sedd_scale.checkpoint.run_lock import RunDirBusy, RunLock
 from sedd_scale.checkpoint.sharded import FORMAT, CheckpointDir, step_name
 from sedd_scale.config import Recipe, RecipeError, from_dict, load_recipe, to_dict
-from sedd_scale.train.metrics import Metrics
 from sedd_scale.config.changes import APPLIED, LAYOUT, REFUSED, ResumeRefused, flatten
+from sedd_scale.train import run_dir
+from sedd_scale.train.metrics import Metrics
 from tests.dist import launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -400,10 +400,10 @@ def _write_fails(recipe_path: str) -> dict:
     import signal
 
     from sedd_scale.checkpoint import files
-    from sedd_scale.distributed import engine
     from sedd_scale.checkpoint.sharded import CheckpointError
     from sedd_scale.config import load_recipe
     from sedd_scale.data.loader import LoaderConfig, TokenLoader
+    from sedd_scale.distributed import engine
     from sedd_scale.train.trainer import Trainer
 
     recipe = load_recipe(recipe_path)

@@ -19,9 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from sedd_scale.apps.generation import (
+    CausalLMScorer,
+    GenerationError,
+    batch_plan,
+    batch_seed,
+    build_conditioning,
+    parse_template,
+    perplexity_summary,
+)
 from sedd_scale.data.tokenizer import ByteTokenizer
-from sedd_scale.apps.generation import (CausalLMScorer, GenerationError, batch_plan, batch_seed, build_conditioning,
-                                   parse_template, perplexity_summary)
 from sedd_scale.diffusion.sampling import unigram_entropy
 from sedd_scale.model.config import ModelConfig
 
@@ -60,8 +67,7 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def byte_ckpt(tmp_path_factory) -> Path:
     """A hub checkpoint of a random byte-vocabulary SEDD (every weight random, so scores are not flat)."""
-    from sedd_scale.checkpoint.hub import hub_config
-    from sedd_scale.checkpoint.hub import write_hub
+    from sedd_scale.checkpoint.hub import hub_config, write_hub
     from tests.test_model import random_hub_state
 
     cfg = ModelConfig(**MODEL)

@@ -34,9 +34,10 @@ def recipe_dict(tmp: str, **parallel) -> dict:
 
 
 def _build(recipe_data: dict):
-    from sedd_scale.distributed import engine  # first: it applies sedd_scale.compat before megatron loads
     from megatron.core import parallel_state as ps
+
     from sedd_scale.config import Recipe, from_dict
+    from sedd_scale.distributed import engine  # first: it applies sedd_scale.compat before megatron loads
     from sedd_scale.train.trainer import Trainer
 
     recipe = from_dict(Recipe, copy.deepcopy(recipe_data))
@@ -111,7 +112,8 @@ def test_layouts_match_one_process_and_resume_exactly(tmp_path):
         resumed, uninterrupted = two[0][name], two[0][name + "-ref"][:4]  # (the reference also validates, samples)
         assert resumed == uninterrupted, f"{name}: resumed run differs from the uninterrupted one"
     worst = {k: max(abs(a - b) / abs(b) for a, b in zip(v[:STEPS], reference)) for k, v in measured.items()}
-    print("single-process losses and validation", [round(x, 6) for x in reference[:STEPS + 1]], "max relative deviation per layout", worst)
+    print("single-process losses and validation", [round(x, 6) for x in reference[:STEPS + 1]],
+          "max relative deviation per layout", worst)
 
 
 def signals_nonfinite_and_layout_checks(tmp: str) -> dict:
@@ -120,9 +122,8 @@ def signals_nonfinite_and_layout_checks(tmp: str) -> dict:
     import os
     import signal
 
-    from sedd_scale.distributed import parallel
     from sedd_scale.checkpoint.sharded import CheckpointError
-
+    from sedd_scale.distributed import parallel
     from sedd_scale.train.metrics import Metrics
 
     out = {}
@@ -202,7 +203,8 @@ def logged_interval(tmp: str) -> dict:
         trainer = _build(data)
         rows = torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(3))
         metrics = Metrics(f"{tmp}/tb", total_steps=100)
-        result = trainer.fit(max_steps=6, metrics=metrics, valid_batches=[EvalBatch(rows, torch.ones(4, dtype=bool), 0)])
+        valid = [EvalBatch(rows, torch.ones(4, dtype=bool), 0)]
+        result = trainer.fit(max_steps=6, metrics=metrics, valid_batches=valid)
         metrics.close()
         trainer.saver.close()
         return {"losses": result.losses, "records": [json.loads(line) for line in open(f"{tmp}/tb/metrics.jsonl")]}

@@ -158,8 +158,7 @@ def test_fused_float32_tp1_matches_reference(graph, scale_by_sigma, weighted, ch
 def test_compiled_chunks_match_the_oracle_and_eager(graph, scale_by_sigma, weighted):
     """compile=True (model.compile) end to end, and the fused chunk expressions (compiled with inductor on CPU, as on
     CUDA, where the absorbing one runs) against the in-place eager ones, for ordinary and extreme log-scores."""
-    from sedd_scale.loss.vocab_parallel import (ABSORB_FUSED, UNIFORM_FUSED, _absorb_terms, _token_terms,
-                                                _uniform_terms)
+    from sedd_scale.loss.vocab_parallel import ABSORB_FUSED, UNIFORM_FUSED, _absorb_terms, _token_terms, _uniform_terms
 
     for seed, extreme in ((2, False), (5, True)):
         case = make_case(graph, seed=seed)
@@ -337,8 +336,9 @@ def _numpy(result):
 
 def _megatron_head_check(case, graph, scale_by_sigma):
     """Fused loss through a real ColumnParallelLinear's parameters vs that layer's own forward + reference loss."""
-    from sedd_scale import compat  # noqa: F401
     from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
+
+    from sedd_scale import compat  # noqa: F401
 
     rank, tp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
@@ -380,8 +380,9 @@ def tp_worker(tp: int) -> dict:
             results[graph, scale_by_sigma, weighted] = _numpy(
                 fused(case, graph, scale_by_sigma, weighted=weighted, tp=tp, rank=rank, group=dist.group.WORLD))
     if tp == 2:
-        from sedd_scale import compat  # noqa: F401
         from megatron.core import parallel_state
+
+        from sedd_scale import compat  # noqa: F401
 
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
         for graph, scale_by_sigma in (("absorb", True), ("uniform", False)):

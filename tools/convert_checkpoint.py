@@ -31,10 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sedd_scale.checkpoint.consolidated import ConsolidatedError  # noqa: E402
-from sedd_scale.checkpoint.hub import HubFormatError  # noqa: E402
-from sedd_scale.checkpoint.sharded import CheckpointError  # noqa: E402
-from sedd_scale.config import RecipeError  # noqa: E402
+from sedd_scale.checkpoint.consolidated import ConsolidatedError
+from sedd_scale.checkpoint.hub import HubFormatError
+from sedd_scale.checkpoint.sharded import CheckpointError
+from sedd_scale.config import RecipeError
 
 
 def _layout_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shard", help="consolidated directory -> training checkpoint under a layout")
     p.add_argument("consolidated")
     p.add_argument("out")
-    p.add_argument("--recipe", default=None, help="recipe YAML (needed when the directory carries none, e.g. from a hub)")
+    p.add_argument("--recipe", default=None,
+                   help="recipe YAML (needed when the directory carries none, e.g. from a hub)")
     _layout_args(p)
     p = sub.add_parser("to-hub", help="consolidated directory -> the reference's hub format")
     p.add_argument("consolidated")

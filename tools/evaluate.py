@@ -69,7 +69,8 @@ def _ptb_manifest(length: int, num_tokens: int) -> Path:
     from sedd_scale.data.fetch import cache_dir
 
     if num_tokens != 50257:
-        raise EvaluationError(f"--protocol ptb needs a GPT-2-vocabulary model (50257 tokens); this one has {num_tokens}")
+        raise EvaluationError("--protocol ptb needs a GPT-2-vocabulary model (50257 tokens); this one has "
+                              f"{num_tokens}")
     out = cache_dir() / "eval" / f"ptb-gpt2-{length}"
     if dist.get_rank() == 0 and not _readable_manifest(out / "manifest.json"):
         import shutil
@@ -201,8 +202,8 @@ def run(args) -> dict | None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from sedd_scale.distributed import engine
     from sedd_scale.data.loader import EvalLoader
+    from sedd_scale.distributed import engine
     from sedd_scale.train.metrics import Metrics
 
     started = time.perf_counter()

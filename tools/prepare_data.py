@@ -22,12 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 # None of these loads torch (sedd_scale.data's loaders do; --verify imports the shard cache from there).
-from sedd_scale.data.corpora import CORPORA, expand_inputs, jsonl_documents, load_corpus, text_documents  # noqa: E402
-from sedd_scale.data.manifest import Manifest  # noqa: E402
-from sedd_scale.data.prepare import PrepareConfig, prepare  # noqa: E402
-from sedd_scale.data.shards import verify_shard  # noqa: E402
-from sedd_scale.data.tokenizer import TOKENIZER_SPECS  # noqa: E402
-from sedd_scale.data.urlcache import UrlError, damaged_copy_advice, is_url  # noqa: E402
+from sedd_scale.data.corpora import CORPORA, expand_inputs, jsonl_documents, load_corpus, text_documents
+from sedd_scale.data.manifest import Manifest
+from sedd_scale.data.prepare import PrepareConfig, prepare
+from sedd_scale.data.shards import verify_shard
+from sedd_scale.data.tokenizer import TOKENIZER_SPECS
+from sedd_scale.data.urlcache import UrlError, damaged_copy_advice, is_url
 
 # What bad input raises (a message naming the file/problem and the fix); anything else is a bug: traceback.
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)

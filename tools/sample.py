@@ -50,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from typing import TYPE_CHECKING  # noqa: E402
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch and the model code are imported only once the command line parses
     import torch
@@ -110,8 +110,13 @@ class Plan:
     """Everything decided from the inputs before any process group or model exists."""
 
     def __init__(self, args: argparse.Namespace, meta: ModelConfig, world: int):
-        from sedd_scale.apps.generation import (CausalLMScorer, GenerationError, build_conditioning, check_tp,
-                                           choose_tokenizer)
+        from sedd_scale.apps.generation import (
+            CausalLMScorer,
+            GenerationError,
+            build_conditioning,
+            check_tp,
+            choose_tokenizer,
+        )
 
         check_tp(world, args.tp, meta.n_heads)
         if args.steps < 1:
@@ -156,8 +161,16 @@ def run(args: argparse.Namespace) -> int:
     """Check, sample, collect on rank 0, score and write; returns the exit code."""
     import torch
 
-    from sedd_scale.apps.generation import (CausalLMScorer, GenerationError, batch_plan, check_tp, collect_samples,
-                                            generate_batches, model_log_score_fn, read_model_config)
+    from sedd_scale.apps.generation import (
+        CausalLMScorer,
+        GenerationError,
+        batch_plan,
+        check_tp,
+        collect_samples,
+        generate_batches,
+        model_log_score_fn,
+        read_model_config,
+    )
 
     check_files(args)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -170,9 +183,9 @@ def run(args: argparse.Namespace) -> int:
                                      mode=args.gen_ppl_tokens, batch_size=args.gen_ppl_batch_size)
 
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
     from sedd_scale.distributed import parallel  # megatron-core from here on
-    from megatron.core import parallel_state as ps
     from sedd_scale.pretrained import load_pretrained
 
     if torch.cuda.is_available():  # before NCCL creates its communicators on the wrong device

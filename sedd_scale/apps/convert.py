@@ -25,9 +25,18 @@ import torch
 
 from sedd_scale.checkpoint import consolidated as cons
 from sedd_scale.checkpoint import hub
+from sedd_scale.checkpoint.sharded import (
+    ANY_LAYOUT,
+    FORMAT,
+    LATEST,
+    CheckpointDir,
+    atomic_write_text,
+    read_meta,
+    staged_dir,
+    step_name,
+    write_meta,
+)
 from sedd_scale.checksums import SUMS_FILE, file_record
-from sedd_scale.checkpoint.sharded import (ANY_LAYOUT, FORMAT, LATEST, CheckpointDir, atomic_write_text, read_meta,
-                                           staged_dir, step_name, write_meta)
 from sedd_scale.config import Recipe, RecipeError, apply_overrides, from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
 

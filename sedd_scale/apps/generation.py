@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sedd_scale.data.tokenizer import TOKENIZERS, Tokenizer, get_tokenizer
-from sedd_scale.model.config import ModelConfig
 from sedd_scale.diffusion.sampling import Infill, sample
+from sedd_scale.model.config import ModelConfig
 
 BLANK = re.compile(r"\[BLANK(?::(\d+))?\]")
 TOKENIZER_BY_VOCAB = {50257: "gpt2", 257: "byte"}

@@ -26,10 +26,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from sedd_scale.checksums import ChecksumError, verified_text, verify_sums, write_sums
 from sedd_scale.checkpoint.hub import hub_shapes, key_map
 from sedd_scale.checkpoint.safetensors_writer import save_tensors
 from sedd_scale.checkpoint.sharded import staged_dir
+from sedd_scale.checksums import ChecksumError, verified_text, verify_sums, write_sums
 from sedd_scale.config import from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
 

@@ -29,10 +29,12 @@ from typing import Any
 import torch
 
 from sedd_scale import compat  # noqa: F401  (before deepspeed)
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine  # noqa: E402
 
-from sedd_scale.checksums import HashingWriter  # noqa: E402
-from sedd_scale.checkpoint.sharded import CheckpointError  # noqa: E402
+# isort: split
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+from sedd_scale.checkpoint.sharded import CheckpointError
+from sedd_scale.checksums import HashingWriter
 
 Record = dict[str, Any]  # {"bytes": int, "sha256": str}
 

@@ -26,14 +26,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,  # noqa: E402
-                             safe_set_full_fp32_param, safe_set_full_optimizer_state)
-from megatron.core import parallel_state as ps  # noqa: E402
 
-from sedd_scale.distributed import deepspeed_files as ds_files  # noqa: E402
-from sedd_scale.checkpoint.consolidated import TRAINING_CATEGORIES  # noqa: E402
-from sedd_scale.checkpoint.hub import gather_tp_tensor, model_kinds, shard_tensor  # noqa: E402
-from sedd_scale.checkpoint.sharded import CheckpointError  # noqa: E402
+# isort: split
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+from megatron.core import parallel_state as ps
+
+from sedd_scale.checkpoint.consolidated import TRAINING_CATEGORIES
+from sedd_scale.checkpoint.hub import gather_tp_tensor, model_kinds, shard_tensor
+from sedd_scale.checkpoint.sharded import CheckpointError
+from sedd_scale.distributed import deepspeed_files as ds_files
 
 CATEGORIES = TRAINING_CATEGORIES
 MOMENTS = ("exp_avg", "exp_avg_sq")

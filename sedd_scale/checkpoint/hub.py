@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from sedd_scale.checksums import SUMS_FILE, ChecksumError, verify_sums, write_sums
 from sedd_scale.checkpoint.safetensors_writer import save_tensors
+from sedd_scale.checksums import SUMS_FILE, ChecksumError, verify_sums, write_sums
 from sedd_scale.diffusion.noise import GeometricNoise
 from sedd_scale.model import rotary
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
@@ -369,7 +369,8 @@ def save_hub(model: SEDD, path: str | Path, config: dict[str, Any]) -> None:
 
 
 def write_hub(path: str | Path, config: dict[str, Any], state: dict[str, Tensor]) -> Path:
-    """Write a hub directory as the reference does: `config` as config.json, the full state dict as model.safetensors."""
+    """Write a hub directory as the reference does: `config` as config.json, the full state dict as
+    model.safetensors."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_tensors(state, path / WEIGHTS_FILE)

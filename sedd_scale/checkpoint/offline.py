@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sedd_scale.distributed import deepspeed_files as ds_files
-from sedd_scale.checksums import file_record
 from sedd_scale.checkpoint.consolidated import TRAINING_CATEGORIES
 from sedd_scale.checkpoint.files import read_verified
 from sedd_scale.checkpoint.hub import model_kinds, unshard_tensors
 from sedd_scale.checkpoint.sharded import ANY_LAYOUT, CheckpointError, read_meta
+from sedd_scale.checksums import file_record
 from sedd_scale.config import Recipe, from_dict
+from sedd_scale.distributed import deepspeed_files as ds_files
 from sedd_scale.layout import shard_bounds
 
 MOMENTS = ("exp_avg", "exp_avg_sq")

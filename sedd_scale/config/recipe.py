@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 from sedd_scale.config.typed import from_dict
 from sedd_scale.config.yaml_loader import RecipeError, apply_overrides, parse_yaml
-from sedd_scale.loss.objectives import OBJECTIVES
-from sedd_scale.diffusion.noise import SCHEDULES, Noise, get_noise
 from sedd_scale.data.tokenizer import TOKENIZERS, tokenizer_vocab_size
+from sedd_scale.diffusion.noise import SCHEDULES, Noise, get_noise
 from sedd_scale.layout import Layout, check_zero_with_pipeline, divisors
+from sedd_scale.loss.objectives import OBJECTIVES
 from sedd_scale.model.config import ModelConfig
 
 

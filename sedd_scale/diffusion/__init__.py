@@ -2,8 +2,8 @@
 from .elbo import ElboEstimate, elbo, elbo_per_sequence, prior_kl
 from .graph import Absorbing, Graph, Uniform, get_graph
 from .noise import GeometricNoise, LogLinearNoise, get_noise, sample_times
-from .reference_loss import LossOutput, score_entropy_loss
 from .parametrization import to_log_score
+from .reference_loss import LossOutput, score_entropy_loss
 from .sampling import Infill, analytic_step, denoise_step, euler_step, sample, sample_categorical
 
 __all__ = [

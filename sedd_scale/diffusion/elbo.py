@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from .graph import Graph
-from .reference_loss import LogScoreFn
 from .noise import Noise
+from .reference_loss import LogScoreFn
 
 
 def prior_kl(graph: Graph, noise: Noise, x0: Tensor) -> Tensor:

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from .graph import Graph
-from .reference_loss import LogScoreFn
 from .noise import Noise
+from .reference_loss import LogScoreFn
 
 # float64 elements per chunk of positions: bounds the draw's extra memory to 32 MiB on CPU (larger chunks
 # gain little there) and 512 MiB on CUDA (fewer kernel launches).

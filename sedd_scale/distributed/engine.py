@@ -19,6 +19,8 @@ from typing import Any
 
 from sedd_scale import compat  # noqa: F401  (CPU workarounds before megatron / deepspeed)
 
+# isort: split
+
 import deepspeed
 import deepspeed.utils.groups
 import torch
@@ -29,8 +31,8 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state as ps
 
 from sedd_scale import accelerators
-from sedd_scale.distributed import parallel
 from sedd_scale.config import Layout, OptimConfig, Recipe
+from sedd_scale.distributed import parallel
 from sedd_scale.distributed.optim import SkipGuard, guarded
 
 

@@ -10,8 +10,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sedd_scale import compat  # noqa: F401  (before megatron.core)
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core import tensor_parallel  # noqa: E402
+
+# isort: split
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 
 
 def local_device() -> torch.device:

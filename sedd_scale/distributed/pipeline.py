@@ -11,12 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
-from deepspeed.pipe import LayerSpec, PipelineModule  # noqa: E402
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
 
-from sedd_scale.loss import HeadLossConfig, weighted_score_entropy_head  # noqa: E402
-from sedd_scale.model import SEDD, Block, InputLayer, ModelConfig, OutputLayer  # noqa: E402
-from sedd_scale.model.transformer import megatron_config  # noqa: E402
+# isort: split
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+from sedd_scale.loss import HeadLossConfig, weighted_score_entropy_head
+from sedd_scale.model import SEDD, Block, InputLayer, ModelConfig, OutputLayer
+from sedd_scale.model.transformer import megatron_config
 
 
 def head_loss_config(model: ModelConfig, objective: str = "score_entropy", chunk_size: int = 1024) -> HeadLossConfig:

@@ -14,15 +14,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
-from megatron.core import parallel_state as ps  # noqa: E402
 
-from sedd_scale.distributed import deepspeed_files as ds_files  # noqa: E402
-from sedd_scale.distributed import engine as ds_engine  # noqa: E402
-from sedd_scale.distributed import parallel  # noqa: E402
-from sedd_scale.distributed.pipeline import LossRecords, SEDDTrainModule, build_pipeline  # noqa: E402
-from sedd_scale.layout import Layout  # noqa: E402
-from sedd_scale.loss import HeadLossConfig  # noqa: E402
-from sedd_scale.model import SEDD, ModelConfig  # noqa: E402
+# isort: split
+from megatron.core import parallel_state as ps
+
+from sedd_scale.distributed import deepspeed_files as ds_files
+from sedd_scale.distributed import engine as ds_engine
+from sedd_scale.distributed import parallel
+from sedd_scale.distributed.pipeline import LossRecords, SEDDTrainModule, build_pipeline
+from sedd_scale.layout import Layout
+from sedd_scale.loss import HeadLossConfig
+from sedd_scale.model import SEDD, ModelConfig
 
 MicroBatch = tuple[Tensor, Tensor, Tensor, Tensor]
 """(x0, x_t, total_noise, rate): one noised micro-batch."""

@@ -39,14 +39,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sedd_scale import compat  # noqa: F401  (before megatron.core)
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core import tensor_parallel  # noqa: E402
-from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
-from sedd_scale import accelerators  # noqa: E402
-from sedd_scale.compiled import Region, check_compiler  # noqa: E402
-from sedd_scale.diffusion.parametrization import to_log_score  # noqa: E402
-from sedd_scale.model import rotary  # noqa: E402
-from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig  # noqa: E402
+
+# isort: split
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from sedd_scale import accelerators
+from sedd_scale.compiled import Region, check_compiler
+from sedd_scale.diffusion.parametrization import to_log_score
+from sedd_scale.model import rotary
+from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
 
 LN_EPS = 1e-5
 

@@ -39,14 +39,43 @@ the real vocabulary (the fused loss skips MASK and padding); attention is bidire
 whole sequence; flash attention's backward recomputes the scores; activation checkpointing runs
 each block's forward twice. Model FLOPs (for MFU) leave out both recomputations.
 """
-from sedd_scale.plan.hardware import (DEFAULT_GPU, GB, GPUS, LOSS_CHUNK, MAX_LIVE_PARAMETERS,
-                                      PARAM_PERSISTENCE_THRESHOLD, REDUCE_BUCKET_SIZE, Assumptions, Gpu)
-from sedd_scale.plan.memory import (PHASES, Candidate, Line, StageMemory, StageParams, _tensors,
-                                    block_saved_bytes_per_token, candidate_of, device_bytes, precision_of,
-                                    stage_memory, stage_params, stages)
+from sedd_scale.plan.hardware import (
+                                      DEFAULT_GPU,
+                                      GB,
+                                      GPUS,
+                                      LOSS_CHUNK,
+                                      MAX_LIVE_PARAMETERS,
+                                      PARAM_PERSISTENCE_THRESHOLD,
+                                      REDUCE_BUCKET_SIZE,
+                                      Assumptions,
+                                      Gpu,
+)
+from sedd_scale.plan.memory import (
+                                      PHASES,
+                                      Candidate,
+                                      Line,
+                                      StageMemory,
+                                      StageParams,
+                                      _tensors,
+                                      block_saved_bytes_per_token,
+                                      candidate_of,
+                                      device_bytes,
+                                      precision_of,
+                                      stage_memory,
+                                      stage_params,
+                                      stages,
+)
 from sedd_scale.plan.report import format_plan, format_proposals
-from sedd_scale.plan.search import (BUBBLE_WARN, Plan, _accum_for, accumulates_in_bf16, candidates, plan,
-                                    plan_without_recompute, propose)
+from sedd_scale.plan.search import (
+                                      BUBBLE_WARN,
+                                      Plan,
+                                      _accum_for,
+                                      accumulates_in_bf16,
+                                      candidates,
+                                      plan,
+                                      plan_without_recompute,
+                                      propose,
+)
 from sedd_scale.plan.speed import Flops, StepTime, bubble_fraction, flops_per_token, step_time
 
 __all__ = [

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from sedd_scale.layout import Layout
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
-from sedd_scale.plan.hardware import (LOSS_CHUNK, MAX_LIVE_PARAMETERS, PARAM_PERSISTENCE_THRESHOLD, Assumptions)
+from sedd_scale.plan.hardware import LOSS_CHUNK, MAX_LIVE_PARAMETERS, PARAM_PERSISTENCE_THRESHOLD, Assumptions
 
 if TYPE_CHECKING:  # the planner reads recipes; the recipe CLI imports the planner
     from sedd_scale.config import Recipe

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sedd_scale.plan.hardware import GB
 from sedd_scale.plan.flops import projected_fraction
+from sedd_scale.plan.hardware import GB
 from sedd_scale.plan.memory import PHASES, device_bytes
 from sedd_scale.plan.search import Plan, candidates
 

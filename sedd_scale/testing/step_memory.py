@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-
 # The small SEDD the planner's memory model is validated on: big enough that activations and model
 # states are both tens of MiB (fixed overheads are noise), small enough for 2 CPU cores.
 VALIDATION_MODEL = {"hidden_size": 256, "n_heads": 4, "n_blocks": 4, "cond_dim": 64, "num_tokens": 2047, "length": 128,
@@ -108,12 +107,12 @@ def _phase_hooks(engine, mem, phases: dict[str, int]) -> None:
 def measure(recipe_data: dict, steps: int = 2, reduce_bucket_size: int | None = None) -> dict[str, Any]:
     """On each rank of a launched world: train `steps` measured steps of `recipe_data` (a raw recipe mapping;
     its checkpoint.dir is replaced by a temporary one) and return this rank's bytes (see the module docstring)."""
-    from sedd_scale.distributed import engine
-    from sedd_scale.distributed import parallel
+    from megatron.core import parallel_state as ps
+
     from sedd_scale.config import Recipe, from_dict
+    from sedd_scale.distributed import engine, parallel
     from sedd_scale.testing.tensor_memory import LiveTensorMemory
     from sedd_scale.train.trainer import Trainer
-    from megatron.core import parallel_state as ps
 
     original = _with_bucket(reduce_bucket_size)
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 
-
 class SyntheticTokens:
     """Each step's global batch drawn from (seed, step); a rank's micro-batches hold its rows of it
     (the row convention of `sedd_scale.layout.row_offset`), so every layout trains on the same rows."""

@@ -17,10 +17,10 @@ from pathlib import Path
 from sedd_scale.checkpoint.run_lock import RunDirBusy
 from sedd_scale.checkpoint.sharded import CheckpointError
 from sedd_scale.config import RecipeError, add_recipe_args, load_recipe, overrides_from_args
+from sedd_scale.config.changes import ResumeRefused
 from sedd_scale.data.manifest import ManifestError
 from sedd_scale.data.shards import ShardError
 from sedd_scale.data.urlcache import UrlError
-from sedd_scale.config.changes import ResumeRefused
 from sedd_scale.train import run_dir
 from sedd_scale.train.metrics import MetricsError
 

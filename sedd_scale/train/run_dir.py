@@ -16,8 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sedd_scale.checkpoint.sharded import (LATEST, SET_ASIDE, CheckpointDir, CheckpointError, read_meta,
-                                           set_aside_for)
+from sedd_scale.checkpoint.sharded import LATEST, SET_ASIDE, CheckpointDir, CheckpointError, read_meta, set_aside_for
 from sedd_scale.config import Recipe, RecipeError, add_recipe_args, from_dict, load_recipe, overrides_from_args, to_dict
 from sedd_scale.config.changes import Change, ResumeRefused, check_resume
 

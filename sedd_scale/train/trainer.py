@@ -33,27 +33,28 @@ import torch
 import torch.distributed as dist
 
 from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core import tensor_parallel  # noqa: E402
 
-from sedd_scale.distributed import engine as ds_engine  # noqa: E402
-from sedd_scale.distributed import parallel  # noqa: E402
-from sedd_scale.checkpoint.files import SnapshotIO, to_host  # noqa: E402
-from sedd_scale.checkpoint.saver import Saver  # noqa: E402
-from sedd_scale.checkpoint.sharded import (ANY_LAYOUT, CheckpointDir, CheckpointError, check_layout,  # noqa: E402
-                                           read_meta, step_of)
-from sedd_scale.config import Layout, Recipe, to_dict  # noqa: E402
-from sedd_scale.diffusion import ElboEstimate, get_graph, sample  # noqa: E402
-from sedd_scale.diffusion.graph import check_token_ids  # noqa: E402
-from sedd_scale.diffusion.sampling import unigram_entropy  # noqa: E402
-from sedd_scale.diffusion.evaluation import evaluate  # noqa: E402
-from sedd_scale.train.ema import EMA  # noqa: E402
-from sedd_scale.plan.flops import projected_fraction, training_flops_per_token  # noqa: E402
-from sedd_scale.train.metrics import IntervalStats, Metrics, MetricsError, NoiseBandLoss  # noqa: E402
-from sedd_scale.model import ModelConfig  # noqa: E402
-from sedd_scale.train.noising import NoisedBatch, noise_batch  # noqa: E402
-from sedd_scale.distributed.pipeline import head_loss_config  # noqa: E402
-from sedd_scale.distributed.runner import build_runner  # noqa: E402
+# isort: split
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from sedd_scale.checkpoint.files import SnapshotIO, to_host
+from sedd_scale.checkpoint.saver import Saver
+from sedd_scale.checkpoint.sharded import ANY_LAYOUT, CheckpointDir, CheckpointError, check_layout, read_meta, step_of
+from sedd_scale.config import Layout, Recipe, to_dict
+from sedd_scale.diffusion import ElboEstimate, get_graph, sample
+from sedd_scale.diffusion.evaluation import evaluate
+from sedd_scale.diffusion.graph import check_token_ids
+from sedd_scale.diffusion.sampling import unigram_entropy
+from sedd_scale.distributed import engine as ds_engine
+from sedd_scale.distributed import parallel
+from sedd_scale.distributed.pipeline import head_loss_config
+from sedd_scale.distributed.runner import build_runner
+from sedd_scale.model import ModelConfig
+from sedd_scale.plan.flops import projected_fraction, training_flops_per_token
+from sedd_scale.train.ema import EMA
+from sedd_scale.train.metrics import IntervalStats, Metrics, MetricsError, NoiseBandLoss
+from sedd_scale.train.noising import NoisedBatch, noise_batch
 
 
 @dataclass
@@ -322,7 +323,8 @@ class Trainer:
     # -- evaluation and samples ----------------------------------------------------------------
     @torch.no_grad()
     def eval_loss(self, x0: torch.Tensor, x_t: torch.Tensor, total_noise: torch.Tensor, rate: torch.Tensor) -> float:
-        """Mean over the micro-batch of rate * sum_i score entropy through this layout (the same value on every rank)."""
+        """Mean over the micro-batch of rate * sum_i score entropy through this layout (the same value on every
+        rank)."""
         return self.runner.eval_loss(x0, x_t, total_noise, rate)
 
     @torch.no_grad()
@@ -344,8 +346,8 @@ class Trainer:
         """A few unconditional samples with EMA weights (analytic sampler), the same on every rank."""
         gen = torch.Generator(device=self.device).manual_seed(self.recipe.train.seed + self.step)
         with self.ema.applied(self._local_params()):
-            return sample(self.runner.log_scores, self.graph, self.noise, (count, self.recipe.data.seq_len), steps=steps,
-                          predictor="analytic", device=self.device, generator=gen)
+            return sample(self.runner.log_scores, self.graph, self.noise, (count, self.recipe.data.seq_len),
+                          steps=steps, predictor="analytic", device=self.device, generator=gen)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, *, valid_batches: list | None = None, decode=None, metrics: Metrics | None = None,
