@@ -72,3 +72,38 @@ def test_to_log_score_on_vocab_shards_with_padding_equals_the_full_result():
     large = to_log_score(torch.zeros(1, 1, graph.dim), x[:1, :1], torch.tensor([50.0]), num_tokens=n,
                          graph_dim=graph.dim, scale_by_sigma=True)
     assert bool(torch.isfinite(large).all())  # log(e^sigma - 1) without overflow
+
+
+def test_a_schedule_registers_by_name_and_the_recipe_validates_through_it():
+    """The registry is the only list of schedules: the recipe names one, the schedule checks its own parameters
+    (reported under the recipe's keys), an unknown name lists the registered ones."""
+    from sedd_scale.config import DiffusionConfig
+    from sedd_scale.diffusion.noise import SCHEDULES, noise_spec
+
+    assert sorted(SCHEDULES) == ["geometric", "loglinear"]
+    d = DiffusionConfig(noise="geometric", sigma_min=1e-3, sigma_max=5.0)
+    assert d.schedule() == get_noise("geometric", sigma_min=1e-3, sigma_max=5.0)
+    assert noise_spec(d.schedule()) == d.noise_spec() and DiffusionConfig.section_for(d.noise_spec())["sigma_max"] == 5
+    with pytest.raises(ValueError, match="loglinear noise needs 0 < noise_eps < 1, got noise_eps=2.0"):
+        DiffusionConfig(noise="loglinear", noise_eps=2.0)
+    with pytest.raises(ValueError, match=r"unknown schedule 'cosine'; choose one of \['geometric', 'loglinear'\]"):
+        DiffusionConfig(noise="cosine")
+
+
+def test_masked_fraction_is_integrated_for_a_schedule_without_a_closed_form():
+    """`masked_fraction` uses a schedule's closed form where it has one and integrates its own total_noise
+    otherwise: the two agree for log-linear, and geometric matches a float64 midpoint sum of 10^6 points."""
+    from sedd_scale.diffusion.noise import masked_fraction
+
+    loglinear = get_noise("loglinear", eps=1e-3)
+
+    class NoClosedForm:  # the same schedule seen only through total_noise
+        def total_noise(self, t):
+            return loglinear.total_noise(t)
+
+    for t_min in (1e-3, 0.2):
+        assert masked_fraction(NoClosedForm(), t_min) == pytest.approx(loglinear.masked_fraction(t_min), abs=1e-12)
+    geometric = get_noise("geometric")
+    t = 1e-3 + (1 - 1e-3) * (torch.arange(10**6, dtype=F64) + 0.5) / 10**6
+    midpoint = float((-torch.expm1(-geometric.total_noise(t))).mean())
+    assert masked_fraction(geometric, 1e-3) == pytest.approx(midpoint, abs=1e-9)

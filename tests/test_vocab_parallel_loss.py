@@ -418,3 +418,35 @@ def test_tensor_parallel_matches_reference(tp):
                 fused_r, mega_r = r["fused"], r["megatron"]
                 check_against((t(mega_r[0]), tuple(map(t, mega_r[1]))), (t(fused_r[0]), tuple(map(t, fused_r[1]))),
                               RTOL, f"megatron ColumnParallelLinear {graph}")
+
+
+def test_an_objective_is_chosen_by_name_and_graph_from_the_registry():
+    """The fused head takes an objective object; the registry builds it from the recipe's name and the graph, and
+    a class registered under a new name runs through the same head (here: score entropy's terms, renamed)."""
+    from dataclasses import dataclass
+
+    from sedd_scale.loss import OBJECTIVES, head_objective
+    from sedd_scale.loss.objectives import objective
+    from sedd_scale.loss.score_entropy import AbsorbScoreEntropy
+
+    assert sorted(OBJECTIVES) == [("score_entropy", "absorb"), ("score_entropy", "uniform")]
+    with pytest.raises(ValueError, match=r"unknown objective 'masked_ce'; choose one of \['score_entropy'\]"):
+        head_objective("masked_ce", "absorb", 8)
+    with pytest.raises(ValueError, match="scale_by_sigma is only defined for the absorb graph"):
+        head_objective("score_entropy", "uniform", 8, scale_by_sigma=True)
+
+    @objective("renamed_for_the_test", "absorb")
+    @dataclass(frozen=True)
+    class Renamed(AbsorbScoreEntropy):
+        pass
+
+    try:
+        with pytest.raises(ValueError, match=r"defined for the graphs \['absorb'\], not 'uniform'"):
+            head_objective("renamed_for_the_test", "uniform", N)
+        case = make_case("absorb", seed=3)
+        args = tuple(case[k] for k in ("hidden", "weight", "bias", "x_t", "x_0", "sigma"))
+        base = score_entropy_head(*args, HeadLossConfig.for_graph("absorb", N))
+        renamed = score_entropy_head(*args, HeadLossConfig.for_graph("absorb", N, objective="renamed_for_the_test"))
+        assert torch.equal(base, renamed)
+    finally:
+        del OBJECTIVES["renamed_for_the_test", "absorb"]
