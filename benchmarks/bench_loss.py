@@ -87,8 +87,8 @@ def _step(kind: str, d: dict, group) -> None:
     if kind == "naive":
         gr = d["graph"]
         logits = torch.nn.functional.linear(h, w, b)
-        ls = to_log_score(logits, d["x_t"], d["sigma"], num_tokens=cfg.num_tokens, graph_dim=gr.dim,
-                          scale_by_sigma=cfg.scale_by_sigma)
+        ls = to_log_score(logits, d["x_t"], d["sigma"], num_tokens=cfg.objective.num_tokens, graph_dim=gr.dim,
+                          scale_by_sigma=cfg.objective.scale_by_sigma)
         se = gr.score_entropy(ls[..., : gr.dim], d["sigma"], d["x_t"], d["x_0"])
         loss = (d["rate"][:, None] * se).sum() / d["batch"]
     elif kind == "fused per-token":

@@ -120,7 +120,7 @@ def _refusal(fn) -> str | None:
 
 def test_variants_are_what_their_names_say():
     out = launch(_variants, 1, timeout=600)[0]
-    assert out["kinds"] == ["ModelConfig", "HeadLossConfig"]
+    assert out["kinds"] == ["HeadLossConfig", "ModelConfig"]
     assert "must run with every compile switch on" in out["eager_as_compiled"]
     # The old "eager" variant: the model's switch off, the fused loss's still on.
     refusal = out["flipped_model_only"]

@@ -158,7 +158,7 @@ def test_fused_float32_tp1_matches_reference(graph, scale_by_sigma, weighted, ch
 def test_compiled_chunks_match_the_oracle_and_eager(graph, scale_by_sigma, weighted):
     """compile=True (model.compile) end to end, and the fused chunk expressions (compiled with inductor on CPU, as on
     CUDA, where the absorbing one runs) against the in-place eager ones, for ordinary and extreme log-scores."""
-    from sedd_scale.loss.vocab_parallel import ABSORB_FUSED, UNIFORM_FUSED, _absorb_terms, _token_terms, _uniform_terms
+    from sedd_scale.loss.score_entropy import ABSORB_FUSED, UNIFORM_FUSED, _absorb_terms, _uniform_terms
 
     for seed, extreme in ((2, False), (5, True)):
         case = make_case(graph, seed=seed)
@@ -172,7 +172,7 @@ def test_compiled_chunks_match_the_oracle_and_eager(graph, scale_by_sigma, weigh
         cfg = HeadLossConfig.for_graph(graph, N, scale_by_sigma)
         x_t, x_0 = case["x_t"].reshape(-1), case["x_0"].reshape(-1)
         sigma = case["sigma"][:, None].expand(B, L).reshape(-1)
-        tok = _token_terms(cfg, x_t, x_0, sigma, 0, N, torch.float32)
+        tok = cfg.objective.select(x_t, x_0, sigma, 0, N, torch.float32)
         rows = torch.arange(B * L) if tok.rows is None else tok.rows
         z = (case["hidden"].reshape(-1, H)[rows] @ case["weight"][:N].t() + case["bias"][:N])
         scale = torch.rand(len(rows), generator=torch.Generator().manual_seed(seed)) if weighted else None
@@ -255,7 +255,7 @@ def test_bad_input_is_rejected_with_a_clear_error():
         score_entropy_head(**args(weight=case["weight"].double()))
     with pytest.raises(ValueError, match="scale_by_sigma"):
         HeadLossConfig.for_graph("uniform", N, scale_by_sigma=True)
-    with pytest.raises(ValueError, match="unknown graph"):
+    with pytest.raises(ValueError, match=r"defined for the graphs \['absorb', 'uniform'\], not 'gaussian'"):
         HeadLossConfig.for_graph("gaussian", N)
     with pytest.raises(ValueError, match="chunk_size"):
         HeadLossConfig.for_graph("absorb", N, chunk_size=0)
