@@ -18,7 +18,7 @@ import yaml
 from sedd_scale.checkpoint.run_lock import RunDirBusy, RunLock
 from sedd_scale.checkpoint.sharded import FORMAT, CheckpointDir, step_name
 from sedd_scale.config import Recipe, RecipeError, from_dict, load_recipe, to_dict
-from sedd_scale.config.changes import APPLIED, LAYOUT, REFUSED, ResumeRefused, flatten
+from sedd_scale.config.changes import APPLIED, LAYOUT, REFUSED, ResumeRefused, check_resume, flatten
 from sedd_scale.train import run_dir
 from sedd_scale.train.metrics import Metrics
 from tests.dist import launch
@@ -642,3 +642,20 @@ def test_an_error_while_a_checkpoint_is_being_written_leaves_no_staging_folder(t
     assert code == 2 and "error: shard-00001.tar is corrupt" in out, out
     assert not [p.name for p in run.iterdir() if p.name.startswith(".tmp-")], sorted(run.iterdir())
     assert CheckpointDir(run).latest().name == "step_000000001"
+
+
+def test_a_meta_json_recipe_from_before_the_objective_key_resumes_unchanged(tmp_path):
+    """A checkpoint written before `diffusion.objective` existed (its meta.json recipe lacks the key) compares as
+    the same run: the saved recipe is read with today's defaults. Another objective is refused on resume."""
+    raw = tiny_recipe(tmp_path / "d", tmp_path / "run")
+    fake_checkpoint(tmp_path / "run", raw)
+    meta_path = tmp_path / "run" / step_name(3) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["recipe"]["diffusion"]["objective"]  # as the re-lay's predecessor wrote it
+    meta_path.write_text(json.dumps(meta))
+    assert run_dir.check_start(from_dict(Recipe, raw), 1).changes == []
+    saved = to_dict(from_dict(Recipe, raw))
+    other = {**saved, "diffusion": {**saved["diffusion"], "objective": "masked_ce"}}
+    with pytest.raises(ResumeRefused, match=r"diffusion.objective: saved 'score_entropy', now 'masked_ce' "
+                                            r"\(changes the training objective\)"):
+        check_resume(saved, other, {"tp": 1}, {"tp": 1}, checkpoint="c", run_dir="r")
