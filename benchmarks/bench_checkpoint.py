@@ -42,6 +42,8 @@ def recipe(run: str, hidden: int, blocks: int, async_save: bool, save_every: int
 
 
 def _trainer(data: dict):
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     from megatron.core import parallel_state as ps
 
     from sedd_scale.config import Recipe, from_dict

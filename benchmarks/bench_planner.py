@@ -92,6 +92,8 @@ def memory_table(quick: bool) -> list[str]:
 
 def deepspeed_table() -> list[str]:
     """Model states per GPU: the planner's optimizer-step phase vs DeepSpeed's estimators (TP 1, PP 1, DP N)."""
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 

@@ -16,6 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def _trainer(recipe_data: dict):
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     from megatron.core import parallel_state as ps
 
     from sedd_scale.config import Recipe, from_dict

@@ -85,6 +85,8 @@ def draw_samples(trainer, count: int, seed: int) -> torch.Tensor:
 
 
 def train_and_sample(folder: str) -> dict:
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     from megatron.core import parallel_state as ps
 
     from sedd_scale.config import Recipe, from_dict

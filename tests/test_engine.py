@@ -71,11 +71,11 @@ class Block(torch.nn.Module):
 
     def __init__(self, index: int):
         super().__init__()
+        import sedd_scale.compat  # noqa: F401
+
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
         from megatron.core.model_parallel_config import ModelParallelConfig
-
-        from sedd_scale import compat  # noqa: F401
 
         tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
@@ -129,6 +129,8 @@ def toy_recipe(tp: int, pp: int, zero: int, precision: str = "fp32"):
 
 def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32") -> dict:
     """Train the toy under (tp, pp, zero) on all launched ranks; return this rank's losses, norms, weight shards."""
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     import deepspeed
     import torch.distributed as dist
     from deepspeed.pipe import LayerSpec, PipelineModule
@@ -184,6 +186,8 @@ def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32") -> dict:
 
 def topology_mismatch() -> str:
     """Megatron groups built in a non-default rank order must fail the topology check."""
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from megatron.core import parallel_state as ps
 

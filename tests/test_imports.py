@@ -108,3 +108,56 @@ def test_a_circle_through_a_function_level_import_is_found(tmp_path):
     (pkg / "config.py").write_text("def main():\n    from sedd_scale import planner\n")
     (pkg / "planner.py").write_text("from sedd_scale.config import Recipe\n")
     assert find_cycle(import_graph(pkg)) == ["sedd_scale.config", "sedd_scale.planner", "sedd_scale.config"]
+
+
+PATCHED = ("megatron", "deepspeed")  # what sedd_scale.compat patches as it loads (CPU workarounds)
+
+
+def _imported(node: ast.stmt) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and not node.level:
+        return [node.module or ""]
+    return []
+
+
+def compat_violations(source: str, where: str) -> list[str]:
+    """Imports of megatron-core or DeepSpeed not preceded by `import sedd_scale.compat`: at module level, or in the
+    same function when the module level has none."""
+    tree = ast.parse(source, where)
+    top_level = [name for node in tree.body for name in _imported(node)]
+    module_has_compat = "sedd_scale.compat" in top_level
+    found = []
+
+    def scan(body: list[ast.stmt], compat_seen: bool) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):  # runs later: after the module's imports
+                scan(node.body, module_has_compat)
+                continue
+            for name in _imported(node):
+                if name == "sedd_scale.compat":
+                    compat_seen = True
+                elif name.split(".")[0] in PATCHED and not compat_seen:
+                    found.append(f"{where}:{node.lineno}: {name} before sedd_scale.compat")
+            nested = [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt)]  # if/try/with/class bodies
+            if nested:
+                scan(nested, compat_seen)
+
+    scan(tree.body, False)
+    return found
+
+
+def test_compat_is_imported_before_megatron_and_deepspeed_everywhere():
+    """megatron-core 0.19 does not even import on a CPU-only torch without compat's stub (and DeepSpeed builds
+    ops): every file that imports either imports sedd_scale.compat first, at module level or in that function."""
+    root = PACKAGE.parent
+    files = [*(p for p in PACKAGE.rglob("*.py") if p.name != "compat.py"), *(root / "tools").glob("*.py"),
+             *(root / "benchmarks").glob("*.py"), *(root / "tests").glob("*.py")]
+    problems = [v for f in files for v in compat_violations(f.read_text(), str(f.relative_to(root)))]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_compat_check_catches_a_late_import():
+    late = "def f():\n    from megatron.core import parallel_state\n    import sedd_scale.compat\n"
+    assert compat_violations(late, "x.py") == ["x.py:2: megatron.core before sedd_scale.compat"]
+    assert compat_violations("import sedd_scale.compat\n\ndef f():\n    import deepspeed\n", "y.py") == []

@@ -33,6 +33,8 @@ def _unpack(data: bytes):
 def _copy_to_region_grad() -> float:
     # The platform notes' reproducer of the megatron-core 0.16.1 `_reduce` bug: the gradient of a sum
     # is an expanded (stride-0) tensor; its all-reduce over TP ranks must come back summed.
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     from megatron.core import tensor_parallel
 
     from sedd_scale.distributed import parallel

@@ -197,6 +197,8 @@ def test_bubble_is_1f1b():
 
 # --- DeepSpeed -------------------------------------------------------------------------------------
 def test_planner_assumes_what_deepspeed_and_the_engine_use():
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     from sedd_scale.distributed import engine
@@ -221,6 +223,8 @@ def test_model_states_agree_with_deepspeeds_estimators(world):
     """estimate_zero2/3_model_states_mem_needs (16-bit weights, no offload) count 2 B of weights per parameter
     plus 18 B / N of gradients, master weights and moments (ZeRO-2), or 18 B / N plus 4 B per parameter of the
     largest layer (ZeRO-3); the planner's optimizer-step phase holds the same states."""
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 

@@ -34,6 +34,8 @@ def recipe_dict(tmp: str, **parallel) -> dict:
 
 
 def _build(recipe_data: dict):
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     from megatron.core import parallel_state as ps
 
     from sedd_scale.config import Recipe, from_dict

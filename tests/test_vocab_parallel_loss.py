@@ -336,9 +336,9 @@ def _numpy(result):
 
 def _megatron_head_check(case, graph, scale_by_sigma):
     """Fused loss through a real ColumnParallelLinear's parameters vs that layer's own forward + reference loss."""
-    from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
+    import sedd_scale.compat  # noqa: F401
 
-    from sedd_scale import compat  # noqa: F401
+    from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 
     rank, tp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
@@ -380,9 +380,9 @@ def tp_worker(tp: int) -> dict:
             results[graph, scale_by_sigma, weighted] = _numpy(
                 fused(case, graph, scale_by_sigma, weighted=weighted, tp=tp, rank=rank, group=dist.group.WORLD))
     if tp == 2:
-        from megatron.core import parallel_state
+        import sedd_scale.compat  # noqa: F401
 
-        from sedd_scale import compat  # noqa: F401
+        from megatron.core import parallel_state
 
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
         for graph, scale_by_sigma in (("absorb", True), ("uniform", False)):

@@ -199,6 +199,8 @@ def run(args) -> dict | None:
         _choose_split(args.manifest, args.split)  # an empty split fails before any process group or model
     step = training_step(Path(args.checkpoint))  # so does a folder that is no checkpoint
 
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 

@@ -182,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
         plan.scorer = CausalLMScorer(args.gen_ppl_model, tokenizer=plan.tokenizer, num_tokens=meta.num_tokens,
                                      mode=args.gen_ppl_tokens, batch_size=args.gen_ppl_batch_size)
 
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 

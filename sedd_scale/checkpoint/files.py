@@ -26,11 +26,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import sedd_scale.compat  # noqa: F401  (before deepspeed)
+
 import torch
-
-from sedd_scale import compat  # noqa: F401  (before deepspeed)
-
-# isort: split
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from sedd_scale.checkpoint.sharded import CheckpointError

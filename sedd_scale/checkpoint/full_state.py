@@ -19,15 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import sedd_scale.compat  # noqa: F401  (before megatron / deepspeed)
+
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
-
-# isort: split
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
@@ -35,6 +32,7 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 from megatron.core import parallel_state as ps
+from torch import Tensor, nn
 
 from sedd_scale.checkpoint.consolidated import TRAINING_CATEGORIES
 from sedd_scale.checkpoint.hub import gather_tp_tensor, model_kinds, shard_tensor

@@ -17,9 +17,7 @@ import datetime
 import os
 from typing import Any
 
-from sedd_scale import compat  # noqa: F401  (CPU workarounds before megatron / deepspeed)
-
-# isort: split
+import sedd_scale.compat  # noqa: F401  (CPU workarounds before megatron / deepspeed)
 
 import deepspeed
 import deepspeed.utils.groups

@@ -5,15 +5,13 @@ import datetime
 import os
 import socket
 
+import sedd_scale.compat  # noqa: F401  (before megatron.core)
+
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
-from sedd_scale import compat  # noqa: F401  (before megatron.core)
-
-# isort: split
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from torch import Tensor
 
 
 def local_device() -> torch.device:

@@ -7,14 +7,12 @@ score entropy, with labels (x0, x_t, total_noise, rate). PP = 1 uses the same lo
 """
 from __future__ import annotations
 
+import sedd_scale.compat  # noqa: F401  (before megatron / deepspeed)
+
 import torch
-from torch import Tensor, nn
-
-from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
-
-# isort: split
 from deepspeed.pipe import LayerSpec, PipelineModule
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import Tensor, nn
 
 from sedd_scale.loss import HeadLossConfig, weighted_score_entropy_head
 from sedd_scale.model import SEDD, Block, InputLayer, ModelConfig, OutputLayer

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import sedd_scale.compat  # noqa: F401  (before megatron / deepspeed)
+
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
-from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
-
-# isort: split
 from megatron.core import parallel_state as ps
+from torch import Tensor
 
 from sedd_scale.distributed import deepspeed_files as ds_files
 from sedd_scale.distributed import engine as ds_engine

@@ -224,9 +224,9 @@ def _resolve_group(tp_group):
     """The explicit group; else megatron-core's TP group; a single rank when torch.distributed is not running."""
     if tp_group is not None or not dist.is_initialized():
         return tp_group
-    from megatron.core import parallel_state
+    import sedd_scale.compat  # noqa: F401  (before megatron.core)
 
-    from sedd_scale import compat  # noqa: F401  (before megatron.core)
+    from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("torch.distributed is running but megatron-core model parallelism is not initialized: "

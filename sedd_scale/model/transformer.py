@@ -34,16 +34,14 @@ from __future__ import annotations
 import contextlib
 import math
 
+import sedd_scale.compat  # noqa: F401  (before megatron.core)
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from sedd_scale import compat  # noqa: F401  (before megatron.core)
-
-# isort: split
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import Tensor, nn
 
 from sedd_scale import accelerators
 from sedd_scale.compiled import Region, check_compiler

@@ -107,6 +107,8 @@ def _phase_hooks(engine, mem, phases: dict[str, int]) -> None:
 def measure(recipe_data: dict, steps: int = 2, reduce_bucket_size: int | None = None) -> dict[str, Any]:
     """On each rank of a launched world: train `steps` measured steps of `recipe_data` (a raw recipe mapping;
     its checkpoint.dir is replaced by a temporary one) and return this rank's bytes (see the module docstring)."""
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     from megatron.core import parallel_state as ps
 
     from sedd_scale.config import Recipe, from_dict

@@ -141,6 +141,8 @@ def prepare_missing_data(recipe) -> None:
 
 def run(recipe, layout, topology, start: run_dir.RunStart | None = None):
     """Data, trainer, resume, train, and a final report (validation bound, samples) on rank 0."""
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 

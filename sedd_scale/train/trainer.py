@@ -28,13 +28,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sedd_scale.compat  # noqa: F401  (before megatron / deepspeed)
+
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from sedd_scale import compat  # noqa: F401  (before megatron / deepspeed)
-
-# isort: split
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
