@@ -38,6 +38,7 @@ from sedd_scale.checkpoint.sharded import (
 )
 from sedd_scale.checksums import SUMS_FILE, file_record
 from sedd_scale.config import Recipe, RecipeError, apply_overrides, from_dict, to_dict
+from sedd_scale.distributed import deepspeed_files as ds_files
 from sedd_scale.model.config import ModelConfig
 
 # ModelConfig fields that decide tensor shapes and meaning; the rest (precision, dropout, ...) may change.
@@ -87,7 +88,7 @@ def check_complete(step: Path, meta: dict) -> None:
         return
     world = int(meta["world_size"])
     missing = [f"rank_{r:05d}.pt" for r in range(world) if not (step / f"rank_{r:05d}.pt").is_file()]
-    ds = step / "deepspeed"
+    ds = step / ds_files.FOLDER
     if not ds.is_dir() or not any(ds.iterdir()):
         missing.append("deepspeed/ (model and optimizer shards)")
     if missing:

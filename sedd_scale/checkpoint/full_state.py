@@ -141,7 +141,7 @@ def counters(trainer) -> dict[str, Any]:
             "lr_scheduler": trainer.engine.lr_scheduler.state_dict(), "ema_num_updates": trainer.ema.num_updates,
             "loader": loader, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                       "numpy": np.random.get_state()},
-            "layout": trainer.layout_dict()}
+            "layout": trainer.layout.as_dict()}
 
 
 def gather(trainer) -> FullState | None:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from sedd_scale.config.typed import from_dict
 from sedd_scale.config.yaml_loader import RecipeError, apply_overrides, parse_yaml
 from sedd_scale.data.tokenizer import TOKENIZERS, tokenizer_vocab_size
-from sedd_scale.diffusion.noise import SCHEDULES, Noise, get_noise
+from sedd_scale.diffusion.noise import SCHEDULES, Noise, get_noise, noise_spec
 from sedd_scale.layout import Layout, check_zero_with_pipeline, divisors
 from sedd_scale.loss.objectives import OBJECTIVES
 from sedd_scale.model.config import ModelConfig
@@ -72,7 +72,7 @@ class DiffusionConfig:
 
     def noise_spec(self) -> dict[str, Any]:
         """The schedule as checkpoints record it: {"type": self.noise, **noise_kwargs()}."""
-        return {"type": self.noise, **self.noise_kwargs()}
+        return noise_spec(self.schedule())
 
     @staticmethod
     def section_for(spec: dict[str, Any]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from sedd_scale.diffusion import ElboEstimate, get_graph, sample
 from sedd_scale.diffusion.evaluation import evaluate
 from sedd_scale.diffusion.graph import check_token_ids
 from sedd_scale.diffusion.sampling import unigram_entropy
+from sedd_scale.distributed import deepspeed_files as ds_files
 from sedd_scale.distributed import engine as ds_engine
 from sedd_scale.distributed import parallel
 from sedd_scale.distributed.pipeline import head_loss_config
@@ -157,17 +158,13 @@ class Trainer:
         """This rank's parameters (TP/PP shards; ZeRO-3 ones carry their DP partition in .ds_tensor)."""
         return list(self.engine.module.parameters())
 
-    def layout_dict(self) -> dict:
-        """The layout a checkpoint must match to be resumed without resharding."""
-        return {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp, "zero_stage": self.layout.zero_stage}
-
     def save(self, *, sync: bool = False) -> float:
         """Checkpoint the current step: snapshot to host memory, then write in the background (periodic saves
         with train.async_save) or at once (`sync`). Returns the seconds training was held up."""
         started = time.perf_counter()
         self.saver.wait()  # the previous save is committed before this one starts
         staging = self._staging = self.saver.staging(self.step)
-        self.engine.save_checkpoint(str(staging), tag="deepspeed", save_latest=False)
+        self.engine.save_checkpoint(str(staging), tag=ds_files.FOLDER, save_latest=False)
         files = self.io.take()
         extra = {"step": self.step, "tokens_seen": self.tokens_seen, "ema": self.ema.state_dict(),
                  "rng": _rng_state(), "loader": self.loader.state_dict(),
@@ -175,7 +172,7 @@ class Trainer:
                  # DeepSpeed's names of this rank's parameters, in the EMA's order (read by checkpoint/offline.py)
                  "param_names": [name for name, _ in self.engine.module.named_parameters()]}
         files.append((staging / f"rank_{self.rank:05d}.pt", to_host(extra)))
-        meta = {"layout": self.layout_dict(), "tokens_seen": self.tokens_seen, "recipe": to_dict(self.recipe),
+        meta = {"layout": self.layout.as_dict(), "tokens_seen": self.tokens_seen, "recipe": to_dict(self.recipe),
                 "world_size": self.layout.world_size}
         background = self.recipe.train.async_save and not sync
         self.saver.start(self.step, files, meta, background=background)
@@ -200,7 +197,7 @@ class Trainer:
         if meta["layout"] == ANY_LAYOUT:
             self._load_layout_free(path, meta)
             return
-        check_layout(meta, self.layout_dict())
+        check_layout(meta, self.layout.as_dict())
         earlier = [p.name for p in self.checkpoints.steps() if step_of(p) < meta["step"]]
         fix = (f"resume from an earlier checkpoint instead (write one of {earlier[-3:]} into "
                f"{self.checkpoints.root / 'latest'}), or restore the file from a copy" if earlier else
@@ -208,7 +205,7 @@ class Trainer:
         self.io.expect(path, meta["files"], fix)
         error, extra = None, None
         try:  # every file read is verified; reading involves no collective, so ranks can agree afterwards
-            self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+            self.engine.load_checkpoint(str(path), tag=ds_files.FOLDER, load_optimizer_states=True,
                                         load_lr_scheduler_states=True)
             extra = self.io.load(str(path / f"rank_{self.rank:05d}.pt"))
         except CheckpointError as e:
