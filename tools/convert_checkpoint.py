@@ -17,6 +17,9 @@
 
     python tools/convert_checkpoint.py describe PATH
 
+consolidate, to-hub and from-hub write weights above --max-shard-size (default 5GB, as transformers) as
+model-0000i-of-0000N.safetensors shards plus model.safetensors.index.json (the Hugging Face convention).
+
 Sharded steps run the layout's ranks as local CPU processes (gloo): no GPUs or launcher needed,
 memory is the whole training state once plus one layout's shards. Outputs are written under a
 temporary name and renamed into place after verification; an existing output is never touched.
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from sedd_scale.checkpoint.consolidated import ConsolidatedError
 from sedd_scale.checkpoint.hub import HubFormatError
+from sedd_scale.checkpoint.safetensors_shards import DEFAULT_SHARD_BYTES, parse_size
 from sedd_scale.checkpoint.sharded import CheckpointError
 from sedd_scale.config import RecipeError
 
@@ -48,6 +52,11 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
                    help="other recipe overrides for the new checkpoint, e.g. --set train.steps=20000")
 
 
+def _shard_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, metavar="SIZE",
+                   help="weights above this (5GB, 500MB, 2GiB or bytes) are written as shards with an index")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--training-state", action="store_true",
                    help="also write optimizer moments, EMA and counters (what `shard` needs to resume exactly)")
+    _shard_arg(p)
     p = sub.add_parser("reshard", help="training checkpoint -> training checkpoint under another layout")
     p.add_argument("checkpoint")
     p.add_argument("out")
@@ -71,11 +81,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("to-hub", help="consolidated directory -> the reference's hub format")
     p.add_argument("consolidated")
     p.add_argument("out")
+    _shard_arg(p)
     p = sub.add_parser("from-hub", help="the reference's hub format -> consolidated directory")
     p.add_argument("hub")
     p.add_argument("out")
     p.add_argument("--vocab-multiple", type=int, default=None,
                    help="pad the vocabulary to this multiple when the model is built (ours: 128)")
+    _shard_arg(p)
     p = sub.add_parser("describe", help="what a checkpoint directory is and holds")
     p.add_argument("path")
     return ap
@@ -86,17 +98,18 @@ def run(args: argparse.Namespace) -> dict:
     from sedd_scale.apps import convert
 
     if args.command == "consolidate":
-        return convert.consolidate(args.checkpoint, args.out, weights=args.weights, training_state=args.training_state)
+        return convert.consolidate(args.checkpoint, args.out, weights=args.weights, training_state=args.training_state,
+                                   max_shard_bytes=args.max_shard_size)
     layout = {k: getattr(args, k, None) for k in ("tp", "pp", "dp", "zero_stage", "micro_batch")}
     if args.command == "reshard":
         return convert.reshard(args.checkpoint, args.out, overrides=args.overrides, **layout)
     if args.command == "shard":
         return convert.shard(args.consolidated, args.out, recipe=args.recipe, overrides=args.overrides, **layout)
     if args.command == "to-hub":
-        return {"out": str(convert.to_hub(args.consolidated, args.out))}
+        return {"out": str(convert.to_hub(args.consolidated, args.out, max_shard_bytes=args.max_shard_size))}
     if args.command == "from-hub":
         overrides = {} if args.vocab_multiple is None else {"vocab_multiple": args.vocab_multiple}
-        return {"out": str(convert.from_hub(args.hub, args.out, **overrides))}
+        return {"out": str(convert.from_hub(args.hub, args.out, max_shard_bytes=args.max_shard_size, **overrides))}
     return convert.describe(args.path)
 
 

@@ -25,6 +25,7 @@ import torch
 
 from sedd_scale.checkpoint import consolidated as cons
 from sedd_scale.checkpoint import hub
+from sedd_scale.checkpoint.safetensors_shards import DEFAULT_SHARD_BYTES
 from sedd_scale.checkpoint.sharded import (
     ANY_LAYOUT,
     FORMAT,
@@ -118,7 +119,8 @@ def build_trainer(recipe_data: dict, loader_state: dict | None = None, checkpoin
 
 # ---------------------------------------------------------------------------------------------
 # consolidate
-def consolidate(checkpoint: str | Path, out: str | Path, *, weights: str = "ema", training_state: bool = False) -> dict:
+def consolidate(checkpoint: str | Path, out: str | Path, *, weights: str = "ema", training_state: bool = False,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """A training checkpoint (run dir or step folder) -> a consolidated directory; returns a summary."""
     from sedd_scale.checkpoint import offline
 
@@ -136,7 +138,7 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, weights: str = "ema"
                   "recipe": meta["recipe"]}
     tensors = state.tensors[which]
     cons.write(out, recipe.model, recipe.diffusion.noise_spec(), tensors, which=weights, provenance=provenance,
-               training=(state.tensors, c) if training_state else None)
+               training=(state.tensors, c) if training_state else None, max_shard_bytes=max_shard_bytes)
     return {"step": c["step"], "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
             "layout": meta["layout"], "out": str(out)}
 
@@ -237,7 +239,7 @@ def reshard(checkpoint: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
 
 # ---------------------------------------------------------------------------------------------
 # hub format
-def to_hub(source: str | Path, out: str | Path) -> Path:
+def to_hub(source: str | Path, out: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """A consolidated directory -> the reference's hub format (config.json + model.safetensors), verified."""
     out = Path(out)
     _check_output(out)
@@ -249,7 +251,7 @@ def to_hub(source: str | Path, out: str | Path) -> Path:
     state = hub.model_to_hub(cfg, weights)
     config = hub.hub_config(cfg, noise=hub.noise_to_hub(ckpt.noise))
     with staged_dir(out) as staging:
-        hub.write_hub(staging, config, state)
+        hub.write_hub(staging, config, state, max_shard_bytes=max_shard_bytes)
         config_back, state_back = hub.read_hub(staging)
         back = hub.hub_to_model(hub.model_config_from_hub(config_back, **_non_hub_fields(cfg)), state_back)
         bad = [k for k in back if not torch.equal(back[k], weights[k])]
@@ -265,14 +267,15 @@ def _non_hub_fields(cfg: ModelConfig) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if f.name not in carried}
 
 
-def from_hub(source: str | Path, out: str | Path, **model_overrides) -> Path:
+def from_hub(source: str | Path, out: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+             **model_overrides) -> Path:
     """The reference's hub format -> a consolidated directory (weights only), verified."""
     out = Path(out)
     _check_output(out)
     config, state = hub.read_hub(source)
     cfg = hub.model_config_from_hub(config, **model_overrides)
     return cons.write(out, cfg, hub.noise_from_hub(config), hub.hub_to_model(cfg, state), which="hub",
-                      provenance={"source": str(source), "hub_config": config})
+                      provenance={"source": str(source), "hub_config": config}, max_shard_bytes=max_shard_bytes)
 
 
 def describe(path: str | Path) -> dict:
@@ -282,7 +285,7 @@ def describe(path: str | Path) -> dict:
         ckpt = cons.open_consolidated(path)
         return {"kind": "consolidated", "weights": ckpt.config["weights"], "training_state": ckpt.has_training_state,
                 "model": to_dict(ckpt.model), "step": ckpt.config.get("step")}
-    if (path / hub.CONFIG_FILE).is_file() and (path / hub.WEIGHTS_FILE).is_file():
+    if (path / hub.CONFIG_FILE).is_file() and hub.has_weights(path):
         return {"kind": "hub", "config": hub.read_hub_config(path)}
     step = find_step(path)
     meta = read_meta(step)

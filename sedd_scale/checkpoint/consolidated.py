@@ -2,7 +2,8 @@
 
     <dir>/config.json               format, model config, noise schedule, which weights, provenance
     <dir>/SHA256SUMS                every other file's sha256 (`checksums.py`), checked when opened
-    <dir>/model.safetensors         whole fp32 tensors by model key (EMA or raw weights, as chosen)
+    <dir>/model.safetensors         whole fp32 tensors by model key (EMA or raw weights, as chosen); above a size,
+                                    model-0000i-of-0000N.safetensors + model.safetensors.index.json instead
     <dir>/training/                 optional: everything needed to resume training under any layout
         weights.safetensors         fp32 master weights (raw)
         ema.safetensors             EMA shadow
@@ -27,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from sedd_scale.checkpoint.hub import hub_shapes, key_map
+from sedd_scale.checkpoint.safetensors_shards import DEFAULT_SHARD_BYTES, Weights, WeightsError, write_weights
 from sedd_scale.checkpoint.safetensors_writer import save_tensors
 from sedd_scale.checkpoint.sharded import staged_dir
 from sedd_scale.checksums import ChecksumError, verified_text, verify_sums, write_sums
@@ -34,7 +36,7 @@ from sedd_scale.config import from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
 
 FORMAT = "sedd-scale/consolidated-v1"
-CONFIG_FILE, WEIGHTS_FILE, TRAINING_DIR, COUNTERS_FILE = "config.json", "model.safetensors", "training", "counters.pt"
+CONFIG_FILE, TRAINING_DIR, COUNTERS_FILE = "config.json", "training", "counters.pt"
 # The training state's tensors: fp32 master weights, EMA shadow, AdamW's moments.
 TRAINING_CATEGORIES = ("weights", "ema", "exp_avg", "exp_avg_sq")
 
@@ -67,7 +69,10 @@ class Consolidated:
 
     def weights(self) -> Mapping[str, Tensor]:
         """The model weights the checkpoint was written with (EMA or raw, see config["weights"])."""
-        return LazyTensors(self.path / WEIGHTS_FILE)
+        try:
+            return Weights(self.path)
+        except WeightsError as e:
+            raise ConsolidatedError(str(e)) from None
 
     def training_tensors(self) -> dict[str, Mapping[str, Tensor]]:
         """{category: lazy tensors} of the training state."""
@@ -151,7 +156,7 @@ def open_consolidated(path: str | Path, *, verify: bool = True) -> Consolidated:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ConsolidatedError(f"{config_path}: format {found!r}, expected {FORMAT!r}")
     ckpt = Consolidated(path, config)
-    check_tensors(ckpt.model, ckpt.weights(), str(path / WEIGHTS_FILE))
+    check_tensors(ckpt.model, ckpt.weights(), f"the weights of {path}")
     return ckpt
 
 
@@ -175,19 +180,20 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def write(path: str | Path, cfg: ModelConfig, noise: dict[str, Any], weights: dict[str, Tensor], *,
-          which: str, provenance: dict[str, Any], training: tuple[dict[str, dict[str, Tensor]], dict] | None = None
-          ) -> Path:
+          which: str, provenance: dict[str, Any], training: tuple[dict[str, dict[str, Tensor]], dict] | None = None,
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write a consolidated checkpoint atomically, then reread every tensor and compare it bitwise.
 
-    `which` says what `weights` are ("ema" or "raw"); `training` is (tensors by category, counters).
-    An existing `path` is never replaced.
+    `which` says what `weights` are ("ema" or "raw"); `training` is (tensors by category, counters); weights above
+    `max_shard_bytes` are written as shards with an index. An existing `path` is never replaced.
     """
     path = Path(path)
     if path.exists():
         raise ConsolidatedError(f"{path} exists: choose a new output directory (nothing is overwritten)")
     check_tensors(cfg, weights, "the weights to write")
     with staged_dir(path) as tmp:
-        files = {tmp / WEIGHTS_FILE: weights}
+        write_weights({k: v.float() for k, v in weights.items()}, tmp, max_shard_bytes=max_shard_bytes)
+        files = {}
         if training is not None:
             tensors, counters = training
             (tmp / TRAINING_DIR).mkdir()
@@ -199,8 +205,8 @@ def write(path: str | Path, cfg: ModelConfig, noise: dict[str, Any], weights: di
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         write_sums(tmp)
         verify_sums(tmp)
-        for file, tensors in files.items():  # verify: what is on disk is what was meant
-            reread = LazyTensors(file)
+        for file, tensors in [(tmp, weights), *files.items()]:  # verify: what is on disk is what was meant
+            reread = Weights(file) if file == tmp else LazyTensors(file)
             bad = [k for k, v in tensors.items() if not torch.equal(reread[k], v.float())]
             if bad or set(reread) != set(tensors):
                 raise ConsolidatedError(f"verification of {file} failed: {bad or 'key sets differ'}")

@@ -16,10 +16,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
-from sedd_scale.checkpoint.safetensors_writer import save_tensors
+from sedd_scale.checkpoint.safetensors_shards import (
+    DEFAULT_SHARD_BYTES,
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    Weights,
+    WeightsError,
+    has_weights,
+    weight_files,
+    write_weights,
+)
 from sedd_scale.checksums import SUMS_FILE, ChecksumError, verify_sums, write_sums
 from sedd_scale.diffusion.noise import GeometricNoise
 from sedd_scale.model import rotary
@@ -31,7 +39,6 @@ if TYPE_CHECKING:
     from sedd_scale.model.transformer import SEDD
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 INV_FREQ = "rotary_emb.inv_freq"  # a buffer derived from the config: checked on load, recomputed on export
 
 # How a hub tensor is split over TP ranks. "rep": replicated; "vocab": rows of the padded vocabulary;
@@ -176,26 +183,28 @@ def noise_to_hub(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_hub(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(config dict, full state dict) of a hub checkpoint directory, checked against its SHA256SUMS first when it
-    has one (and said so on stderr when it has none)."""
+    """(config dict, full state dict) of a hub checkpoint directory (one weights file or shards with an index),
+    checked against its SHA256SUMS first when it has one (and said so on stderr when it has none)."""
     path = Path(path)
-    files = [path / CONFIG_FILE, path / WEIGHTS_FILE]
-    absent = [str(f) for f in files if not f.is_file()]
-    if absent:
-        raise FileNotFoundError(f"hub checkpoint {str(path)!r} lacks {absent} "
-                                f"(a directory with {CONFIG_FILE} and {WEIGHTS_FILE} is expected)")
+    if not (path / CONFIG_FILE).is_file() or not has_weights(path):
+        raise FileNotFoundError(f"hub checkpoint {str(path)!r} lacks {CONFIG_FILE} or its weights (a directory with "
+                                f"{CONFIG_FILE} and {WEIGHTS_FILE}, or its shards and {INDEX_FILE}, is expected)")
+    first = [CONFIG_FILE, WEIGHTS_FILE if (path / WEIGHTS_FILE).is_file() else INDEX_FILE]
     try:  # SHA256SUMS (our exports) catches damage before anything is parsed; one written elsewhere may have none
-        verified = verify_sums(path, [CONFIG_FILE, WEIGHTS_FILE], required=False)
-    except ChecksumError as e:
+        verified = verify_sums(path, first, required=False)
+        if verified:  # the index is checked now, so the shards it names can be read from it
+            verify_sums(path, [f for f in weight_files(path) if f not in first])
+        config = _parse_config(path / CONFIG_FILE)
+        weights = Weights(path)
+        state = {k: weights[k] for k in weights}
+    except (ChecksumError, WeightsError) as e:
         raise HubFormatError(str(e)) from None
+    except SafetensorError as e:
+        raise HubFormatError(f"the weights of {path} are not readable safetensors ({e}): the hub checkpoint is "
+                             "damaged; copy it again from the source") from None
     if not verified:
         note_unverified(path)
-    config = _parse_config(files[0])
-    try:
-        return config, load_file(str(files[1]))
-    except SafetensorError as e:
-        raise HubFormatError(f"{files[1]} is not a readable safetensors file ({e}): the hub checkpoint is damaged; "
-                             "copy it again from the source") from None
+    return config, state
 
 
 def read_hub_config(path: str | Path) -> dict[str, Any]:
@@ -368,12 +377,13 @@ def save_hub(model: SEDD, path: str | Path, config: dict[str, Any]) -> None:
         write_hub(path, config, state)
 
 
-def write_hub(path: str | Path, config: dict[str, Any], state: dict[str, Tensor]) -> Path:
+def write_hub(path: str | Path, config: dict[str, Any], state: dict[str, Tensor], *,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write a hub directory as the reference does: `config` as config.json, the full state dict as
-    model.safetensors."""
+    model.safetensors (above `max_shard_bytes`: shards and model.safetensors.index.json)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_tensors(state, path / WEIGHTS_FILE)
+    write_weights(state, path, max_shard_bytes=max_shard_bytes)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     write_sums(path)  # beside the reference's two files; its loader ignores it
     return path

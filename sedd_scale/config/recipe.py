@@ -37,7 +37,7 @@ class DiffusionConfig:
     `noise` names a registered schedule (`sedd_scale.diffusion.noise.SCHEDULES`); the schedule validates its
     own parameters, read from the keys its `recipe_keys` names."""
 
-    noise: str = "loglinear"
+    noise: str = "loglinear"  # the noise schedule: loglinear or geometric (`diffusion.noise.SCHEDULES`)
     noise_eps: float = 1e-3  # loglinear
     sigma_min: float = 1e-4  # geometric
     sigma_max: float = 20.0  # geometric
@@ -93,8 +93,8 @@ class DataConfig:
     # tokenizer.json; null for data written some other way, which the loader then checks against
     # model.num_tokens through its manifest alone.
     tokenizer: str | None = "gpt2"
-    seq_len: int = 1024
-    num_workers: int = 2
+    seq_len: int = 1024  # tokens per sequence (equal to model.length)
+    num_workers: int = 2  # data-loader worker processes per rank
     skip_corrupt: bool = False  # leave out shards that are missing or of the wrong size at start (listed, counted)
     cache_dir: str | None = None  # where shards given as URLs are fetched to (None: $SEDD_CACHE/shards)
 
@@ -120,12 +120,12 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup, then a constant or cosine learning rate (paper defaults)."""
 
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup: int = 2500
-    schedule: Literal["constant", "cosine"] = "constant"
+    lr: float = 3e-4  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decays
+    eps: float = 1e-8  # AdamW denominator epsilon
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
+    warmup: int = 2500  # optimizer steps of linear warmup from 0
+    schedule: Literal["constant", "cosine"] = "constant"  # the learning rate after warmup
     min_lr: float = 0.0  # the cosine schedule's floor
     grad_clip: float = 1.0  # global gradient norm; 0 disables clipping
 
@@ -156,9 +156,9 @@ class OptimConfig:
 class ParallelConfig:
     """Tensor x pipeline x data parallelism (DP is what the world size leaves), ZeRO, batch sizes."""
 
-    tp: int = 1
-    pp: int = 1
-    zero_stage: int = 1
+    tp: int = 1  # tensor-parallel size (divides model.n_heads; within a node)
+    pp: int = 1  # pipeline stages (divides model.n_blocks)
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3 (1 with pp > 1)
     micro_batch: int = 1  # sequences per rank per forward
     global_batch: int = 512  # sequences per optimizer step over all data-parallel ranks
 
@@ -178,10 +178,10 @@ class TrainConfig:
 
     steps: int = 1000  # optimizer steps (precision and activation checkpointing are model settings)
     ema: float = 0.9999  # decay, warmed up as min(ema, (1+n)/(10+n)) like the reference
-    seed: int = 0
-    log_every: int = 50
-    eval_every: int = 100
-    save_every: int = 1000
+    seed: int = 0  # seeds the data order, the noise of every step and the weights
+    log_every: int = 50  # steps between metric lines (tensorboard, metrics.jsonl)
+    eval_every: int = 100  # steps between validation ELBOs and example samples
+    save_every: int = 1000  # steps between checkpoints
     keep_last: int = 3  # checkpoints kept on disk
     max_nonfinite_steps: int = 10  # consecutive skipped steps (non-finite loss/grad) before stopping
     peak_tflops: float | None = None  # per-device peak for MFU (e.g. 989 for H100 bf16 dense); None: no MFU
@@ -211,7 +211,7 @@ class TrainConfig:
 class CheckpointConfig:
     """Where the run writes checkpoints (and logs), and whether it resumes from them."""
 
-    dir: str = "runs/default"
+    dir: str = "runs/default"  # the run directory: checkpoints, logs, samples
     resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
     # With resume false, a directory that already holds checkpoints is refused unless this is true:
     # then its checkpoints are deleted and its logs restart at step 0.

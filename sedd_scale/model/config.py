@@ -14,18 +14,18 @@ SIGMA_FEATURES = 256  # width of the sinusoidal noise-level features (the refere
 class ModelConfig:
     """Architecture and numerics of the DDiT network; the defaults are the paper's `small` absorb model."""
 
-    hidden_size: int = 768
-    n_heads: int = 12
-    n_blocks: int = 12
+    hidden_size: int = 768  # width H of every block
+    n_heads: int = 12  # attention heads (divisible by parallel.tp)
+    n_blocks: int = 12  # transformer blocks (divisible by parallel.pp)
     cond_dim: int = 128  # width of the noise-level conditioning vector c
-    mlp_ratio: int = 4
+    mlp_ratio: int = 4  # MLP width / hidden_size (the hub format knows only 4)
     num_tokens: int = 50257  # real tokens N (GPT-2); absorb adds MASK at index N
-    graph: Literal["absorb", "uniform"] = "absorb"
+    graph: Literal["absorb", "uniform"] = "absorb"  # the diffusion graph: absorbing MASK state, or uniform
     scale_by_sigma: bool = True  # absorb only: shift the output by -log(e^sigma - 1) - log N
     dropout: float = 0.1  # on each residual branch before its gate (the reference's only dropout)
     attention_dropout: float = 0.0  # on attention probabilities (0 in the reference)
     length: int = 1024  # training sequence length (recorded in the hub config; rotary tables follow the input)
-    rotary_base: float = 10000.0
+    rotary_base: float = 10000.0  # rotary position embedding base
     # The vocabulary is padded to a multiple of tp_size * vocab_multiple (128 suits GPU matmuls;
     # 1 keeps exact reference shapes at TP=1). Padded entries never carry probability mass.
     vocab_multiple: int = 128
@@ -36,7 +36,7 @@ class ModelConfig:
     # Regional torch.compile of the blocks' elementwise work (transformer.py, "Regional compilation"):
     # the same arithmetic, fused; compiled on the first steps (about half a minute on 2 CPU cores).
     compile: bool = False
-    name: str = "custom"
+    name: str = "custom"  # a label for logs and exports
 
     def __post_init__(self):
         for key in ("hidden_size", "n_heads", "n_blocks", "cond_dim", "mlp_ratio", "num_tokens", "length",
