@@ -300,3 +300,14 @@ def test_cli_warns_and_proposes(capsys):
     assert "not divisible by tp*pp = 1*8" in captured.err and "layouts fit" in captured.out
     with pytest.raises(SystemExit):
         cli.main([seven, "--gpu", "v100"])
+
+
+def test_packaged_recipes_resolve_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: only the package's copies can answer
+    assert to_dict(load_recipe("cpu-tiny")) == to_dict(load_recipe(REPO / "recipes" / "cpu-tiny.yaml"))
+    assert sorted(C.recipe.packaged_recipes()) == sorted(p.stem for p in RECIPES)
+    with pytest.raises(RecipeError, match=r"no packaged recipe is named so.*'cpu-tiny'"):
+        load_recipe("cpu-tinny")
+    (tmp_path / "cpu-tiny").write_text("model: {}\n")  # a file of that name wins over the packaged recipe
+    with pytest.raises(RecipeError, match="data"):
+        load_recipe("cpu-tiny")

@@ -265,11 +265,27 @@ class Recipe:
             raise RecipeError(str(e)) from None
 
 
+def packaged_recipes() -> dict[str, Path]:
+    """{name: path} of the recipes shipped inside the package (`sedd_scale/recipes/NAME.yaml`)."""
+    folder = Path(__file__).resolve().parents[1] / "recipes"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def find_recipe(spec: str | Path) -> Path:
+    """The recipe file `spec` names: a path, or the name of a packaged recipe (`cpu-tiny`, `sedd-small`, ...)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    packaged = packaged_recipes()
+    if str(spec) in packaged:
+        return packaged[str(spec)]
+    raise RecipeError(f"recipe file {str(path)!r} not found, and no packaged recipe is named so: give the path of a "
+                      f"YAML recipe or one of {sorted(packaged)}")
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe YAML file, apply `key.path=value` overrides, validate, return the Recipe."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {str(path)!r} not found (recipes live in recipes/*.yaml)")
+    """Read a recipe (a YAML path or a packaged recipe's name), apply `key.path=value` overrides, validate it."""
+    path = find_recipe(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -24,7 +24,7 @@ from sedd_scale.data.urlcache import UrlError
 from sedd_scale.train import run_dir
 from sedd_scale.train.metrics import MetricsError
 
-DEFAULT_RECIPE = "recipes/cpu-tiny.yaml"
+DEFAULT_RECIPE = "cpu-tiny"  # the packaged recipes/cpu-tiny.yaml
 
 
 def main(argv: list[str] | None = None) -> int:
