@@ -9,6 +9,8 @@ import copy
 import pytest
 import torch
 
+from sedd_scale.distributed import deepspeed_files as ds_files
+from sedd_scale.distributed import optim_state
 from tests.dist import launch
 from tests.test_trainer import LOSS_RTOL, recipe_dict
 
@@ -74,6 +76,12 @@ def test_apex_and_torch_adamw_resume_each_other(tmp_path):
         torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(losses), rtol=LOSS_RTOL, atol=0,
                                    msg=lambda m, n=name: f"{n}: {m}")
         torch.testing.assert_close(got_weights, weights, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+    # Each checkpoint says its optimizer state's layout: apex's under ZeRO-1, torch's without ZeRO.
+    zero1 = torch.load(tmp_path / "apex-torch" / "step_000000002" / ds_files.optim_states(0, 0), weights_only=False)
+    no_zero = torch.load(tmp_path / "torch-apex" / "step_000000002" / ds_files.model_states(0), weights_only=False)
+    assert zero1["optimizer_state_dict"]["base_optimizer_state"][optim_state.LAYOUT_KEY] == optim_state.APEX
+    assert no_zero["optimizer"][optim_state.LAYOUT_KEY] == optim_state.TORCH
 
     # The apex checkpoint (ZeRO-1 files) and the torch one (no ZeRO) after the same 2 steps read alike.
     apex = offline.read_state(tmp_path / "apex-torch" / "step_000000002")
