@@ -11,19 +11,18 @@ import torch
 import torch.nn.functional as F
 
 from sedd_scale import accelerators
+from tests.fake_apex import FusedAdam
 
 
 @pytest.fixture
 def fake_apex(monkeypatch):
-    """apex modules that record calls (their LayerNorm computes torch's), importable like the real ones."""
+    """apex modules that record calls (their LayerNorm computes torch's; their FusedAdam keeps apex's state layout),
+    importable like the real ones."""
     calls = []
 
     def fused_layer_norm_affine(x, weight, bias, shape, eps):
         calls.append((x.dtype, weight.dtype, bias.dtype))
         return F.layer_norm(x, shape, weight, bias, eps)
-
-    class FusedAdam(torch.optim.AdamW):
-        pass
 
     modules = {"apex": types.ModuleType("apex"), "apex.normalization": types.ModuleType("apex.normalization"),
                "apex.normalization.fused_layer_norm": types.ModuleType("apex.normalization.fused_layer_norm"),

@@ -215,6 +215,7 @@ def test_impossible_world_sizes(parallel, world, message):
     ({"pp": 3}, "parallel.pp=3 does not divide model.n_blocks=4: choose pp among [1, 2, 4]"),
     ({"pp": 2, "zero_stage": 2}, "DeepSpeed's pipeline engine supports ZeRO-1 only"),
     ({"pp": 2, "zero_stage": 3}, "use zero_stage 1 or pp 1"),
+    ({"distributed_timeout_minutes": 0}, "distributed_timeout_minutes must be >= 1, got 0"),
 ])
 def test_impossible_layouts_refused_on_load(parallel, message):
     assert message in error_of(minimal(parallel={"micro_batch": 2, "global_batch": 8, **parallel}))

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.megatron  # rerun under megatron-core 0.19.x by tools/t
 
 D, F, BLOCKS = 8, 16, 2  # width, hidden width (TP-split), blocks (PP-split)
 MICRO, GLOBAL, STEPS, LR, CLIP, WD = 2, 8, 2, 1e-2, 0.05, 0.1
+TIMEOUT_MIN = 3  # parallel.distributed_timeout_minutes: none of the defaults (torch 10/30, megatron 30, launcher 2)
 
 
 def full_weights(i: int) -> dict[str, torch.Tensor]:
@@ -122,7 +123,8 @@ def toy_recipe(tp: int, pp: int, zero: int, precision: str = "fp32"):
     return from_dict(Recipe, {
         "model": {"precision": precision}, "data": {"manifests": ["unused/manifest.json"]},
         "optim": {"lr": LR, "warmup": 0, "weight_decay": WD, "grad_clip": CLIP},
-        "parallel": {"tp": tp, "pp": pp, "zero_stage": zero, "micro_batch": MICRO, "global_batch": GLOBAL},
+        "parallel": {"tp": tp, "pp": pp, "zero_stage": zero, "micro_batch": MICRO, "global_batch": GLOBAL,
+                     "distributed_timeout_minutes": TIMEOUT_MIN},
         "train": {"steps": STEPS},
     })
 
@@ -136,11 +138,14 @@ def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32") -> dict:
     from deepspeed.pipe import LayerSpec, PipelineModule
     from megatron.core import parallel_state as ps
 
-    from sedd_scale.distributed import engine
+    from sedd_scale.distributed import engine, parallel
 
     recipe = toy_recipe(tp, pp, zero, precision)
     layout = recipe.layout(dist.get_world_size())
-    topology = engine.init_layout(layout)
+    topology = engine.init_layout(layout, engine.timeout_s(recipe))
+    megatron_groups = {"tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
+                       "dp": ps.get_data_parallel_group()}
+    timeouts = {name: parallel.group_timeout(g) for name, g in megatron_groups.items()}  # as megatron-core made them
     torch.manual_seed(0)
     if pp > 1:
         model = PipelineModule(layers=[LayerSpec(Block, i) for i in range(BLOCKS)], topology=topology, loss_fn=mse,
@@ -148,6 +153,7 @@ def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32") -> dict:
     else:
         model = Net()
     eng = engine.build_engine(model, recipe, layout)
+    timeouts["all"] = parallel.group_timeouts()  # DeepSpeed's pipeline groups too
     dp_rank, dp = ps.get_data_parallel_rank(), layout.dp
     losses, norms = [], []
     for step in range(STEPS):
@@ -179,7 +185,7 @@ def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32") -> dict:
               "backward_allreduce": eng.enable_backward_allreduce, "direct": eng.optimizer is inner,
               "skipped": inner.skipped_total, "pp_rank": ps.get_pipeline_model_parallel_rank(),
               "dp_rank": dp_rank, "losses": losses, "norms": norms, "shards": shards,
-              "zero_optimizer": type(eng.optimizer).__name__}
+              "zero_optimizer": type(eng.optimizer).__name__, "timeouts": timeouts}
     ps.destroy_model_parallel()
     return result
 
@@ -282,6 +288,13 @@ def test_two_process_layouts_match_one_process():
     assert optimizers[(1, 1, 3)] == optimizers[(1, 1, 3, "bf16")] == "DeepSpeedZeroOptimizer_Stage3"
     # ZeRO-1 with bf16: fp32 master weights and fp32 gradient accumulation
     assert optimizers[(2, 1, 1, "bf16")] == optimizers[(1, 2, 1, "bf16")] == "BF16_Optimizer"
+    # parallel.distributed_timeout_minutes reaches megatron's groups as they are created, and every group once the
+    # engine exists: the default one (the launcher made it with 2 min), DeepSpeed's pipeline grid and p2p groups
+    # (torch's default for new groups is 30 min under gloo).
+    for r in results:
+        timeouts = r[(1, 2, 1)]["timeouts"]
+        assert [timeouts[k] for k in ("tp", "pp", "dp")] == [TIMEOUT_MIN * 60.0] * 3
+        assert len(timeouts["all"]) > 5 and set(timeouts["all"]) == {TIMEOUT_MIN * 60.0}, timeouts["all"]
 
 
 @pytest.mark.slow
@@ -325,6 +338,27 @@ def test_guarded_adamw_skips_on_a_non_finite_global_norm():
     w.grad = torch.full((3,), float("nan"))
     opt.step()
     assert not opt.overflow and torch.isnan(w.detach()).all()
+
+
+def test_every_process_group_takes_the_recipes_timeout(tp1):
+    """set_group_timeouts reaches groups made without a timeout (torch's default for new groups is not the
+    default group's), and the recipe's minutes are what setup and build_engine use."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from sedd_scale.distributed import engine, parallel
+
+    late = dist.new_group([0])  # as DeepSpeed makes its groups: no timeout given
+    assert parallel.group_timeout(late) == dist.distributed_c10d._get_default_timeout("gloo").total_seconds()
+    default = parallel.group_timeout(dist.group.WORLD)
+    try:
+        parallel.set_group_timeouts(7 * 60)
+        timeouts = parallel.group_timeouts()
+        assert len(timeouts) >= 2 and set(timeouts) == {420.0}
+    finally:
+        parallel.set_group_timeouts(default)
+    assert engine.timeout_s(toy_recipe(1, 1, 0)) == TIMEOUT_MIN * 60 == datetime.timedelta(minutes=3).total_seconds()
 
 
 def test_tf32_flags():

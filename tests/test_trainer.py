@@ -26,7 +26,9 @@ def recipe_dict(tmp: str, **parallel) -> dict:
                   "vocab_multiple": 1, "dropout": 0.0, "graph": "absorb", "scale_by_sigma": True},
         "data": {"manifests": ["unused.json"], "tokenizer": None, "seq_len": 8, "num_workers": 0},
         "optim": {"lr": 1e-2, "warmup": 1, "grad_clip": 0.5},
-        "parallel": {"micro_batch": 2, "global_batch": 8, "zero_stage": 0, **parallel},
+        # a hang (mismatched collectives) fails within 2 minutes, as under the test launcher's own group
+        "parallel": {"micro_batch": 2, "global_batch": 8, "zero_stage": 0, "distributed_timeout_minutes": 2,
+                     **parallel},
         "train": {"steps": 100, "ema": 0.9, "seed": 5, "save_every": 1000, "eval_every": 1000, "log_every": 1000,
                   "max_nonfinite_steps": 3},
         "checkpoint": {"dir": tmp},

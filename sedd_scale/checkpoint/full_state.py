@@ -10,7 +10,8 @@ pipeline stages collected. `counters` hold the rest of what an exact resume need
 Where DeepSpeed keeps masters and moments: ZeRO-1/2 and its bf16 optimizer in flat per-group
 fp32 partitions, ZeRO-3 in flat per-rank partitions, both reached per parameter through
 `deepspeed.utils.safe_{get,set}_full_*`; without ZeRO the torch optimizer holds them per
-parameter. A fresh engine has no AdamW state until its first step, so `load` creates it.
+parameter. A fresh engine has no AdamW state until its first step, so `load` creates it. The step count is
+per parameter (torch's AdamW) or per group (apex's FusedAdam): `optim_state` reads and sets either.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from sedd_scale.checkpoint.consolidated import TRAINING_CATEGORIES
 from sedd_scale.checkpoint.hub import gather_tp_tensor, model_kinds, shard_tensor
 from sedd_scale.checkpoint.sharded import CheckpointError
 from sedd_scale.distributed import deepspeed_files as ds_files
+from sedd_scale.distributed import optim_state
 
 CATEGORIES = TRAINING_CATEGORIES
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -75,10 +77,8 @@ def _ensure_moments(trainer) -> None:
     """Create AdamW's state where a fresh engine has none yet, and link DeepSpeed's per-parameter views to it."""
     base = trainer.base_optimizer()
     for p, group in _updated_tensors(trainer):
-        on_device = bool(group.get("fused") or group.get("capturable"))  # where torch's AdamW keeps `step`
         if not base.state.get(p):
-            base.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
-                             "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            base.state[p] = optim_state.fresh_state(base, p, group)
     for p in trainer.engine.module.parameters():
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is None:
@@ -120,13 +120,6 @@ def _set(trainer, p: nn.Parameter, key: str | None, value: Tensor) -> None:
         p.data.copy_(value)
 
 
-def _optimizer_step(trainer) -> int:
-    steps = {float(s["step"]) for s in trainer.base_optimizer().state.values() if "step" in s}
-    if len(steps) > 1:
-        raise CheckpointError(f"AdamW's step differs between parameter groups ({sorted(steps)}): cannot carry it")
-    return int(steps.pop()) if steps else 0
-
-
 def counters(trainer) -> dict[str, Any]:
     """The non-tensor state a resume needs, checked to be the same on every rank where it must be."""
     base = trainer.base_optimizer()
@@ -137,7 +130,7 @@ def counters(trainer) -> dict[str, Any]:
         raise CheckpointError("the ranks' data-loader states differ (a loader whose stream depends on the "
                               "layout): the data position cannot be carried to another layout")
     return {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "skipped_total": base.skipped_total,
-            "optimizer_step": _optimizer_step(trainer), "lrs": [float(g["lr"]) for g in base.param_groups],
+            "optimizer_step": optim_state.step_count(base), "lrs": [float(g["lr"]) for g in base.param_groups],
             "lr_scheduler": trainer.engine.lr_scheduler.state_dict(), "ema_num_updates": trainer.ema.num_updates,
             "loader": loader, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                       "numpy": np.random.get_state()},
@@ -200,8 +193,7 @@ def load(trainer, tensors: Mapping[str, Mapping[str, Tensor]], meta: dict[str, A
     if meta is None:
         return
     base = trainer.base_optimizer()
-    for state in base.state.values():
-        state["step"].fill_(meta["optimizer_step"])
+    optim_state.set_step(base, meta["optimizer_step"])
     if len(meta["lrs"]) != len(base.param_groups):
         raise CheckpointError(f"the state has {len(meta['lrs'])} optimizer groups, this model "
                               f"{len(base.param_groups)}")

@@ -36,6 +36,7 @@ from sedd_scale.checkpoint.sharded import ANY_LAYOUT, CheckpointError, read_meta
 from sedd_scale.checksums import file_record
 from sedd_scale.config import Recipe, from_dict
 from sedd_scale.distributed import deepspeed_files as ds_files
+from sedd_scale.distributed import optim_state
 from sedd_scale.layout import shard_bounds
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -82,8 +83,12 @@ def _flat_moments(state: dict, group: int, length: int) -> dict[str, Tensor]:
 
 
 def _optimizer_info(state: dict) -> dict:
-    return {"steps": [float(s["step"]) for s in state["state"].values()],
-            "lrs": [float(g["lr"]) for g in state["param_groups"]]}
+    """The step count (torch's AdamW or apex's FusedAdam layout, see `optim_state`) and the groups' rates."""
+    try:
+        step = optim_state.step_count(state)
+    except optim_state.OptimizerStateError as e:
+        raise CheckpointError(f"{e}: {_FIX}") from None
+    return {"steps": [step], "lrs": [float(g["lr"]) for g in state["param_groups"]]}
 
 
 def _fragments(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, dict[str, Tensor]], dict]:

@@ -161,8 +161,14 @@ class ParallelConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3 (1 with pp > 1)
     micro_batch: int = 1  # sequences per rank per forward
     global_batch: int = 512  # sequences per optimizer step over all data-parallel ranks
+    # How long a collective may wait before the run fails, in every process group (torch's default group,
+    # megatron-core's, DeepSpeed's pipeline groups): Megatron-LM's --distributed-timeout-minutes. Raise it when
+    # ranks legitimately wait longer (rank 0 committing a checkpoint, first compiles of many pipeline stages).
+    distributed_timeout_minutes: int = 10
 
     def __post_init__(self):
+        if self.distributed_timeout_minutes < 1:
+            raise ValueError(f"distributed_timeout_minutes must be >= 1, got {self.distributed_timeout_minutes}")
         if self.tp < 1 or self.pp < 1:
             raise ValueError(f"tp and pp must be >= 1, got tp={self.tp}, pp={self.pp}")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -68,13 +68,14 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def init_layout(layout: Layout) -> PipeModelDataParallelTopology:
-    """Initialise megatron's TP/PP/DP groups for `layout`, check them against DeepSpeed's topology, return it."""
+def init_layout(layout: Layout, timeout_s: float | None = None) -> PipeModelDataParallelTopology:
+    """Initialise megatron's TP/PP/DP groups for `layout` (collective timeout `timeout_s`, None: megatron-core's
+    default), check them against DeepSpeed's topology, return it."""
     if not dist.is_initialized():
         raise RuntimeError("init_layout needs the default process group: call init_world() first")
     if dist.get_world_size() != layout.world_size:
         raise RuntimeError(f"layout is for {layout.world_size} ranks but {dist.get_world_size()} were launched")
-    parallel.init_model_parallel(layout.tp, layout.pp)
+    parallel.init_model_parallel(layout.tp, layout.pp, timeout_s=timeout_s)
     topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
     check_topology(topology)
     return topology
@@ -180,6 +181,9 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, layout: Layout, total_s
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(recipe, layout),
                                            mpu=None if is_pipe else MegatronMPU())
+    # Every group exists now (the PipelineModule's grid, the engine's p2p groups), DeepSpeed's with torch's default
+    # timeout for new groups: all take the recipe's.
+    parallel.set_group_timeouts(timeout_s(recipe))
     if engine.optimizer is optimizer:  # no ZeRO/bf16 wrapper: DeepSpeed calls ours directly
         _guard_by_grad_norm(engine, optimizer)
         if layout.dp == 1:
@@ -214,11 +218,17 @@ def _guard_by_grad_norm(engine, optimizer: SkipGuard) -> None:
     optimizer.grad_norm = grad_norm
 
 
-def setup(recipe: Recipe, timeout_s: float = 600.0) -> tuple[Layout, PipeModelDataParallelTopology]:
-    """Resolve the layout for the launched world size (refusing impossible ones first), then build all groups."""
+def timeout_s(recipe: Recipe) -> float:
+    """The recipe's collective timeout in seconds (`parallel.distributed_timeout_minutes`)."""
+    return 60.0 * recipe.parallel.distributed_timeout_minutes
+
+
+def setup(recipe: Recipe) -> tuple[Layout, PipeModelDataParallelTopology]:
+    """Resolve the layout for the launched world size (refusing impossible ones first), then build all groups
+    with the recipe's collective timeout."""
     layout = recipe.layout(env_world_size())  # raises before any process group exists
-    init_world(timeout_s)
-    return layout, init_layout(layout)
+    init_world(timeout_s(recipe))
+    return layout, init_layout(layout, timeout_s(recipe))
 
 
 def describe_rank() -> str:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from sedd_scale.distributed import optim_state
+
 
 def is_finite_norm(norm: float | Tensor) -> bool:
     """Whether a global gradient norm is usable: finite and not DeepSpeed's -1 'invalid norm' sentinel."""
@@ -31,6 +33,9 @@ class SkipGuard:
 
     Either way the engine knows (`was_step_applied()`), and the trainer reports each optimizer step to
     `record`, which keeps `last_skipped`, `skipped_in_a_row` and `skipped_total`.
+
+    Its state dict is marked with where it keeps the step count, and it loads a state saved by either AdamW
+    implementation (`optim_state`): a run trained with apex resumes without it and the reverse.
     """
 
     def __init__(self, *args, **kwargs):
@@ -49,6 +54,15 @@ class SkipGuard:
         if self.overflow:
             return None
         return super().step(closure)
+
+    def state_dict(self):
+        """The optimizer's state, marked with its layout (step per parameter or per group)."""
+        return optim_state.convert(super().state_dict(), optim_state.layout_of_class(type(self)))
+
+    def load_state_dict(self, state_dict):
+        """Load a state saved by torch's AdamW or a FusedAdam, converted to this optimizer's layout."""
+        layout = optim_state.layout_of_class(type(self))
+        super().load_state_dict(optim_state.convert(state_dict, layout, self.param_groups))
 
     def record(self, applied: bool) -> None:
         """Count the optimizer step that just ended: applied, or skipped for non-finite gradients."""

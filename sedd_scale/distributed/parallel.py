@@ -48,8 +48,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int | None = None) -> None:
-    """Create megatron's TP/PP/DP groups (DP = world / (tp * pp)); seed the RNGs when `seed` is given."""
+def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int | None = None, timeout_s: float | None = None) -> None:
+    """Create megatron's TP/PP/DP groups (DP = world / (tp * pp)) with collectives timing out after `timeout_s`
+    (None: megatron-core's default, 30 min); seed the RNGs when `seed` is given."""
     join_process_group()
     world = dist.get_world_size()
     if tp < 1 or pp < 1 or world % (tp * pp):
@@ -62,9 +63,39 @@ def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int | None = None) ->
                                "call sedd_scale.distributed.parallel.destroy_parallel() before asking for "
                                f"tp={tp}, pp={pp}")
     else:
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        timeout = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **timeout)
     if seed is not None:
         seed_parallel(seed)
+
+
+def _groups() -> list[dist.ProcessGroup]:
+    """Every process group this rank belongs to, whoever created it (torch keeps no public list)."""
+    registry = getattr(dist.distributed_c10d, "_world", None)
+    if registry is None or not hasattr(dist.distributed_c10d, "_set_pg_timeout"):
+        raise RuntimeError(f"torch {torch.__version__} lists no process groups or cannot set their timeouts "
+                           "(torch.distributed.distributed_c10d._world / _set_pg_timeout): use torch 2.4 or later")
+    rank = dist.get_rank()
+    return [g for g in registry.pg_map if rank in dist.get_process_group_ranks(g)]
+
+
+def set_group_timeouts(timeout_s: float) -> None:
+    """Give every process group of this rank the collective timeout `timeout_s`: DeepSpeed creates its groups
+    (pipeline grid, p2p) with torch's default for new groups (10 min under NCCL, 30 under gloo), not the
+    default group's."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    for group in _groups():
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def group_timeout(group: dist.ProcessGroup) -> float:
+    """A process group's collective timeout in seconds (the largest over its backends: gloo, NCCL)."""
+    return max(group._get_backend(device).options._timeout.total_seconds() for device in group._device_types)
+
+
+def group_timeouts() -> list[float]:
+    """The collective timeout in seconds of every process group of this rank (for checks and logs)."""
+    return [group_timeout(g) for g in _groups()]
 
 
 def destroy_parallel() -> None:
