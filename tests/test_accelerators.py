@@ -103,3 +103,16 @@ def test_the_optimizer_and_layer_norm_take_the_choice(fake_apex):
     got = norm(x, shift, scale)
     assert len(calls) == 1
     torch.testing.assert_close(got, want)
+
+
+def test_zero3_steps_with_torch_adamw_not_apex(fake_apex, monkeypatch):
+    """DeepSpeed's ZeRO-3 calls step() once per sub-group; apex would count its bias-correction step per call."""
+    from sedd_scale.config import OptimConfig
+    from sedd_scale.distributed import engine
+
+    _, fused_adam = fake_apex
+    monkeypatch.setattr(engine.accelerators, "adam_class", lambda choice: fused_adam)  # as accelerators picks on CUDA
+    model = torch.nn.Linear(4, 4)
+    for stage, want in ((0, fused_adam), (1, fused_adam), (2, fused_adam), (3, torch.optim.AdamW)):
+        opt, _ = engine.build_optimizer(model, OptimConfig(), total_steps=4, zero_stage=stage)
+        assert isinstance(opt, want) and (want is torch.optim.AdamW or not isinstance(opt, torch.optim.AdamW)), stage

@@ -145,12 +145,14 @@ def deepspeed_config(recipe: Recipe, layout: Layout) -> dict[str, Any]:
     return config
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int, zero_stage: int = 0
                     ) -> tuple[SkipGuard, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW that skips non-finite steps and its warmup + constant/cosine schedule.
 
     apex's FusedAdam where `accelerators` picks it (CUDA with apex), else torch's fused kernel (one pass
-    per tensor, on CPU as on CUDA; nothing for DeepSpeed to compile).
+    per tensor, on CPU as on CUDA; nothing for DeepSpeed to compile). Not apex under ZeRO-3: DeepSpeed steps
+    each ZeRO-3 sub-group with its own `step()` call, and apex counts its bias-correction step per group per
+    call, so a step of several sub-groups would advance it several times; torch counts per parameter.
 
     Weight decay, when non-zero, applies to matrices only (not to biases and norm weights).
     """
@@ -161,6 +163,8 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
     groups = [g for g in groups if g["params"]]
     device = next(iter(params)).device
     adam = accelerators.adam_class(accelerators.choose(cuda=device.type == "cuda"))
+    if zero_stage == 3:
+        adam = torch.optim.AdamW
     kwargs = {"fused": True} if adam is torch.optim.AdamW else {"adam_w_mode": True}
     optimizer = guarded(adam)(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: optim.lr_at(step, total_steps) / optim.lr)
@@ -177,7 +181,7 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, layout: Layout, total_s
         raise ValueError(f"the PipelineModule has {model.topology().get_dim('pipe')} stages, the layout pp={layout.pp}")
     # DeepSpeed keeps the last engine's mpu in a module global; a stale one breaks the next engine.
     deepspeed.utils.groups.mpu = None
-    optimizer, scheduler = build_optimizer(model, recipe.optim, total_steps or recipe.train.steps)
+    optimizer, scheduler = build_optimizer(model, recipe.optim, total_steps or recipe.train.steps, layout.zero_stage)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(recipe, layout),
                                            mpu=None if is_pipe else MegatronMPU())
