@@ -486,6 +486,38 @@ def test_compile_warning_follows_the_pipeline_depth(pp, compile_, warned):
         warned or not compile_)
 
 
+README_COLUMNS = [(64, []), (1024, []), (1024, ["parallel.global_batch=4096"])]  # the worked example's columns
+
+
+def test_readme_worked_example_is_the_planners_output():
+    """README's "7B by hand at 64 and 1,024 GPUs" table: every figure is the planner's, formatted as printed."""
+    text = (REPO / "README.md").read_text()
+    lines = text[text.index("| 7B, `recipes/sedd-7b-pp8.yaml`"):].splitlines()
+    table = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table[cells[0]] = cells[1:]
+    assert "--set parallel.global_batch=4096" in lines[0]
+    for col, (world, overrides) in enumerate(README_COLUMNS):
+        r = load_recipe(RECIPE_7B, overrides)
+        p = P.plan(r, P.candidate_of(r, r.layout(world)))
+        first, last = p.memory[0], p.memory[-1]
+        want = {"layout": p.candidate.describe().replace(" recompute off", ""),
+                **{f"{ph} GB": f"{first.phase(ph) / 1e9:.1f} / {last.phase(ph) / 1e9:.1f}" for ph in P.PHASES},
+                "needed GB": f"{P.device_bytes(first.peak, p.assumptions) / 1e9:.1f} / "
+                             f"{P.device_bytes(last.peak, p.assumptions) / 1e9:.1f}",
+                **{f"{label} ms": f"{getattr(p.time, key) * 1e3:.1f}" for label, key in (
+                    ("compute", "compute"), ("bubble", "bubble"), ("TP", "tp_comm"), ("DP", "dp_comm"),
+                    ("p2p", "p2p"), ("step", "total"))},
+                "bubble": f"{p.bubble:.1%}", "MFU": f"{p.mfu:.1%}"}
+        assert {k: table[k][col] for k in want} == want, (world, overrides)
+    b = P.propose_global_batch(load_recipe(RECIPE_7B), 1024)
+    assert f"suggests {b.global_batch:,} ({b.tokens_per_step / 1e6:.1f}M tokens per step, " \
+           f"{b.plan.candidate.describe().split(' accum')[0]}, {b.plan.mfu:.0%})" in " ".join(text.split())
+
+
 def test_format_plan_names_every_item():
     text = P.format_plan(load_recipe(RECIPE_7B), _plan(RECIPE_7B, 64))
     for item in ("parameters held", "weights", "gradients", "optimizer", "EMA", "activations, recompute on/off",
