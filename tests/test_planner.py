@@ -486,6 +486,20 @@ def test_compile_warning_follows_the_pipeline_depth(pp, compile_, warned):
         warned or not compile_)
 
 
+def test_cli_network_flags(capsys):
+    """--gpus-per-node / --intra-node-gbps / --inter-node-gbps reach the plan; a bandwidth of 0 is refused."""
+    from sedd_scale.config import cli
+
+    args = [str(RECIPE_7B), "--world-size", "1024"]
+    assert cli.main(args + ["--inter-node-gbps", "100", "--intra-node-gbps", "450", "--gpus-per-node", "4"]) == 0
+    out = capsys.readouterr().out
+    # DP 128 over nodes of 4 GPUs, 4 members a node: min(450, 100 x 4 / 4) = 100 GB/s; sends: 100 / 4 = 25 GB/s
+    assert "450 GB/s per GPU, 100 GB/s of network per node of 4 GPUs" in out
+    assert "DP group of 128 ranks 1 apart at 100 GB/s per rank, pipeline sends at 25 GB/s" in out
+    assert cli.main(args + ["--inter-node-gbps", "0"]) == 2
+    assert "bandwidths must be > 0" in capsys.readouterr().err
+
+
 README_COLUMNS = [(64, []), (1024, []), (1024, ["parallel.global_batch=4096"])]  # the worked example's columns
 
 

@@ -98,8 +98,8 @@ def format_batch_proposal(recipe: "Recipe", world_size: int, b: BatchProposal | 
     """The larger-global-batch proposal (`propose_global_batch`), labelled as the hyperparameter change it is."""
     g = recipe.parallel.global_batch
     if b is None:
-        return (f"global batch: {g} sequences keeps {world_size} GPUs busy (its fastest layout is within "
-                f"{1 - STARVED:.0%} of the MFU of any power-of-two multiple up to 64x)")
+        return (f"global batch: {g} sequences keep {world_size} GPUs busy (its fastest layout reaches at least "
+                f"{STARVED:.0%} of the MFU of any power-of-two multiple up to 64x)")
     c, now = b.plan.candidate, b.current
     was = (f"the fastest layout at {g} sequences reaches MFU {now.mfu:.1%} (bubble {now.bubble:.0%}, "
            f"{now.tokens_per_s:,.0f} tokens/s)" if now else f"nothing fits at {g} sequences")

@@ -98,9 +98,9 @@ def _warnings(recipe: "Recipe", p: Plan) -> list[str]:
         if high >= COMPILE_WARN * timeout:
             out.append(f"compile: model.compile compiles each stage's regions at its first micro-batch, and under "
                        f"1F1B stage k waits in a p2p receive for stage k - 1's compile: about {low:.3g}-{high:.3g} "
-                       f"min along PP {c.pp}, against a {timeout:g} min process-group timeout (torch's default, "
-                       "PROCESS_GROUP_TIMEOUT_S); raise the timeout, warm the compile cache, or set model.compile: "
-                       "false")
+                       f"min along PP {c.pp}, against the {timeout:g} min process-group timeout (torch's default, "
+                       "which distributed.parallel.join_process_group passes); raise the timeout, warm the compile "
+                       "cache, or set model.compile: false")
     bucket = worst.item("buffers")
     if c.zero_stage > 0 and "bucket" in bucket.note and bucket.backward > 0.05 * worst.peak:
         out.append(f"DeepSpeed's ZeRO reduce bucket takes {bucket.backward / GB:.2f} GB per GPU "
