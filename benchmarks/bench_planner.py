@@ -1,6 +1,6 @@
 """The layout planner against measurements and against DeepSpeed's estimators; FLOP counts; the recipes' plans.
 
-    python benchmarks/bench_planner.py            # every table (~6 min on 2 CPU cores)
+    python benchmarks/bench_planner.py            # every table (~8 min on 2 CPU cores)
     python benchmarks/bench_planner.py --quick    # fewer measured layouts (~2 min)
 
 1. Memory: real training steps of a small SEDD (`sedd_scale.testing.step_memory`: the Trainer with DeepSpeed,
@@ -8,6 +8,8 @@
    `LiveTensorMemory`, against `planner.stage_memory(..., Assumptions(device="cpu"))`: resident bytes
    between steps, the peak, and (PP = 1) the peak inside engine.forward / backward / step. DeepSpeed's
    reduce bucket is lowered to 2e6 elements for these runs (one row keeps the 5e8 default).
+1b. Validation and sampling: the peak inside `Trainer.validate` and `Trainer.samples` after a training step (the
+   EMA all-gathered and the weights cloned by `EMA.applied`) against the planner's validation and sampling phases.
 2. Model states against DeepSpeed's estimate_zero2/3_model_states_mem_needs (16-bit weights, no offload).
 3. FLOPs per token: the planner's count against torch's FlopCounterMode on a real forward + backward, and
    the old 6 x parameters convention against `flops.training_flops_per_token` (what the trainer logs MFU with).
@@ -76,17 +78,108 @@ def memory_table(quick: bool) -> list[str]:
             for rank, per_rank in enumerate(results):
                 got = per_rank[name]
                 mem = P.stage_memory(r, c, got["stage"], a)
-                dev_r, dev_p = mem.phase("resident") / got["resident"] - 1, mem.peak / got["peak"] - 1
+                dev_r, dev_p = mem.phase("resident") / got["resident"] - 1, mem.training_peak / got["peak"] - 1
                 worst = max(worst, abs(dev_r), abs(dev_p))
-                phases = " / ".join(f"{got[k] / MiB:.1f} ({mem.phase(k) / MiB:.1f})" for k in P.PHASES if k in got)
+                phases = " / ".join(f"{got[k] / MiB:.1f} ({mem.phase(k) / MiB:.1f})" for k in P.TRAINING_PHASES
+                                    if k in got)
                 rows.append(f"{name:<34} {rank:>4} {got['stage']:>5} | {got['resident'] / MiB:>6.1f} "
                             f"{mem.phase('resident') / MiB:>6.1f} {dev_r:>+7.1%} | {got['peak'] / MiB:>6.1f} "
-                            f"{mem.peak / MiB:>6.1f} {dev_p:>+7.1%} | {phases}")
+                            f"{mem.training_peak / MiB:>6.1f} {dev_p:>+7.1%} | {phases}")
         rows.append(f"  ({world} rank{'s' if world > 1 else ''}, {len(cases)} layouts: {seconds:.0f} s)")
     rows.append(f"largest deviation (resident and peak): {worst:.1%}")
     rows.append("phases: measured = the peak inside engine.forward / engine.backward (which also all-reduces the DP "
                 "gradients at a step boundary) / engine.step; planned = end of forward / backward peak / DP reduction "
                 "+ optimizer step. Resident = between steps.")
+    return rows
+
+
+EVAL_CASES = {  # two ranks: (model overrides, parallel)
+    "DP2 ZeRO-1 bf16": ({"precision": "bf16"}, {"zero_stage": 1}),
+    "DP2 ZeRO-3 bf16": ({"precision": "bf16"}, {"zero_stage": 3}),
+    "DP2 ZeRO-0 fp32": ({}, {"zero_stage": 0}),
+    "PP2 ZeRO-1 bf16": ({"precision": "bf16"}, {"pp": 2, "zero_stage": 1}),
+}
+QUICK_EVAL = ("DP2 ZeRO-1 bf16", "PP2 ZeRO-1 bf16")
+
+
+def measure_eval(cases: dict, world: int, bucket: int) -> dict:
+    """On each rank: after a training step, the bytes alive between steps and the peaks of `Trainer.validate` (two
+    micro-batches, 2 draws) and `Trainer.samples` (SAMPLE_BATCH sequences, 2 steps), every tensor counted."""
+    import contextlib
+    import copy
+    import io
+    import tempfile
+    from types import SimpleNamespace
+
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from sedd_scale.distributed import engine, parallel
+    from sedd_scale.testing.step_memory import RandomTokens, _with_bucket, validation_recipe
+    from sedd_scale.testing.tensor_memory import LiveTensorMemory
+    from sedd_scale.train.trainer import Trainer
+
+    out = {}
+    for name, spec in cases.items():
+        original = _with_bucket(bucket)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                data = copy.deepcopy(validation_recipe(*spec, world))
+                data.setdefault("checkpoint", {})["dir"] = tmp
+                recipe = from_dict(Recipe, data)
+                layout, topology = engine.setup(recipe)
+                with LiveTensorMemory() as mem:
+                    dp_rank = ps.get_data_parallel_rank()
+                    loader = RandomTokens(recipe.model.num_tokens, layout.micro_batch, recipe.data.seq_len, dp_rank)
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        trainer = Trainer(recipe, layout, topology, loader=loader)
+                    trainer.train_step()
+                    batches = [SimpleNamespace(tokens=next(iter(loader)), valid=torch.ones(layout.micro_batch,
+                                                                                          dtype=torch.bool),
+                                               index=i * layout.dp + dp_rank) for i in range(2)]
+                    got = {"resident": mem.current, "stage": ps.get_pipeline_model_parallel_rank()}
+                    mem.reset_peak()
+                    trainer.validate(batches, draws=2)
+                    got["validation"] = mem.peak
+                    mem.reset_peak()
+                    trainer.samples(P.SAMPLE_BATCH, steps=2)
+                    got["sampling"] = mem.peak
+                    trainer.saver.close()
+                    del trainer
+                out[name] = got
+        finally:
+            engine.deepspeed_config = original
+            parallel.destroy_parallel()
+    return out
+
+
+def eval_table(quick: bool) -> list[str]:
+    """Measured vs planned memory of validation and sampling (EMA.applied: the whole EMA gathered, weights cloned)."""
+    from sedd_scale.testing.spawn import launch
+    from sedd_scale.testing.step_memory import validation_recipe
+
+    cases = {k: v for k, v in EVAL_CASES.items() if not quick or k in QUICK_EVAL}
+    results = launch(measure_eval, 2, cases, 2, BUCKET, timeout=1800)
+    rows = [f"{'layout':<20} {'rank':>4} {'stage':>5} | {'resident MiB':>14} | {'validation MiB':>21} | "
+            f"{'sampling MiB':>21}",
+            f"{'':<20} {'':>4} {'':>5} | {'meas':>6} {'plan':>7} | {'meas':>6} {'plan':>6} {'dev':>7} | "
+            f"{'meas':>6} {'plan':>6} {'dev':>7}"]
+    for name, spec in cases.items():
+        r = from_dict(Recipe, validation_recipe(*spec, 2))
+        c = P.candidate_of(r, r.layout(2))
+        a = P.Assumptions(device="cpu", reduce_bucket_size=BUCKET)
+        for rank, per_rank in enumerate(results):
+            got = per_rank[name]
+            mem = P.stage_memory(r, c, got["stage"], a)
+            cells = " | ".join(f"{got[k] / MiB:>6.1f} {mem.phase(k) / MiB:>6.1f} {mem.phase(k) / got[k] - 1:>+7.1%}"
+                               for k in P.EVAL_PHASES)
+            rows.append(f"{name:<20} {rank:>4} {got['stage']:>5} | {got['resident'] / MiB:>6.1f} "
+                        f"{mem.phase('resident') / MiB:>7.1f} | {cells}")
+    rows.append("validation/sampling: the peak inside Trainer.validate / Trainer.samples after a training step; "
+                "planned = the states between steps + the gathered EMA + the weights' clone + the evaluation's "
+                "forward.")
     return rows
 
 
@@ -187,6 +280,8 @@ def recipes_table() -> list[str]:
               ["parallel.tp=4", "parallel.pp=4", "parallel.micro_batch=4", "model.activation_checkpointing=true"]),
              ("sedd-7b-pp8.yaml (old TP4 PP4 micro 4, recompute)", 1024,
               ["parallel.tp=4", "parallel.pp=4", "parallel.micro_batch=4", "model.activation_checkpointing=true"]),
+             ("sedd-7b-pp8.yaml", 1024, []),
+             ("sedd-7b-pp8.yaml (global batch 4096)", 1024, ["parallel.global_batch=4096"]),
              ("sedd-7b-pp8.yaml (TP1 PP1)", 64, ["parallel.pp=1"]),
              ("sedd-7b-pp8.yaml (TP1 PP1)", 8, ["parallel.pp=1"])]
     rows = [f"{'recipe':<52} {'GPUs':>5} {'layout':<52} {'GB/GPU':>7} {'bubble':>7} {'step s':>7} {'tokens/s':>10} "
@@ -198,6 +293,8 @@ def recipes_table() -> list[str]:
                            for w in p.warnings) or "-"
         rows.append(f"{name:<52} {world:>5} {p.candidate.describe():<52} {p.needed_bytes / 1e9:>7.1f} {p.bubble:>7.1%} "
                     f"{p.time.total:>7.3g} {p.tokens_per_s:>10,.0f} {p.mfu:>6.1%}  {warned}")
+    seven = load_recipe("recipes/sedd-7b-pp8.yaml")
+    rows += [P.format_batch_proposal(seven, w, P.propose_global_batch(seven, w)) for w in (64, 1024)]
     started = time.perf_counter()
     total = sum(len(P.candidates(load_recipe("recipes/sedd-7b-pp8.yaml"), w)) for w in (64, 1024))
     for w in (64, 1024):
@@ -214,6 +311,8 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for title, table in (("1. memory: measured (real CPU runs) vs planned", lambda: memory_table(args.quick)),
+                         ("1b. validation and sampling: measured (real CPU runs) vs planned",
+                          lambda: eval_table(args.quick)),
                          ("2. model states vs DeepSpeed's estimators", deepspeed_table),
                          ("3. FLOPs per token", flops_table),
                          ("4. plans (H100 80 GB, 989 TFLOP/s, matmuls at 50%)", recipes_table)):

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -276,13 +277,16 @@ def test_memory_warning_iff_the_gpu_is_too_small():
 
 
 @pytest.mark.parametrize("path, world", [(RECIPE_13B, 16), (RECIPE_7B, 64)])
-def test_shipped_recipes_are_the_planners_choice(path, world):
-    """The retuned recipes fit, warn about nothing, and are within 2% of the planner's fastest layout."""
+def test_shipped_recipes_fit_and_are_near_the_planners_choice(path, world):
+    """The recipes fit, warn about nothing but the compile time along a deep pipeline, and are within 15% of the
+    planner's fastest layout. (They were tuned when cross-node DP traffic was priced at 40 GB/s per GPU; with the
+    node's whole network behind a ring, pipelines of 1.3B and 7B lose to wider DP by ~10%: see the README.)"""
     shipped = _plan(path, world)
-    assert shipped.fits and shipped.warnings == ()
     r = load_recipe(path)
+    assert shipped.fits and all(w.startswith("compile:") for w in shipped.warnings)
+    assert any(w.startswith("compile:") for w in shipped.warnings) == (r.model.compile and r.parallel.pp >= 8)
     best = P.propose(r, world)[0]
-    assert shipped.tokens_per_s >= 0.98 * best.tokens_per_s, (shipped.candidate, best.candidate)
+    assert shipped.tokens_per_s >= 0.85 * best.tokens_per_s, (shipped.candidate, best.candidate)
 
 
 def test_proposals_fit_are_sorted_and_are_valid_recipes():
@@ -304,10 +308,236 @@ def test_proposals_fit_are_sorted_and_are_valid_recipes():
     assert (8, 1, 3) in every and (8, 2, 2) not in every and all(r.model.n_heads % tp == 0 for tp, _, _ in every)
 
 
+# --- validation and sampling ---------------------------------------------------------------------
+def test_validation_phase_is_states_plus_the_whole_ema_and_a_weight_clone():
+    """7B at TP1 PP1 ZeRO-1 DP64 (bf16 weights): between steps it holds 2 B (weights) + 4 B (fp32 accumulator)
+    per parameter and the /DP optimizer and EMA; validation adds the whole fp32 EMA (4 B, + the largest
+    tensor's reshaped copy) and a bf16 clone (2 B): the layout needs more than the 80 GB of an H100."""
+    r = load_recipe(RECIPE_7B, ["parallel.tp=1", "parallel.pp=1", "parallel.micro_batch=1"])
+    c = P.candidate_of(r, r.layout(64))
+    p, dp = r.model.num_params(1), 64
+    mem = P.stage_memory(r, c, 0)
+    resident = 2 * p + 4 * p + 12 * p / dp + 4 * p / dp  # BF16_Optimizer under ZeRO-1, EMA /DP
+    assert mem.phase("resident") == pytest.approx(resident, rel=1e-4)  # (EMA shards padded per tensor)
+    largest = r.model.padded_vocab(1) * r.model.hidden_size  # the embedding / head
+    gathered, clone = 4 * p, 2 * p
+    evaluation = mem.item("evaluation").validation
+    assert evaluation < 0.1 * p  # a no-grad forward of one sequence and a chunk of the loss
+    by_hand = resident + gathered + 4 * largest + clone + evaluation
+    assert mem.phase("validation") == pytest.approx(by_hand, rel=1e-4)
+    assert mem.phase("validation") - mem.phase("resident") >= 6 * p
+    plan = P.plan(r, c)
+    assert plan.worst.peak_phase in P.EVAL_PHASES and not plan.fits
+    assert P.device_bytes(plan.worst.training_peak, plan.assumptions) < 80e9  # training alone would fit
+    assert any("validation and sampling load the whole EMA" in w for w in plan.warnings)
+
+
+def _ema_applied_extra(cases: list[tuple[list[int], str]]) -> list[tuple[int, int]]:
+    """On each rank, per (numels, dtype): (the most `EMA.applied` allocates beyond the weights and the shadow,
+    the bytes it keeps alive inside the context)."""
+    import torch.distributed as dist
+
+    from sedd_scale.train.ema import EMA
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out = []
+    for numels, dtype in cases:
+        with LiveTensorMemory() as mem:  # built inside: the counter knows the storages that exist before
+            params = [torch.randn(n).to(getattr(torch, dtype)) for n in numels]
+            ema = EMA(params, 0.9, dp_rank=rank, dp_size=world)
+            before = mem.current
+            mem.reset_peak()
+            with ema.applied(params):
+                inside = mem.current - before
+            out.append((mem.peak - before, inside))
+    return out
+
+
+@pytest.mark.slow  # two forked gloo ranks
+def test_eval_lines_are_what_ema_applied_allocates():
+    """The real `EMA.applied` on tensors of the planner's shapes (one rank and two DP ranks; bf16 and fp32 weights),
+    every storage counted: the planner's "EMA gathered" + "weights saved" at validation is exactly its peak, and
+    without the largest tensor's transient copy what it holds while applied."""
+    from tests.dist import launch
+
+    recipes = [from_dict(Recipe, small({"precision": prec, "n_blocks": 4, "hidden_size": 128}, zero_stage=1,
+                                       global_batch=6)) for prec in ("bf16", "fp32")]
+    cases = [([n for n, _, _ in P._tensors(r.model, 1, 1, 0)], str(r.model.params_dtype).split(".")[1])
+             for r in recipes]
+    for world, ranks in ((1, [_ema_applied_extra(cases)]), (2, launch(_ema_applied_extra, 2, cases, timeout=300))):
+        for r, (numels, _), *results in zip(recipes, cases, *ranks):
+            mem = P.stage_memory(r, P.candidate_of(r, r.layout(world)), 0, CPU)
+            planned = mem.item("EMA gathered").validation + mem.item("weights saved").validation
+            largest = 4 * world * -(-max(numels) // world) if world > 1 else 0  # what `EMA.whole` copies at most
+            for peak, inside in results:
+                assert (peak, inside) == (planned, planned - largest), (r.model.precision, world)
+
+
+def test_sampling_phase_holds_the_full_vocabulary_log_scores():
+    """The last stage's sampling extra is at least the gathered fp32 log-scores of SAMPLE_BATCH x seq_len tokens,
+    and the sampler's float64 chunk is what the sampler bounds it to (512 MiB on CUDA, 32 MiB on CPU)."""
+    r = load_recipe(RECIPE_7B)
+    c = P.candidate_of(r, r.layout(64))
+    m, s = r.model, r.data.seq_len
+    tokens = P.SAMPLE_BATCH * s
+    full = tokens * m.padded_vocab(1) * 4
+    extra = {d: P.stage_memory(r, c, c.pp - 1, P.Assumptions(device=d)).item("evaluation").sampling
+             for d in ("cuda", "cpu")}
+    copy = tokens * m.vocab_size * 4 if m.padded_vocab(1) > m.vocab_size else 0
+    rows = {"cuda": (1 << 26) // m.vocab_size, "cpu": (1 << 22) // m.vocab_size}
+    head = tokens * m.padded_vocab(1) * (2 + 4 + 4)  # bf16 raw output, then two fp32 tensors in to_log_score
+    for d in ("cuda", "cpu"):
+        assert extra[d] == max(head, full + copy + rows[d] * m.vocab_size * 8)
+    assert extra["cuda"] > head == extra["cpu"]  # on CUDA the sampler's 512 MiB chunk makes the draw the peak
+
+
+# --- the network, pipeline sends, a larger batch, compile -------------------------------------------
+def _ring_seconds(world: int, size: int, stride: int, volume: float, a: P.Assumptions) -> float:
+    """An all-reduce of `volume` bytes in every group at once, by explicit rings: ranks fill nodes in order, every
+    group's ring visits its members in rank order, each ring edge carries 2 (n - 1) / n x volume; a node's edges
+    leaving it share its network bandwidth, each GPU's edge to a GPU of its own node runs on NVLink."""
+    g = a.gpus_per_node
+    per_edge = 2 * (size - 1) / size * volume
+    egress = [0.0] * (world // g)
+    nvlink = 0.0
+    span = size * stride
+    for base in range(world):
+        if base % span >= stride:  # not the first member of its group
+            continue
+        members = [base + j * stride for j in range(size)]
+        for a_, b_ in zip(members, members[1:] + members[:1]):
+            if a_ // g != b_ // g:
+                egress[a_ // g] += per_edge
+            else:
+                nvlink = per_edge
+    return max(max(egress) / (a.inter_node_gbps * 1e9), nvlink / (a.intra_node_gbps * 1e9))
+
+
+@pytest.mark.parametrize("size, stride", [(8, 1), (4, 2), (16, 1), (64, 1), (64, 2), (16, 4), (128, 8), (4, 16)])
+def test_group_bandwidth_is_the_explicit_rings_bottleneck(size, stride):
+    a = P.Assumptions()
+    world = max(size * stride, 16) * 2
+    volume = 1e9
+    model = 2 * (size - 1) / size * volume / P.group_bandwidth(size, stride, a)
+    assert model == pytest.approx(_ring_seconds(world, size, stride, volume, a), rel=1e-12)
+
+
+def test_dp_exchange_by_hand():
+    """7B PP8 DP128 at 1,024 GPUs (BF16_Optimizer, ZeRO-1): fp32 gradients all-reduced, bf16 weights all-gathered,
+    over a ring of whole nodes (8 members a node): the node's 400 GB/s behind it, capped by NVLink's 300."""
+    r = load_recipe(RECIPE_7B)
+    c = P.candidate_of(r, r.layout(1024))
+    p = max(P.stage_params(r.model, 1, 8, s).total for s in range(8))  # the last stage (embedding + head shard)
+    frac = 127 / 128
+    hand = (2 * frac * p * 4 + frac * p * 2) / 300e9
+    assert P.plan(r, c).time.dp_comm == pytest.approx(hand, rel=1e-12)
+    slow = P.Assumptions(inter_node_gbps=100.0)  # 100 GB/s a node: 100 x 8 / 8 = 100 GB/s a rank
+    assert P.plan(r, c, a=slow).time.dp_comm == pytest.approx(hand * 3, rel=1e-12)
+    tp2 = load_recipe(RECIPE_7B, ["parallel.tp=2"])  # 4 members a node: 400 x 4 / 8 = 200 GB/s
+    c2 = P.candidate_of(tp2, tp2.layout(1024))
+    p2 = max(P.stage_params(tp2.model, 2, 8, s).total for s in range(8))
+    assert P.plan(tp2, c2).time.dp_comm == pytest.approx((2 * 63 / 64 * p2 * 4 + 63 / 64 * p2 * 2) / 200e9,
+                                                         rel=1e-12)
+
+
+def test_pipeline_sends_scale_with_the_activations_and_the_link():
+    r = load_recipe(RECIPE_7B)
+    h, s = r.model.hidden_size, r.data.seq_len
+    c = P.candidate_of(r, r.layout(64))  # PP8 x DP8: a stage per node, 8 senders share the node's 400 GB/s
+    one = P.p2p_seconds_per_micro_batch(r, c, P.Assumptions())
+    assert one == pytest.approx(2 * 1 * s * h * 2 / (400e9 / 8), rel=1e-12)  # activations out, gradients back
+    two = dataclasses.replace(c, micro_batch=2, global_batch=1024)
+    assert P.p2p_seconds_per_micro_batch(r, two, P.Assumptions()) == pytest.approx(2 * one, rel=1e-12)
+    t = P.plan(r, c).time
+    assert t.p2p == pytest.approx(c.grad_accum * one, rel=1e-12)
+    assert t.total == pytest.approx(t.compute + t.tp_comm + t.p2p + t.bubble + t.dp_comm, rel=1e-12)
+    inside = P.Candidate.of(1, 8, 1, 1, 1, 64, False)  # the whole pipeline in one node: NVLink
+    assert P.p2p_seconds_per_micro_batch(r, inside, P.Assumptions()) == pytest.approx(2 * s * h * 2 / 300e9)
+    assert P.p2p_seconds_per_micro_batch(r, P.Candidate.of(1, 1, 8, 1, 1, 64, False), P.Assumptions()) == 0.0
+
+
+def test_global_batch_proposal_when_the_world_starves_the_pipeline():
+    """7B: 512 sequences keep 64 GPUs busy, not 1,024; the proposal is a power-of-two multiple whose fastest layout
+    runs within 10% of the best MFU and far above the recipe's batch, and it says that it changes the training."""
+    r = load_recipe(RECIPE_7B)
+    assert P.propose_global_batch(r, 64) is None
+    b = P.propose_global_batch(r, 1024)
+    assert b is not None and b.multiple in P.BATCH_MULTIPLES and b.multiple > 1
+    assert b.global_batch == 512 * b.multiple and b.tokens_per_step == b.global_batch * r.data.seq_len
+    assert b.plan.mfu >= P.NEAR_BEST * b.best_mfu and b.current.mfu < P.STARVED * b.best_mfu
+    assert b.plan.candidate.global_batch == b.global_batch and b.plan.fits
+    smaller = P.propose(P.with_global_batch(r, b.global_batch // 2), 1024)[0]
+    assert smaller.mfu < P.NEAR_BEST * b.best_mfu or smaller.bubble > P.BUBBLE_WARN  # the smallest such multiple
+    text = P.format_batch_proposal(r, 1024, b)
+    assert "CHANGES THE TRAINING HYPERPARAMETERS" in text and f"parallel.global_batch: {b.global_batch}" in text
+    assert f"{b.tokens_per_step:,} tokens per step" in text
+    assert r.parallel.global_batch == 512  # the recipe itself is left alone
+
+
+@pytest.mark.parametrize("pp, compile_, warned", [(4, True, False), (8, True, True), (16, True, True),
+                                                  (16, False, False)])
+def test_compile_warning_follows_the_pipeline_depth(pp, compile_, warned):
+    """Compile time adds up along the stages (COMPILE_MINUTES_PER_STAGE, high estimate x pp) against the 10 min
+    process-group timeout: warned from half of it."""
+    r = load_recipe(RECIPE_7B, [f"parallel.pp={pp}", f"model.compile={str(compile_).lower()}"])
+    p = P.plan(r, P.candidate_of(r, r.layout(64)))
+    assert any(w.startswith("compile:") for w in p.warnings) == warned
+    assert (pp * P.COMPILE_MINUTES_PER_STAGE[1] >= P.COMPILE_WARN * P.PROCESS_GROUP_TIMEOUT_S / 60) == (
+        warned or not compile_)
+
+
+def test_cli_network_flags(capsys):
+    """--gpus-per-node / --intra-node-gbps / --inter-node-gbps reach the plan; a bandwidth of 0 is refused."""
+    from sedd_scale.config import cli
+
+    args = [str(RECIPE_7B), "--world-size", "1024"]
+    assert cli.main(args + ["--inter-node-gbps", "100", "--intra-node-gbps", "450", "--gpus-per-node", "4"]) == 0
+    out = capsys.readouterr().out
+    # DP 128 over nodes of 4 GPUs, 4 members a node: min(450, 100 x 4 / 4) = 100 GB/s; sends: 100 / 4 = 25 GB/s
+    assert "450 GB/s per GPU, 100 GB/s of network per node of 4 GPUs" in out
+    assert "DP group of 128 ranks 1 apart at 100 GB/s per rank, pipeline sends at 25 GB/s" in out
+    assert cli.main(args + ["--inter-node-gbps", "0"]) == 2
+    assert "bandwidths must be > 0" in capsys.readouterr().err
+
+
+README_COLUMNS = [(64, []), (1024, []), (1024, ["parallel.global_batch=4096"])]  # the worked example's columns
+
+
+def test_readme_worked_example_is_the_planners_output():
+    """README's "7B by hand at 64 and 1,024 GPUs" table: every figure is the planner's, formatted as printed."""
+    text = (REPO / "README.md").read_text()
+    lines = text[text.index("| 7B, `recipes/sedd-7b-pp8.yaml`"):].splitlines()
+    table = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table[cells[0]] = cells[1:]
+    assert "--set parallel.global_batch=4096" in lines[0]
+    for col, (world, overrides) in enumerate(README_COLUMNS):
+        r = load_recipe(RECIPE_7B, overrides)
+        p = P.plan(r, P.candidate_of(r, r.layout(world)))
+        first, last = p.memory[0], p.memory[-1]
+        want = {"layout": p.candidate.describe().replace(" recompute off", ""),
+                **{f"{ph} GB": f"{first.phase(ph) / 1e9:.1f} / {last.phase(ph) / 1e9:.1f}" for ph in P.PHASES},
+                "needed GB": f"{P.device_bytes(first.peak, p.assumptions) / 1e9:.1f} / "
+                             f"{P.device_bytes(last.peak, p.assumptions) / 1e9:.1f}",
+                **{f"{label} ms": f"{getattr(p.time, key) * 1e3:.1f}" for label, key in (
+                    ("compute", "compute"), ("bubble", "bubble"), ("TP", "tp_comm"), ("DP", "dp_comm"),
+                    ("p2p", "p2p"), ("step", "total"))},
+                "bubble": f"{p.bubble:.1%}", "MFU": f"{p.mfu:.1%}"}
+        assert {k: table[k][col] for k in want} == want, (world, overrides)
+    b = P.propose_global_batch(load_recipe(RECIPE_7B), 1024)
+    assert f"suggests {b.global_batch:,} ({b.tokens_per_step / 1e6:.1f}M tokens per step, " \
+           f"{b.plan.candidate.describe().split(' accum')[0]}, {b.plan.mfu:.0%})" in " ".join(text.split())
+
+
 def test_format_plan_names_every_item():
     text = P.format_plan(load_recipe(RECIPE_7B), _plan(RECIPE_7B, 64))
     for item in ("parameters held", "weights", "gradients", "optimizer", "EMA", "activations, recompute on/off",
-                 "fused loss", "total at backward", "needed per GPU", "pipeline bubble", "tokens/s", "MFU"):
+                 "fused loss", "total at backward", "EMA gathered", "weights saved", "total at validation",
+                 "total at sampling", "needed per GPU", "pipeline bubble", "pipeline p2p", "tokens/s", "MFU",
+                 "network:"):
         assert item in text, item
 
 
@@ -333,7 +563,7 @@ def _check(name: str, raw: dict, world: int, measured: list[dict], bucket: int) 
     problems = []
     for rank, got in enumerate(measured):
         mem = P.stage_memory(r, c, got["stage"], a)
-        for key, planned in (("peak", mem.peak), ("resident", mem.phase("resident"))):
+        for key, planned in (("peak", mem.training_peak), ("resident", mem.phase("resident"))):
             if abs(planned / got[key] - 1) > 0.15:
                 problems.append(f"{name} rank {rank}: {key} planned {planned / 2**20:.1f} MiB, "
                                 f"measured {got[key] / 2**20:.1f} MiB")

@@ -1,4 +1,7 @@
-"""The pre-flight check: `python -m sedd_scale.config RECIPE --world-size N [--gpu G] [--propose]`."""
+"""The pre-flight check: `python -m sedd_scale.config RECIPE --world-size N [--gpu G] [--propose]`.
+
+The network the planner assumes: `--gpus-per-node`, `--intra-node-gbps`, `--inter-node-gbps`.
+"""
 from __future__ import annotations
 
 import argparse
@@ -23,11 +26,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="also list the layouts that fit this world size, fastest first")
     parser.add_argument("--efficiency", type=float, default=planner.Assumptions.efficiency,
                         help="fraction of the peak FLOP rate the matmuls sustain (default %(default)s)")
+    parser.add_argument("--gpus-per-node", type=int, default=planner.Assumptions.gpus_per_node,
+                        help="GPUs per node (default %(default)s)")
+    parser.add_argument("--intra-node-gbps", type=float, default=planner.Assumptions.intra_node_gbps,
+                        help="NVLink bus bandwidth per GPU inside a node, GB/s (default %(default)s)")
+    parser.add_argument("--inter-node-gbps", type=float, default=planner.Assumptions.inter_node_gbps,
+                        help="network bandwidth per node and direction, GB/s (default %(default)s: 8 x 400 Gb/s)")
     parser.add_argument("--print-recipe", action="store_true", help="also print the resolved recipe as YAML")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, overrides_from_args(args))
-        assumptions = planner.Assumptions(efficiency=args.efficiency)
+        assumptions = planner.Assumptions(efficiency=args.efficiency, gpus_per_node=args.gpus_per_node,
+                                          intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
     except (RecipeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -46,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = planner.plan(recipe, planner.candidate_of(recipe, layout), gpu, assumptions, peak)
         print(planner.format_plan(recipe, plan))
     if args.propose:
+        print(planner.format_batch_proposal(recipe, args.world_size, planner.propose_global_batch(
+            recipe, args.world_size, gpu, assumptions, peak)))
         print(planner.format_proposals(recipe, args.world_size,
                                        planner.propose(recipe, args.world_size, gpu, assumptions, peak)))
     if args.print_recipe:

@@ -27,31 +27,44 @@ measured tensor peaks of real small runs (tests/test_planner.py, benchmarks/benc
   temporaries count projected tokens only (masked ones for absorb; the worst case, all masked, is
   used since every step draws new t).
 
-Each item is given at four moments (`Line`): between steps, at the end of a forward pass, at the
-backward peak and after the last backward (the DP gradient reduction and the optimizer step); the
-peak is the largest of the last three sums. Not counted in the tensor peak: the CUDA context,
-NCCL's buffers and allocator fragmentation, which `Assumptions` adds as a reserve, and small
-per-sequence tensors (adaLN outputs, batch x 6H per block; rotary tables, L x head dim).
+Each item is given at six moments (`Line`): between steps, at the end of a forward pass, at the
+backward peak, after the last backward (the DP gradient reduction and the optimizer step), and during
+validation and sampling, which run between steps with the EMA weights loaded (`EMA.applied` gathers
+the whole fp32 average and clones the training weights: 6 B per parameter for bf16 weights under DP,
+on top of the training states; `memory._eval_lines`); the peak is the largest of the last five sums.
+Not counted in the tensor peak: the CUDA context, NCCL's buffers and allocator fragmentation, which
+`Assumptions` adds as a reserve, and small per-sequence tensors (adaLN outputs, batch x 6H per block;
+rotary tables, L x head dim).
 
 FLOPs are the matmuls actually done (`flops_per_token`): the input embedding is a lookup (none);
 the head projects only the tokens the loss needs (the expected masked fraction for absorb) and only
 the real vocabulary (the fused loss skips MASK and padding); attention is bidirectional over the
 whole sequence; flash attention's backward recomputes the scores; activation checkpointing runs
 each block's forward twice. Model FLOPs (for MFU) leave out both recomputations.
+
+Time (`speed.step_time`): per micro-batch the slowest stage's matmuls, its TP all-reduces and its
+pipeline sends (activations forward, their gradients back), times grad_accum + pp - 1 slots, plus the
+DP exchange. Collectives follow the nodes (`speed.group_bandwidth`): NVLink inside a node; across nodes
+a ring is limited by the node's network bandwidth shared by the groups with members on the node.
 """
 from sedd_scale.plan.hardware import (
+                                      COMPILE_MINUTES_PER_STAGE,
                                       DEFAULT_GPU,
                                       GB,
                                       GPUS,
                                       LOSS_CHUNK,
                                       MAX_LIVE_PARAMETERS,
                                       PARAM_PERSISTENCE_THRESHOLD,
+                                      PROCESS_GROUP_TIMEOUT_S,
                                       REDUCE_BUCKET_SIZE,
                                       Assumptions,
                                       Gpu,
 )
 from sedd_scale.plan.memory import (
+                                      EVAL_PHASES,
                                       PHASES,
+                                      SAMPLE_BATCH,
+                                      TRAINING_PHASES,
                                       Candidate,
                                       Line,
                                       StageMemory,
@@ -65,9 +78,14 @@ from sedd_scale.plan.memory import (
                                       stage_params,
                                       stages,
 )
-from sedd_scale.plan.report import format_plan, format_proposals
+from sedd_scale.plan.report import format_batch_proposal, format_plan, format_proposals
 from sedd_scale.plan.search import (
+                                      BATCH_MULTIPLES,
                                       BUBBLE_WARN,
+                                      COMPILE_WARN,
+                                      NEAR_BEST,
+                                      STARVED,
+                                      BatchProposal,
                                       Plan,
                                       _accum_for,
                                       accumulates_in_bf16,
@@ -75,14 +93,28 @@ from sedd_scale.plan.search import (
                                       plan,
                                       plan_without_recompute,
                                       propose,
+                                      propose_global_batch,
+                                      with_global_batch,
 )
-from sedd_scale.plan.speed import Flops, StepTime, bubble_fraction, flops_per_token, step_time
+from sedd_scale.plan.speed import (
+                                      Flops,
+                                      StepTime,
+                                      bubble_fraction,
+                                      flops_per_token,
+                                      group_bandwidth,
+                                      p2p_bandwidth,
+                                      p2p_seconds_per_micro_batch,
+                                      step_time,
+)
 
 __all__ = [
-    "BUBBLE_WARN", "DEFAULT_GPU", "GB", "GPUS", "LOSS_CHUNK", "MAX_LIVE_PARAMETERS", "PARAM_PERSISTENCE_THRESHOLD",
-    "PHASES", "REDUCE_BUCKET_SIZE", "Assumptions", "Candidate", "Flops", "Gpu", "Line", "Plan", "StageMemory",
-    "StageParams", "StepTime", "_accum_for", "_tensors", "accumulates_in_bf16", "block_saved_bytes_per_token",
-    "bubble_fraction", "candidate_of", "candidates", "device_bytes", "flops_per_token", "format_plan",
-    "format_proposals", "plan", "plan_without_recompute", "precision_of", "propose", "stage_memory",
-    "stage_params", "stages", "step_time",
+    "BATCH_MULTIPLES", "BUBBLE_WARN", "COMPILE_MINUTES_PER_STAGE", "COMPILE_WARN", "DEFAULT_GPU", "EVAL_PHASES", "GB",
+    "GPUS", "LOSS_CHUNK", "MAX_LIVE_PARAMETERS", "NEAR_BEST", "PARAM_PERSISTENCE_THRESHOLD", "PHASES",
+    "PROCESS_GROUP_TIMEOUT_S", "REDUCE_BUCKET_SIZE", "SAMPLE_BATCH", "STARVED", "TRAINING_PHASES", "Assumptions",
+    "BatchProposal", "Candidate", "Flops", "Gpu", "Line", "Plan", "StageMemory", "StageParams", "StepTime",
+    "_accum_for", "_tensors", "accumulates_in_bf16", "block_saved_bytes_per_token", "bubble_fraction",
+    "candidate_of", "candidates", "device_bytes", "flops_per_token", "format_batch_proposal", "format_plan",
+    "format_proposals", "group_bandwidth", "p2p_bandwidth", "p2p_seconds_per_micro_batch", "plan",
+    "plan_without_recompute", "precision_of", "propose", "propose_global_batch", "stage_memory", "stage_params",
+    "stages", "step_time", "with_global_batch",
 ]

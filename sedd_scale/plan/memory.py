@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,12 +52,23 @@ class StageParams:
 
 def _tensors(m: ModelConfig, tp: int, pp: int, stage: int) -> list[tuple[int, bool, int]]:
     """(numel, is a matmul weight, module id) of each parameter on one GPU of `stage`."""
-    h, c, r, v = m.hidden_size, m.cond_dim, m.mlp_ratio, m.padded_vocab(tp) // tp
+    return list(_tensors_of(m.hidden_size, m.cond_dim, m.mlp_ratio, m.padded_vocab(tp) // tp, m.n_blocks, tp, pp,
+                            stage))
+
+
+def _shape_key(m: ModelConfig, tp: int) -> tuple[int, int, int, int, int]:
+    """What the parameter shapes depend on (ModelConfig itself is unhashable): the search calls these often."""
+    return m.hidden_size, m.cond_dim, m.mlp_ratio, m.padded_vocab(tp) // tp, m.n_blocks
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensors_of(h: int, c: int, r: int, v: int, n_blocks: int, tp: int, pp: int,
+                stage: int) -> tuple[tuple[int, bool, int], ...]:
     out: list[tuple[int, bool, int]] = []
     if stage == 0:
         out += [(v * h, False, 0),  # vocab-parallel embedding: a lookup table
                 (SIGMA_FEATURES * c, True, 1), (c, False, 1), (c * c, True, 2), (c, False, 2)]
-    per = m.n_blocks // pp
+    per = n_blocks // pp
     for b in range(stage * per, (stage + 1) * per):
         mod = 10 * (b + 1)
         out += [(h, False, mod), (h, False, mod + 1),  # norm1, norm2 (replicated)
@@ -68,12 +80,17 @@ def _tensors(m: ModelConfig, tp: int, pp: int, stage: int) -> list[tuple[int, bo
     if stage == pp - 1:
         out += [(h, False, -1), (2 * h * c, True, -2), (2 * h, False, -2),  # final norm, adaLN
                 (v * h, True, -3), (v, False, -3)]  # the head shard and its bias
-    return out
+    return tuple(out)
 
 
 def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> StageParams:
     """Parameters on one GPU of pipeline stage `stage` (DeepSpeed splits the blocks evenly)."""
-    tensors = _tensors(m, tp, pp, stage)
+    return _stage_params(*_shape_key(m, tp), tp, pp, stage)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage_params(h: int, c: int, r: int, v: int, n_blocks: int, tp: int, pp: int, stage: int) -> StageParams:
+    tensors = _tensors_of(h, c, r, v, n_blocks, tp, pp, stage)
     modules: dict[int, int] = {}
     for n, _, mod in tensors:
         modules[mod] = modules.get(mod, 0) + n
@@ -99,8 +116,11 @@ class Precision:
 def precision_of(name: str) -> Precision:
     """fp32: all fp32. bf16: bf16 weights and tensors. bf16-mixed: fp32 weights, stream and biased outputs,
     bf16 products of the bias-free matmuls (autocast casts inside megatron's linears, which save their fp32 inputs)."""
-    return {"fp32": Precision(4, 4, 4, 4, 4, 4), "bf16": Precision(2, 2, 2, 2, 2, 2),
-            "bf16-mixed": Precision(4, 4, 4, 2, 4, 2)}[name]
+    return _PRECISIONS[name]
+
+
+_PRECISIONS = {"fp32": Precision(4, 4, 4, 4, 4, 4), "bf16": Precision(2, 2, 2, 2, 2, 2),
+               "bf16-mixed": Precision(4, 4, 4, 2, 4, 2)}
 
 
 def block_saved_bytes_per_token(m: ModelConfig, tp: int, device: str = "cuda") -> float:
@@ -147,14 +167,22 @@ class Line:
     backward: float  # the backward pass's peak
     step: float  # after the last backward: DP gradient reduction and the optimizer step (activations freed)
     note: str = ""
+    validation: float = 0.0  # the ELBO evaluation with the EMA weights (every train.eval_every steps)
+    sampling: float = 0.0  # the example samples after each evaluation (and at the end of training)
 
     @property
     def most(self) -> float:
         """The most this item holds in any phase."""
-        return max(self.forward, self.backward, self.step)
+        return max(getattr(self, name) for name in PHASES)
 
 
-PHASES = ("forward", "backward", "step")  # the phases a peak can fall in (resident <= each)
+TRAINING_PHASES = ("forward", "backward", "step")  # the phases of a training step
+EVAL_PHASES = ("validation", "sampling")  # between steps, with the EMA weights loaded (`train.ema.EMA.applied`)
+PHASES = TRAINING_PHASES + EVAL_PHASES  # the phases a peak can fall in (resident <= each)
+# Sequences the trainer samples: 2 after each evaluation (Trainer.fit), 3 at the end (train.main); the larger.
+SAMPLE_BATCH = 3
+# float64 elements of the sampler's draw buffer per chunk of positions (diffusion.sampling._CHUNK).
+SAMPLER_CHUNK = {"cuda": 1 << 26, "cpu": 1 << 22}
 
 
 @dataclass(frozen=True)
@@ -176,15 +204,27 @@ class StageMemory:
         """Tensor bytes at the peak of phase `name` (resident, forward, backward or step)."""
         return sum(getattr(line, name) for line in self.lines)
 
-    @property
+    @functools.cached_property
     def peak_phase(self) -> str:
         """The phase with the most memory."""
         return max(PHASES, key=self.phase)
 
-    @property
+    @functools.cached_property
     def peak(self) -> float:
-        """The tensor peak (what torch.cuda.max_memory_allocated would report)."""
+        """The tensor peak over training, validation and sampling (what torch.cuda.max_memory_allocated reports)."""
         return self.phase(self.peak_phase)
+
+    @property
+    def training_peak(self) -> float:
+        """The tensor peak of a training step alone (what a run without validation reaches)."""
+        return max(self.phase(name) for name in TRAINING_PHASES)
+
+
+@functools.lru_cache(maxsize=16384)
+def _dp_chunks(key: tuple[int, int, int, int, int], tp: int, pp: int, stage: int, dp: int) -> tuple[int, int]:
+    """(sum, max) over the stage's tensors of ceil(numel / dp): the padded length of a per-tensor DP shard."""
+    chunks = [math.ceil(n / dp) for n, _, _ in _tensors_of(*key, tp, pp, stage)]
+    return sum(chunks), max(chunks)
 
 
 def _states(m: ModelConfig, c: Candidate, stage: int, sp: StageParams, a: Assumptions) -> list[Line]:
@@ -255,7 +295,7 @@ def _states(m: ModelConfig, c: Candidate, stage: int, sp: StageParams, a: Assump
         lines = [Line("weights", 2 * p, 2 * p, 2 * p, 2 * p, "bf16"),
                  Line("gradients", *grads(2 * p, 4 * p), "bf16, whole (+ fp32 copies at the step)"),
                  Line("optimizer", 12 * p, 12 * p, 12 * p, 12 * p, "fp32 master + Adam m, v, whole")]
-    ema = 4 * sum(math.ceil(n / d) for n, _, _ in _tensors(m, c.tp, c.pp, stage))  # per tensor, padded
+    ema = 4 * _dp_chunks(_shape_key(m, c.tp), c.tp, c.pp, stage, d)[0]  # per tensor, padded
     lines.insert(3, Line("EMA", ema, ema, ema, ema, "fp32, /DP"))
     return lines
 
@@ -326,12 +366,81 @@ def _loss_bytes(recipe: "Recipe", c: Candidate, tokens: int) -> tuple[float, flo
     return norm, held, chunks
 
 
+def _eval_forward_per_token(m: ModelConfig, tp: int) -> float:
+    """Bytes per token alive inside a block's forward without autograd (evaluation, sampling): the stream in
+    and out, the LayerNorm's fp32 output and its modulated cast, and the MLP's hidden before and after GELU."""
+    p = precision_of(m.precision)
+    return m.hidden_size * (2 * p.residual + 4 + p.linear_in + 2 * m.mlp_ratio * p.mlp / tp)
+
+
+def _eval_lines(recipe: "Recipe", c: Candidate, stage: int, a: Assumptions) -> list[Line]:
+    """What validation and sampling add to the states between steps, for one GPU of `stage`.
+
+    Both run inside `EMA.applied` (sedd_scale/train/ema.py), which (1) all-gathers every DP rank's flat
+    fp32 shadow into one buffer, 4 B x dp x sum(ceil(n / dp)), alive until the weights are restored, and
+    forms each whole average as a copy (a reshape of a column slice of that buffer: the largest tensor's
+    4 B x dp x ceil(n / dp) at the worst moment); without DP the gather is a view and nothing is copied;
+    under ZeRO-3 every rank loads its own partition and nothing is gathered; (2) clones every parameter
+    (the ZeRO-3 partition) in its own dtype to restore it afterwards. The bf16 weights of a DP run thus
+    take 4 + 2 = 6 B per parameter of the stage on top of the training states.
+
+    Validation then runs forward passes of micro_batch x seq_len tokens without autograd, the fused loss
+    without its gradients on the last stage (final norm, the projected hidden rows, a chunk's logits).
+    Sampling (`Trainer.samples`, SAMPLE_BATCH x seq_len tokens) forms full-vocabulary log-scores: on the
+    last stage the head's raw output and two fp32 copies inside `to_log_score`, gathered over TP into
+    (SAMPLE_BATCH, seq_len, padded vocabulary) fp32, which a pipeline broadcasts to every stage; then the
+    sampler's step copies the unpadded columns (when the vocabulary is padded) and draws chunk by chunk
+    in float64 (`diffusion.sampling._CHUNK` elements at most).
+    """
+    m = recipe.model
+    w = precision_of(m.precision).weight
+    out_bytes = precision_of(m.precision).compute  # the head's raw output (autocast and bf16 heads give bf16)
+    padded, largest = _dp_chunks(_shape_key(m, c.tp), c.tp, c.pp, stage, c.dp)
+    zero3 = c.zero_stage == 3
+    gathered = 0.0 if zero3 or c.dp == 1 else 4 * c.dp * (padded + largest)
+    saved = w * (padded if zero3 else stage_params(m, c.tp, c.pp, stage).total)
+    last = stage == c.pp - 1
+    h, s = m.hidden_size, recipe.data.seq_len
+    v_pad, dim = m.padded_vocab(c.tp), m.vocab_size
+    v_local = v_pad // c.tp
+
+    valid_tokens = c.micro_batch * s
+    validation = valid_tokens * _eval_forward_per_token(m, c.tp)
+    if last:  # the fused loss without gradients: final norm, projected rows (all, at worst), chunk logits
+        n_local = min(v_local, m.num_tokens)
+        validation = max(validation, valid_tokens * h * (4 + w) + 2 * min(LOSS_CHUNK, valid_tokens) * n_local * 4)
+
+    sample_tokens = SAMPLE_BATCH * s
+    full = sample_tokens * v_pad * 4  # the gathered fp32 log-scores (every stage of a pipeline receives them)
+    sampling = sample_tokens * _eval_forward_per_token(m, c.tp)
+    if last:
+        sampling = max(sampling, sample_tokens * v_local * (out_bytes + 8))  # raw output + two fp32 copies
+        if c.tp > 1:  # gather_tp: this shard, the tp received shards and their concatenation
+            sampling = max(sampling, sample_tokens * v_local * 4 + 2 * full)
+    rows = min(max(1, SAMPLER_CHUNK[a.device] // dim), sample_tokens)
+    sampling = max(sampling, full + (sample_tokens * dim * 4 if v_pad > dim else 0) + rows * dim * 8)
+    return [Line("EMA gathered", 0.0, 0.0, 0.0, 0.0, "whole fp32 average (EMA.applied), + the largest tensor's copy",
+                 validation=gathered, sampling=gathered),
+            Line("weights saved", 0.0, 0.0, 0.0, 0.0, "a clone of the training weights (EMA.applied)",
+                 validation=saved, sampling=saved),
+            Line("evaluation", 0.0, 0.0, 0.0, 0.0, f"no-grad forward (micro {c.micro_batch}) / log-scores of "
+                 f"{SAMPLE_BATCH} samples", validation=validation, sampling=sampling)]
+
+
+def _between_steps(line: Line, c: Candidate) -> Line:
+    """A training line during validation and sampling: what it holds between steps (ZeRO-3 gathers the weights
+    for the evaluation's forward passes as for training's)."""
+    held = line.forward if (c.zero_stage == 3 and line.label == "weights") else line.resident
+    return Line(line.label, line.resident, line.forward, line.backward, line.step, line.note, held, held)
+
+
 def stage_memory(recipe: "Recipe", c: Candidate, stage: int, a: Assumptions = Assumptions()) -> StageMemory:
     """Memory of one GPU of pipeline stage `stage` for candidate `c`."""
     m = recipe.model
     sp = stage_params(m, c.tp, c.pp, stage)
     act, on, off, in_flight = _activation_lines(recipe, c, stage, a)
-    return StageMemory(stage, sp, tuple(_states(m, c, stage, sp, a) + act), on, off, in_flight)
+    lines = [_between_steps(line, c) for line in _states(m, c, stage, sp, a) + act] + _eval_lines(recipe, c, stage, a)
+    return StageMemory(stage, sp, tuple(lines), on, off, in_flight)
 
 
 def stages(pp: int) -> list[int]:

@@ -5,8 +5,9 @@ from typing import TYPE_CHECKING
 
 from sedd_scale.plan.flops import projected_fraction
 from sedd_scale.plan.hardware import GB
-from sedd_scale.plan.memory import PHASES, device_bytes
-from sedd_scale.plan.search import Plan, candidates
+from sedd_scale.plan.memory import PHASES, SAMPLE_BATCH, device_bytes
+from sedd_scale.plan.search import STARVED, BatchProposal, Plan, candidates
+from sedd_scale.plan.speed import group_bandwidth, p2p_bandwidth
 
 if TYPE_CHECKING:  # the planner reads recipes; the recipe CLI imports the planner
     from sedd_scale.config import Recipe
@@ -52,16 +53,21 @@ def format_plan(recipe: "Recipe", p: Plan) -> str:
     t, f = p.time, p.flops
     out.append(f"  pipeline bubble: {p.bubble:.1%} (1F1B: (pp - 1) / (grad_accum + pp - 1) = "
                f"{c.pp - 1}/{c.grad_accum + c.pp - 1})")
-    out.append(f"  step: ~{t.total:.3g} s = compute {t.compute:.3g} + TP all-reduce {t.tp_comm:.3g} + bubble "
-               f"{t.bubble:.3g} + DP exchange {t.dp_comm:.3g}; {p.tokens_per_s:,.0f} tokens/s; MFU {p.mfu:.1%} "
-               f"of {p.peak_tflops:g} TFLOP/s")
+    out.append(f"  step: ~{t.total:.3g} s = compute {t.compute:.3g} + TP all-reduce {t.tp_comm:.3g} + pipeline "
+               f"p2p {t.p2p:.3g} + bubble {t.bubble:.3g} + DP exchange {t.dp_comm:.3g}; {p.tokens_per_s:,.0f} "
+               f"tokens/s; MFU {p.mfu:.1%} of {p.peak_tflops:g} TFLOP/s")
+    out.append(f"  network: DP group of {c.dp} ranks {c.tp} apart at {group_bandwidth(c.dp, c.tp, a) / 1e9:.4g} GB/s "
+               f"per rank" + (f", TP at {group_bandwidth(c.tp, 1, a) / 1e9:.4g} GB/s" if c.tp > 1 else "")
+               + (f", pipeline sends at {p2p_bandwidth(c, a) / 1e9:.4g} GB/s" if c.pp > 1 else "")
+               + " (ring all-reduce 2 (n - 1) / n x bytes / B, B = min(NVLink, node network x members per node "
+               "/ GPUs per node))")
     out.append(f"  FLOPs per token: model {f.model / 1e9:.4g} G, executed {f.executed / 1e9:.4g} G (matmuls only; "
                f"the loss projects {projected_fraction(recipe):.3f} of the tokens)")
     out.append(f"  assumes: matmuls at {a.efficiency:.0%} of peak"
                + (f" ({p.gpu.tf32_tflops:g} TFLOP/s TF32 for fp32)" if recipe.model.precision == "fp32" else "")
-               + f" + {a.block_overhead_s * 1e3:g} ms per block per micro-batch; NCCL {a.intra_node_gbps:g} GB/s in a "
-               f"node, {a.inter_node_gbps:g} GB/s across nodes ({a.gpus_per_node} GPUs each); communication not "
-               "overlapped with compute")
+               + f" + {a.block_overhead_s * 1e3:g} ms per block per micro-batch; NVLink {a.intra_node_gbps:g} GB/s "
+               f"per GPU, {a.inter_node_gbps:g} GB/s of network per node of {a.gpus_per_node} GPUs; communication "
+               f"not overlapped with compute; validation and sampling peaks with {SAMPLE_BATCH} samples")
     out += [f"warning: {w}" for w in p.warnings]
     return "\n".join(out)
 
@@ -86,3 +92,20 @@ def format_proposals(recipe: "Recipe", world_size: int, plans: list[Plan], limit
                    f"{'on' if c.recompute else 'off':>6} {p.needed_bytes / GB:>7.1f} {p.bubble:>7.1%} "
                    f"{p.time.total:>7.3g} {p.tokens_per_s:>11,.0f} {p.mfu:>6.1%}")
     return "\n".join(out)
+
+
+def format_batch_proposal(recipe: "Recipe", world_size: int, b: BatchProposal | None) -> str:
+    """The larger-global-batch proposal (`propose_global_batch`), labelled as the hyperparameter change it is."""
+    g = recipe.parallel.global_batch
+    if b is None:
+        return (f"global batch: {g} sequences keep {world_size} GPUs busy (its fastest layout reaches at least "
+                f"{STARVED:.0%} of the MFU of any power-of-two multiple up to 64x)")
+    c, now = b.plan.candidate, b.current
+    was = (f"the fastest layout at {g} sequences reaches MFU {now.mfu:.1%} (bubble {now.bubble:.0%}, "
+           f"{now.tokens_per_s:,.0f} tokens/s)" if now else f"nothing fits at {g} sequences")
+    return (f"global batch (CHANGES THE TRAINING HYPERPARAMETERS): at {world_size} GPUs {was}; "
+            f"parallel.global_batch: {b.global_batch} ({b.multiple}x, {b.tokens_per_step:,} tokens per step) "
+            f"reaches MFU {b.plan.mfu:.1%} (best over multiples up to 64x: {b.best_mfu:.1%}) with {c.describe()}, "
+            f"bubble {b.plan.bubble:.1%}, {b.plan.time.total:.3g} s per step. The learning rate, warmup and step "
+            f"count were tuned for {g} sequences: re-tune them (train.steps x {g} / {b.global_batch} keeps the "
+            "tokens seen)")

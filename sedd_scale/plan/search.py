@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from sedd_scale.layout import divisors
 from sedd_scale.model.config import ModelConfig
-from sedd_scale.plan.hardware import DEFAULT_GPU, GB, GPUS, Assumptions, Gpu
-from sedd_scale.plan.memory import Candidate, StageMemory, device_bytes, stage_memory, stages
+from sedd_scale.plan.hardware import COMPILE_MINUTES_PER_STAGE, DEFAULT_GPU, GB, GPUS, Assumptions, Gpu
+from sedd_scale.plan.memory import EVAL_PHASES, Candidate, StageMemory, device_bytes, stage_memory, stages
 from sedd_scale.plan.speed import Flops, StepTime, bubble_fraction, flops_per_token, step_time
 
 if TYPE_CHECKING:  # the planner reads recipes; the recipe CLI imports the planner
@@ -51,6 +51,9 @@ class Plan:
 
 
 BUBBLE_WARN = 0.10
+# Warn when the estimated compile time along the pipeline (high estimate) reaches this share of the
+# process-group timeout: the estimate is uncertain by about 2x.
+COMPILE_WARN = 0.5
 
 
 def plan(recipe: "Recipe", c: Candidate, gpu: Gpu | None = None, a: Assumptions = Assumptions(),
@@ -76,8 +79,10 @@ def _warnings(recipe: "Recipe", p: Plan) -> list[str]:
                    f"{_accum_for(c.pp)} (a smaller parallel.micro_batch or a larger global_batch) or lower parallel.pp")
     worst = p.worst
     if not p.fits:
+        during = (" (validation and sampling load the whole EMA next to the training weights: a run without "
+                  f"them peaks at {worst.training_peak / GB:.1f} GB)" if worst.peak_phase in EVAL_PHASES else "")
         out.append(f"memory: stage {worst.stage} needs {p.needed_bytes / GB:.1f} GB per GPU (tensor peak "
-                   f"{worst.peak / GB:.1f} GB in the {worst.peak_phase} phase, plus reserve) > the "
+                   f"{worst.peak / GB:.1f} GB in the {worst.peak_phase} phase{during}, plus reserve) > the "
                    f"{p.gpu.memory_bytes / GB:.0f} GB of an {p.gpu.name}: --propose lists layouts that fit (more "
                    "TP/PP or ZeRO, activation checkpointing, a smaller micro batch)")
     elif c.recompute:
@@ -87,6 +92,15 @@ def _warnings(recipe: "Recipe", p: Plan) -> list[str]:
                        f"({off.needed_bytes / GB:.1f} of {p.gpu.memory_bytes / GB:.0f} GB): "
                        f"model.activation_checkpointing: false takes the step from {p.time.total:.3g} s to "
                        f"{off.time.total:.3g} s")
+    if recipe.model.compile and c.pp > 1:
+        low, high = (c.pp * m for m in COMPILE_MINUTES_PER_STAGE)
+        timeout = p.assumptions.process_group_timeout_s / 60
+        if high >= COMPILE_WARN * timeout:
+            out.append(f"compile: model.compile compiles each stage's regions at its first micro-batch, and under "
+                       f"1F1B stage k waits in a p2p receive for stage k - 1's compile: about {low:.3g}-{high:.3g} "
+                       f"min along PP {c.pp}, against the {timeout:g} min process-group timeout (torch's default, "
+                       "which distributed.parallel.join_process_group passes); raise the timeout, warm the compile "
+                       "cache, or set model.compile: false")
     bucket = worst.item("buffers")
     if c.zero_stage > 0 and "bucket" in bucket.note and bucket.backward > 0.05 * worst.peak:
         out.append(f"DeepSpeed's ZeRO reduce bucket takes {bucket.backward / GB:.2f} GB per GPU "
@@ -139,3 +153,50 @@ def propose(recipe: "Recipe", world_size: int, gpu: Gpu | None = None, a: Assump
              if not accumulates_in_bf16(recipe.model, c)]
     fitting = [p for p in plans if p.fits]
     return sorted(fitting, key=lambda p: (-p.tokens_per_s, p.needed_bytes))
+
+
+# ---------------------------------------------------------------------------------------------
+# A larger global batch.
+BATCH_MULTIPLES = (1, 2, 4, 8, 16, 32, 64)  # of the recipe's global batch, tried by `propose_global_batch`
+NEAR_BEST = 0.9  # "near the best": within 10% of the highest MFU any tried global batch reaches
+STARVED = 0.8  # propose a larger batch only when the recipe's reaches less than this share of that MFU
+
+
+@dataclass(frozen=True)
+class BatchProposal:
+    """A larger global batch for a world size that starves the pipeline. It changes the training
+    hyperparameters (tokens per step; the learning rate, warmup and step count were tuned for the recipe's)."""
+
+    multiple: int  # of the recipe's parallel.global_batch
+    global_batch: int  # sequences per step
+    tokens_per_step: int
+    plan: Plan  # the fastest layout that fits at that batch
+    current: Plan | None  # the fastest at the recipe's batch (None: nothing fits)
+    best_mfu: float  # the highest MFU over BATCH_MULTIPLES
+
+
+def with_global_batch(recipe: "Recipe", global_batch: int) -> "Recipe":
+    """The recipe with parallel.global_batch replaced (the planner's copy; the recipe itself is left alone)."""
+    return dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, global_batch=global_batch))
+
+
+def propose_global_batch(recipe: "Recipe", world_size: int, gpu: Gpu | None = None, a: Assumptions = Assumptions(),
+                         peak_tflops: float | None = None) -> BatchProposal | None:
+    """When the recipe's global batch starves the world size (its fastest fitting layout reaches less than
+    STARVED of the highest MFU any power-of-two multiple up to 64x reaches): the smallest multiple whose
+    fastest layout comes within NEAR_BEST of that MFU, preferring one whose bubble is at most BUBBLE_WARN.
+    None when the recipe's batch is not starved (or nothing fits at any batch)."""
+    fastest: dict[int, Plan] = {}
+    for m in BATCH_MULTIPLES:
+        plans = propose(with_global_batch(recipe, recipe.parallel.global_batch * m), world_size, gpu, a, peak_tflops)
+        if plans:
+            fastest[m] = plans[0]
+    if not fastest:
+        return None
+    best = max(p.mfu for p in fastest.values())
+    if 1 in fastest and fastest[1].mfu >= STARVED * best:
+        return None
+    near = [m for m, p in fastest.items() if p.mfu >= NEAR_BEST * best]
+    chosen = min([m for m in near if fastest[m].bubble <= BUBBLE_WARN] or near)
+    g = recipe.parallel.global_batch * chosen
+    return BatchProposal(chosen, g, g * recipe.data.seq_len, fastest[chosen], fastest.get(1), best)

@@ -1,4 +1,4 @@
-"""FLOPs per token, step time (compute, pipeline bubble, TP and DP communication), tokens/s and MFU."""
+"""FLOPs per token, step time (compute, pipeline bubble, TP, DP and pipeline communication), tokens/s and MFU."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from sedd_scale.plan.flops import projected_fraction, training_flops_per_token
 from sedd_scale.plan.hardware import Assumptions, Gpu
-from sedd_scale.plan.memory import Candidate, precision_of, stage_params
+from sedd_scale.plan.memory import Candidate, precision_of, stage_params, stages
 
 if TYPE_CHECKING:  # the planner reads recipes; the recipe CLI imports the planner
     from sedd_scale.config import Recipe
@@ -49,6 +49,57 @@ class StepTime:
     dp_comm: float
     bubble: float  # idle time of the pipeline schedule
     total: float
+    p2p: float = 0.0  # pipeline sends and receives of activations and their gradients
+
+
+# ---------------------------------------------------------------------------------------------
+# The network.
+def group_bandwidth(size: int, stride: int, a: Assumptions) -> float:
+    """Bus bandwidth (bytes/s per rank) of a collective over `size` ranks `stride` apart while every GPU runs the
+    same collective in its own group (all DP groups reduce at once; likewise TP groups).
+
+    Ranks fill nodes of g = gpus_per_node in order. A group inside a node (size x stride <= g) runs on NVLink:
+    B = intra_node_gbps. A group spanning nodes has k = max(1, g // stride) members in each node it touches
+    (capped at `size`), so a node carries g / k groups at once. A ring over such a group crosses the network
+    once per node, and each crossing carries the whole ring's traffic, 2 (n - 1) / n x V for an all-reduce
+    of V bytes; so the node sends (g / k) x 2 (n - 1) / n x V over its inter_node_gbps (B_node, per
+    direction), while each GPU moves 2 (n - 1) / n x V over NVLink. NCCL's hierarchical form (reduce-scatter
+    in the node, all-reduce of V / k between nodes on k rails of B_node / g each, all-gather in the node) has
+    the same network term, 2 (m - 1) / m x (V / k) / (B_node / g) with m = n / k nodes, to a factor
+    (m - 1) / m vs (n - 1) / n. Hence
+
+        t = 2 (n - 1) / n x V / B,   B = min(intra_node_gbps, inter_node_gbps x k / g)
+
+    for an all-reduce (reduce-scatter and all-gather: (n - 1) / n x V / B each). For one DP group per node
+    (TP 1, k = g) B is the node's whole network bandwidth (400 GB/s for 8 x 400 Gb/s InfiniBand), not one NIC's.
+    """
+    g = a.gpus_per_node
+    if size * stride <= g:
+        return a.intra_node_gbps * 1e9
+    k = min(size, max(1, g // stride))
+    return min(a.intra_node_gbps, a.inter_node_gbps * k / g) * 1e9
+
+
+def p2p_bandwidth(c: Candidate, a: Assumptions) -> float:
+    """Bytes/s of one pipeline send between neighbouring stages: NVLink when the whole pipeline of a model
+    replica sits in one node (tp x dp x pp <= g), else the network, whose per-direction bandwidth per node is
+    shared by the ranks of a stage that send across at once: min(g, tp x dp) of them (every DP replica and TP
+    rank sends its own copy of the activations at the same moment of the 1F1B schedule)."""
+    g = a.gpus_per_node
+    if c.tp * c.dp * c.pp <= g:
+        return a.intra_node_gbps * 1e9
+    return min(a.intra_node_gbps, a.inter_node_gbps / min(g, c.tp * c.dp)) * 1e9
+
+
+def p2p_seconds_per_micro_batch(recipe: "Recipe", c: Candidate, a: Assumptions) -> float:
+    """A stage's pipeline traffic per micro-batch: the activations (micro_batch x seq_len x hidden in the
+    residual stream's dtype) sent forward and their gradient sent back, at `p2p_bandwidth`. DeepSpeed's
+    pipeline engine sends and receives blocking, so this is not overlapped with compute."""
+    if c.pp == 1:
+        return 0.0
+    m = recipe.model
+    activation = c.micro_batch * recipe.data.seq_len * m.hidden_size * precision_of(m.precision).residual
+    return 2 * activation / p2p_bandwidth(c, a)
 
 
 def _peak_rate(recipe: "Recipe", gpu: Gpu, peak_tflops: float | None) -> float:
@@ -59,8 +110,8 @@ def _peak_rate(recipe: "Recipe", gpu: Gpu, peak_tflops: float | None) -> float:
 
 
 def step_time(recipe: "Recipe", c: Candidate, gpu: Gpu, a: Assumptions, peak_tflops: float | None = None) -> StepTime:
-    """Estimated seconds per optimizer step: the slowest stage's compute and TP all-reduces per micro-batch,
-    times (grad_accum + pp - 1) micro-batch slots (1F1B), plus the data-parallel gradient exchange."""
+    """Estimated seconds per optimizer step: the slowest stage's compute, TP all-reduces and pipeline sends per
+    micro-batch, times (grad_accum + pp - 1) micro-batch slots (1F1B), plus the data-parallel gradient exchange."""
     m = recipe.model
     prec = precision_of(m.precision)
     f = flops_per_token(recipe, c.recompute)
@@ -74,16 +125,16 @@ def step_time(recipe: "Recipe", c: Candidate, gpu: Gpu, a: Assumptions, peak_tfl
     # Small micro-batches pay a fixed launch/framework cost per block that large ones amortise.
     micro_compute = max(stage_flops) / rate + blocks * a.block_overhead_s
     # TP: two all-reduces of the (tokens, H) activations per block forward, two in backward, two more
-    # when the forward is recomputed; ring all-reduce moves 2 (t - 1) / t of the bytes.
-    tp_bw = (a.intra_node_gbps if c.tp <= a.gpus_per_node else a.inter_node_gbps) * 1e9
+    # when the forward is recomputed (TP ranks are adjacent: stride 1).
     reduces = blocks * (6 if c.recompute else 4)
-    micro_tp = 0.0 if c.tp == 1 else reduces * 2 * (c.tp - 1) / c.tp * tokens * m.hidden_size * prec.compute / tp_bw
-    slots = c.grad_accum + c.pp - 1
-    compute = c.grad_accum * micro_compute
-    tp_comm = c.grad_accum * micro_tp
-    bubble = (c.pp - 1) * (micro_compute + micro_tp)
+    micro_tp = 0.0 if c.tp == 1 else (reduces * 2 * (c.tp - 1) / c.tp * tokens * m.hidden_size * prec.compute
+                                      / group_bandwidth(c.tp, 1, a))
+    micro_p2p = p2p_seconds_per_micro_batch(recipe, c, a)
+    slot = micro_compute + micro_tp + micro_p2p
     dp_comm = _dp_comm_seconds(recipe, c, a)
-    return StepTime(compute, tp_comm, dp_comm, bubble, slots * (micro_compute + micro_tp) + dp_comm)
+    return StepTime(compute=c.grad_accum * micro_compute, tp_comm=c.grad_accum * micro_tp, dp_comm=dp_comm,
+                    bubble=(c.pp - 1) * slot, total=(c.grad_accum + c.pp - 1) * slot + dp_comm,
+                    p2p=c.grad_accum * micro_p2p)
 
 
 def _dp_comm_seconds(recipe: "Recipe", c: Candidate, a: Assumptions) -> float:
@@ -92,9 +143,9 @@ def _dp_comm_seconds(recipe: "Recipe", c: Candidate, a: Assumptions) -> float:
         return 0.0
     m = recipe.model
     w = precision_of(m.precision).weight
-    p = max(stage_params(m, c.tp, c.pp, s).total for s in range(c.pp))
-    # A DP group holds ranks tp apart (rank = tp_rank + TP (dp_rank + DP pp_rank)): inside a node iff tp * dp fits.
-    bw = (a.intra_node_gbps if c.tp * c.dp <= a.gpus_per_node else a.inter_node_gbps) * 1e9
+    p = max(stage_params(m, c.tp, c.pp, s).total for s in stages(c.pp))  # middle stages are alike
+    # A DP group holds ranks tp apart (rank = tp_rank + TP (dp_rank + DP pp_rank)).
+    bw = group_bandwidth(c.dp, c.tp, a)
     frac = (c.dp - 1) / c.dp
     if c.zero_stage == 0 or (w == 2 and c.zero_stage == 1):
         grad_bytes = 4 if (w == 4 or c.zero_stage == 1) else 2
