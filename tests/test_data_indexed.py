@@ -103,6 +103,18 @@ def test_rows_are_the_documents_concatenated_and_cut(mega, kind):
     assert np.array_equal(tokens, rows)
 
 
+def test_a_vocabulary_over_65500_is_read_from_megatrons_int32(tmp_path):
+    vocab = TokenizerInfo("big.json", 70_000, 69_999, "0" * 64)
+    rng = np.random.default_rng(5)
+    docs = [np.append(rng.integers(60_000, 69_999, size=int(rng.integers(1, 20))), 69_999) for _ in range(25)]
+    prefix = write_megatron(tmp_path / "big_text_document", docs, vocab_size=vocab.vocab_size)
+    manifest = prepare_megatron(prefix, tmp_path / "m", vocab, SEQ_LEN, valid_fraction=0)
+    assert (manifest.split("train").indexed.dtype, manifest.dtype) == ("int32", "uint32")
+    stream = np.concatenate(docs)
+    n = len(stream) // SEQ_LEN
+    assert np.array_equal(all_rows(manifest.location, "train"), stream[:n * SEQ_LEN].reshape(n, SEQ_LEN))
+
+
 def test_dp2_reads_the_dp1_stream_which_covers_every_row_once_per_epoch(mega):
     manifests = [mega["plain"]]
     total = Manifest.load(mega["plain"]).split("train").num_sequences
@@ -117,8 +129,8 @@ def test_dp2_reads_the_dp1_stream_which_covers_every_row_once_per_epoch(mega):
 
 def test_resume_mid_epoch_and_mid_step_is_exact(mega):
     config = LoaderConfig([mega["eod"]], seq_len=SEQ_LEN, micro_batch=4, seed=2, global_batch=8)
-    reference = take(TokenLoader(config), 90)  # ~2.4 epochs of 152 rows
-    got = resumed_stream(config, [3, 17, 31, 39])  # odd cuts: mid-step states; mid-epoch and across epoch ends
+    reference = take(TokenLoader(config), 90)  # 360 rows: ~1.5 epochs of 243
+    got = resumed_stream(config, [3, 17, 31, 39])  # odd cuts: mid-step states, mid-epoch; the last spans its end
     assert same(got, reference)
     state = TokenLoader(config).state_dict()
     assert state["sources"][0]["manifest"] == mega["eod"] and len(state["sources"][0]["fingerprint"]) == 64
@@ -214,6 +226,13 @@ def test_tool_prepares_and_verifies_and_bad_files_are_named(tmp_path, capsys):
                                          rf"{len(saved)}.*restore"):
         TokenLoader(LoaderConfig([manifest], 16, 2))
     bin_path.write_bytes(saved)
+    index = idx_path.read_bytes()
+    idx_path.write_bytes(b"X" + index[1:])  # same size, a header megatron-core refuses
+    with pytest.raises(ShardError, match=rf"{idx_path} / {bin_path} cannot be read.*bad header.*restore"):
+        IndexedRows(check_split(manifest, "train").indexed).read(np.arange(3))
+    assert _prepare_tool("--verify", manifest) == 1
+    assert f"sha256 mismatch for Megatron indexed dataset file {idx_path}" in capsys.readouterr().out
+    idx_path.write_bytes(index)
     shutil.move(idx_path, tmp_path / "away.idx")  # missing
     with pytest.raises(ShardError, match=rf"missing Megatron indexed dataset file {idx_path}: restore"):
         EvalLoader(manifest, "valid", 2)

@@ -86,7 +86,7 @@ def from_megatron(args: argparse.Namespace) -> int:
     for name, split in manifest.splits.items():
         print(f"{name}: {split.num_documents:,} documents of {manifest.indexed_prefix(name)} -> "
               f"{split.num_sequences:,} sequences of {args.seq_len}, {split.dropped_tokens} remainder tokens dropped")
-    print(f"wrote {args.out / 'manifest.json'} ({tokenizer.describe()}; EOS {manifest.source['eos']})")
+    print(f"wrote {args.out / 'manifest.json'} ({tokenizer.describe()}; its EOS: {manifest.source['eos']})")
     return 0
 
 

@@ -36,6 +36,9 @@ Design (every choice serves exact resume and one data stream whatever the parall
   on every rank and under every layout, and a loader with any dp_size / micro_batch / worker count
   and the same global batch continues from it. A mid-step state resumes only under the same dp_size
   and micro_batch, since the rest of that step's rows are split by that layout.
+* A source may instead be a split of a Megatron indexed dataset (`indexed.py`): its N sequences are
+  the rows of its documents' concatenated stream, read in place through megatron-core's reader;
+  everything above (blocks, shuffle, blending, rows per rank, state) is the same.
 * Startup: the per-shard metadata work (loading manifests, one stat per shard and sidecar) is
   `check_sources`, which rank 0 runs and the trainer broadcasts (`TokenLoader(..., checked=...)`);
   without it each loader checks for itself (one process, tests, tools).
