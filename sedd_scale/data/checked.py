@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
+from sedd_scale.data.indexed import IndexedRef, indexed_problem
 from sedd_scale.data.manifest import Manifest, ShardRef
 from sedd_scale.data.shards import ShardError
 from sedd_scale.data.urlcache import is_url
@@ -47,10 +48,13 @@ class CheckedSplit:
     shards: tuple[ShardRef, ...]  # the usable shards, in manifest order
     skipped: tuple[tuple[str, str], ...]  # (location, reason) of each shard left out (skip_corrupt)
     fingerprint: str  # the manifest's, computed once here (it hashes every shard entry)
+    indexed: IndexedRef | None = None  # set: the split is a Megatron indexed dataset (no shards)
 
     @property
     def num_sequences(self) -> int:
-        """Sequences in the usable shards."""
+        """Sequences in the usable shards (or the indexed dataset's split)."""
+        if self.indexed is not None:
+            return self.indexed.num_sequences
         return sum(r.info.num_sequences for r in self.shards)
 
 
@@ -83,6 +87,12 @@ def check_split(manifest: Manifest | str, split: str, skip_corrupt: bool = False
     """
     if not isinstance(manifest, Manifest):
         manifest = Manifest.load(manifest)
+    if manifest.split(split).indexed is not None:  # two files, read whole or not at all: skip_corrupt cannot apply
+        ref = IndexedRef.of(manifest, split)
+        problem = indexed_problem(ref)
+        if problem:
+            raise ShardError(problem)
+        return CheckedSplit(manifest, split, (), (), manifest.fingerprint(), ref)
     refs = manifest.shard_refs(split)
     with ThreadPoolExecutor(max(1, min(threads, len(refs)))) as pool:
         problems = list(pool.map(partial(shard_problem, fix=advice(resuming=resuming, evaluation=evaluation)), refs))

@@ -36,6 +36,9 @@ Design (every choice serves exact resume and one data stream whatever the parall
   on every rank and under every layout, and a loader with any dp_size / micro_batch / worker count
   and the same global batch continues from it. A mid-step state resumes only under the same dp_size
   and micro_batch, since the rest of that step's rows are split by that layout.
+* A source may instead be a split of a Megatron indexed dataset (`indexed.py`): its N sequences are
+  the rows of its documents' concatenated stream, read in place through megatron-core's reader;
+  everything above (blocks, shuffle, blending, rows per rank, state) is the same.
 * Startup: the per-shard metadata work (loading manifests, one stat per shard and sidecar) is
   `check_sources`, which rank 0 runs and the trainer broadcasts (`TokenLoader(..., checked=...)`);
   without it each loader checks for itself (one process, tests, tools).
@@ -52,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sedd_scale.data.checked import CheckedSplit, check_split
 from sedd_scale.data.fetch import cache_dir
+from sedd_scale.data.indexed import IndexedRows
 from sedd_scale.data.manifest import Manifest, ManifestError
 from sedd_scale.data.permutation import KeyedPermutation
 from sedd_scale.data.reader import RowReader
@@ -103,6 +107,15 @@ def shard_cache(directory: str | None) -> UrlCache:
     return UrlCache(directory if directory is not None else cache_dir() / "shards")
 
 
+def rows_reader(checked: CheckedSplit, *, verify: bool, cache: UrlCache, max_open: int = 64
+                ) -> RowReader | IndexedRows:
+    """What reads a checked split's rows: shards by byte range (CRC32-checked), or a Megatron indexed dataset."""
+    if checked.indexed is not None:
+        return IndexedRows(checked.indexed)
+    m = checked.manifest
+    return RowReader(m.layout, m.np_dtype, verify=verify, max_open=max_open, cache=cache)
+
+
 def check_sources(config: LoaderConfig, resuming: bool = False) -> list[CheckedSplit]:
     """Load the config's manifests and check their splits' shards (rank 0's startup work, shared with the others).
 
@@ -125,13 +138,13 @@ def check_sources(config: LoaderConfig, resuming: bool = False) -> list[CheckedS
 class _Source:
     """One checked manifest split: maps positions of its stream to sequences, and reads them."""
 
-    def __init__(self, checked: CheckedSplit, index: int, seed: int, reader: RowReader):
+    def __init__(self, checked: CheckedSplit, index: int, seed: int, reader: RowReader | IndexedRows):
         self.index, self.seed, self.reader = index, seed, reader
         self.shards = checked.shards
         self.seq_len = checked.manifest.seq_len
         sizes = np.array([r.info.num_sequences for r in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])  # first sequence of each usable shard
-        self.total = int(self.starts[-1])
+        self.total = checked.num_sequences
         self.block = checked.manifest.seqs_per_sample  # B: a block of the shuffle is one tar sample
         self.num_blocks = -(-self.total // self.block)
         self.short = self.total - (self.num_blocks - 1) * self.block  # size of the last block, in [1, B]
@@ -168,6 +181,8 @@ class _Source:
 
     def read_sequences(self, seqs: np.ndarray) -> np.ndarray:
         """Sequences by index in the usable shards, shape (len(seqs), seq_len) int64."""
+        if isinstance(self.reader, IndexedRows):  # rows of one stream: no shards to map them to
+            return self.reader.read(seqs)
         shard = np.searchsorted(self.starts, seqs, side="right") - 1
         out = np.empty((len(seqs), self.seq_len), dtype=np.int64)
         for s in np.unique(shard):
@@ -271,8 +286,7 @@ class TokenLoader:
         self.sources = []
         for i, c in enumerate(checked):
             m = c.manifest
-            reader = RowReader(m.layout, m.np_dtype, verify=config.verify_crc, max_open=config.max_open_files,
-                               cache=cache)
+            reader = rows_reader(c, verify=config.verify_crc, max_open=config.max_open_files, cache=cache)
             self.sources.append(_Source(c, i, config.seed, reader))
             # The stream needs only N >= 1; a split that cannot give each rank one sequence per epoch is a
             # preparation mistake (seq_len too long for the corpus, the wrong split), so say so up front.
@@ -452,12 +466,10 @@ class EvalLoader:
                              f"split {self.split!r} of {self.manifest}")
         if self.checked.skipped:
             raise ValueError(f"an evaluation split must be whole; shards were left out: {self.checked.skipped}")
-        m = self.checked.manifest
         cache = shard_cache(self.cache_dir)
         if any(is_url(r.tar) for r in self.checked.shards):
             cache.check_writable()
-        self._source = _Source(self.checked, 0, 0, RowReader(m.layout, m.np_dtype, verify=self.verify_crc,
-                                                             cache=cache))
+        self._source = _Source(self.checked, 0, 0, rows_reader(self.checked, verify=self.verify_crc, cache=cache))
 
     def check_compatible(self, vocab_size: int, seq_len: int, tokenizer: str | None = None) -> None:
         """Refuse a recipe whose vocabulary, sequence length or tokenizer (if given) differs from the manifest's."""

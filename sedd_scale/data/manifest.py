@@ -8,6 +8,11 @@
                           "num_sequences": ..., "num_bytes": ..., "sha256": "...",
                           "crc_path": "train-000000.crc32", "crc_sha256": "..."}]}, ...}}
 
+A split may instead be read from a Megatron indexed dataset (`PREFIX.bin` + `PREFIX.idx`, see
+`indexed.py`): its `shards` is empty and its `"indexed"` entry names the prefix (relative to the
+manifest, or absolute), both files' sizes and sha256, the .bin's token dtype, the split's first
+document, and whether an EOS is inserted after every document.
+
 Shard paths are relative to the manifest's location: a local path, an http(s):// URL (joined as
 URLs are), or a `pipe:` command naming `manifest.json` (the shard's path replaces that name, e.g.
 `pipe:aws s3 cp s3://bucket/data/manifest.json -`). Tokens are little-endian `dtype`, laid out as
@@ -88,19 +93,57 @@ class ShardRef:
     first: int
 
 
+# Integer token dtypes Megatron's IndexedDataset writes (DType in megatron.core.datasets.indexed_dataset).
+MEGATRON_DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "int64")
+
+
+@dataclass(frozen=True)
+class IndexedInfo:
+    """A split read from a Megatron indexed dataset (PREFIX.bin + PREFIX.idx) instead of tar shards.
+
+    The split's documents are [first_document, first_document + num_documents) of the prefix (Megatron's
+    documents, its document_indices), concatenated (with the tokenizer's EOS after each if insert_eos) and cut
+    into seq_len rows; the tail that fills no whole row is dropped (the split's dropped_tokens).
+    """
+
+    prefix: str  # relative to the manifest's directory, or absolute; local (the .bin is memory-mapped)
+    bin_bytes: int
+    bin_sha256: str
+    idx_bytes: int
+    idx_sha256: str
+    dtype: str  # the .bin's token dtype as Megatron wrote it (numpy name, e.g. uint16, int32)
+    first_document: int
+    insert_eos: bool
+
+    def __post_init__(self):
+        if self.dtype not in MEGATRON_DTYPES:
+            raise ManifestError(f"indexed dtype {self.dtype!r} not one of {MEGATRON_DTYPES}")
+        if self.first_document < 0 or self.bin_bytes < 0 or self.idx_bytes < 0:
+            raise ManifestError("indexed first_document, bin_bytes and idx_bytes must be >= 0")
+        if "://" in self.prefix or self.prefix.startswith("pipe:"):
+            raise ManifestError(f"indexed prefix {self.prefix!r} is a URL: a Megatron indexed dataset is "
+                                "memory-mapped, copy it to a local or network filesystem")
+
+
 @dataclass
 class SplitInfo:
-    """One split (train/valid/test): counts and shards."""
+    """One split (train/valid/test): counts, and its shards or its Megatron indexed dataset."""
 
     num_documents: int
     num_sequences: int
     num_tokens: int  # tokens in sequences = num_sequences * seq_len
     dropped_tokens: int  # the packing remainder: the split's last tokens that fill no whole sequence
     shards: list[ShardInfo] = field(default_factory=list)
+    indexed: IndexedInfo | None = None  # set: the split is read from a Megatron indexed dataset, shards is empty
 
     def __post_init__(self):
         self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**s) for s in self.shards]
-        if sum(s.num_sequences for s in self.shards) != self.num_sequences:
+        if isinstance(self.indexed, dict):
+            self.indexed = IndexedInfo(**self.indexed)
+        if self.indexed is not None:
+            if self.shards:
+                raise ManifestError("a split read from a Megatron indexed dataset has no shards")
+        elif sum(s.num_sequences for s in self.shards) != self.num_sequences:
             raise ManifestError(f"shard sequence counts sum to {sum(s.num_sequences for s in self.shards)}, "
                                 f"the split says {self.num_sequences}")
 
@@ -170,11 +213,22 @@ class Manifest:
         """The manifest as JSON-ready data."""
         d = asdict(self)
         d.pop("location")
+        for split in d["splits"].values():  # absent, not null: the fingerprints of shard datasets stay as they were
+            if split["indexed"] is None:
+                del split["indexed"]
         return {"format": FORMAT, "version": VERSION, **d}
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON: identifies the dataset's content (shards' sha256 included)."""
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+        """sha256 of the canonical JSON: identifies the dataset's content (shards' sha256 included).
+
+        An indexed split counts by its files' sha256, not its prefix: the files may move (the manifest prepared
+        again for the new place) and a run still resumes on them.
+        """
+        data = self.to_json()
+        for split in data["splits"].values():
+            if "indexed" in split:
+                split["indexed"] = {k: v for k, v in split["indexed"].items() if k != "prefix"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def save(self, path: str | Path) -> None:
         """Write the manifest as JSON (atomically)."""
@@ -240,6 +294,13 @@ class Manifest:
             refs.append(ShardRef(self.locate(s.path), self.locate(s.crc_path), s, first))
             first += s.num_sequences
         return refs
+
+    def indexed_prefix(self, split: str) -> str | None:
+        """The located prefix of a split read from a Megatron indexed dataset (None: the split has shards)."""
+        info = self.split(split).indexed
+        if info is None:
+            return None
+        return info.prefix if os.path.isabs(info.prefix) else self.locate(info.prefix)
 
     def check_compatible(self, vocab_size: int, seq_len: int, tokenizer: str | None = None) -> None:
         """Refuse a run whose vocabulary (model.num_tokens), sequence length or tokenizer differs from this data's.

@@ -27,17 +27,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
-from sedd_scale.data.tar_layout import default_seqs_per_sample
 from sedd_scale.data.manifest import DTYPES, Manifest, SplitInfo, TokenizerInfo
 from sedd_scale.data.packing import Packer
 from sedd_scale.data.shards import ShardWriter
+from sedd_scale.data.tar_layout import default_seqs_per_sample
 from sedd_scale.data.tokenizer import get_tokenizer, is_tokenizer_file
 
+T = TypeVar("T")
 DATASET_SUFFIXES = (".tar", ".crc32", ".tmp")  # what a prepared dataset directory holds besides manifest.json
 
 
@@ -117,7 +118,8 @@ def _chunks(docs: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _dtype_for(vocab_size: int) -> str:
+def dtype_for(vocab_size: int) -> str:
+    """The shard token dtype of a vocabulary: uint16 when its ids fit, else uint32."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
@@ -218,6 +220,13 @@ def prepare(splits: dict[str, Iterable[str]], config: PrepareConfig, source: dic
     tokenizer = TokenizerInfo(tok.name, tok.vocab_size, tok.eos_id, tok.sha256)  # a missing EOS fails here
     if is_tokenizer_file(config.tokenizer):
         source = {**source, "tokenizer_file": str(Path(config.tokenizer).resolve())}
+    stats = build_staged(out, lambda stage: _prepare_into(stage, splits, config, source, tokenizer))
+    stats.manifest.location = str(out / "manifest.json")
+    return stats
+
+
+def build_staged(out: Path, build: Callable[[Path], T]) -> T:
+    """`build(stage)` in a new temporary sibling of `out`, renamed to `out` once it returns (module docstring)."""
     for note in remove_stale_siblings(out):
         print(note, file=sys.stderr, flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,18 +235,17 @@ def prepare(splits: dict[str, Iterable[str]], config: PrepareConfig, source: dic
     os.umask(umask)
     os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the dataset gets the usual permissions
     try:
-        stats = _prepare_into(stage, splits, config, source, tokenizer)
+        result = build(stage)
         _swap_into_place(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # the half-built dataset; the error itself propagates
         raise
-    stats.manifest.location = str(out / "manifest.json")
-    return stats
+    return result
 
 
 def _prepare_into(stage: Path, splits: dict[str, Iterable[str]], config: PrepareConfig, source: dict[str, Any],
                   tokenizer: TokenizerInfo) -> PrepareStats:
-    dtype = _dtype_for(tokenizer.vocab_size)
+    dtype = dtype_for(tokenizer.vocab_size)
     seqs_per_sample = config.seqs_per_sample or default_seqs_per_sample(config.seq_len, DTYPES[dtype].itemsize)
     hold_out = "valid" not in splits and config.valid_fraction > 0
     every = round(1 / config.valid_fraction) if hold_out else 0
@@ -291,7 +299,7 @@ def write_sequences(out: Path, splits: dict[str, np.ndarray], tokenizer: Tokeniz
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seq_len = next(iter(splits.values())).shape[1]
-    dtype = _dtype_for(tokenizer.vocab_size)
+    dtype = dtype_for(tokenizer.vocab_size)
     out_splits = {}
     for name, seqs in splits.items():
         writer = ShardWriter(out, name, seq_len, dtype, seqs_per_sample, seqs_per_shard)

@@ -15,9 +15,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from sedd_scale.data.tar_layout import ShardLayout
 from sedd_scale.data.manifest import ShardRef
 from sedd_scale.data.shards import ShardError
+from sedd_scale.data.tar_layout import ShardLayout
 from sedd_scale.data.urlcache import UrlCache, damaged_copy_advice, is_url
 
 # A resume refuses other data, so only restoring the shards continues a run; anything else is a new run.

@@ -23,8 +23,8 @@ import numpy as np
 
 from sedd_scale.checksums import HashingWriter
 from sedd_scale.data.fetch import sha256_bytes
-from sedd_scale.data.tar_layout import ShardLayout
 from sedd_scale.data.manifest import DTYPES, ShardInfo, ShardRef
+from sedd_scale.data.tar_layout import ShardLayout
 
 
 class ShardError(ValueError):
