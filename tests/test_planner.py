@@ -474,16 +474,17 @@ def test_global_batch_proposal_when_the_world_starves_the_pipeline():
     assert r.parallel.global_batch == 512  # the recipe itself is left alone
 
 
-@pytest.mark.parametrize("pp, compile_, warned", [(4, True, False), (8, True, True), (16, True, True),
-                                                  (16, False, False)])
-def test_compile_warning_follows_the_pipeline_depth(pp, compile_, warned):
-    """Compile time adds up along the stages (COMPILE_MINUTES_PER_STAGE, high estimate x pp) against the 10 min
+@pytest.mark.parametrize("pp, compile_, timeout, warned", [(4, True, 10, False), (8, True, 10, True),
+                                                           (16, True, 10, True), (16, False, 10, False),
+                                                           (16, True, 60, False)])
+def test_compile_warning_follows_the_pipeline_depth(pp, compile_, timeout, warned):
+    """Compile time adds up along the stages (COMPILE_MINUTES_PER_STAGE, high estimate x pp) against the recipe's
     process-group timeout: warned from half of it."""
-    r = load_recipe(RECIPE_7B, [f"parallel.pp={pp}", f"model.compile={str(compile_).lower()}"])
+    r = load_recipe(RECIPE_7B, [f"parallel.pp={pp}", f"model.compile={str(compile_).lower()}",
+                                f"parallel.distributed_timeout_minutes={timeout}"])
     p = P.plan(r, P.candidate_of(r, r.layout(64)))
     assert any(w.startswith("compile:") for w in p.warnings) == warned
-    assert (pp * P.COMPILE_MINUTES_PER_STAGE[1] >= P.COMPILE_WARN * P.PROCESS_GROUP_TIMEOUT_S / 60) == (
-        warned or not compile_)
+    assert (pp * P.COMPILE_MINUTES_PER_STAGE[1] >= P.COMPILE_WARN * timeout) == (warned or not compile_)
 
 
 def test_cli_network_flags(capsys):

@@ -55,7 +55,6 @@ from sedd_scale.plan.hardware import (
                                       LOSS_CHUNK,
                                       MAX_LIVE_PARAMETERS,
                                       PARAM_PERSISTENCE_THRESHOLD,
-                                      PROCESS_GROUP_TIMEOUT_S,
                                       REDUCE_BUCKET_SIZE,
                                       Assumptions,
                                       Gpu,
@@ -110,7 +109,7 @@ from sedd_scale.plan.speed import (
 __all__ = [
     "BATCH_MULTIPLES", "BUBBLE_WARN", "COMPILE_MINUTES_PER_STAGE", "COMPILE_WARN", "DEFAULT_GPU", "EVAL_PHASES", "GB",
     "GPUS", "LOSS_CHUNK", "MAX_LIVE_PARAMETERS", "NEAR_BEST", "PARAM_PERSISTENCE_THRESHOLD", "PHASES",
-    "PROCESS_GROUP_TIMEOUT_S", "REDUCE_BUCKET_SIZE", "SAMPLE_BATCH", "STARVED", "TRAINING_PHASES", "Assumptions",
+    "REDUCE_BUCKET_SIZE", "SAMPLE_BATCH", "STARVED", "TRAINING_PHASES", "Assumptions",
     "BatchProposal", "Candidate", "Flops", "Gpu", "Line", "Plan", "StageMemory", "StageParams", "StepTime",
     "_accum_for", "_tensors", "accumulates_in_bf16", "block_saved_bytes_per_token", "bubble_fraction",
     "candidate_of", "candidates", "device_bytes", "flops_per_token", "format_batch_proposal", "format_plan",

@@ -29,9 +29,6 @@ REDUCE_BUCKET_SIZE = 500_000_000  # zero_optimization.reduce_bucket_size (elemen
 PARAM_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold: smaller params stay whole
 MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters: gathered ZeRO-3 params at once
 LOSS_CHUNK = 1024  # tokens per chunk of the fused loss (pipeline.head_loss_config's default)
-# The collective timeout of the process groups: torch's default of 10 minutes, which
-# distributed.parallel.join_process_group passes (timeout_s=600); no recipe key sets it yet.
-PROCESS_GROUP_TIMEOUT_S = 600.0
 # Minutes torch.compile takes for one pipeline stage's regions (each block's elementwise work and the
 # fused loss's chunk), compiled lazily at the stage's first micro-batch: an estimate, low and high
 # (3-6 min along 8 stages, 6-24 min along 16-32).
@@ -51,7 +48,6 @@ class Assumptions:
     fragmentation: float = 0.05  # allocator slack on top of the tensor peak
     reduce_bucket_size: int = REDUCE_BUCKET_SIZE
     device: Literal["cuda", "cpu"] = "cuda"  # cpu: the kernels of the validation runs (dropout masks)
-    process_group_timeout_s: float = PROCESS_GROUP_TIMEOUT_S  # how long a blocked p2p receive waits
 
     def __post_init__(self):
         if not 0.0 < self.efficiency <= 1.0:
@@ -61,5 +57,3 @@ class Assumptions:
         if not (self.intra_node_gbps > 0 and self.inter_node_gbps > 0):
             raise ValueError(f"bandwidths must be > 0 GB/s, got intra-node {self.intra_node_gbps}, inter-node "
                              f"{self.inter_node_gbps}")
-        if self.process_group_timeout_s <= 0:
-            raise ValueError(f"process_group_timeout_s must be > 0, got {self.process_group_timeout_s}")

@@ -94,13 +94,13 @@ def _warnings(recipe: "Recipe", p: Plan) -> list[str]:
                        f"{off.time.total:.3g} s")
     if recipe.model.compile and c.pp > 1:
         low, high = (c.pp * m for m in COMPILE_MINUTES_PER_STAGE)
-        timeout = p.assumptions.process_group_timeout_s / 60
+        timeout = recipe.parallel.distributed_timeout_minutes  # how long a blocked p2p receive waits
         if high >= COMPILE_WARN * timeout:
             out.append(f"compile: model.compile compiles each stage's regions at its first micro-batch, and under "
                        f"1F1B stage k waits in a p2p receive for stage k - 1's compile: about {low:.3g}-{high:.3g} "
-                       f"min along PP {c.pp}, against the {timeout:g} min process-group timeout (torch's default, "
-                       "which distributed.parallel.join_process_group passes); raise the timeout, warm the compile "
-                       "cache, or set model.compile: false")
+                       f"min along PP {c.pp}, against the {timeout:g} min process-group timeout "
+                       "(parallel.distributed_timeout_minutes); raise it, warm the compile cache, or set "
+                       "model.compile: false")
     bucket = worst.item("buffers")
     if c.zero_stage > 0 and "bucket" in bucket.note and bucket.backward > 0.05 * worst.peak:
         out.append(f"DeepSpeed's ZeRO reduce bucket takes {bucket.backward / GB:.2f} GB per GPU "
