@@ -199,3 +199,22 @@ def test_nfe_counter_counts_rows():
     counter(torch.zeros(4, 3), torch.zeros(4))
     counter(torch.zeros(1, 3), torch.zeros(1))
     assert (counter.calls, counter.rows) == (2, 5) and math.isclose(counter.nfe, 1.25)
+
+
+def test_the_recipe_key_is_checked_on_load():
+    from sedd_scale.config.recipe import Recipe
+    from sedd_scale.config.typed import from_dict
+    from sedd_scale.config.yaml_loader import RecipeError
+    from tests.test_config import minimal
+
+    assert from_dict(Recipe, minimal(train={"sampler": "confidence:threshold=0.9"})).train.sampler == \
+        "confidence:threshold=0.9"
+    for sampler, graph, message in [("ddim", "absorb", r"unknown sampler 'ddim'"),
+                                    ("cached:predictor=heun", "absorb", r"predictor must be one of"),
+                                    ("block:size=8", "uniform", r"needs the absorb graph, not uniform")]:
+        raw = minimal(train={"sampler": sampler})
+        raw["model"]["graph"] = graph
+        if graph == "uniform":
+            raw["model"]["scale_by_sigma"] = False
+        with pytest.raises((RecipeError, ValueError), match=message):
+            from_dict(Recipe, raw)
