@@ -218,3 +218,22 @@ def test_the_recipe_key_is_checked_on_load():
             raw["model"]["scale_by_sigma"] = False
         with pytest.raises((RecipeError, ValueError), match=message):
             from_dict(Recipe, raw)
+
+
+def test_the_decode_benchmark_runs_and_its_headline_picks_the_fewest_nfe(capsys):
+    """benchmarks/bench_decode.py end to end at a toy size (a smoke run: the numbers are the lead's to time)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--samples", "3000", "--steps", "4", "16", "--samplers", "analytic", "confidence",
+                "confidence:top_k=4"])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 + 1 + 6 + 1 and "headline: confidence at " in out and "with 4.00 NFE" in out, out
+    rows = [{"sampler": "analytic", "steps": 128, "nfe": 129.0, "tv": 0.010},
+            {"sampler": "x", "steps": 8, "nfe": 8.0, "tv": 0.0109},
+            {"sampler": "y", "steps": 4, "nfe": 4.0, "tv": 0.02}]
+    assert "headline: x at 8 steps reaches TV 0.0109 with 8.00 NFE" in bench.headline(rows)
