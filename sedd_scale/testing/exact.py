@@ -75,10 +75,11 @@ class Enumerated:
         """A sampler/loss score function (x, total_noise (B,)) -> exact log-scores."""
         weights = self.dim ** torch.arange(self.d - 1, -1, -1)
         tables: dict[float, torch.Tensor] = {}  # noise level -> every state's scores (runs on one grid share them)
+        keep = max(4, (64 << 20) // (self.states.numel() * self.dim * 8))  # at most ~64 MiB of tables
 
         def table(sig: float) -> torch.Tensor:
             if sig not in tables:
-                if len(tables) >= 512:
+                if len(tables) >= keep:
                     tables.pop(next(iter(tables)))
                 tables[sig] = self.log_score(self.states, sig)
             return tables[sig]
