@@ -57,7 +57,7 @@ def test_specs_round_trip_and_bad_specs_name_the_fix():
                           ("analytic:predictor=euler", r"sampler 'analytic' has no option 'predictor'"),
                           ("cached:predictor=heun", r"cached:predictor must be one of \['analytic', 'euler'\]"),
                           ("confidence:threshold=1.5", r"threshold must be in \(0, 1\]"),
-                          ("confidence:top_k=x", r"confidence:top_k must be a int"),
+                          ("confidence:top_k=x", r"confidence:top_k must be an integer"),
                           ("confidence:threshold", r"is not key=value"),
                           ("block:size=0", r"block:size must be >= 1"),
                           ("block:inner=block", r"cannot be block itself"),

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import Infill
-from .registry import Sampler, _convert, build_sampler, sampler
+from .registry import Sampler, build_sampler, convert_option, sampler
+
+DEFAULT_SIZE = 32
 
 
 @sampler("block")
@@ -30,7 +32,7 @@ from .registry import Sampler, _convert, build_sampler, sampler
 class Block(Sampler):
     """Semi-autoregressive decoding: `inner` inside blocks of `size` positions, left to right."""
 
-    size: int = 32
+    size: int = DEFAULT_SIZE
     inner: Sampler = field(default_factory=lambda: build_sampler("analytic"))
     graphs = ("absorb",)  # later blocks are held at MASK
     exactness = ("as exact as its inner sampler with exact scores (later blocks masked = unobserved); a SEDD "
@@ -46,7 +48,7 @@ class Block(Sampler):
     def from_options(cls, options: dict[str, str]) -> "Block":
         """`size` and `inner` are the block's; every other option is the inner sampler's."""
         options = dict(options)
-        size = _convert(options.pop("size"), int, "block:size") if "size" in options else 32
+        size = convert_option(options.pop("size"), int, "block:size") if "size" in options else DEFAULT_SIZE
         inner = options.pop("inner", "analytic")
         if inner == "block":
             raise ValueError("block:inner cannot be block itself: pick analytic, euler, cached or confidence")

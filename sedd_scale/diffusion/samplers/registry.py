@@ -94,7 +94,7 @@ class Sampler:
         for key, text in options.items():
             if key not in names:
                 raise ValueError(f"sampler {cls.name!r} has no option {key!r}; its options: {names or 'none'}")
-            kwargs[key] = _convert(text, hints[key], f"{cls.name}:{key}")
+            kwargs[key] = convert_option(text, hints[key], f"{cls.name}:{key}")
         return cls(**kwargs)
 
     def options(self) -> dict[str, object]:
@@ -127,7 +127,7 @@ class Sampler:
         return Sampled(x, counter.nfe, counter.calls)
 
 
-def _convert(text: str, hint, where: str):
+def convert_option(text: str, hint, where: str):
     """`text` as a value of the type `hint` (int, float, bool, str, X | None, Literal[...])."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) is Literal:
@@ -145,7 +145,8 @@ def _convert(text: str, hint, where: str):
             return text.lower() in ("true", "1")
         value = hint(text)
     except ValueError:
-        raise ValueError(f"{where} must be a {hint.__name__}, got {text!r}") from None
+        kind = {int: "an integer", float: "a number", bool: "true or false"}.get(hint, hint.__name__)
+        raise ValueError(f"{where} must be {kind}, got {text!r}") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} must be finite, got {text!r}")
     return value
