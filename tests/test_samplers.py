@@ -11,6 +11,8 @@ from sedd_scale.diffusion.samplers import SAMPLERS, NFECounter, parse_sampler
 from sedd_scale.testing.exact import F64, Enumerated, random_joint, total_variation
 from tests.test_diffusion_sampling import SAMPLES, exact_sampling_floor
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops: 2 threads on a busy machine were 50x slower
+
 N, D = 3, 4  # 3 real tokens, 4 positions: 81 sequences
 GRAPH, NOISE = get_graph("absorb", N), get_noise("loglinear")
 MASK = GRAPH.mask
