@@ -168,6 +168,32 @@ def test_prefix_suffix_infill_and_dp_split_in_process(tp1, byte_ckpt):
     assert "text" not in rec and rec["conditioning"] == {"type": "unconditional", "given_ranges": []}
 
 
+@pytest.mark.megatron
+def test_fast_samplers_keep_the_conditioning_and_count_their_evaluations(tp1, byte_ckpt):
+    """Every registered fast sampler through generate_batches on the random model: given tokens kept, no MASK left,
+    NFE within each one's budget, and the same samples for any DP split."""
+    from sedd_scale.apps.generation import collect_nfe, generate_batches, model_log_score_fn
+    from sedd_scale.diffusion.samplers import parse_sampler
+    from sedd_scale.pretrained import load_pretrained
+
+    model, graph, noise = load_pretrained(byte_ckpt, device="cpu")
+    cond = build_conditioning(ByteTokenizer(), model_length=model.config.length, prefix="Once ", suffix=" end.")
+    plan, steps = batch_plan(3, 2), 12
+    budget = {"cached": steps + 1, "confidence:threshold=0.5": steps, "block:size=8,inner=confidence": steps,
+              "block:size=16,inner=cached": steps + 2}  # + the final denoise (of each block)
+    for spec, most in budget.items():
+        kwargs = dict(plan=plan, length=cond.length, steps=steps, seed=1, infill=cond.infill,
+                      sampler=parse_sampler(spec))
+        nfe: dict[int, float] = {}
+        whole = generate_batches(model_log_score_fn(model), graph, noise, nfe=nfe, **kwargs)
+        ids = torch.cat([whole[b] for b in range(2)])
+        assert ids[:, :5].tolist() == [list(b"Once ")] * 3 and ids[:, -5:].tolist() == [list(b" end.")] * 3, spec
+        assert int(ids.max()) < MASK, spec
+        assert sorted(nfe) == [0, 1] and 0 < collect_nfe(nfe, plan) <= most, (spec, nfe)
+        half = generate_batches(model_log_score_fn(model), graph, noise, dp_rank=1, dp_size=2, **kwargs)
+        assert torch.equal(half[1], whole[1]), spec
+
+
 def test_without_out_every_sample_is_printed_and_nothing_is_written(baseline, byte_ckpt, tmp_path):
     proc = cli(str(byte_ckpt), *RUN, cwd=tmp_path)  # the README's form: no --out
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -181,6 +207,15 @@ def test_without_out_every_sample_is_printed_and_nothing_is_written(baseline, by
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"--- sample 0 ---\n\[\d+(, \d+){29}\]\n", proc.stdout) and "--- sample 1 ---" not in proc.stdout
     assert f"wrote {tmp_path / 's.json'}" in proc.stdout and [p.name for p in tmp_path.iterdir()] == ["s.json"]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["sampler"] == "analytic" and summary["predictor"] == "analytic" and summary["nfe_per_sequence"] == 3
+    proc = cli(str(byte_ckpt), "--num-samples", "2", "--steps", "4", "--length", str(LENGTH), "--tokenizer", "none",
+               "--sampler", "block:size=10,inner=cached", "--predictor", "euler", "--sampler-option", "size=15",
+               "--summary", str(tmp_path / "s.json"), "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["sampler"] == "block:size=15,inner=cached,predictor=euler" and summary["predictor"] is None
+    assert 2 <= summary["nfe_per_sequence"] <= 6 and "network evals" in proc.stdout  # 2 blocks x (2 steps + denoise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,12 +340,15 @@ def test_missing_checkpoint_exits_2_without_writing(tmp_path):
     (["--gen-ppl-model", "/nonexistent/gpt2-large"], {}, r"not a local Hugging Face model directory"),
     (["--steps", "0"], {}, r"--steps must be >= 1"),
     (["--eps", "1.0"], {}, r"--eps must be in \(0, 1\)"),
+    (["--sampler", "ddim"], {}, r"--sampler: unknown sampler 'ddim'; choose one of \['analytic', 'block'"),
+    (["--sampler", "confidence", "--sampler-option", "top_k"], {}, r"--sampler-option 'top_k' is not KEY=VALUE"),
+    (["--sampler", "confidence", "--predictor", "euler"], {}, r"sampler 'confidence' has no option 'predictor'"),
     (["--length", "33"], {}, r"--length is 33 tokens, longer than the model's training length 32 \(model.length\): "
                              r"pass --length <= 32 .* or --extrapolate"),
     (["--template", "[BLANK:30] and more"], {}, r"the template is 39 tokens, longer than the model's training "
                                                 r"length 32"),
 ], ids=["template", "prefix-suffix", "tp-world", "tp-heads", "no-tokenizer", "tokenizer-vocab", "scorer", "steps",
-        "eps", "length-past-training", "template-past-training"])
+        "eps", "sampler", "sampler-option", "sampler-predictor", "length-past-training", "template-past-training"])
 def test_bad_input_exits_2_before_work(tool, byte_ckpt, tmp_path, capsys, monkeypatch, extra, env, message):
     import torch.distributed as dist
 

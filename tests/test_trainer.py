@@ -202,7 +202,7 @@ def logged_interval(tmp: str) -> dict:
     from sedd_scale.train.metrics import Metrics
 
     data = recipe_dict(tmp)
-    data["train"].update(log_every=3, eval_every=3, eval_draws=2, sample_steps=2)
+    data["train"].update(log_every=3, eval_every=3, eval_draws=2, sample_steps=2, sampler="confidence:threshold=0.9")
     try:
         trainer = _build(data)
         rows = torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(3))
@@ -218,7 +218,7 @@ def logged_interval(tmp: str) -> dict:
 
 def test_logged_loss_is_the_interval_mean_and_samples_report_their_entropy(tmp_path):
     """train/loss_per_token at a log step is the mean over the steps since the last one (not the last step's value);
-    the periodic samples' unigram entropy is logged beside the validation ELBO."""
+    the periodic samples' unigram entropy and NFE (from train.sampler) are logged beside the validation ELBO."""
     out = launch(logged_interval, 1, str(tmp_path))[0]
     losses, records = out["losses"], out["records"]
     train = [r for r in records if "train/loss_per_token" in r]
@@ -229,4 +229,6 @@ def test_logged_loss_is_the_interval_mean_and_samples_report_their_entropy(tmp_p
         assert r["train/tokens_seen"] == r["step"] * 8 * 8
     entropy = [r["samples/unigram_entropy"] for r in records if "samples/unigram_entropy" in r]
     assert len(entropy) == 2 and all(0 < h <= math.log(11) + 1e-9 for h in entropy), records
+    nfe = [r["samples/nfe"] for r in records if "samples/nfe" in r]  # the recipe's train.sampler: NFE <= steps
+    assert len(nfe) == 2 and all(1 <= v <= 2 for v in nfe), records
     assert sum("valid/elbo_nats_per_token" in r for r in records) == 2, records

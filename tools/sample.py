@@ -1,7 +1,8 @@
 """Sample a trained SEDD model (unconditional, prefix/suffix, or templates with blanks) and report metrics.
 
     python tools/sample.py CKPT [--out samples.jsonl] [--num-samples 8] [--batch-size 8] [--steps 1024]
-        [--predictor analytic|euler] [--length L] [--seed 0] [--tp 1] [--tokenizer auto|gpt2|byte|none]
+        [--predictor analytic|euler] [--sampler NAME[:key=value,...]] [--sampler-option KEY=VALUE ...]
+        [--length L] [--seed 0] [--tp 1] [--tokenizer auto|gpt2|byte|none]
         [--prefix TEXT] [--suffix TEXT] | [--template "The [BLANK] sat on the [BLANK:3]." --blank-len 8]
         [--gen-ppl-model HF_DIR [--gen-ppl-tokens auto|ids|text] [--gen-ppl-batch-size N]]
         [--eps 1e-5] [--no-denoise] [--precision fp32|bf16|bf16-mixed] [--summary PATH] [--overwrite]
@@ -16,6 +17,16 @@ or ids without a tokenizer; all of them without --out, the first --show with it)
 --out it writes the JSONL (one line per sample: index, ids, text, conditioning, unigram_entropy,
 gen_ppl) and a JSON summary next to it (`<out minus .jsonl>.summary.json`, or --summary), both
 atomically; without --out nothing is written but a --summary asked for.
+
+Samplers (`--sampler`, sedd_scale/diffusion/samplers/; --steps is each one's budget): analytic (default)
+and euler are the exact tau-leaping samplers (steps + 1 network evaluations); cached reuses the network
+for sequences that did not change (`predictor=`; exact for a sigma-independent model, see cached.py);
+confidence unmasks the most confident positions (`threshold=`, `top_k=`; NFE <= steps; absorbing graph);
+block decodes blocks of `size=` left to right with `inner=` any other sampler (its options pass through).
+Options go after a colon or in --sampler-option, e.g. `--sampler block:size=64,inner=confidence
+--sampler-option threshold=0.9`. --predictor without --sampler picks analytic or euler; with --sampler it
+is that sampler's `predictor` option. The summary records the sampler's spec and its NFE (network
+evaluations per sequence).
 
 Templates: `[BLANK]` is a blank of --blank-len tokens, `[BLANK:N]` one of N tokens; the text
 between is tokenised piece by piece as written (GPT-2 BPE: a space before a blank is its own token,
@@ -70,7 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8, help="samples per sampler call (per DP rank)")
     p.add_argument("--steps", type=int, default=1024, help="predictor steps (the reference's default: 1024)")
-    p.add_argument("--predictor", choices=("analytic", "euler"), default="analytic")
+    p.add_argument("--predictor", choices=("analytic", "euler"),
+                   help="the exact sampler's predictor (default analytic); with --sampler, its predictor option")
+    p.add_argument("--sampler", help="NAME[:key=value,...]: analytic (default), euler, cached, confidence, block "
+                                     "(see above)")
+    p.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of --sampler (repeatable), e.g. threshold=0.9")
     p.add_argument("--length", type=int, help="tokens per sample (default: the template's, else the model's)")
     p.add_argument("--extrapolate", action="store_true",
                    help="allow samples longer than the model's training length (warned: it never saw them)")
@@ -126,6 +142,7 @@ class Plan:
         if not 0.0 < args.eps < 1.0:
             raise GenerationError(f"--eps must be in (0, 1) (the last time of the sampler's grid), got {args.eps}")
         self.meta = meta
+        self.sampler = choose_sampler(args, meta.graph)
         self.tokenizer = choose_tokenizer(args.tokenizer, meta.num_tokens)
         self.conditioning: Conditioning = build_conditioning(
             self.tokenizer, model_length=meta.length, length=args.length, prefix=args.prefix, suffix=args.suffix,
@@ -138,6 +155,31 @@ class Plan:
                                          mode=args.gen_ppl_tokens, batch_size=args.gen_ppl_batch_size,
                                          load_weights=False)
             self.scorer.check_length(self.conditioning.length)
+
+
+def choose_sampler(args: argparse.Namespace, graph: str):
+    """The sampler of --sampler / --sampler-option / --predictor, checked against the model's graph."""
+    from sedd_scale.apps.generation import GenerationError
+    from sedd_scale.diffusion.samplers import parse_sampler
+
+    try:
+        extra = {}
+        for item in args.sampler_option:
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"--sampler-option {item!r} is not KEY=VALUE (e.g. threshold=0.9)")
+            extra[key.strip().replace("-", "_")] = value.strip()
+        if args.sampler is None:
+            spec = args.predictor or "analytic"
+        else:
+            spec = args.sampler
+            if args.predictor:
+                extra.setdefault("predictor", args.predictor)
+        chosen = parse_sampler(spec, extra)
+        chosen.check_graph(graph)
+    except ValueError as e:
+        raise GenerationError(f"--sampler: {e}") from None
+    return chosen
 
 
 def check_files(args: argparse.Namespace) -> None:
@@ -166,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         GenerationError,
         batch_plan,
         check_tp,
+        collect_nfe,
         collect_samples,
         generate_batches,
         model_log_score_fn,
@@ -210,22 +253,25 @@ def run(args: argparse.Namespace) -> int:
                       flush=True)
             uniform = cond.infill is not None and plan.meta.graph == "uniform"
             note = " (uniform graph: clamping is the paper's heuristic)" if uniform else ""
-            print(f"[sample] {args.num_samples} samples x {cond.length} tokens, {args.steps} {args.predictor} steps, "
-                  f"{len(batches)} batches over DP={dp_size} x TP={args.tp}, {cond.info['type']}{note}", flush=True)
+            print(f"[sample] {args.num_samples} samples x {cond.length} tokens, {args.steps} steps of "
+                  f"{plan.sampler.spec()}, {len(batches)} batches over DP={dp_size} x TP={args.tp}, "
+                  f"{cond.info['type']}{note}", flush=True)
         started = time.perf_counter()
 
         def progress(b: int, _x: torch.Tensor) -> None:
             if rank == 0:
                 print(f"[sample] batch {b + 1}/{len(batches)} done ({time.perf_counter() - started:.1f}s)", flush=True)
 
+        local_nfe: dict[int, float] = {}
         local = generate_batches(model_log_score_fn(model), graph, noise, plan=batches, length=cond.length,
-                                 steps=args.steps, predictor=args.predictor, seed=args.seed, dp_rank=dp_rank,
+                                 steps=args.steps, sampler=plan.sampler, seed=args.seed, dp_rank=dp_rank,
                                  dp_size=dp_size, infill=cond.infill, eps=args.eps, denoise=not args.no_denoise,
-                                 device=device, on_batch=progress)
+                                 device=device, nfe=local_nfe, on_batch=progress)
         ids = collect_samples(local, len(batches), contribute=parallel.tp_rank() == 0)
+        nfe = collect_nfe(local_nfe, batches, contribute=parallel.tp_rank() == 0)
         seconds = time.perf_counter() - started
         if rank == 0:
-            report(args, plan, ids, seconds, world, dp_size, device)
+            report(args, plan, ids, nfe, seconds, world, dp_size, device)
     finally:
         if created:
             parallel.destroy_parallel()
@@ -233,14 +279,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def report(args, plan: Plan, ids: torch.Tensor, seconds: float, world: int, dp_size: int, device) -> None:
+def report(args, plan: Plan, ids: torch.Tensor, nfe: float, seconds: float, world: int, dp_size: int,
+           device) -> None:
     """Rank 0: metrics, the JSONL and summary files, the printed samples and table."""
     from sedd_scale.apps.generation import atomic_write, sample_records, score_samples
     from sedd_scale.diffusion.sampling import unigram_entropy
 
     entropy = unigram_entropy(ids)
     summary = {"checkpoint": str(args.checkpoint), "out": args.out, "num_samples": int(ids.shape[0]),
-               "length": int(ids.shape[1]), "steps": args.steps, "predictor": args.predictor, "seed": args.seed,
+               "length": int(ids.shape[1]), "steps": args.steps, "sampler": plan.sampler.spec(),
+               "nfe_per_sequence": nfe,
+               "sampler_exactness": plan.sampler.exactness, "predictor": getattr(plan.sampler, "predictor", None),
+               "seed": args.seed,
                "batch_size": args.batch_size, "eps": args.eps, "denoise": not args.no_denoise,
                "world_size": world, "tp": args.tp, "dp": dp_size, "model_length": plan.meta.length,
                "extrapolated": plan.extrapolated,
@@ -261,7 +311,8 @@ def report(args, plan: Plan, ids: torch.Tensor, seconds: float, world: int, dp_s
     for rec in records[: max(show, 0)]:
         print(f"--- sample {rec['index']} ---\n{rec['text'] if 'text' in rec else json.dumps(rec['ids'])}")
     rows = [("samples", f"{summary['num_samples']} x {summary['length']} tokens"),
-            ("sampler", f"{args.predictor}, {args.steps} steps, seed {args.seed}"),
+            ("sampler", f"{plan.sampler.spec()}, {args.steps} steps, seed {args.seed}"),
+            ("network evals", f"{nfe:.2f} per sequence (NFE)"),
             ("layout", f"world {world} = DP {dp_size} x TP {args.tp}"),
             ("time", f"{seconds:.1f} s ({summary['num_samples'] * summary['length'] / max(seconds, 1e-9):.0f} tok/s)"),
             ("unigram entropy", f"{summary['unigram_entropy']:.4f} nats (mean over samples, std "

@@ -8,8 +8,9 @@ The pieces `tools/sample.py` is made of, usable on their own:
   written (with GPT-2 BPE a space before a blank is its own token: write "The[BLANK] sat" to let
   the blank start with " cat").
 * `generate_batches`: sample batch b (global index) with a generator seeded from (seed, b); DP
-  rank r draws the batches b = r mod DP, so the samples do not depend on the DP size.
-  `collect_samples` joins them on rank 0 in global order.
+  rank r draws the batches b = r mod DP, so the samples do not depend on the DP size. Any registered
+  sampler (`sedd_scale.diffusion.samplers`: analytic, euler, cached, confidence, block) draws them.
+  `collect_samples` joins them on rank 0 in global order, `collect_nfe` their network evaluations.
 * `unigram_entropy`, `CausalLMScorer` / `perplexity_summary`: the diversity metric and the
   generative perplexity under a local Hugging Face causal LM (sedd-math section 6).
 
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sedd_scale.data.tokenizer import TOKENIZERS, Tokenizer, get_tokenizer
-from sedd_scale.diffusion.sampling import Infill, sample
+from sedd_scale.diffusion.samplers import Sampler, build_sampler
+from sedd_scale.diffusion.sampling import Infill
 from sedd_scale.model.config import ModelConfig
 
 BLANK = re.compile(r"\[BLANK(?::(\d+))?\]")
@@ -225,45 +227,66 @@ def model_log_score_fn(model) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def generate_batches(log_score_fn, graph, noise, *, plan: list[tuple[int, int]], length: int, steps: int,
-                     predictor: Literal["euler", "analytic"], seed: int, dp_rank: int = 0, dp_size: int = 1,
-                     infill: Infill | None = None, eps: float = 1e-5, denoise: bool = True, device=None,
+                     predictor: Literal["euler", "analytic"] = "analytic", seed: int, dp_rank: int = 0,
+                     dp_size: int = 1, infill: Infill | None = None, eps: float = 1e-5, denoise: bool = True,
+                     device=None, sampler: Sampler | None = None, nfe: dict[int, float] | None = None,
                      on_batch: Callable[[int, Tensor], None] | None = None) -> dict[int, Tensor]:
-    """Sample this DP rank's batches (b = dp_rank mod dp_size); global batch index -> (size, length) CPU ids."""
+    """Sample this DP rank's batches (b = dp_rank mod dp_size); global batch index -> (size, length) CPU ids.
+
+    `sampler` (a registered one, `sedd_scale.diffusion.samplers`) replaces the exact tau-leaping `predictor`;
+    `nfe`, when given, receives each batch's network evaluations per sequence.
+    """
     if seed < 0:
         raise GenerationError(f"--seed must be >= 0, got {seed}")
+    chosen = sampler if sampler is not None else build_sampler(predictor)
     device = torch.device(device if device is not None else "cpu")
     out: dict[int, Tensor] = {}
     for b, (_, size) in enumerate(plan):
         if b % dp_size != dp_rank:
             continue
         gen = torch.Generator(device=device).manual_seed(batch_seed(seed, b))
-        x = sample(log_score_fn, graph, noise, (size, length), steps=steps, predictor=predictor, eps=eps,
-                   denoise=denoise, infill=infill, device=device, generator=gen)
-        out[b] = x.cpu()
+        drawn = chosen(log_score_fn, graph, noise, (size, length), steps=steps, eps=eps, denoise=denoise,
+                       infill=infill, device=device, generator=gen)
+        out[b] = drawn.tokens.cpu()
+        if nfe is not None:
+            nfe[b] = drawn.nfe
         if on_batch is not None:
             on_batch(b, out[b])
     return out
 
 
-def collect_samples(local: dict[int, Tensor], num_batches: int, *, contribute: bool = True) -> Tensor | None:
-    """All batches in global order on rank 0 (None elsewhere); a collective over the default group."""
-    # TP ranks > 0 hold copies of their replica's samples: they pass contribute=False and send nothing.
+def _gather_on_rank0(payload: dict) -> list[dict] | None:
+    """Every rank's dict on rank 0 (None elsewhere); a collective over the default group."""
     import torch.distributed as dist
 
-    payload = local if contribute else {}
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(payload, parts, dst=0)
-        if dist.get_rank() != 0:
-            return None
-    else:
-        parts = [payload]
+        return parts if dist.get_rank() == 0 else None
+    return [payload]
+
+
+def collect_samples(local: dict[int, Tensor], num_batches: int, *, contribute: bool = True) -> Tensor | None:
+    """All batches in global order on rank 0 (None elsewhere); a collective over the default group."""
+    # TP ranks > 0 hold copies of their replica's samples: they pass contribute=False and send nothing.
+    parts = _gather_on_rank0(local if contribute else {})
+    if parts is None:
+        return None
     merged: dict[int, Tensor] = {}
     for part in parts:
         merged.update(part)
     if sorted(merged) != list(range(num_batches)):
         raise RuntimeError(f"rank 0 received batches {sorted(merged)}, expected 0..{num_batches - 1}")
     return torch.cat([merged[b] for b in range(num_batches)])
+
+
+def collect_nfe(local: dict[int, float], plan: list[tuple[int, int]], *, contribute: bool = True) -> float | None:
+    """The network evaluations per sequence over all batches (weighted by batch size) on rank 0; a collective."""
+    parts = _gather_on_rank0(local if contribute else {})
+    if parts is None:
+        return None
+    merged = {b: v for part in parts for b, v in part.items()}
+    return sum(merged[b] * size for b, (_, size) in enumerate(plan)) / sum(size for _, size in plan)
 
 
 # ---------------------------------------------------------------------------------------------

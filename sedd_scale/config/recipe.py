@@ -23,6 +23,7 @@ from sedd_scale.config.typed import from_dict
 from sedd_scale.config.yaml_loader import RecipeError, apply_overrides, parse_yaml
 from sedd_scale.data.tokenizer import TOKENIZERS, tokenizer_vocab_size
 from sedd_scale.diffusion.noise import SCHEDULES, Noise, get_noise, noise_spec
+from sedd_scale.diffusion.samplers import parse_sampler
 from sedd_scale.layout import Layout, check_zero_with_pipeline, divisors
 from sedd_scale.loss.objectives import OBJECTIVES
 from sedd_scale.model.config import ModelConfig
@@ -194,6 +195,8 @@ class TrainConfig:
     eval_batches: int = 4  # validation micro-batches per rank for the ELBO at each evaluation
     eval_draws: int = 4  # Monte-Carlo t draws per validation sequence (stratified)
     sample_steps: int = 64  # sampler steps of the example texts written at each evaluation
+    # Their sampler, NAME[:key=value,...] (sedd_scale/diffusion/samplers; e.g. "cached", "confidence:threshold=0.9")
+    sampler: str = "analytic"
     # Periodic checkpoints are copied to host memory and written by a background thread while
     # training continues (the pre-emption checkpoint is always written synchronously).
     async_save: bool = True
@@ -207,6 +210,10 @@ class TrainConfig:
                      "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        try:
+            parse_sampler(self.sampler)
+        except ValueError as e:
+            raise ValueError(f"sampler {self.sampler!r}: {e}") from None
         if self.eval_draws < 2:
             raise ValueError(f"eval_draws must be >= 2 (a standard error needs two draws), got {self.eval_draws}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
@@ -253,6 +260,10 @@ class Recipe:
             # Without ZeRO DeepSpeed wraps bf16 weights in another optimizer, whose state nothing here reads.
             raise ValueError("model.precision=bf16 keeps fp32 master weights in DeepSpeed's bf16 optimizer, which "
                              "runs under ZeRO: set parallel.zero_stage: 1 (it costs nothing on one GPU)")
+        try:
+            parse_sampler(self.train.sampler).check_graph(m.graph)
+        except ValueError as e:
+            raise ValueError(f"train.sampler={self.train.sampler!r}: {e}") from None
         if m.length != self.data.seq_len:
             raise ValueError(f"model.length={m.length} differs from data.seq_len={self.data.seq_len}: set both "
                              "to the sequence length the data was prepared with")

@@ -1,5 +1,9 @@
 """Reverse-diffusion samplers driven by any log-score function (sedd-math section 5).
 
+This module holds the exact tau-leaping steps and `sample`; samplers that spend fewer network evaluations
+(reuse, confidence unmasking, block decoding) and the registry that selects any of them by name are in
+`sedd_scale/diffusion/samplers/`.
+
 The time grid, the noise levels and every weight are float64. A position is drawn by inverse CDF:
 one float64 uniform u per position and step, a float64 cumulative sum of its weights and a binary
 search, so a token of relative probability p is drawn with probability p down to float64 resolution

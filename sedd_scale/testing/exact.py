@@ -74,13 +74,25 @@ class Enumerated:
     def log_score_fn(self):
         """A sampler/loss score function (x, total_noise (B,)) -> exact log-scores."""
         weights = self.dim ** torch.arange(self.d - 1, -1, -1)
+        tables: dict[float, torch.Tensor] = {}  # noise level -> every state's scores (runs on one grid share them)
+        keep = max(4, (64 << 20) // (self.states.numel() * self.dim * 8))  # at most ~64 MiB of tables
+
+        def table(sig: float) -> torch.Tensor:
+            if sig not in tables:
+                if len(tables) >= keep:
+                    tables.pop(next(iter(tables)))
+                tables[sig] = self.log_score(self.states, sig)
+            return tables[sig]
 
         def fn(x, total):
-            sig = float(total.reshape(-1)[0])
-            if not torch.allclose(total.double(), torch.full_like(total.double(), sig)):
-                return torch.stack([self.log_score(x[b : b + 1], float(s))[0] for b, s in enumerate(total)])
-            # Every state's scores at once (dim^d rows), then a lookup by the state's flat index.
-            return self.log_score(self.states, sig)[(x * weights).sum(-1)]
+            # Every state's scores at each distinct noise level (dim^d rows), then a lookup by the state's flat index.
+            total = total.double().reshape(-1).expand(x.shape[0])
+            flat = (x * weights).sum(-1)
+            out = torch.empty(*x.shape, self.dim, dtype=F64)
+            for sig in torch.unique(total):
+                rows = total == sig
+                out[rows] = table(float(sig))[flat[rows]]
+            return out
         return fn
 
 

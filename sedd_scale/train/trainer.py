@@ -40,9 +40,10 @@ from sedd_scale.checkpoint.files import SnapshotIO, to_host
 from sedd_scale.checkpoint.saver import Saver
 from sedd_scale.checkpoint.sharded import ANY_LAYOUT, CheckpointDir, CheckpointError, check_layout, read_meta, step_of
 from sedd_scale.config import Layout, Recipe, to_dict
-from sedd_scale.diffusion import ElboEstimate, get_graph, sample
+from sedd_scale.diffusion import ElboEstimate, get_graph
 from sedd_scale.diffusion.evaluation import evaluate
 from sedd_scale.diffusion.graph import check_token_ids
+from sedd_scale.diffusion.samplers import Sampled, parse_sampler
 from sedd_scale.diffusion.sampling import unigram_entropy
 from sedd_scale.distributed import deepspeed_files as ds_files
 from sedd_scale.distributed import engine as ds_engine
@@ -336,13 +337,18 @@ class Trainer:
             return evaluate(self.eval_loss, self.graph, self.noise, batches, draws=draws, antithetic=antithetic,
                             seed=seed, device=self.device, dp_group=ps.get_data_parallel_group(), progress=progress)
 
-    @torch.no_grad()
     def samples(self, count: int, steps: int) -> torch.Tensor:
-        """A few unconditional samples with EMA weights (analytic sampler), the same on every rank."""
+        """A few unconditional samples with EMA weights (the recipe's train.sampler), the same on every rank."""
+        return self.sampled(count, steps).tokens
+
+    @torch.no_grad()
+    def sampled(self, count: int, steps: int) -> Sampled:
+        """`samples` with the network evaluations they took (NFE per sequence)."""
         gen = torch.Generator(device=self.device).manual_seed(self.recipe.train.seed + self.step)
         with self.ema.applied(self._local_params()):
-            return sample(self.runner.log_scores, self.graph, self.noise, (count, self.recipe.data.seq_len),
-                          steps=steps, predictor="analytic", device=self.device, generator=gen)
+            return parse_sampler(self.recipe.train.sampler)(
+                self.runner.log_scores, self.graph, self.noise, (count, self.recipe.data.seq_len), steps=steps,
+                device=self.device, generator=gen)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, *, valid_batches: list | None = None, decode=None, metrics: Metrics | None = None,
@@ -422,8 +428,10 @@ class Trainer:
                         valid["valid/elbo_data_stderr"] = result.valid.data_stderr
                     metrics.scalars(self.step, valid)
                 if metrics and not self.signalled():
-                    texts = self.samples(2, steps=tc.sample_steps)
-                    metrics.scalars(self.step, {"samples/unigram_entropy": float(unigram_entropy(texts.cpu()).mean())})
+                    drawn = self.sampled(2, steps=tc.sample_steps)
+                    texts = drawn.tokens
+                    metrics.scalars(self.step, {"samples/unigram_entropy": float(unigram_entropy(texts.cpu()).mean()),
+                                                "samples/nfe": drawn.nfe})
                     if decode is not None:
                         metrics.text(self.step, "samples", "\n\n---\n\n".join(decode(t.tolist()) for t in texts))
             stop, writing, failed, metrics_failed = self._status(metrics)
