@@ -16,6 +16,7 @@ renamed into place; an existing output is never touched, missing parent folders 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -23,8 +24,8 @@ from typing import Any
 
 import torch
 
+from sedd_scale.checkpoint import bundle, hub
 from sedd_scale.checkpoint import consolidated as cons
-from sedd_scale.checkpoint import hub
 from sedd_scale.checkpoint.safetensors_shards import DEFAULT_SHARD_BYTES
 from sedd_scale.checkpoint.sharded import (
     ANY_LAYOUT,
@@ -119,6 +120,25 @@ def build_trainer(recipe_data: dict, loader_state: dict | None = None, checkpoin
 
 # ---------------------------------------------------------------------------------------------
 # consolidate
+METRICS_FILE = Path("tensorboard", "metrics.jsonl")  # in the run directory, where train.main's Metrics writes it
+
+
+def last_validation(metrics: Path, step: int) -> dict[str, Any] | None:
+    """The run's last validation ELBO at or before `step` from its metrics.jsonl (None when none was measured)."""
+    if not metrics.is_file():
+        return None
+    found = None
+    for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a full disk: the trainer drops it on resume too
+            continue
+        if isinstance(record, dict) and "valid/elbo_nats_per_token" in record and record.get("step", 0) <= step:
+            found = {"step": record["step"], **{k.removeprefix("valid/"): v for k, v in record.items()
+                                                if k.startswith("valid/")}}
+    return found
+
+
 def consolidate(checkpoint: str | Path, out: str | Path, *, weights: str = "ema", training_state: bool = False,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """A training checkpoint (run dir or step folder) -> a consolidated directory; returns a summary."""
@@ -135,10 +155,11 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, weights: str = "ema"
     recipe = from_dict(Recipe, meta["recipe"])
     c = state.counters
     provenance = {"source": str(step), "step": c["step"], "tokens_seen": c["tokens_seen"], "layout": c["layout"],
-                  "recipe": meta["recipe"]}
+                  "recipe": meta["recipe"], "last_validation": last_validation(step.parent / METRICS_FILE, c["step"])}
     tensors = state.tensors[which]
     cons.write(out, recipe.model, recipe.diffusion.noise_spec(), tensors, which=weights, provenance=provenance,
-               training=(state.tensors, c) if training_state else None, max_shard_bytes=max_shard_bytes)
+               training=(state.tensors, c) if training_state else None, max_shard_bytes=max_shard_bytes,
+               tokenizer=recipe.data.tokenizer)
     return {"step": c["step"], "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
             "layout": meta["layout"], "out": str(out)}
 
@@ -249,9 +270,9 @@ def to_hub(source: str | Path, out: str | Path, *, max_shard_bytes: int = DEFAUL
         raise ConversionError(f"the hub format has no mlp_ratio (the reference uses 4); this model has {cfg.mlp_ratio}")
     weights = dict(ckpt.weights())
     state = hub.model_to_hub(cfg, weights)
-    config = hub.hub_config(cfg, noise=hub.noise_to_hub(ckpt.noise))
+    config = hub.exported_hub_config(cfg, noise=hub.noise_to_hub(ckpt.noise), provenance=ckpt.config)
     with staged_dir(out) as staging:
-        hub.write_hub(staging, config, state, max_shard_bytes=max_shard_bytes)
+        hub.write_hub(staging, config, state, max_shard_bytes=max_shard_bytes, bundle_from=ckpt.path)
         config_back, state_back = hub.read_hub(staging)
         back = hub.hub_to_model(hub.model_config_from_hub(config_back, **_non_hub_fields(cfg)), state_back)
         bad = [k for k in back if not torch.equal(back[k], weights[k])]
@@ -274,8 +295,11 @@ def from_hub(source: str | Path, out: str | Path, *, max_shard_bytes: int = DEFA
     _check_output(out)
     config, state = hub.read_hub(source)
     cfg = hub.model_config_from_hub(config, **model_overrides)
+    has_bundle = (Path(source) / bundle.TOKENIZER_CONFIG).is_file()  # an export of ours; the reference's has none
     return cons.write(out, cfg, hub.noise_from_hub(config), hub.hub_to_model(cfg, state), which="hub",
-                      provenance={"source": str(source), "hub_config": config}, max_shard_bytes=max_shard_bytes)
+                      provenance={"source": str(source), "hub_config": config}, max_shard_bytes=max_shard_bytes,
+                      tokenizer=bundle.TOKENIZER_BY_VOCAB.get(cfg.num_tokens),
+                      bundle_from=Path(source) if has_bundle else None)
 
 
 def describe(path: str | Path) -> dict:

@@ -2,6 +2,8 @@
 
     <dir>/config.json               format, model config, noise schedule, which weights, provenance
     <dir>/SHA256SUMS                every other file's sha256 (`checksums.py`), checked when opened
+    <dir>/tokenizer_config.json     the tokenizer (and tokenizer.json, copied) and README.md, the model card
+                                    (`bundle.py`): the directory is all evaluation and sampling need
     <dir>/model.safetensors         whole fp32 tensors by model key (EMA or raw weights, as chosen); above a size,
                                     model-0000i-of-0000N.safetensors + model.safetensors.index.json instead
     <dir>/training/                 optional: everything needed to resume training under any layout
@@ -27,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from sedd_scale.checkpoint import bundle
 from sedd_scale.checkpoint.hub import hub_shapes, key_map
 from sedd_scale.checkpoint.safetensors_shards import DEFAULT_SHARD_BYTES, Weights, WeightsError, write_weights
 from sedd_scale.checkpoint.safetensors_writer import save_tensors
@@ -181,11 +184,14 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def write(path: str | Path, cfg: ModelConfig, noise: dict[str, Any], weights: dict[str, Tensor], *,
           which: str, provenance: dict[str, Any], training: tuple[dict[str, dict[str, Tensor]], dict] | None = None,
-          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer: str | None = None,
+          bundle_from: Path | None = None) -> Path:
     """Write a consolidated checkpoint atomically, then reread every tensor and compare it bitwise.
 
     `which` says what `weights` are ("ema" or "raw"); `training` is (tensors by category, counters); weights above
-    `max_shard_bytes` are written as shards with an index. An existing `path` is never replaced.
+    `max_shard_bytes` are written as shards with an index. The tokenizer `tokenizer` (a spec; or the files of
+    `bundle_from`, an export of the same model) and a model card go beside them. An existing `path` is never
+    replaced.
     """
     path = Path(path)
     if path.exists():
@@ -203,6 +209,12 @@ def write(path: str | Path, cfg: ModelConfig, noise: dict[str, Any], weights: di
             save_tensors({k: v.float() for k, v in tensors.items()}, file)
         config = {"format": FORMAT, "model": to_dict(cfg), "noise": noise, "weights": which, **provenance}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if bundle_from is not None:
+            bundle.copy_bundle(bundle_from, tmp)
+        else:
+            record = bundle.write_tokenizer(tmp, tokenizer)
+            bundle.write_card(tmp, name=cfg.name, graph=cfg.graph, parameters=sum(t.numel() for t in weights.values()),
+                              config=to_dict(cfg), provenance={"weights": which, **provenance}, tokenizer=record)
         write_sums(tmp)
         verify_sums(tmp)
         for file, tensors in [(tmp, weights), *files.items()]:  # verify: what is on disk is what was meant

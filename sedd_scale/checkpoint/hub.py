@@ -18,6 +18,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from torch import Tensor
 
+from sedd_scale.checkpoint import bundle
 from sedd_scale.checkpoint.safetensors_shards import (
     DEFAULT_SHARD_BYTES,
     INDEX_FILE,
@@ -153,6 +154,44 @@ def hub_config(cfg: ModelConfig, *, noise: dict[str, Any], base: dict[str, Any] 
                     "cond_dim": cfg.cond_dim, "length": cfg.length, "n_blocks": cfg.n_blocks, "n_heads": cfg.n_heads,
                     "scale_by_sigma": cfg.scale_by_sigma, "dropout": cfg.dropout}
     return {**{k: out[k] for k in _ORDER if k in out}, **out}
+
+
+# The sections only the reference's training reads; an export states them from its own run or leaves them out.
+TRAINING_SECTIONS = ("ngpus", "training", "data", "eval", "optim")
+
+
+def exported_hub_config(cfg: ModelConfig, *, noise: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
+    """The hub config.json of a model of ours: what the model is, and how it was trained where that is known.
+
+    A model trained here (`provenance` holds its recipe and counters) gets the reference's training sections filled
+    from its own run; one converted from a hub keeps that hub's config; otherwise the training sections are left
+    out rather than carrying the reference's defaults (8 GPUs, OpenWebText, 1.3M steps) as if they were true.
+    """
+    if "hub_config" in provenance:
+        return hub_config(cfg, noise=noise, base=provenance["hub_config"])
+    out = hub_config(cfg, noise=noise)
+    for key in TRAINING_SECTIONS:
+        out.pop(key)
+    recipe, layout = provenance.get("recipe"), provenance.get("layout")
+    if not recipe:
+        return out
+    from sedd_scale.config import Recipe, from_dict, to_dict  # keeps config.json checks free of the recipe module
+
+    recipe = to_dict(from_dict(Recipe, recipe))  # as recorded, with the defaults it left out
+    train, parallel, optim, data = recipe["train"], recipe["parallel"], recipe["optim"], recipe["data"]
+    world = layout["tp"] * layout["pp"] * layout["dp"] if isinstance(layout, dict) else None
+    known = {
+        "ngpus": world,
+        "training": {"batch_size": parallel["global_batch"], "n_iters": provenance.get("step"),
+                     "tokens_seen": provenance.get("tokens_seen"), "snapshot_freq": train["save_every"],
+                     "log_freq": train["log_every"], "eval_freq": train["eval_every"], "ema": train["ema"]},
+        "data": {"train": data["manifests"], "valid": data["valid"] or data["manifests"][0],
+                 "tokenizer": data["tokenizer"]},
+        "optim": {"weight_decay": optim["weight_decay"], "optimizer": "AdamW", "lr": optim["lr"],
+                  "beta1": optim["betas"][0], "beta2": optim["betas"][1], "eps": optim["eps"],
+                  "warmup": optim["warmup"], "grad_clip": optim["grad_clip"]},
+    }
+    return {**{k: known.get(k, out.get(k)) for k in _ORDER if k in known or k in out}, **out}
 
 
 def noise_from_hub(config: dict[str, Any]) -> dict[str, Any]:
@@ -378,12 +417,15 @@ def save_hub(model: SEDD, path: str | Path, config: dict[str, Any]) -> None:
 
 
 def write_hub(path: str | Path, config: dict[str, Any], state: dict[str, Tensor], *,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, bundle_from: Path | None = None) -> Path:
     """Write a hub directory as the reference does: `config` as config.json, the full state dict as
-    model.safetensors (above `max_shard_bytes`: shards and model.safetensors.index.json)."""
+    model.safetensors (above `max_shard_bytes`: shards and model.safetensors.index.json); with `bundle_from`, that
+    export's tokenizer and model card beside them."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_weights(state, path, max_shard_bytes=max_shard_bytes)
+    if bundle_from is not None:
+        bundle.copy_bundle(bundle_from, path)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     write_sums(path)  # beside the reference's two files; its loader ignores it
     return path

@@ -172,6 +172,11 @@ class JsonTokenizer:
                              f"its special tokens {self._specials}: name one with --eos-token")
         return self._eos
 
+    @property
+    def eos_token(self) -> str | None:
+        """The end-of-document token's text (None when the file has none of the usual ones)."""
+        return None if self._eos is None else self._tok.id_to_token(self._eos)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added."""
         return self._tok.encode(text, add_special_tokens=False).ids
