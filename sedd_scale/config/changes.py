@@ -28,6 +28,8 @@ APPLIED: dict[str, str] = {
                                                           "keep_last", "max_nonfinite_steps", "peak_tflops",
                                                           "eval_batches", "eval_draws", "sample_steps",
                                                           "async_save")},
+    **{f"train.wandb.{k}": "monitoring only"
+       for k in ("project", "entity", "name", "mode", "dir")},
     "train.ema": "EMA decay (the shadow continues with the new decay)",
     "parallel.micro_batch": "throughput only (the global batch and the data stream are unchanged)",
     "data.num_workers": "throughput only (the stream does not depend on the worker count)",
