@@ -196,6 +196,29 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.megatron
+def test_parameter_counts_take_tensor_parallel_shards_whole_and_replicated_tensors_once(tp1):
+    """A TP rank other than 0 contributes only the tensors megatron splits (`tensor_model_parallel`); its copies of
+    replicated ones (norms, adaLN) are rank 0's. Checked on one rank posing as each TP rank."""
+    import torch
+
+    from sedd_scale.train.run_summary import parameter_counts, start_lines
+
+    split, replicated = torch.nn.Parameter(torch.zeros(6, 5)), torch.nn.Parameter(torch.zeros(7))
+    split.tensor_model_parallel = True
+    first = parameter_counts([split, replicated], tp_rank=0, pp_rank=0, dp_rank=0)
+    other = parameter_counts([split, replicated], tp_rank=1, pp_rank=0, dp_rank=0)
+    assert (first.total, first.per_stage, first.per_rank) == (37, [37], 37)
+    assert (other.total, other.per_stage, other.per_rank) == (30, [30], 37)
+    assert parameter_counts([split], tp_rank=0, pp_rank=0, dp_rank=1).per_stage == [0]  # DP replicas: not counted
+
+    from sedd_scale.config import Recipe, from_dict
+
+    recipe = from_dict(Recipe, tiny_recipe(Path("d"), Path("r"), parallel={"global_batch": 8}))
+    lines = start_lines(recipe, recipe.layout(1), first)
+    assert lines[1] == "parameters: 37" and lines[2].startswith("tokens per optimizer step: 64 (global batch 8"), lines
+
+
 def test_progress_bars_only_where_watched_or_asked(monkeypatch, capsys):
     from sedd_scale.checkpoint import progress
 
