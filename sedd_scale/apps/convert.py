@@ -26,6 +26,7 @@ import torch
 
 from sedd_scale.checkpoint import bundle, hub
 from sedd_scale.checkpoint import consolidated as cons
+from sedd_scale.checkpoint.progress import bar
 from sedd_scale.checkpoint.safetensors_shards import DEFAULT_SHARD_BYTES
 from sedd_scale.checkpoint.sharded import (
     ANY_LAYOUT,
@@ -206,7 +207,12 @@ def _write_run(out: Path, step: int, recipe_data: dict, write_state) -> Path:
         folder = staging / step_name(step)
         folder.mkdir()
         write_state(folder / "state")
-        files = {str(p.relative_to(folder)): file_record(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+        written = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+        files = {}
+        with bar(sum(p.stat().st_size for p in written), f"checksumming {out.name}") as progress:
+            for p in written:  # the sha256 of every file meta.json records: minutes for a large state
+                files[str(p.relative_to(folder))] = file_record(p)
+                progress.update(files[str(p.relative_to(folder))]["bytes"])
         meta = {"format": FORMAT, "step": step, "layout": ANY_LAYOUT, "recipe": recipe_data, "world_size": None,
                 "bytes": sum(r["bytes"] for r in files.values()), "files": files, "sums": SUMS_FILE}
         write_meta(folder, meta)

@@ -32,6 +32,7 @@ from torch import Tensor
 from sedd_scale.checkpoint.consolidated import TRAINING_CATEGORIES
 from sedd_scale.checkpoint.files import read_verified
 from sedd_scale.checkpoint.hub import model_kinds, unshard_tensors
+from sedd_scale.checkpoint.progress import bar
 from sedd_scale.checkpoint.sharded import ANY_LAYOUT, CheckpointError, read_meta
 from sedd_scale.checksums import file_record
 from sedd_scale.config import Recipe, from_dict
@@ -55,11 +56,15 @@ class _Reader:
         self.cfg = self.recipe.model
         self.bf16 = self.cfg.precision == "bf16"
         self.read: set[str] = set()
+        self.progress = bar(sum(r["bytes"] for r in self.meta["files"].values()), f"reading {self.step.name}")
 
     def load(self, rel: str) -> Any:
         """A file of the step, verified, on the CPU."""
+        data = read_verified(self.step / rel, self.meta["files"].get(rel), fix=_FIX)
+        if rel not in self.read:
+            self.progress.update(self.meta["files"].get(rel, {}).get("bytes", 0))
         self.read.add(rel)
-        return read_verified(self.step / rel, self.meta["files"].get(rel), fix=_FIX)
+        return data
 
     def verify_rest(self) -> None:
         """Check the files nothing was read from (e.g. the weights a ZeRO checkpoint also keeps as fp32 masters)."""
@@ -68,6 +73,8 @@ class _Reader:
             if rel not in self.read and (not path.is_file() or file_record(path) != record):
                 raise CheckpointError(f"checkpoint file {path} is damaged or missing (not the bytes meta.json "
                                       f"recorded): {_FIX}")
+            self.progress.update(record["bytes"] if rel not in self.read else 0)
+        self.progress.close()
 
     def rank(self, tp: int, dp: int, pp: int) -> int:
         """The global rank of (tp, dp, pp) in megatron's and DeepSpeed's order."""

@@ -29,6 +29,8 @@ APPLIED: dict[str, str] = {
                                                           "eval_batches", "eval_draws", "sample_steps",
                                                           "async_save")},
     "train.sampler": "the sampler of the example texts only",
+    **{f"train.wandb.{k}": "monitoring only"
+       for k in ("project", "entity", "name", "mode", "dir")},
     "train.ema": "EMA decay (the shadow continues with the new decay)",
     "parallel.micro_batch": "throughput only (the global batch and the data stream are unchanged)",
     "parallel.distributed_timeout_minutes": "how long a collective may wait before the run fails",

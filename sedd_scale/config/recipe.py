@@ -180,6 +180,25 @@ class ParallelConfig:
 
 
 @dataclass
+class WandbConfig:
+    """An optional Weights & Biases run beside tensorboard (rank 0; `pip install sedd-scale[wandb]`): the same
+    scalars at the same steps, the recipe as its config; a resumed run continues the same W&B run."""
+
+    project: str | None = None  # the W&B project; null: no W&B logging
+    entity: str | None = None  # the W&B team or user (null: the logged-in account's default)
+    name: str | None = None  # the run's display name (null: the run directory's name)
+    # online, offline (written under `dir`, uploaded later with `wandb sync`) or disabled; null: WANDB_MODE,
+    # else online
+    mode: Literal["online", "offline", "disabled"] | None = None
+    dir: str | None = None  # where W&B writes its files (null: the run directory)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this section asks for a W&B run."""
+        return self.project is not None and self.mode != "disabled"
+
+
+@dataclass
 class TrainConfig:
     """The training loop: length, EMA, seeds, intervals and safety limits."""
 
@@ -200,6 +219,7 @@ class TrainConfig:
     # Periodic checkpoints are copied to host memory and written by a background thread while
     # training continues (the pre-emption checkpoint is always written synchronously).
     async_save: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases logging (off unless a project is set)
 
     def __post_init__(self):
         if self.steps < 1:

@@ -81,11 +81,16 @@ def section_markdown(name: str, cls: type) -> str:
     doc = inspect.getdoc(cls) or ""
     rows = [f"## `{name}`", "", doc.split("\n\n")[0].replace("\n", " "), "",
             "| key | type | default | on resume | meaning |", "|---|---|---|---|---|"]
+    nested = []  # sections inside this one (e.g. train.wandb), each with a table of its own below
     for f in dataclasses.fields(cls):
         key = f"{name}.{f.name}"
         meaning = comments.get(f.name, "").replace("|", "\\|")
+        if dataclasses.is_dataclass(hints[f.name]):
+            nested.append(section_markdown(key, hints[f.name]))
+            rows.append(f"| `{key}` | section | {_default(f)} | (per key, below) | {meaning} |")
+            continue
         rows.append(f"| `{key}` | `{_type_name(hints[f.name])}` | {_default(f)} | {on_resume(key)} | {meaning} |")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n" + "".join("\n" + part for part in nested)
 
 
 def reference_markdown() -> str:

@@ -9,6 +9,7 @@ as a crash, and exits 143 itself).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from sedd_scale.data.shards import ShardError
 from sedd_scale.data.urlcache import UrlError
 from sedd_scale.train import run_dir
 from sedd_scale.train.metrics import MetricsError
+from sedd_scale.train.quiet import silence_known_noise
+from sedd_scale.train.wandb_sink import check_available as check_wandb
 
 DEFAULT_RECIPE = "cpu-tiny"  # the packaged recipes/cpu-tiny.yaml
 
@@ -35,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="build the process groups, print each rank's place in the layout and exit "
                              "(a cheap check of an allocation before a long job)")
     args = parser.parse_args(argv)
+    silence_known_noise()  # before megatron-core and DeepSpeed load: their known-harmless warnings
     try:
         recipe = load_recipe(args.recipe, overrides_from_args(args))
+        check_wandb(recipe.train.wandb)
         # The run directory and the data are checked before any process group (WORLD_SIZE as engine.setup reads it).
         start = run_dir.check_start(recipe, int(os.environ.get("WORLD_SIZE", "1")))
         manifest = Path(recipe.data.manifests[0])
@@ -139,17 +144,42 @@ def prepare_missing_data(recipe) -> None:
         raise ManifestError(failure[0])
 
 
+def open_wandb(recipe, config: dict, start_step: int):
+    """Rank 0's W&B run when the recipe asks for one (else None); a failure to start it (e.g. online without
+    `wandb login`) stops every rank with MetricsError."""
+    import torch.distributed as dist
+
+    sink, failure = None, [None]
+    if dist.get_rank() == 0 and recipe.train.wandb.enabled:
+        import wandb
+
+        from sedd_scale.train.wandb_sink import WandbSink
+
+        try:
+            sink = WandbSink(recipe.train.wandb, recipe.checkpoint.dir, config=config, start_step=start_step)
+        except (wandb.Error, OSError) as e:  # shared below, so that the other ranks stop with rank 0
+            failure = [f"could not start the Weights & Biases run (train.wandb): {e}: log in (wandb login), set "
+                       "train.wandb.mode=offline, or remove train.wandb.project"]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise MetricsError(failure[0])
+    return sink
+
+
 def run(recipe, layout, topology, start: run_dir.RunStart | None = None):
-    """Data, trainer, resume, train, and a final report (validation bound, samples) on rank 0."""
+    """Data, trainer, resume, train (each validation ELBO printed as it is measured), then samples on rank 0."""
     import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
 
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from sedd_scale.config import to_dict
+    from sedd_scale.config.changes import flatten
     from sedd_scale.data.checked import check_split
     from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader, check_sources
     from sedd_scale.data.tokenizer import get_tokenizer
     from sedd_scale.train.metrics import Metrics
+    from sedd_scale.train.run_summary import parameter_counts, start_lines
     from sedd_scale.train.trainer import Trainer
 
     prepare_missing_data(recipe)
@@ -193,10 +223,19 @@ def run(recipe, layout, topology, start: run_dir.RunStart | None = None):
         notes += [f"applied from the current recipe: {c.describe()}" for c in (start.changes if start else [])]
         notes += trainer.notes
     tokenizer = get_tokenizer(d.tokenizer) if d.tokenizer else None
+    counts = parameter_counts(trainer.engine.module.parameters(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                              pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=dp_rank)
+    lines = start_lines(recipe, layout, counts)
+    settings = {**to_dict(recipe), "layout": dataclasses.asdict(layout),  # with the world size and grad accum
+                "parameters": {"total": counts.total, "per_rank": counts.per_rank}}
     metrics = Metrics(Path(recipe.checkpoint.dir) / "tensorboard", total_steps=recipe.train.steps,
-                      start_step=trainer.step, enabled=rank0)
-    for line in notes:
+                      start_step=trainer.step, enabled=rank0,
+                      wandb=open_wandb(recipe, flatten(settings), trainer.step))
+    for line in lines[1:] + notes:  # the layout line was printed when the process groups were built
         metrics.message(line)
+    if metrics.wandb is not None:
+        metrics.message(metrics.wandb.description)
+    metrics.hyperparameters(trainer.step, to_dict(recipe), dataclasses.asdict(layout), lines)
     if notes:
         metrics.text(trainer.step, "resume", "\n\n".join(notes))
     try:
@@ -205,10 +244,6 @@ def run(recipe, layout, topology, start: run_dir.RunStart | None = None):
         metrics.close()
     if result.stopped_by_signal:  # straight to the exit: the scheduler's grace period is for the checkpoint
         return result
-    if rank0 and result.valid is not None:
-        v = result.valid
-        print(f"step {result.valid_step}: validation ELBO {v.nats_per_token:.4f} +- {v.stderr:.4f} nats/token, "
-              f"perplexity <= {v.perplexity_bound:.2f} ({v.num_sequences} sequences, EMA weights)", flush=True)
     if trainer.signalled():  # the run is complete; a signal now asks for a prompt exit, not samples
         return result
     texts = trainer.samples(3, steps=recipe.train.sample_steps)

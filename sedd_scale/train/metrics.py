@@ -1,5 +1,6 @@
-"""Monitoring sinks (tensorboard scalars and texts, a JSONL file, a console progress bar), the training loss per
-noise level and the logging interval's averages (FLOP counts: `sedd_scale.plan.flops`)."""
+"""Monitoring sinks (tensorboard scalars, texts and the run's hyperparameters, a JSONL file, a console progress bar,
+optionally Weights & Biases: `wandb_sink.py`), the training loss per noise level and the logging interval's averages
+(FLOP counts: `sedd_scale.plan.flops`)."""
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from tqdm import tqdm
+
+from sedd_scale.config.changes import flatten
 
 
 class MetricsError(RuntimeError):
@@ -147,6 +150,12 @@ def truncate_jsonl(path: Path, last_step: int) -> int:
     return len(lines) - len(kept)
 
 
+def hparam_values(nested: dict) -> dict[str, int | float | str | bool]:
+    """A nested settings mapping as tensorboard hyperparameters: {dotted key: value}, with lists and null written
+    as text (tensorboard takes numbers, strings and booleans only)."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(nested).items()}
+
+
 class Metrics:
     """Rank 0 writes; on other ranks every call is a no-op, so callers need no rank checks.
 
@@ -156,8 +165,11 @@ class Metrics:
     Metrics whose failure nobody took raises it.
     """
 
-    def __init__(self, log_dir: str | Path, *, total_steps: int, start_step: int = 0, enabled: bool = True):
+    def __init__(self, log_dir: str | Path, *, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 wandb=None):
+        """`wandb`: a `WandbSink` that gets the same scalars and texts (rank 0's; None: none)."""
         self.enabled = enabled
+        self.wandb = wandb
         self.failure: str | None = None
         self._failure_taken = False
         if not enabled:
@@ -212,6 +224,8 @@ class Metrics:
                 self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.started, 3), **clean})
                                  + "\n")
                 self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.scalars(step, clean)
         shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in clean.items() if k in ("train/loss_per_token", "train/lr")}
         if shown:
             self.bar.set_postfix(shown, refresh=False)
@@ -221,6 +235,25 @@ class Metrics:
         if self.enabled and self.failure is None:
             with self._writing(self.events):
                 self.writer.add_text(tag, text, step)
+        if self.enabled and self.wandb is not None:
+            self.wandb.text(step, tag, text)
+
+    def hyperparameters(self, step: int, recipe: dict, layout: dict, lines: list[str]) -> None:
+        """Record the run's settings at `step`: the recipe (YAML) and `lines` (layout, parameter counts) as texts,
+        and the flattened recipe and layout as tensorboard hyperparameters (its HPARAMS tab, beside the loss and
+        the validation ELBO)."""
+        if not (self.enabled and self.failure is None):
+            return
+        import yaml
+        from torch.utils.tensorboard.summary import hparams
+
+        self.text(step, "run/recipe", "```yaml\n" + yaml.safe_dump(recipe, sort_keys=False) + "```")
+        self.text(step, "run/layout", "\n\n".join(lines))
+        values = hparam_values({**recipe, "layout": layout})
+        metrics = dict.fromkeys(("train/loss_per_token", "valid/elbo_nats_per_token"), float("nan"))
+        with self._writing(self.events):
+            for summary in hparams(values, metrics):  # the experiment, session start and end summaries
+                self.writer.file_writer.add_summary(summary, step)
 
     def advance(self, steps: int = 1) -> None:
         """Move the progress bar (its ETA comes from the measured rate)."""
@@ -253,5 +286,7 @@ class Metrics:
         if self.jsonl is not None:
             with self._writing(str(self.jsonl_path)):
                 self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.close()
         if self.failure is not None and not self._failure_taken:
             raise MetricsError(self.failure)

@@ -19,6 +19,7 @@ from pathlib import Path
 from sedd_scale.checkpoint.sharded import LATEST, SET_ASIDE, CheckpointDir, CheckpointError, read_meta, set_aside_for
 from sedd_scale.config import Recipe, RecipeError, add_recipe_args, from_dict, load_recipe, overrides_from_args, to_dict
 from sedd_scale.config.changes import Change, ResumeRefused, check_resume
+from sedd_scale.train.wandb_sink import check_available as check_wandb
 
 
 @dataclass
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, overrides_from_args(args))
         layout = recipe.layout(args.world_size)
         start = check_start(recipe, args.world_size)
+        check_wandb(recipe.train.wandb)
     except (RecipeError, ResumeRefused, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -427,6 +427,10 @@ class Trainer:
                     if math.isfinite(result.valid.data_stderr):  # over the validation batches (needs two)
                         valid["valid/elbo_data_stderr"] = result.valid.data_stderr
                     metrics.scalars(self.step, valid)
+                    v = result.valid
+                    metrics.message(f"step {self.step}: validation ELBO {v.nats_per_token:.4f} +- {v.stderr:.4f} "
+                                    f"nats/token, perplexity <= {v.perplexity_bound:.2f} ({v.num_sequences} "
+                                    "sequences, EMA weights)")
                 if metrics and not self.signalled():
                     drawn = self.sampled(2, steps=tc.sample_steps)
                     texts = drawn.tokens
