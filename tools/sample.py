@@ -143,7 +143,7 @@ class Plan:
             raise GenerationError(f"--eps must be in (0, 1) (the last time of the sampler's grid), got {args.eps}")
         self.meta = meta
         self.sampler = choose_sampler(args, meta.graph)
-        self.tokenizer = choose_tokenizer(args.tokenizer, meta.num_tokens)
+        self.tokenizer = choose_tokenizer(args.tokenizer, meta.num_tokens, args.checkpoint)
         self.conditioning: Conditioning = build_conditioning(
             self.tokenizer, model_length=meta.length, length=args.length, prefix=args.prefix, suffix=args.suffix,
             template=args.template, blank_len=args.blank_len, extrapolate=args.extrapolate)

@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sedd_scale.data.tokenizer import TOKENIZERS, Tokenizer, get_tokenizer
+from sedd_scale.data.tokenizer import TOKENIZERS, Tokenizer, get_tokenizer, is_tokenizer_file
 from sedd_scale.diffusion.samplers import Sampler, build_sampler
 from sedd_scale.diffusion.sampling import Infill
 from sedd_scale.model.config import ModelConfig
 
 BLANK = re.compile(r"\[BLANK(?::(\d+))?\]")
-TOKENIZER_BY_VOCAB = {50257: "gpt2", 257: "byte"}
 # Probe text for "does the scorer's tokenizer split text like ours" (words, digits, spaces, non-ASCII).
 _PROBE = "Hello world! The quick brown fox, 1234 times.\n\n  Ünïcödé → 東京 <tag> it's"
 
@@ -78,16 +77,26 @@ def check_tp(world_size: int, tp: int, n_heads: int | None = None) -> None:
                               f"use --tp in {divisors}")
 
 
-def choose_tokenizer(name: str, num_tokens: int) -> Tokenizer | None:
-    """The tokenizer for a model with `num_tokens` real tokens: "auto" infers it (50257 gpt2, 257 byte, else none)."""
+def choose_tokenizer(name: str, num_tokens: int, folder: str | Path | None = None) -> Tokenizer | None:
+    """The tokenizer for a model with `num_tokens` real tokens: "auto" is the one bundled in the model directory
+    `folder` (else the one its vocabulary implies: 50257 gpt2, 257 byte); "none", "gpt2", "byte" or a tokenizer.json
+    path name one."""
+    from sedd_scale.checkpoint.bundle import BundleError, tokenizer_for
+
     if name == "none":
         return None
     if name == "auto":
-        inferred = TOKENIZER_BY_VOCAB.get(num_tokens)
-        return None if inferred is None else get_tokenizer(inferred)
-    if name not in TOKENIZER_BY_VOCAB.values():
-        raise GenerationError(f"unknown tokenizer {name!r}: use auto, none, {', '.join(TOKENIZER_BY_VOCAB.values())}")
-    size = TOKENIZERS[name].vocab_size  # checked before building it (GPT-2's may fetch its rank file)
+        try:
+            return tokenizer_for(folder, num_tokens) if folder is not None else None
+        except (BundleError, ValueError) as e:
+            raise GenerationError(f"the model's tokenizer: {e}") from None
+    if name not in TOKENIZERS and not is_tokenizer_file(name):
+        raise GenerationError(f"unknown tokenizer {name!r}: use auto, none, {', '.join(TOKENIZERS)} or the path of a "
+                              "tokenizer.json")
+    try:  # a built-in's size is checked before building it (GPT-2's may fetch its rank file)
+        size = TOKENIZERS[name].vocab_size if name in TOKENIZERS else get_tokenizer(name).vocab_size
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
     if size != num_tokens:
         raise GenerationError(f"tokenizer {name} has {size} tokens but the model has {num_tokens}: "
                               "use --tokenizer auto or none")
