@@ -127,7 +127,7 @@ def _other_length(tmp: Path) -> Path:
     return tmp / "len16" / "manifest.json"
 
 
-def _random_model(path: Path, num_tokens: int, length: int) -> Path:
+def random_model(path: Path, num_tokens: int, length: int) -> Path:
     """A consolidated model with small random weights (so its bound is finite and not trivial)."""
     from sedd_scale.checkpoint import consolidated as cons
     from sedd_scale.model.config import ModelConfig
@@ -145,7 +145,7 @@ def test_ptb_zero_shot_protocol_blocks_the_test_split(tmp_path):
     from sedd_scale.data.manifest import Manifest
     from sedd_scale.data.tokenizer import get_tokenizer
 
-    path = _random_model(tmp_path / "gpt2-vocab", 50257, 64)
+    path = random_model(tmp_path / "gpt2-vocab", 50257, 64)
     result = launch(evaluate, 1, [str(path), "--datasets", "ptb", "--max-batches", "2", "--batch-size", "2",
                                   "--draws", "2"])[0]["datasets"]["ptb"]
     assert result["split"] == "test" and result["tokens"] == 2 * 2 * 64 and math.isfinite(result["nats_per_token"])
@@ -161,7 +161,7 @@ def test_two_zero_shot_sets_from_their_files_in_one_run(tmp_path, capsys):
     each set's numbers those of the plain evaluator on its prepared blocks (same seed and draws)."""
     from tests.test_eval_sets import EXPECTED, FIX
 
-    ckpt = str(_random_model(tmp_path / "byte", 257, 16))
+    ckpt = str(random_model(tmp_path / "byte", 257, 16))
     common = ["--draws", "4", "--seed", "5", "--batch-size", "2"]
     tool = _tool()
     out = tmp_path / "sets.json"
