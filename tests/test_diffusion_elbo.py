@@ -268,3 +268,20 @@ def test_monte_carlo_conditional_elbo_matches_the_quadrature():
     assert 0 < stderr < 0.1 * expected and abs(estimate - expected) < 4 * stderr, (estimate, expected, stderr)
     result = elbo(enum.log_score_fn(), graph, noise, batch[:8], num_samples=4, given=GIVEN)
     assert result.num_tokens == 8 * 2 and all(tokens == 2 for _, tokens in result.groups)
+
+
+def test_per_row_generators_make_each_row_independent_of_its_batch():
+    """One generator per row: a row's bound is the same alone, in another batch and at another place in it."""
+    fn, draw = product_case("uniform", 6)
+    graph, noise = get_graph("uniform", num_tokens=5), get_noise("geometric")
+    x0 = draw(3, data_seed=4)
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch, _ = elbo_per_sequence(fn, graph, noise, x0, num_samples=4, generator=gens(1, 2, 3))
+    alone, _ = elbo_per_sequence(fn, graph, noise, x0[1:2], num_samples=4, generator=gens(2))
+    swapped, _ = elbo_per_sequence(fn, graph, noise, x0[[1, 0]], num_samples=4, generator=gens(2, 1))
+    # (equal draws; the batched score function rounds differently at 1e-13)
+    torch.testing.assert_close(torch.stack([alone[0], swapped[0], swapped[1]]), batch[[1, 1, 0]], rtol=1e-12, atol=0)
+    other, _ = elbo_per_sequence(fn, graph, noise, x0[1:2], num_samples=4, generator=gens(7))
+    assert abs(float(other[0]) - float(alone[0])) > 1e-6  # another generator, other draws
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        elbo_per_sequence(fn, graph, noise, x0, num_samples=4, generator=gens(1, 2))

@@ -334,6 +334,8 @@ def run(args) -> dict | None:
 
 def _evaluate_one(args, trainer, manifest: str, split: str, metrics, rank0: bool, prefix: str) -> dict:
     """The bound over one split of one manifest: nats/token, both errors, counts (logged under eval/PREFIX/)."""
+    import sedd_scale.compat  # noqa: F401  (before megatron-core)
+
     from megatron.core import parallel_state as ps
 
     from sedd_scale.data.loader import EvalLoader
