@@ -121,3 +121,12 @@ def test_evaluate_tool_refuses_missing_or_malformed_set_files_in_one_line(tmp_pa
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (message, err)
     assert not dist.is_initialized()
+
+
+def test_the_readme_command_for_all_sets_parses_and_names_every_file():
+    from tests.test_readme_commands import command
+
+    argv = command("torchrun", "--nproc-per-node", "8", "tools/evaluate.py", "gpt2-vocab-model", "--datasets", "all")
+    args = _tool().parser().parse_args(argv[4:])
+    assert parse_datasets(args.datasets) == list(EVAL_SETS)
+    assert all(getattr(args, f"{'lm1b' if n == '1bw' else n}_file") for n, s in EVAL_SETS.items() if not s.builtin)
