@@ -178,6 +178,10 @@ def test_two_zero_shot_sets_from_their_files_in_one_run(tmp_path, capsys):
         plain = launch(evaluate, 1, [ckpt, "--manifest", r["manifest"], "--split", "test", *common])[0]
         assert [plain[k] for k in ("nats_per_token", "stderr", "data_stderr")] == \
             [r[k] for k in ("nats_per_token", "stderr", "data_stderr")]
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "too short"}\n')
+    with pytest.raises(RuntimeError, match="fewer tokens than one block of the model's length 16 in lambada"):
+        launch(evaluate, 1, [ckpt, "--datasets", "lambada", "--data-file", str(short), *common])
     table = tool.format_table(result).splitlines()
     assert table[-3].split()[:2] == ["dataset", "nats_per_token"]
     assert [line.split()[0] for line in table[-2:]] == ["lambada", "wikitext103"]

@@ -194,7 +194,8 @@ def test_the_documented_command_line_runs(model_dir, tmp_path):
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "sedd_scale.apps.lm_eval_adapter", "--model", "sedd",
                           "--model_args", f"pretrained={model_dir},mc_draws=2", "--tasks", "local_ppl",
-                          "--include_path", str(tmp_path), "--device", "cpu", "--output_path", str(tmp_path / "res")],
+                          "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "2",
+                          "--output_path", str(tmp_path / "res")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in (tmp_path / "res").rglob("results*.json")]

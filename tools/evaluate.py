@@ -178,6 +178,18 @@ def _eval_set_manifest(name: str, paths: list[Path] | None, length: int, num_tok
     return out / "manifest.json"
 
 
+def _check_sets_hold_a_block(targets: dict, length: int) -> None:
+    """EvaluationError naming every set whose files fill no block of the model's length (nothing to evaluate)."""
+    from sedd_scale.data.manifest import Manifest
+
+    short = {name: Manifest.load(manifest).splits[split] for name, (manifest, split) in targets.items()}
+    short = {name: info for name, info in short.items() if info.num_sequences == 0}
+    if short:
+        what = ", ".join(f"{name} ({info.dropped_tokens} tokens)" for name, info in short.items())
+        raise EvaluationError(f"fewer tokens than one block of the model's length {length} in {what}: nothing to "
+                              "evaluate; pass the whole test file")
+
+
 EVAL_PROTOCOL = "SEDD zero-shot: reference detokenizer, EOS after each document, concatenated, blocks"
 
 
@@ -306,6 +318,7 @@ def run(args) -> dict | None:
     if sets:
         targets = {name: (str(_eval_set_manifest(name, paths, cfg.length, cfg.num_tokens)), "test")
                    for name, paths in sets.items()}
+        _check_sets_hold_a_block(targets, cfg.length)
     else:
         data = recipe["data"]
         manifest = args.manifest or data.get("valid") or data["manifests"][0]

@@ -1,7 +1,7 @@
 """A SEDD model in EleutherAI's lm-evaluation-harness (`lm-eval`, the `eval` extra), registered as model `sedd`.
 
-    python -m sedd_scale.apps.lm_eval_adapter --model sedd \\
-        --model_args pretrained=DIR,mc_draws=8,seed=0,steps=128,batch_size=8,device=cuda --tasks lambada_openai
+    python -m sedd_scale.apps.lm_eval_adapter --model sedd --model_args pretrained=DIR,mc_draws=8,seed=0,steps=128 \\
+        --batch_size 8 --device cuda --tasks lambada_openai
     # from Python: import sedd_scale.apps.lm_eval_adapter, then lm_eval.simple_evaluate(model="sedd", ...)
 
 lm-eval finds models only in its registry and has no plugin hook, so the plain `lm_eval` command does
@@ -10,8 +10,11 @@ lm-eval's own (every lm-eval flag works, `--include_path` for local tasks includ
 
 DIR is a hub or consolidated directory (`sedd_scale.pretrained.load_pretrained`); its vocabulary picks
 the tokenizer (50257: GPT-2, 257: bytes). model_args: `mc_draws` (Monte-Carlo t per sequence, >= 2,
-split into replicates as in tools/evaluate.py), `seed`, `batch_size` (sequences per forward),
-`device` (default: the GPU if any), `steps` / `predictor` (generation), `max_gen_toks` (default 256).
+split into replicates as in tools/evaluate.py), `seed`, `steps` / `predictor` (generation),
+`max_gen_toks` (default 256). The batch size (sequences per forward) and the device come from lm-eval's
+own `--batch_size` and `--device` (its command line passes both to every model, default 1 and cuda:0,
+so they cannot also be model_args there); from Python, simple_evaluate's batch_size/device or
+model_args. Without either: 8 sequences, the GPU if any.
 
 * loglikelihood(context, continuation): minus the conditional ELBO (`diffusion.elbo`, `given`): the
   context tokens are clamped clean and never noised or scored, only the continuation is noised and
@@ -127,6 +130,9 @@ class SEDDLM(LM):
         if self.tok is None:
             raise ValueError(f"sedd: the model has {cfg.num_tokens} tokens and no known tokenizer (gpt2: 50257, "
                              "byte: 257): lm-eval tasks are text")
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"sedd: device {device} but CUDA is not available here: pass --device cpu "
+                             "(lm-eval's command line defaults to cuda:0)")
         model, self.graph, self.noise = load_pretrained(path, device=device)
         self._device = next(model.parameters()).device
         self.log_score = model_log_score_fn(model)
