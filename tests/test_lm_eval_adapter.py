@@ -26,6 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 LENGTH = 24
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_process_group():
+    """load_pretrained joins a one-process group in this process: left as found for the tests that follow."""
+    import torch.distributed as dist
+
+    from sedd_scale.distributed import parallel
+
+    had = dist.is_initialized()
+    yield
+    if not had and dist.is_initialized():
+        parallel.destroy_parallel()
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return random_model(tmp_path_factory.mktemp("sedd") / "byte", 257, LENGTH)
