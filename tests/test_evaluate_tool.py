@@ -104,7 +104,7 @@ def test_bad_requests_exit_2_before_any_work(tmp_path):
     cases = {"does not exist": [str(tmp_path / "nope")],
              f"{tmp_path / 'not-a-checkpoint'} is neither a checkpoint folder": [str(tmp_path / "not-a-checkpoint")],
              "--draws must be >= 2": [ckpt, "--draws", "1"],
-             "GPT-2-vocabulary": [ckpt, "--protocol", "ptb"],
+             "GPT-2-vocabulary": [ckpt, "--protocol", "ptb"],  # the same as --datasets ptb
              "seq_len": [ckpt, "--manifest", str(_other_length(tmp_path))],
              "exists": [ckpt, "--manifest", data, "--out", data],
              "holds no sequences in its split 'test'": [ckpt, "--manifest", empty_splits(tmp_path),
@@ -127,24 +127,62 @@ def _other_length(tmp: Path) -> Path:
     return tmp / "len16" / "manifest.json"
 
 
-def test_ptb_zero_shot_protocol_blocks_the_test_split(tmp_path):
-    """--protocol ptb: the detokenized PTB test lines, GPT-2 tokens + EOS each, cut into model-length blocks."""
+def random_model(path: Path, num_tokens: int, length: int) -> Path:
+    """A consolidated model with small random weights (so its bound is finite and not trivial)."""
     from sedd_scale.checkpoint import consolidated as cons
-    from sedd_scale.data.corpora import load_corpus
-    from sedd_scale.data.manifest import Manifest
-    from sedd_scale.data.tokenizer import get_tokenizer
     from sedd_scale.model.config import ModelConfig
 
-    cfg = ModelConfig(hidden_size=32, n_heads=4, n_blocks=1, cond_dim=16, num_tokens=50257, length=64,
+    cfg = ModelConfig(hidden_size=32, n_heads=4, n_blocks=1, cond_dim=16, num_tokens=num_tokens, length=length,
                       vocab_multiple=1, dropout=0.0)
     gen = torch.Generator().manual_seed(0)
     weights = {k: 0.05 * torch.randn(s, generator=gen) for k, s in cons.expected_shapes(cfg).items()}
-    path = cons.write(tmp_path / "gpt2-vocab", cfg, {"type": "loglinear", "eps": 1e-3}, weights, which="raw",
-                      provenance={})
-    result = launch(evaluate, 1, [str(path), "--protocol", "ptb", "--max-batches", "2", "--batch-size", "2",
-                                  "--draws", "2"])[0]
+    return cons.write(path, cfg, {"type": "loglinear", "eps": 1e-3}, weights, which="raw", provenance={})
+
+
+def test_ptb_zero_shot_protocol_blocks_the_test_split(tmp_path):
+    """--datasets ptb: the detokenized PTB test lines, GPT-2 tokens + EOS each, cut into model-length blocks."""
+    from sedd_scale.data.corpora import load_corpus
+    from sedd_scale.data.manifest import Manifest
+    from sedd_scale.data.tokenizer import get_tokenizer
+
+    path = random_model(tmp_path / "gpt2-vocab", 50257, 64)
+    result = launch(evaluate, 1, [str(path), "--datasets", "ptb", "--max-batches", "2", "--batch-size", "2",
+                                  "--draws", "2"])[0]["datasets"]["ptb"]
     assert result["split"] == "test" and result["tokens"] == 2 * 2 * 64 and math.isfinite(result["nats_per_token"])
     manifest = Manifest.load(result["manifest"])
     tok = get_tokenizer("gpt2")
     total = sum(len(tok.encode(line)) + 1 for line in load_corpus("ptb")["test"])  # + EOS per line
     assert manifest.seq_len == 64 and manifest.splits["test"].num_sequences == total // 64  # remainder dropped
+    assert result["dropped_tokens"] == total % 64
+
+
+def test_two_zero_shot_sets_from_their_files_in_one_run(tmp_path, capsys):
+    """A byte-vocabulary model over LAMBADA and WikiText-103 fixture files: one JSON and one table with both sets,
+    each set's numbers those of the plain evaluator on its prepared blocks (same seed and draws)."""
+    from tests.test_eval_sets import EXPECTED, FIX
+
+    ckpt = str(random_model(tmp_path / "byte", 257, 16))
+    common = ["--draws", "4", "--seed", "5", "--batch-size", "2"]
+    tool = _tool()
+    out = tmp_path / "sets.json"
+    argv = [ckpt, "--datasets", "lambada,wikitext103", "--lambada-file", str(FIX / "lambada_test.jsonl"),
+            "--wikitext103-file", str(FIX / "wiki.test.raw"), "--out", str(out), *common]
+    result = launch(evaluate, 1, argv)[0]
+    assert list(result["datasets"]) == ["lambada", "wikitext103"] and json.loads(out.read_text()) == result
+    for name, r in result["datasets"].items():
+        stream = sum(len(doc.encode("utf-8")) + 1 for doc in EXPECTED[name][1])  # bytes + EOS per document
+        assert r["sequences"] == stream // 16 and r["tokens"] == 16 * r["sequences"]
+        assert r["dropped_tokens"] == stream % 16 and r["batches"] == -(-r["sequences"] // 2)
+        assert 0 < r["stderr"] < r["nats_per_token"] and 0 < r["data_stderr"] < r["nats_per_token"]
+        assert r["perplexity_bound"] == math.exp(r["nats_per_token"])
+        plain = launch(evaluate, 1, [ckpt, "--manifest", r["manifest"], "--split", "test", *common])[0]
+        assert [plain[k] for k in ("nats_per_token", "stderr", "data_stderr")] == \
+            [r[k] for k in ("nats_per_token", "stderr", "data_stderr")]
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "too short"}\n')
+    with pytest.raises(RuntimeError, match="fewer tokens than one block of the model's length 16 in lambada"):
+        launch(evaluate, 1, [ckpt, "--datasets", "lambada", "--data-file", str(short), *common])
+    table = tool.format_table(result).splitlines()
+    assert table[-3].split()[:2] == ["dataset", "nats_per_token"]
+    assert [line.split()[0] for line in table[-2:]] == ["lambada", "wikitext103"]
+    assert float(table[-1].split()[1]) == round(result["datasets"]["wikitext103"]["nats_per_token"], 4)

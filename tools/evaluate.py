@@ -2,7 +2,10 @@
 
     python tools/evaluate.py runs/cpu-tiny --split test                       # one process
     torchrun --nproc-per-node 8 tools/evaluate.py runs/x --split test --draws 16 --out x-test.json
-    python tools/evaluate.py hub-or-consolidated-dir --protocol ptb          # the paper's zero-shot PTB
+    python tools/evaluate.py hub-or-consolidated-dir --datasets ptb          # the paper's zero-shot PTB
+    python tools/evaluate.py DIR --datasets all --lambada-file lambada_test.jsonl \
+        --wikitext2-file wikitext-2-raw/wiki.train.raw --wikitext103-file wikitext-103-raw/wiki.test.raw \
+        --1bw-file 'heldout-monolingual.tokenized.shuffled/news.en.heldout-*' --out table1.json
 
 CHECKPOINT is a training checkpoint (run dir or step folder; evaluated in its own layout, so launch
 as many ranks as it was trained with), or a consolidated / hub directory (TP and PP from --tp/--pp,
@@ -15,9 +18,17 @@ replicates (R = the smallest factor >= 2 of --draws: 2 for an even count), each 
 sequences (what another test set of as many sequences from the same source changes, its noise
 included; from the spread over batches, null with a single batch). An empty split is refused.
 
---protocol ptb: the SEDD paper's zero-shot Penn Treebank number: the official test split,
-detokenized like the reference, GPT-2 tokens with EOS after each line, cut into blocks of the
-model's length (no sliding window, the remainder dropped); prepared once into $SEDD_CACHE.
+--datasets lambada,wikitext2,ptb,wikitext103,1bw (or all): the SEDD paper's zero-shot protocol (Table 1)
+for each named set: its files read in their distribution format and detokenized like the reference
+(sedd_scale/data/eval_sets.py), GPT-2 tokens with EOS after each document (byte tokens for a
+257-token model), concatenated and cut into blocks of the model's length (no sliding window, the
+final remainder dropped), each set prepared once into $SEDD_CACHE (keyed by the files' sha256).
+Files: --lambada-file (lambada_test.jsonl), --wikitext2-file / --wikitext103-file (wiki.*.raw),
+--1bw-file (heldout files, globs and folders allowed), --ptb-file (ptb.test.txt; default: the PTB
+test split from its pinned PyPI package); --data-file PATH stands for the flag when one set is
+named. A requested set without its file, or a file out of format (the error names the file, line
+and format), exits with 2 before any work. One JSON (--out) and one table hold every set, each
+with the bound, `stderr` and `data_stderr`. --protocol ptb is the same as --datasets ptb.
 """
 from __future__ import annotations
 
@@ -39,13 +50,36 @@ class EvaluationError(ValueError):
     """A request that cannot be evaluated as asked."""
 
 
+# The sets' flags, mirrored from sedd_scale/data/eval_sets.py so that the command line parses without importing
+# the package (tests/test_evaluate_tool.py checks that they agree).
+EVAL_SET_FLAGS = {
+    "lambada": ("--lambada-file", "OpenAI's lambada_test.jsonl (a JSON object with \"text\" per line)"),
+    "wikitext2": ("--wikitext2-file", "WikiText-2 raw text, wiki.{train,valid,test}.raw (the paper: train)"),
+    "ptb": ("--ptb-file", "ptb.test.txt, one sentence per line (default: the pinned PyPI package's test split)"),
+    "wikitext103": ("--wikitext103-file", "WikiText-103 raw text, wiki.test.raw"),
+    "1bw": ("--1bw-file", "One Billion Word heldout files news.en.heldout-*-of-00050 (paths, folders, globs)"),
+}
+EVAL_SET_NAMES = tuple(EVAL_SET_FLAGS)
+
+
+def _dest(name: str) -> str:
+    return "lm1b" if name == "1bw" else name  # argparse dests are identifiers
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--manifest", default=None, help="data manifest.json (default: the recipe's validation data)")
     ap.add_argument("--split", default=None, help="split to evaluate (default: test when present, else valid)")
-    ap.add_argument("--protocol", choices=("ptb",), default=None, help="the paper's zero-shot PTB test protocol")
+    ap.add_argument("--datasets", default=None,
+                    help="zero-shot sets to evaluate: all, or a comma list of " + ", ".join(EVAL_SET_NAMES))
+    ap.add_argument("--protocol", choices=("ptb",), default=None, help="the same as --datasets ptb")
+    for name, (flag, what) in EVAL_SET_FLAGS.items():
+        ap.add_argument(flag, dest=f"{_dest(name)}_file", nargs="+", default=None, metavar="PATH",
+                        help=f"{name}: {what}")
+    ap.add_argument("--data-file", nargs="+", default=None, metavar="PATH",
+                    help="the file(s) of the one set named by --datasets (instead of its own flag)")
     ap.add_argument("--draws", type=int, default=8,
                     help="Monte-Carlo t draws per sequence, split into independent replicates (8 = 2 x 4)")
     ap.add_argument("--no-antithetic", dest="antithetic", action="store_false", help="independent draws per stratum")
@@ -62,31 +96,101 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _ptb_manifest(length: int, num_tokens: int) -> Path:
-    """The PTB test blocks for a model of `length` tokens (prepared once; rank 0 prepares, the others wait)."""
+def requested_sets(args) -> dict[str, list[Path] | None]:
+    """Set name -> its files (None: PTB's built-in test split), checked against the flags; EvaluationError for a
+    set without its file, a file flag for a set not requested, or a file out of format (read once here)."""
+    from sedd_scale.data.corpora import expand_inputs
+    from sedd_scale.data.eval_sets import EVAL_SETS, FormatError, parse_datasets
+
+    spec = args.datasets or args.protocol
+    given = {name: getattr(args, f"{_dest(name)}_file") for name in EVAL_SET_NAMES}
+    if spec is None:
+        extra = [EVAL_SET_FLAGS[n][0] for n, v in given.items() if v] + (["--data-file"] if args.data_file else [])
+        if extra:
+            raise EvaluationError(f"{', '.join(extra)} name dataset files: pass --datasets too (e.g. --datasets all)")
+        return {}
+    if args.manifest or args.split:
+        raise EvaluationError("--datasets evaluates the named sets' test files: drop --manifest/--split")
+    try:
+        names = parse_datasets(spec)
+    except ValueError as e:
+        raise EvaluationError(f"--datasets: {e}") from None
+    if args.data_file:
+        if len(names) != 1:
+            raise EvaluationError(f"--data-file stands for one set's flag, but --datasets names {len(names)}: "
+                                  "pass each set's own flag (" + ", ".join(EVAL_SET_FLAGS[n][0] for n in names) + ")")
+        if given[names[0]]:
+            raise EvaluationError(f"both --data-file and {EVAL_SET_FLAGS[names[0]][0]} name {names[0]}'s file: "
+                                  "pass one")
+        given[names[0]] = args.data_file
+    stray = [EVAL_SET_FLAGS[n][0] for n, v in given.items() if v and n not in names]
+    if stray:
+        raise EvaluationError(f"{', '.join(stray)} given but not requested: add the set to --datasets or drop the "
+                              "flag")
+    out: dict[str, list[Path] | None] = {}
+    for name in names:
+        eval_set, flag = EVAL_SETS[name], EVAL_SET_FLAGS[name][0]
+        if not given[name]:
+            if not eval_set.builtin:
+                raise EvaluationError(f"--datasets {name} needs its file: pass {flag} PATH ({eval_set.expected})")
+            out[name] = None
+            continue
+        try:
+            paths = expand_inputs(given[name])
+            for _ in eval_set.documents(paths):  # the whole file, so a bad line fails before any work
+                pass
+        except (FormatError, ValueError, FileNotFoundError) as e:
+            raise EvaluationError(f"{flag}: {e}") from None
+        out[name] = paths
+    return out
+
+
+def _eval_set_manifest(name: str, paths: list[Path] | None, length: int, num_tokens: int) -> Path:
+    """The test blocks of set `name` for a model of `length` tokens (prepared once; rank 0 prepares, others wait)."""
+    import hashlib
+
     import torch.distributed as dist
 
+    from sedd_scale.apps.generation import TOKENIZER_BY_VOCAB
     from sedd_scale.data.fetch import cache_dir
 
-    if num_tokens != 50257:
-        raise EvaluationError("--protocol ptb needs a GPT-2-vocabulary model (50257 tokens); this one has "
-                              f"{num_tokens}")
-    out = cache_dir() / "eval" / f"ptb-gpt2-{length}"
+    tokenizer = TOKENIZER_BY_VOCAB.get(num_tokens)
+    if tokenizer is None:
+        raise EvaluationError(f"--datasets needs a GPT-2-vocabulary model (50257 tokens) or a byte model (257); "
+                              f"this one has {num_tokens}")
+    key = f"{name}-{tokenizer}-{length}"
+    if paths is not None:  # the files' contents name the cache entry: another file is prepared anew
+        digest = hashlib.sha256(EVAL_PROTOCOL.encode())
+        for path in paths:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        key += "-" + digest.hexdigest()[:16]
+    out = cache_dir() / "eval" / key
     if dist.get_rank() == 0 and not _readable_manifest(out / "manifest.json"):
         import shutil
 
-        from sedd_scale.data.corpora import load_corpus
-        from sedd_scale.data.prepare import PrepareConfig, prepare
+        from sedd_scale.data.eval_sets import prepare_eval_set
 
         if out.exists():  # our own cache, written by an older data format: rebuilt, not misread
-            print(f"[evaluate] rebuilding the PTB cache {out} (written in an older data format)", file=sys.stderr)
+            print(f"[evaluate] rebuilding the {name} cache {out} (written in an older data format)", file=sys.stderr)
             shutil.rmtree(out)
-        # One worker: no fork inside a process that already runs gloo and OpenMP threads (a forked child
-        # can deadlock on a lock one of them held); PTB takes seconds.
-        prepare(load_corpus("ptb"), PrepareConfig(out=out, tokenizer="gpt2", seq_len=length, progress=False, workers=1),
-                {"corpus": "ptb", "protocol": "SEDD zero-shot: detokenized test split, EOS per line, blocks"})
+        prepare_eval_set(name, paths, tokenizer=tokenizer, seq_len=length, out=out, protocol=EVAL_PROTOCOL)
     dist.barrier()
     return out / "manifest.json"
+
+
+def _check_sets_hold_a_block(targets: dict, length: int) -> None:
+    """EvaluationError naming every set whose files fill no block of the model's length (nothing to evaluate)."""
+    from sedd_scale.data.manifest import Manifest
+
+    short = {name: Manifest.load(manifest).splits[split] for name, (manifest, split) in targets.items()}
+    short = {name: info for name, info in short.items() if info.num_sequences == 0}
+    if short:
+        what = ", ".join(f"{name} ({info.dropped_tokens} tokens)" for name, info in short.items())
+        raise EvaluationError(f"fewer tokens than one block of the model's length {length} in {what}: nothing to "
+                              "evaluate; pass the whole test file")
+
+
+EVAL_PROTOCOL = "SEDD zero-shot: reference detokenizer, EOS after each document, concatenated, blocks"
 
 
 def _readable_manifest(path: Path) -> bool:
@@ -195,16 +299,15 @@ def run(args) -> dict | None:
         raise EvaluationError(f"--max-batches must be >= 1, got {args.max_batches}")
     if args.out and Path(args.out).exists():
         raise EvaluationError(f"{args.out} exists: choose another --out (results are never overwritten)")
-    if args.manifest and not args.protocol:
-        _choose_split(args.manifest, args.split)  # an empty split fails before any process group or model
-    step = training_step(Path(args.checkpoint))  # so does a folder that is no checkpoint
+    sets = requested_sets(args)  # a missing or malformed dataset file fails before any process group or model
+    if args.manifest and not sets:
+        _choose_split(args.manifest, args.split)  # so does an empty split
+    step = training_step(Path(args.checkpoint))  # and a folder that is no checkpoint
 
     import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
 
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from sedd_scale.data.loader import EvalLoader
     from sedd_scale.distributed import engine
     from sedd_scale.train.metrics import Metrics
 
@@ -212,47 +315,89 @@ def run(args) -> dict | None:
     engine.init_world()
     trainer, recipe = build(args, dist.get_world_size(), step)
     cfg = trainer.model_cfg
-    if args.protocol == "ptb":
-        manifest, split = str(_ptb_manifest(cfg.length, cfg.num_tokens)), "test"
+    if sets:
+        targets = {name: (str(_eval_set_manifest(name, paths, cfg.length, cfg.num_tokens)), "test")
+                   for name, paths in sets.items()}
+        _check_sets_hold_a_block(targets, cfg.length)
     else:
         data = recipe["data"]
         manifest = args.manifest or data.get("valid") or data["manifests"][0]
-        split = _choose_split(manifest, args.split)
-    layout = trainer.layout
-    loader = EvalLoader(manifest, split, args.batch_size or layout.micro_batch, ps.get_data_parallel_rank(),
-                        layout.dp)
-    loader.check_compatible(cfg.num_tokens, cfg.length)
-    batches = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
+        targets = {None: (manifest, _choose_split(manifest, args.split))}
     rank0 = dist.get_rank() == 0
-    metrics = Metrics(args.tensorboard or os.devnull, total_steps=batches, enabled=rank0 and bool(args.tensorboard))
-    bar = None
-    if rank0 and not args.tensorboard:
-        from tqdm import tqdm
-
-        bar = tqdm(total=batches, unit="batch", dynamic_ncols=True, mininterval=1.0)
-    estimate = trainer.validate(islice(loader, batches), args.draws, antithetic=args.antithetic, seed=args.seed,
-                                ema=args.weights == "ema", progress=(bar.update if bar else metrics.advance))
-    if bar:
-        bar.close()
-    data_stderr = estimate.data_stderr if math.isfinite(estimate.data_stderr) else None  # null: a single batch
-    result = {"checkpoint": str(args.checkpoint), "step": trainer.step, "manifest": manifest, "split": split,
-              "protocol": args.protocol, "weights": args.weights, "nats_per_token": estimate.nats_per_token,
-              "stderr": estimate.stderr, "data_stderr": data_stderr, "perplexity_bound": estimate.perplexity_bound,
-              "tokens": estimate.num_tokens, "sequences": estimate.num_sequences, "batches": len(estimate.groups),
-              "draws": args.draws, "replicates": replicates, "antithetic": args.antithetic, "seed": args.seed,
-              "layout": layout.describe(), "seconds": round(time.perf_counter() - started, 1)}
-    scalars = {f"eval/{split}/elbo_nats_per_token": estimate.nats_per_token,
-               f"eval/{split}/elbo_stderr": estimate.stderr,
-               f"eval/{split}/perplexity_bound": estimate.perplexity_bound}
-    if data_stderr is not None:
-        scalars[f"eval/{split}/elbo_data_stderr"] = data_stderr
-    metrics.scalars(trainer.step, scalars)
+    # (with --tensorboard the progress bar is the metrics' own; its total is unknown before the loaders exist)
+    metrics = Metrics(args.tensorboard or os.devnull, total_steps=0, enabled=rank0 and bool(args.tensorboard))
+    results = {name: _evaluate_one(args, trainer, manifest, split, metrics, rank0, prefix=name or split)
+               for name, (manifest, split) in targets.items()}
     metrics.close()
+    common = {"checkpoint": str(args.checkpoint), "step": trainer.step, "weights": args.weights, "draws": args.draws,
+              "replicates": replicates, "antithetic": args.antithetic, "seed": args.seed,
+              "layout": trainer.layout.describe(), "seconds": round(time.perf_counter() - started, 1)}
+    if sets:
+        result = {**common, "protocol": EVAL_PROTOCOL,
+                  "files": {n: [str(p) for p in ps] if ps else "built-in" for n, ps in sets.items()},
+                  "datasets": results}
+    else:
+        result = {**common, **results[None]}
     if rank0 and args.out:
         from sedd_scale.checkpoint.sharded import atomic_write_text
 
         atomic_write_text(Path(args.out), json.dumps(result, indent=2))
     return result if rank0 else None
+
+
+def _evaluate_one(args, trainer, manifest: str, split: str, metrics, rank0: bool, prefix: str) -> dict:
+    """The bound over one split of one manifest: nats/token, both errors, counts (logged under eval/PREFIX/)."""
+    import sedd_scale.compat  # noqa: F401  (before megatron-core)
+
+    from megatron.core import parallel_state as ps
+
+    from sedd_scale.data.loader import EvalLoader
+    from sedd_scale.data.manifest import Manifest
+
+    cfg, layout = trainer.model_cfg, trainer.layout
+    loader = EvalLoader(manifest, split, args.batch_size or layout.micro_batch, ps.get_data_parallel_rank(),
+                        layout.dp)
+    loader.check_compatible(cfg.num_tokens, cfg.length)
+    batches = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
+    bar = None
+    if rank0 and not args.tensorboard:
+        from tqdm import tqdm
+
+        bar = tqdm(total=batches, unit="batch", dynamic_ncols=True, mininterval=1.0, desc=prefix)
+    estimate = trainer.validate(islice(loader, batches), args.draws, antithetic=args.antithetic, seed=args.seed,
+                                ema=args.weights == "ema", progress=bar.update if bar else metrics.advance)
+    if bar:
+        bar.close()
+    data_stderr = estimate.data_stderr if math.isfinite(estimate.data_stderr) else None  # null: a single batch
+    scalars = {f"eval/{prefix}/elbo_nats_per_token": estimate.nats_per_token,
+               f"eval/{prefix}/elbo_stderr": estimate.stderr,
+               f"eval/{prefix}/perplexity_bound": estimate.perplexity_bound}
+    if data_stderr is not None:
+        scalars[f"eval/{prefix}/elbo_data_stderr"] = data_stderr
+    metrics.scalars(trainer.step, scalars)
+    return {"manifest": manifest, "split": split, "nats_per_token": estimate.nats_per_token, "stderr": estimate.stderr,
+            "data_stderr": data_stderr, "perplexity_bound": estimate.perplexity_bound, "tokens": estimate.num_tokens,
+            "sequences": estimate.num_sequences, "batches": len(estimate.groups),
+            "dropped_tokens": Manifest.load(manifest).splits[split].dropped_tokens}
+
+
+TABLE_COLUMNS = ("nats_per_token", "stderr", "data_stderr", "perplexity_bound", "tokens", "sequences")
+
+
+def format_table(result: dict) -> str:
+    """The printed result: key/value lines, then one row per dataset when --datasets was given."""
+    scalars = {k: v for k, v in result.items() if k not in ("datasets", "files")}
+    width = max(len(k) for k in scalars)
+    lines = [f"{k:<{width}}  {v}" for k, v in scalars.items()]
+    if "datasets" in result:
+        rows = [("dataset", *TABLE_COLUMNS)]
+        for name, r in result["datasets"].items():
+            rows.append((name, *(("-" if r[c] is None else f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]))
+                                 for c in TABLE_COLUMNS)))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines += [""] + ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                                   enumerate(zip(row, widths))) for row in rows]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,8 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result is not None:
-        width = max(len(k) for k in result)
-        print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()), flush=True)
+        print(format_table(result), flush=True)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -15,6 +15,13 @@ bound(x0) = integral_0^1 sigma(t) sum_i E_{x_t ~ p_t|0}[score_entropy_i] dt + KL
   the replicates' mean; their spread gives an unbiased estimate of its Monte-Carlo variance. (Treating
   stratified draws as i.i.d. counts the integrand's variation over t as noise and overstates the error
   about 10x on trained models.)
+- Conditional bound (`given`): the positions marked given hold their clean tokens throughout (never
+  noised, never scored) and the model sees them at every noise level; only the other positions are
+  noised and scored, and the prior covers them alone. This bounds -log p(x0[free] | x0[given]) for the
+  reverse process that keeps the given tokens clamped (sedd-math 5, conditional sampling). Under the
+  absorbing graph the unconditional ratios with clean given tokens are exactly the conditional ones,
+  so with the exact score the bound is tight; under the uniform graph clamping is a heuristic and the
+  bound, still valid, is looser.
 - Two errors are reported (`ElboEstimate`): `stderr`, what another noise seed would change on these
   sequences, and `data_stderr`, what another set of as many sequences from the same source would change
   (their noise included), from the spread of independently drawn groups of sequences.
@@ -22,7 +29,7 @@ bound(x0) = integral_0^1 sigma(t) sum_i E_{x_t ~ p_t|0}[score_entropy_i] dt + KL
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +40,9 @@ from .noise import Noise
 from .reference_loss import LogScoreFn
 
 
-def prior_kl(graph: Graph, noise: Noise, x0: Tensor) -> Tensor:
-    """KL(p_1|0(.|x0) || p_base) per sequence (nats, float64), with the bases described above."""
+def prior_kl(graph: Graph, noise: Noise, x0: Tensor, given: Tensor | None = None) -> Tensor:
+    """KL(p_1|0(.|x0) || p_base) per sequence (nats, float64), with the bases described above, over the
+    positions not `given` (bool, shaped like x0 or (L,); None: every position)."""
     sigma1 = noise.total_noise(torch.ones((), dtype=torch.float64))
     stay = torch.exp(-sigma1)
     n = graph.num_tokens
@@ -43,7 +51,10 @@ def prior_kl(graph: Graph, noise: Noise, x0: Tensor) -> Tensor:
     else:
         p_self = stay + (1 - stay) / n
         per_token = p_self * torch.log1p((n - 1) * stay) + (n - 1) * ((1 - stay) / n) * torch.log1p(-stay)
-    return torch.full((x0.shape[0],), float(per_token) * x0.shape[1], dtype=torch.float64, device=x0.device)
+    if given is None:
+        return torch.full((x0.shape[0],), float(per_token) * x0.shape[1], dtype=torch.float64, device=x0.device)
+    free = (~given.to(x0.device).expand_as(x0)).sum(-1).to(torch.float64)
+    return float(per_token) * free
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,32 @@ def replicate_split(draws: int, replicates: int | None = None) -> tuple[int, int
     return replicates, draws // replicates
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the batch, or one per row (each row's draws then depend on its own generator only, so a row
+gets the same number in any batch)."""
+
+
+def _per_row(generator: Generators) -> bool:
+    return isinstance(generator, Sequence)
+
+
+def _uniform(rows: int, device, generator: Generators) -> Tensor:
+    """(rows,) float64 uniforms from the batch's generator or each row's own."""
+    if _per_row(generator):
+        if len(generator) != rows:
+            raise ValueError(f"{len(generator)} generators for {rows} rows: pass one per row, or one for the batch")
+        return torch.cat([torch.rand(1, dtype=torch.float64, device=device, generator=g) for g in generator])
+    return torch.rand(rows, dtype=torch.float64, device=device, generator=generator)
+
+
+def _transition(graph: Graph, x0: Tensor, total: Tensor, generator: Generators) -> Tensor:
+    """x_t ~ p_t|0(. | x0) from the batch's generator or each row's own."""
+    if _per_row(generator):
+        return torch.cat([graph.sample_transition(x0[r:r + 1], total[r:r + 1], generator=g)
+                          for r, g in enumerate(generator)])
+    return graph.sample_transition(x0, total, generator=generator)
+
+
 ScoreEntropyFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """(x_t (B, L), total_noise (B,), x0 (B, L)) -> per-token score entropy (B, L), no rate weight."""
 
@@ -124,13 +161,18 @@ def score_entropy_fn(log_score_fn: LogScoreFn, graph: Graph) -> ScoreEntropyFn:
     return fn
 
 
-def _dwdse(se_fn: ScoreEntropyFn, graph: Graph, x0: Tensor, total: Tensor, generator) -> Tensor:
-    """sum_i score_entropy_i at total noise `total` (B,), one x_t draw per sequence, float64."""
-    x_t = graph.sample_transition(x0, total, generator=generator)
-    return se_fn(x_t, total, x0).to(torch.float64).sum(-1)
+def _dwdse(se_fn: ScoreEntropyFn, graph: Graph, x0: Tensor, total: Tensor, generator: Generators,
+           given: Tensor | None = None) -> Tensor:
+    """sum_i score_entropy_i at total noise `total` (B,), one x_t draw per sequence, float64; `given` positions
+    (bool, broadcast to x0) keep their clean token and are not summed."""
+    x_t = _transition(graph, x0, total, generator)
+    if given is None:
+        return se_fn(x_t, total, x0).to(torch.float64).sum(-1)
+    x_t = torch.where(given, x0, x_t)  # every position is drawn, so the generator moves on as without `given`
+    return se_fn(x_t, total, x0).to(torch.float64).masked_fill(given, 0.0).sum(-1)
 
 
-def noise_draws(noise: Noise, rows: int, num_samples: int, *, device=None, generator: torch.Generator | None = None,
+def noise_draws(noise: Noise, rows: int, num_samples: int, *, device=None, generator: Generators = None,
                 antithetic: bool = False) -> list[list[tuple[Tensor, Tensor]]]:
     """The ELBO's quadrature over total noise from 0, as pieces of (total_noise, weight) draws per row.
 
@@ -144,8 +186,7 @@ def noise_draws(noise: Noise, rows: int, num_samples: int, *, device=None, gener
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
     def strata(count: int) -> list[Tensor]:
-        u = [torch.rand(rows, dtype=torch.float64, device=device, generator=generator)
-             for _ in range((count + 1) // 2 if antithetic else count)]
+        u = [_uniform(rows, device, generator) for _ in range((count + 1) // 2 if antithetic else count)]
         offsets = [u[k // 2] if k % 2 == 0 else 1.0 - u[k // 2] for k in range(count)] if antithetic else u
         return [1.0 - (k + offsets[k]) / count for k in range(count)]
 
@@ -158,27 +199,36 @@ def noise_draws(noise: Noise, rows: int, num_samples: int, *, device=None, gener
 
 @torch.no_grad()
 def elbo_per_sequence(model: LogScoreFn | ScoreEntropyFn, graph: Graph, noise: Noise, x0: Tensor, *,
-                      num_samples: int = 8, replicates: int | None = None, generator: torch.Generator | None = None,
-                      fused: bool = False) -> tuple[Tensor, Tensor]:
+                      num_samples: int = 8, replicates: int | None = None, generator: Generators = None,
+                      fused: bool = False, given: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(bound, Monte-Carlo variance of it) per sequence, float64: `num_samples` draws as replicates (`replicate_split`).
 
     `model` is a log-score function, or with `fused=True` a ScoreEntropyFn (e.g. the vocab-parallel
-    head loss, which never materialises full-vocabulary log-scores).
+    head loss, which never materialises full-vocabulary log-scores). `given` (bool, (B, L) or (L,)):
+    the conditional bound on the other positions given these (module docstring); None: unconditional.
+    `generator`: one for the batch, or one per row (`Generators`).
     """
     se_fn = model if fused else score_entropy_fn(model, graph)
+    if given is not None:
+        given = given.to(device=x0.device, dtype=torch.bool).expand_as(x0)
     count, per_replicate = replicate_split(num_samples, replicates)
     estimates = torch.zeros(count, x0.shape[0], dtype=torch.float64, device=x0.device)
     for r in range(count):
         for piece in noise_draws(noise, x0.shape[0], per_replicate, device=x0.device, generator=generator):
-            values = torch.stack([weight * _dwdse(se_fn, graph, x0, total, generator) for total, weight in piece])
+            values = torch.stack([weight * _dwdse(se_fn, graph, x0, total, generator, given)
+                                  for total, weight in piece])
             estimates[r] += values.mean(0)
-    return prior_kl(graph, noise, x0) + estimates.mean(0), estimates.var(0) / count
+    return prior_kl(graph, noise, x0, given) + estimates.mean(0), estimates.var(0) / count
 
 
 def elbo(model: LogScoreFn | ScoreEntropyFn, graph: Graph, noise: Noise, x0: Tensor, *, num_samples: int = 8,
-         replicates: int | None = None, generator: torch.Generator | None = None, fused: bool = False) -> ElboEstimate:
-    """The bound summed over the batch (each sequence a group), ready to merge with other batches and ranks."""
+         replicates: int | None = None, generator: Generators = None, fused: bool = False,
+         given: Tensor | None = None) -> ElboEstimate:
+    """The bound summed over the batch (each sequence a group), ready to merge with other batches and ranks; with
+    `given`, the conditional bound, counting only the positions not given as tokens."""
     bound, var = elbo_per_sequence(model, graph, noise, x0, num_samples=num_samples, replicates=replicates,
-                                   generator=generator, fused=fused)
-    return ElboEstimate(float(bound.sum()), float(var.sum()), x0.numel(), x0.shape[0],
-                        tuple((float(b), x0.shape[1]) for b in bound))
+                                   generator=generator, fused=fused, given=given)
+    free = (torch.full((x0.shape[0],), x0.shape[1], dtype=torch.long) if given is None else
+            (~given.to(torch.bool).cpu().expand(x0.shape)).sum(-1))
+    return ElboEstimate(float(bound.sum()), float(var.sum()), int(free.sum()), x0.shape[0],
+                        tuple((float(b), int(n)) for b, n in zip(bound, free)))
