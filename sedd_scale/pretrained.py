@@ -29,12 +29,14 @@ from sedd_scale.model.transformer import SEDD
 @dataclasses.dataclass
 class Weights:
     """A weights-only checkpoint: model config, noise spec ({"type", **get_noise kwargs}), whole tensors by
-    model key, and the training recipe it came from (consolidated checkpoints of our runs; None for hub ones)."""
+    model key, the training recipe it came from and its optimizer step (consolidated checkpoints of our runs; None
+    for hub ones)."""
 
     config: ModelConfig
     noise: dict[str, Any]
     tensors: Mapping[str, Tensor]
     recipe: dict[str, Any] | None
+    step: int | None = None
 
 
 def read_weights(path: str | Path, **config_overrides) -> Weights:
@@ -47,7 +49,7 @@ def read_weights(path: str | Path, **config_overrides) -> Weights:
     if consolidated.is_consolidated(path):
         ckpt = consolidated.open_consolidated(path)
         return Weights(dataclasses.replace(ckpt.model, **config_overrides), ckpt.noise, ckpt.weights(),
-                       ckpt.config.get("recipe"))
+                       ckpt.config.get("recipe"), ckpt.config.get("step"))
     hub_cfg, state = read_hub(path)
     cfg = model_config_from_hub(hub_cfg, **config_overrides)
     return Weights(cfg, noise_from_hub(hub_cfg), hub_to_model(cfg, state), None)

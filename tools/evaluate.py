@@ -9,7 +9,9 @@
 
 CHECKPOINT is a training checkpoint (run dir or step folder; evaluated in its own layout, so launch
 as many ranks as it was trained with), or a consolidated / hub directory (TP and PP from --tp/--pp,
-default the trained layout; DP = the remaining ranks). Data-parallel ranks split the batches; each
+default 1 as in tools/sample.py; DP = the remaining ranks), which needs nothing beside it: its tokenizer is
+the one bundled in it, and its data the recipe's only when given again (--manifest) or found where the
+recipe says. Data-parallel ranks split the batches; each
 batch's noise comes from (seed, batch index), so any DP size gives the same result. Every sequence
 gets --draws t over the whole noise range, plus the prior term: the draws form R independent
 replicates (R = the smallest factor >= 2 of --draws: 2 for an even count), each a stratified design
@@ -220,13 +222,25 @@ def _choose_split(manifest: str, requested: str | None) -> str:
     return split
 
 
-def _recipe_for_weights(weights, manifest: str, *, tp: int, pp: int, micro_batch: int, dp: int) -> dict:
-    """A recipe (as data) to run weights-only `weights` under TP x PP x DP: the saved one when there is one."""
+def _recipe_for_weights(weights, folder: Path, manifest: str | None, *, tp: int, pp: int, micro_batch: int,
+                        dp: int) -> dict:
+    """A recipe (as data) to run weights-only `weights` (from `folder`) under TP x PP x DP: the saved one when there
+    is one, with the directory's own tokenizer and `manifest` (when given) for the data."""
+    from sedd_scale.checkpoint.bundle import TOKENIZER_FILE, read_tokenizer_record
     from sedd_scale.config import DiffusionConfig, to_dict
 
     model = to_dict(weights.config)
     data = copy.deepcopy(weights.recipe) if weights.recipe else {
-        "model": model, "data": {"manifests": [manifest], "tokenizer": None, "seq_len": model["length"]}}
+        "model": model, "data": {"manifests": [manifest or "unused"], "tokenizer": None, "seq_len": model["length"]}}
+    record = read_tokenizer_record(folder)  # the bundled tokenizer, not the recipe's path (relative to its run)
+    if record is not None:
+        bundled = record["tokenizer"]
+        data["data"]["tokenizer"] = str((folder / TOKENIZER_FILE).resolve()) if bundled == TOKENIZER_FILE else bundled
+    elif data["data"].get("tokenizer") and not Path(data["data"]["tokenizer"]).is_file() and \
+            data["data"]["tokenizer"].endswith(".json"):
+        data["data"]["tokenizer"] = None  # an export from before tokenizers were bundled: check by vocabulary only
+    if manifest:
+        data["data"] = {**data["data"], "manifests": [manifest], "valid": manifest, "weights": None}
     data["diffusion"] = {**data.get("diffusion", {}), **DiffusionConfig.section_for(weights.noise)}
     data["parallel"] = {"tp": tp, "pp": pp, "zero_stage": 0, "micro_batch": micro_batch,
                         "global_batch": micro_batch * dp}
@@ -255,8 +269,9 @@ def training_step(path: Path) -> Path | None:
 
 
 def build(args, world: int, step: Path | None):
-    """The trainer holding the checkpoint's weights under the evaluation layout, and the recipe (`step`: the
-    training checkpoint's step folder, None for a consolidated or hub directory)."""
+    """The trainer holding the checkpoint's weights under the evaluation layout, the recipe, and the optimizer steps
+    the weights were trained for (None when unknown; `step`: the training checkpoint's step folder, None for a
+    consolidated or hub directory)."""
     from sedd_scale.apps import convert
     from sedd_scale.checkpoint import full_state
     from sedd_scale.checkpoint.sharded import ANY_LAYOUT, read_meta
@@ -266,14 +281,14 @@ def build(args, world: int, step: Path | None):
     if step is None:
         weights = read_weights(path)
         trained = (weights.recipe or {}).get("parallel", {})
-        tp, pp = args.tp or trained.get("tp", 1), args.pp or trained.get("pp", 1)
+        tp, pp = args.tp or 1, args.pp or 1  # the weights run under any layout; TP 1 unless asked, as sample.py
         if world % (tp * pp):
             raise EvaluationError(f"{world} ranks cannot hold TP {tp} x PP {pp}: launch a multiple of {tp * pp}")
-        recipe = _recipe_for_weights(weights, args.manifest or "unused", tp=tp, pp=pp, dp=world // (tp * pp),
+        recipe = _recipe_for_weights(weights, path, args.manifest, tp=tp, pp=pp, dp=world // (tp * pp),
                                      micro_batch=args.batch_size or trained.get("micro_batch", 8))
         trainer = convert.build_trainer(recipe)
         full_state.load(trainer, {"weights": weights.tensors}, None)  # the EMA starts as these weights
-        return trainer, recipe
+        return trainer, recipe, weights.step
     meta = read_meta(step)
     if meta["layout"] != ANY_LAYOUT and meta["world_size"] != world:  # a resharded (layout-free) step runs anywhere
         raise EvaluationError(f"{step} was written by {meta['world_size']} ranks and is evaluated in its own layout: "
@@ -285,7 +300,7 @@ def build(args, world: int, step: Path | None):
     recipe = {**meta["recipe"], "checkpoint": {"dir": str(step.parent), "resume": False}}
     trainer = convert.build_trainer(recipe)
     trainer.load(step)
-    return trainer, recipe
+    return trainer, recipe, trainer.step
 
 
 def run(args) -> dict | None:
@@ -313,7 +328,7 @@ def run(args) -> dict | None:
 
     started = time.perf_counter()
     engine.init_world()
-    trainer, recipe = build(args, dist.get_world_size(), step)
+    trainer, recipe, trained_steps = build(args, dist.get_world_size(), step)
     cfg = trainer.model_cfg
     if sets:
         targets = {name: (str(_eval_set_manifest(name, paths, cfg.length, cfg.num_tokens)), "test")
@@ -322,6 +337,10 @@ def run(args) -> dict | None:
     else:
         data = recipe["data"]
         manifest = args.manifest or data.get("valid") or data["manifests"][0]
+        if not Path(manifest).is_file() and "://" not in manifest:
+            raise EvaluationError(f"the model's recipe evaluates {manifest}, which is not found from {Path.cwd()} "
+                                  "(a recipe's paths are relative to where it trained): pass --manifest PATH, or "
+                                  "--datasets for the zero-shot sets")
         targets = {None: (manifest, _choose_split(manifest, args.split))}
     rank0 = dist.get_rank() == 0
     # (with --tensorboard the progress bar is the metrics' own; its total is unknown before the loaders exist)
@@ -329,7 +348,7 @@ def run(args) -> dict | None:
     results = {name: _evaluate_one(args, trainer, manifest, split, metrics, rank0, prefix=name or split)
                for name, (manifest, split) in targets.items()}
     metrics.close()
-    common = {"checkpoint": str(args.checkpoint), "step": trainer.step, "weights": args.weights, "draws": args.draws,
+    common = {"checkpoint": str(args.checkpoint), "step": trained_steps, "weights": args.weights, "draws": args.draws,
               "replicates": replicates, "antithetic": args.antithetic, "seed": args.seed,
               "layout": trainer.layout.describe(), "seconds": round(time.perf_counter() - started, 1)}
     if sets:

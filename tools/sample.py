@@ -96,8 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-denoise", action="store_true", help="skip the final denoising jump")
     p.add_argument("--precision", choices=("fp32", "bf16", "bf16-mixed"),
                    help="model numerics (default: the checkpoint loader's, fp32)")
-    p.add_argument("--tokenizer", default="auto", choices=("auto", "gpt2", "byte", "none"),
-                   help="auto: gpt2 for 50257 tokens, byte for 257, else none (ids only)")
+    p.add_argument("--tokenizer", default="auto",
+                   help="auto: the model directory's own (tokenizer_config.json), else gpt2 for 50257 tokens, byte "
+                        "for 257, else none (ids only); or gpt2, byte, none, or the path of a tokenizer.json")
     cond = p.add_argument_group("conditioning (text; needs a tokenizer)")
     cond.add_argument("--prefix", help="text the samples start with")
     cond.add_argument("--suffix", help="text the samples end with")

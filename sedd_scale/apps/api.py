@@ -9,8 +9,9 @@
     scores = model.score(["one text", "another"], draws=16, seed=0)
     scores[0].nats, scores[0].stderr, scores[0].nats_per_token  # ELBO (an upper bound on -log p) +- MC error
 
-The same pieces as `tools/sample.py` (`generation.py`) and `tools/evaluate.py` (`diffusion.elbo`): samples and
-scores depend only on the seed, the sampler and its steps (or draws), not on the batch size.
+The same pieces as `tools/sample.py` (`generation.py`) and `tools/evaluate.py` (`diffusion.elbo`): samples depend on
+the seed, the sampler, its steps and the batch size (batch b draws from (seed, b)), as sample.py's do; a text's score
+on the seed, the draws and its index only.
 """
 from __future__ import annotations
 
@@ -112,13 +113,15 @@ class SEDDModel:
             by_length.setdefault(len(t), []).append(i)
         for rows in by_length.values():
             for start in range(0, len(rows), batch_size):
-                for i in rows[start:start + batch_size]:  # one generator per text: batch-independent draws
-                    gen = torch.Generator(device=self.device).manual_seed(batch_seed(seed, i))
-                    x0 = torch.tensor([ids[i]], dtype=torch.long, device=self.device)
-                    bound, var = elbo_per_sequence(self._log_score, self.graph, self.noise, x0, num_samples=draws,
-                                                   generator=gen)
-                    scores[i] = Score(texts[i] if isinstance(texts[i], str) else None, len(ids[i]), float(bound[0]),
-                                      float(var[0]) ** 0.5)
+                chunk = rows[start:start + batch_size]
+                x0 = torch.tensor([ids[i] for i in chunk], dtype=torch.long, device=self.device)
+                # one generator per text: a text's draws, and so its score, do not depend on its batch
+                gens = [torch.Generator(device=self.device).manual_seed(batch_seed(seed, i)) for i in chunk]
+                bound, var = elbo_per_sequence(self._log_score, self.graph, self.noise, x0, num_samples=draws,
+                                               generator=gens)
+                for row, i in enumerate(chunk):
+                    scores[i] = Score(texts[i] if isinstance(texts[i], str) else None, len(ids[i]),
+                                      float(bound[row]), float(var[row]) ** 0.5)
         return scores
 
 

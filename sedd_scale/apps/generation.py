@@ -174,7 +174,7 @@ def build_conditioning(tokenizer: Tokenizer | None, *, model_length: int, length
         raise GenerationError(f"--length must be >= 1, got {length}")
     texts = [t for t in (prefix, suffix, template) if t is not None]
     if texts and tokenizer is None:
-        raise GenerationError("text conditioning needs a tokenizer: pass --tokenizer gpt2 or byte "
+        raise GenerationError("text conditioning needs a tokenizer: pass --tokenizer gpt2, byte or a tokenizer.json "
                               "(a model whose vocabulary fits one)")
     if template is not None:
         pieces = parse_template(template, blank_len)
