@@ -192,7 +192,7 @@ def test_reading_rows_reads_only_their_pages(tmp_path):
 
 
 def _prepare_tool(*argv: str) -> int:
-    from tools.prepare_data import main
+    from sedd_scale.cli.prepare_data import main
 
     return main(list(argv))
 

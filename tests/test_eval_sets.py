@@ -84,9 +84,7 @@ def test_blocks_are_the_concatenated_documents_with_eos_cut_to_the_model_length(
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("sedd_scale.cli.evaluate")
     return module
 
 

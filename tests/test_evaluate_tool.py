@@ -24,9 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("sedd_scale.cli.evaluate")
     return module
 
 

@@ -134,9 +134,7 @@ def test_evaluate_tool_refuses_an_empty_split_in_one_line(tmp_path, capsys):
 
     import torch.distributed as dist
 
-    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("sedd_scale.cli.evaluate")
     manifest, out, tb = empty_splits(tmp_path), tmp_path / "result.json", tmp_path / "tb"
     tb.mkdir()
     (tb / "metrics.jsonl").write_text('{"step": 3}\n')

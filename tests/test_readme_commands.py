@@ -65,9 +65,7 @@ def test_a_wrong_flag_is_answered_before_torch_is_imported(tool):
 def test_the_readme_sample_command_parses():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("sample_tool", ROOT / "tools" / "sample.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("sedd_scale.cli.sample")
     argv = command("python", "tools/sample.py")
     args = tool.parse_args(argv[2:])  # an argparse error (e.g. a required flag the README omits) exits here
     assert args.out is None and tool.summary_path(args) is None and "[BLANK" in args.template

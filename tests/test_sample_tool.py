@@ -316,10 +316,7 @@ def test_retokenised_scoring_matches_a_float64_oracle(tmp_path):
 # Bad input: exit code 2 before any work
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("sample_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("sedd_scale.cli.sample")
 
 
 def test_missing_checkpoint_exits_2_without_writing(tmp_path):

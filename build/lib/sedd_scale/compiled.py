@@ -1,0 +1,53 @@
+"""Regional torch.compile: pure tensor functions of the model and the loss, run eagerly or fused by torch.compile.
+
+A region holds no module, parameter hook, collective or RNG draw: its callers pass every tensor in. So a
+compiled region composes with whatever runs around it (megatron's TP linears, DeepSpeed's ZeRO-3 hooks, the
+pipeline engine, activation checkpointing), and one compiled graph serves every call site with the same
+kind of inputs (every block of the network).
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+
+import torch
+
+
+class Region:
+    """A pure tensor function, run eagerly or through torch.compile (compiled lazily, on first use)."""
+
+    # Graphs kept per region: one per grad mode, autocast state, input view-ness, ... Sizes are dynamic, but a
+    # process that builds several layouts (tests, tools) needs more than dynamo's default of 8 (past the limit
+    # fullgraph would raise).
+    GRAPHS = 64
+
+    def __init__(self, fn: Callable):
+        self.fn, self._compiled, self._limit = fn, None, {}
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, compiled: bool, *args):
+        """fn(*args), fused by torch.compile when `compiled`."""
+        if not compiled:
+            return self.fn(*args)
+        if self._compiled is None:
+            # Dynamic sizes from the start: training, evaluation and sampling batches, TP shards, loss chunks
+            # share a graph instead of compiling one per shape.
+            self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=True)
+            config = torch._dynamo.config  # imported by torch.compile; the name changed in torch 2.6
+            self._limit = {"recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit": self.GRAPHS}
+        with torch._dynamo.config.patch(**self._limit):
+            return self._compiled(*args)
+
+
+def check_compiler(device: torch.device) -> None:
+    """Raise unless torch.compile can build kernels for `device`: on CPU inductor needs a C++ compiler."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        found = shutil.which(get_cpp_compiler()) is not None
+    except (ImportError, RuntimeError):  # older torch, or inductor found no compiler
+        found = shutil.which("g++") is not None or shutil.which("clang++") is not None
+    if not found:
+        raise RuntimeError("model.compile: true needs a C++ compiler for torch.compile on CPU (inductor builds its "
+                           "kernels with it): install one (e.g. apt-get install g++) or set model.compile: false")

@@ -1,0 +1,136 @@
+"""The SEDD network as a DeepSpeed pipeline of megatron-core TP layers, and its training loss.
+
+Stages exchange (h, c): the hidden state and the noise-level conditioning. The first stage takes
+(x_t, total_noise); the last stage ends with the output layer's modulated features, and the loss
+(`HeadLoss`) projects them through that layer's vocab-parallel head inside the fused, chunked
+score entropy, with labels (x0, x_t, total_noise, rate). PP = 1 uses the same loss on `SEDD`.
+"""
+from __future__ import annotations
+
+import sedd_scale.compat  # noqa: F401  (before megatron / deepspeed)
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import Tensor, nn
+
+from sedd_scale.loss import HeadLossConfig, weighted_score_entropy_head
+from sedd_scale.model import SEDD, Block, InputLayer, ModelConfig, OutputLayer
+from sedd_scale.model.transformer import megatron_config
+
+
+def head_loss_config(model: ModelConfig, objective: str = "score_entropy", chunk_size: int = 1024) -> HeadLossConfig:
+    """The fused loss settings that match a model and the recipe's objective (bf16-mixed: bf16 GEMM operands, fp32
+    accumulation; model.compile: the chunks' elementwise work compiled too)."""
+    return HeadLossConfig.for_graph(model.graph, model.num_tokens, objective=objective,
+                                    scale_by_sigma=model.scale_by_sigma, chunk_size=chunk_size,
+                                    gemm_dtype=torch.bfloat16 if model.precision == "bf16-mixed" else None,
+                                    compile=model.compile)
+
+
+def head_loss(output_layer: OutputLayer, features: Tensor, x0: Tensor, x_t: Tensor, total_noise: Tensor,
+              rate: Tensor, cfg: HeadLossConfig) -> tuple[Tensor, Tensor]:
+    """(mean over the micro-batch of sum_i rate * score_entropy_i, the per-sequence losses detached).
+
+    The inputs are valid by construction (the trainer checks the loader's ids; noising yields x_t and
+    total_noise > 0), so the fused loss skips its input checks and their host syncs.
+    """
+    linear = output_layer.linear
+    loss, per_token = weighted_score_entropy_head(features, linear.weight, linear.bias, x_t, x0, total_noise,
+                                                  (rate / x0.shape[0])[:, None].to(features.dtype), cfg,
+                                                  vocab_start=output_layer.vocab_start, check_inputs=False)
+    return loss, (rate[:, None].to(per_token.dtype) * per_token).sum(1)
+
+
+class LossRecords:
+    """(total noise, per-sequence loss) of each training micro-batch since the trainer last took them."""
+
+    def __init__(self):
+        self._kept: list[tuple[Tensor, Tensor]] = []
+
+    def add(self, total_noise: Tensor, per_sequence: Tensor) -> None:
+        """Keep one micro-batch's values when training (evaluation runs without gradients and is not kept)."""
+        if torch.is_grad_enabled():
+            self._kept.append((total_noise.detach(), per_sequence))
+
+    def take(self) -> list[tuple[Tensor, Tensor]]:
+        """What was kept since the last call (always empty on pipeline stages without the loss)."""
+        out, self._kept = self._kept, []
+        return out
+
+
+class SEDDTrainModule(nn.Module):
+    """PP = 1: (x0, x_t, total_noise, rate) -> the micro-batch loss through the fused head."""
+
+    def __init__(self, model: SEDD, loss_cfg: HeadLossConfig):
+        super().__init__()
+        self.model, self.loss_cfg = model, loss_cfg
+        self.records = LossRecords()
+
+    def forward(self, x0: Tensor, x_t: Tensor, total_noise: Tensor, rate: Tensor) -> Tensor:
+        """The loss to backpropagate."""
+        h, c = self.model.hidden(x_t, total_noise)
+        features = self.model.output_layer.features(h, c)
+        loss, per_sequence = head_loss(self.model.output_layer, features, x0, x_t, total_noise, rate, self.loss_cfg)
+        if self.training:
+            self.records.add(total_noise, per_sequence)
+        return loss
+
+
+class InputStage(InputLayer):
+    """(x_t, total_noise) -> (h, c)."""
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # noqa: D102
+        x_t, total_noise = inputs
+        return super().forward(x_t, total_noise.detach())
+
+
+class BlockStage(Block):
+    """(h, c) -> (h, c)."""
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # noqa: D102
+        return super().forward(*inputs)
+
+
+class OutputStage(OutputLayer):
+    """(h, c) -> modulated features; the head projection happens inside the loss."""
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:  # noqa: D102
+        return self.features(*inputs)
+
+
+class HeadLoss:
+    """DeepSpeed pipeline loss_fn: needs the last stage's OutputStage, bound after construction."""
+
+    def __init__(self, cfg: HeadLossConfig):
+        self.cfg, self.output_stage = cfg, None
+        self.records = LossRecords()
+
+    def bind(self, pipe: PipelineModule) -> None:
+        """Find this rank's OutputStage (present on the last pipeline stage only)."""
+        stages = [m for m in pipe.modules() if isinstance(m, OutputStage)]
+        self.output_stage = stages[0] if stages else None
+
+    def __call__(self, features: Tensor, labels: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+        if self.output_stage is None:
+            raise RuntimeError("HeadLoss called on a rank without the output stage (not the last pipeline stage)")
+        x0, x_t, total_noise, rate = labels
+        loss, per_sequence = head_loss(self.output_stage, features, x0, x_t, total_noise.detach(), rate.detach(),
+                                       self.cfg)
+        if self.output_stage.training:
+            self.records.add(total_noise, per_sequence)
+        return loss
+
+
+def build_pipeline(model: ModelConfig, topology: PipeModelDataParallelTopology, loss_cfg: HeadLossConfig,
+                   device) -> PipelineModule:
+    """A PipelineModule over `topology`'s pipe axis; blocks are balanced across stages."""
+    mcfg = megatron_config(model, device)
+    layers = [LayerSpec(InputStage, model, mcfg, device),
+              *[LayerSpec(BlockStage, model, mcfg, device) for _ in range(model.n_blocks)],
+              LayerSpec(OutputStage, model, mcfg, device)]
+    loss = HeadLoss(loss_cfg)
+    pipe = PipelineModule(layers=layers, loss_fn=loss, topology=topology, partition_method="type:BlockStage",
+                          activation_checkpoint_interval=0)
+    loss.bind(pipe)
+    return pipe

@@ -1,0 +1,139 @@
+"""Step runners: how the trainer drives DeepSpeed's engine for one layout, so the loop has no pipeline branches.
+
+`PlainRunner` (PP = 1) runs micro-batches one by one through DeepSpeed's plain engine (forward, backward,
+step); `PipelineRunner` (PP > 1) hands them to the pipeline engine's 1F1B schedule. Both build their module,
+train one optimizer step, evaluate a loss, produce full-vocabulary log-scores for sampling, and name their
+parameters by the model's keys (DeepSpeed names pipeline layers by index: input, blocks, output).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import sedd_scale.compat  # noqa: F401  (before megatron / deepspeed)
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from torch import Tensor
+
+from sedd_scale.distributed import deepspeed_files as ds_files
+from sedd_scale.distributed import engine as ds_engine
+from sedd_scale.distributed import parallel
+from sedd_scale.distributed.pipeline import LossRecords, SEDDTrainModule, build_pipeline
+from sedd_scale.layout import Layout
+from sedd_scale.loss import HeadLossConfig
+from sedd_scale.model import SEDD, ModelConfig
+
+MicroBatch = tuple[Tensor, Tensor, Tensor, Tensor]
+"""(x0, x_t, total_noise, rate): one noised micro-batch."""
+
+
+class PlainRunner:
+    """PP = 1: the SEDD module with the fused loss under DeepSpeed's plain engine (ZeRO 0-3)."""
+
+    def __init__(self, model_cfg: ModelConfig, recipe, layout: Layout, topology, loss_cfg: HeadLossConfig,
+                 device):
+        self.model_cfg, self.layout, self.device = model_cfg, layout, device
+        module = SEDDTrainModule(SEDD(model_cfg, device), loss_cfg)
+        self.engine = ds_engine.build_engine(module, recipe, layout)
+
+    @property
+    def records(self) -> LossRecords:
+        """The per-sequence losses of the training micro-batches since the last `take()`."""
+        return self.engine.module.records
+
+    def train_batch(self, micro_batches: Iterator[MicroBatch]) -> Tensor:
+        """One optimizer step over `layout.grad_accum` micro-batches; the loss averaged over them and DP."""
+        losses = []
+        for x0, x_t, total_noise, rate in micro_batches:
+            loss = self.engine(x0, x_t, total_noise, rate)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach().float())
+        loss = torch.stack(losses).mean()
+        dist.all_reduce(loss, group=ps.get_data_parallel_group())
+        return loss / self.layout.dp
+
+    def eval_loss(self, x0: Tensor, x_t: Tensor, total_noise: Tensor, rate: Tensor) -> float:
+        """The micro-batch loss (mean over rows of rate * sum_i score entropy), the same on every rank."""
+        return float(self.engine.module(x0, x_t, total_noise, rate))
+
+    def log_scores(self, x: Tensor, total: Tensor) -> Tensor:
+        """Full-vocabulary log-scores (the TP shards gathered), for sampling."""
+        model: SEDD = self.engine.module.model
+        model.eval()
+        return parallel.gather_tp(model(x, total.float()))
+
+    def model_key(self, name: str) -> str:
+        """The model's key of a parameter DeepSpeed names `name`."""
+        return ds_files.model_key(name, self.model_cfg.n_blocks, pipelined=False)
+
+
+class PipelineRunner:
+    """PP > 1: DeepSpeed's PipelineModule of megatron-core TP layers (1F1B schedule, ZeRO 0-1)."""
+
+    def __init__(self, model_cfg: ModelConfig, recipe, layout: Layout, topology, loss_cfg: HeadLossConfig,
+                 device):
+        self.model_cfg, self.layout, self.device = model_cfg, layout, device
+        self.engine = ds_engine.build_engine(build_pipeline(model_cfg, topology, loss_cfg, device), recipe, layout)
+
+    @property
+    def records(self) -> LossRecords:
+        """The per-sequence losses of the training micro-batches since the last `take()` (last stage only)."""
+        return self.engine.module.loss_fn.records
+
+    def train_batch(self, micro_batches: Iterator[MicroBatch]) -> Tensor:
+        """One optimizer step through the 1F1B schedule; DeepSpeed averages the loss over micro-batches and DP."""
+        data = (((x_t, total_noise), (x0, x_t, total_noise, rate)) for x0, x_t, total_noise, rate in micro_batches)
+        return self.engine.train_batch(data_iter=data).detach().float()
+
+    def _last_stage_src(self) -> tuple[int, object]:
+        group = ps.get_pipeline_model_parallel_group()
+        return dist.get_process_group_ranks(group)[-1], group
+
+    def eval_loss(self, x0: Tensor, x_t: Tensor, total_noise: Tensor, rate: Tensor) -> float:
+        """The micro-batch loss through the stages, broadcast from the last stage to every stage."""
+        # Stages cache the shapes they exchange; evaluation batches may differ from training's.
+        self.engine.reset_activation_shape()
+        batch = iter([((x_t, total_noise), (x0, x_t, total_noise, rate))])
+        # No reduction: the engine would average over DP ranks, which evaluate different batches.
+        out = self.engine.eval_batch(batch, num_micro_batches=1, reduce_output=None, bcast_loss=False)
+        self.engine.reset_activation_shape()
+        value = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if self.engine.is_last_stage():
+            value[0] = float(out[0])
+        src, group = self._last_stage_src()
+        dist.broadcast(value, src=src, group=group)
+        return float(value)
+
+    def log_scores(self, x: Tensor, total: Tensor) -> Tensor:
+        """Full-vocabulary log-scores through the pipeline, made on the last stage and sent to every stage."""
+        total = total.float()
+        self.engine.reset_activation_shape()
+        # The engine also evaluates the loss (its running total breaks without one); the labels are
+        # placeholders of the right kinds and the value is discarded.
+        batch = iter([((x, total), (torch.zeros_like(x), x, total, torch.ones_like(total)))])
+        _, features = self.engine.eval_batch(batch, return_logits=True, bcast_loss=False, num_micro_batches=1)
+        self.engine.reset_activation_shape()
+        stage = self.engine.module.loss_fn.output_stage
+        if stage is not None:  # the last stage
+            out = parallel.gather_tp(stage.log_score(stage.linear(features)[0], x, total))
+        else:
+            out = torch.empty(*x.shape, self.model_cfg.padded_vocab(self.layout.tp), device=self.device)
+        src, group = self._last_stage_src()
+        dist.broadcast(out, src=src, group=group)
+        return out
+
+    def model_key(self, name: str) -> str:
+        """The model's key of a parameter DeepSpeed names `name` (layers by index: input, blocks, output)."""
+        return ds_files.model_key(name, self.model_cfg.n_blocks, pipelined=True)
+
+
+Runner = PlainRunner | PipelineRunner
+
+
+def build_runner(model_cfg: ModelConfig, recipe, layout: Layout, topology, loss_cfg: HeadLossConfig,
+                 device) -> Runner:
+    """The runner for `layout`: the pipeline engine when PP > 1, else the plain one."""
+    cls = PipelineRunner if layout.pp > 1 else PlainRunner
+    return cls(model_cfg, recipe, layout, topology, loss_cfg, device)
