@@ -14,6 +14,18 @@ from sedd_scale.config.recipe import RecipeError, add_recipe_args, load_recipe, 
 from sedd_scale.config.typed import to_dict
 
 
+def save_recipe(recipe, path: str) -> None:
+    """Write `recipe` resolved (every key, defaults included) as YAML at `path`, which must not exist."""
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(f"# written by `sedd-plan ... --save-recipe {path}`: every key, see docs/recipe-keys.md\n")
+            yaml.safe_dump(to_dict(recipe), f, sort_keys=False)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists: choose another --save-recipe path (recipes are never overwritten)"
+                              ) from None
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Validate a recipe and print its resolved layout for a world size with the layout planner's memory,
     bubble, time and MFU estimates (the launcher's pre-flight check); --propose lists the layouts that fit."""
@@ -33,12 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inter-node-gbps", type=float, default=planner.Assumptions.inter_node_gbps,
                         help="network bandwidth per node and direction, GB/s (default %(default)s: 8 x 400 Gb/s)")
     parser.add_argument("--print-recipe", action="store_true", help="also print the resolved recipe as YAML")
+    parser.add_argument("--save-recipe", metavar="PATH",
+                        help="write the resolved recipe (--set applied, every key) as a new YAML file to train with")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, overrides_from_args(args))
+        if args.save_recipe:
+            save_recipe(recipe, args.save_recipe)
         assumptions = planner.Assumptions(efficiency=args.efficiency, gpus_per_node=args.gpus_per_node,
                                           intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
-    except (RecipeError, ValueError) as e:
+    except (RecipeError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     gpu = planner.GPUS[args.gpu or planner.DEFAULT_GPU]
