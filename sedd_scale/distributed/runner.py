@@ -4,9 +4,14 @@
 step); `PipelineRunner` (PP > 1) hands them to the pipeline engine's 1F1B schedule. Both build their module,
 train one optimizer step, evaluate a loss, produce full-vocabulary log-scores for sampling, and name their
 parameters by the model's keys (DeepSpeed names pipeline layers by index: input, blocks, output).
+
+Under `model.compile` the pipeline runner compiles its stage's regions before the first transfer (`warm_up`):
+compiled lazily, stage k would compile while stage k + 1 waits for its activations, so the compile times of the
+stages would add up along the pipeline instead of overlapping.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import sedd_scale.compat  # noqa: F401  (before megatron / deepspeed)
@@ -14,6 +19,7 @@ import sedd_scale.compat  # noqa: F401  (before megatron / deepspeed)
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from torch import Tensor
 
 from sedd_scale.distributed import deepspeed_files as ds_files
@@ -28,6 +34,22 @@ MicroBatch = tuple[Tensor, Tensor, Tensor, Tensor]
 """(x0, x_t, total_noise, rate): one noised micro-batch."""
 
 
+@contextlib.contextmanager
+def rng_kept():
+    """Restore the default CPU and CUDA generators and megatron's tensor-parallel tracker on exit (what dropout
+    draws from), so work inside leaves every random stream where it was."""
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    cpu, tracked = torch.get_rng_state(), dict(tracker.get_states())
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        tracker.set_states(tracked)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
 class PlainRunner:
     """PP = 1: the SEDD module with the fused loss under DeepSpeed's plain engine (ZeRO 0-3)."""
 
@@ -36,6 +58,10 @@ class PlainRunner:
         self.model_cfg, self.layout, self.device = model_cfg, layout, device
         module = SEDDTrainModule(SEDD(model_cfg, device), loss_cfg)
         self.engine = ds_engine.build_engine(module, recipe, layout)
+
+    def warm_up(self, batch: MicroBatch) -> None:
+        """Nothing: with one stage nobody waits for a lazy compile, and under ZeRO-3 a forward outside a step would
+        run DeepSpeed's parameter-gathering hooks (and their collectives) out of turn."""
 
     @property
     def records(self) -> LossRecords:
@@ -81,6 +107,52 @@ class PipelineRunner:
     def records(self) -> LossRecords:
         """The per-sequence losses of the training micro-batches since the last `take()` (last stage only)."""
         return self.engine.module.loss_fn.records
+
+    def warm_up(self, batch: MicroBatch) -> None:
+        """Under model.compile, compile every region of this stage before the first pipeline transfer: the stage's
+        layers (and the loss on the last stage) run once on `batch` (a micro-batch of the training shape) as the
+        1F1B schedule runs them, forward and backward, then once as evaluation does (eval mode, no gradients).
+
+        A forward alone is not enough: under no_grad torch.compile builds an inference graph (no backward), and
+        activation checkpointing runs the regions with gradients only in backward's recomputation. Gradients are
+        taken with torch.autograd.grad and dropped (no .grad, so none of DeepSpeed's accumulation hooks fire); the
+        RNG streams, the module's mode and micro-batch counter are restored and the loss records discarded, so
+        training is bitwise the same with and without the warm-up. Every stage's inputs are made here (no
+        transfer), so the stages compile at the same time.
+        """
+        if not self.model_cfg.compile:
+            return
+        pipe = self.engine.module
+        x0, x_t, total_noise, rate = batch
+        if self.engine.is_first_stage():
+            buffers = (x_t, total_noise)  # loaded without gradients (no reentrant checkpointing)
+        else:  # received (h, c): floating buffers that require grad, in the parameters' dtype
+            cfg = self.model_cfg
+            buffers = (torch.zeros(*x_t.shape, cfg.hidden_size, dtype=cfg.params_dtype, device=self.device),
+                       torch.zeros(x_t.shape[0], cfg.cond_dim, dtype=cfg.params_dtype, device=self.device))
+            for t in buffers:
+                t.requires_grad_(True)
+        labels = (x0, x_t, total_noise, rate)
+        was_training, micro_offset = pipe.training, pipe.micro_offset
+        try:
+            with rng_kept():
+                for training in (True, False):
+                    pipe.train(training)
+                    with torch.set_grad_enabled(training):
+                        inputs = tuple(t.clone() for t in buffers)  # as the engine's forward pass takes them
+                        outputs = pipe(inputs)
+                        if self.engine.is_last_stage():
+                            outputs = pipe.loss_fn(outputs, labels)
+                        if training:
+                            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                            wrt = [p for p in pipe.parameters() if p.requires_grad]
+                            wrt += [t for t in inputs if t.requires_grad]
+                            torch.autograd.grad(outputs, wrt, [torch.ones_like(t) for t in outputs],
+                                                allow_unused=True)
+        finally:
+            pipe.train(was_training)
+            pipe.micro_offset = micro_offset
+            self.records.take()
 
     def train_batch(self, micro_batches: Iterator[MicroBatch]) -> Tensor:
         """One optimizer step through the 1F1B schedule; DeepSpeed averages the loss over micro-batches and DP."""
