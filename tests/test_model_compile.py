@@ -140,26 +140,19 @@ def _warm_up_then_train(tmp: str) -> dict:
     out = {}
     for warm in (True, False):
         parallel.seed_parallel(3)
-        runner = PipelineRunner(cfg, recipe, layout, topology, head_loss_config(cfg, "score_entropy"),
-                                torch.device("cpu"))
-        params = [p.detach().clone() for p in runner.engine.module.parameters()]
-        rng = torch.get_rng_state()
         before = compiled.compilations()
+        runner = PipelineRunner(cfg, recipe, layout, topology, head_loss_config(cfg, "score_entropy"),
+                                torch.device("cpu"), warm_up=next(micro_batches(0)) if warm else None)
+        built = compiled.compilations()
+        out[warm] = {"compilations": built - before, "rng": torch.get_rng_state(),
+                     "params": [p.detach().clone() for p in runner.engine.module.parameters()],
+                     "grads": [p.grad for p in runner.engine.module.parameters()], "records": runner.records.take()}
         if warm:
-            runner.warm_up(next(micro_batches(0)))
-            out["warm-up compilations"] = compiled.compilations() - before
             out["regions compiled"] = {name: region._compiled is not None for name, region in REGIONS.items()}
-            out["rng kept"] = torch.equal(rng, torch.get_rng_state())
-            out["params kept"] = all(torch.equal(a, b) for a, b in zip(params, runner.engine.module.parameters()))
-            out["no grads"] = all(p.grad is None for p in runner.engine.module.parameters())
-            out["no records"] = runner.records.take() == []
-            before = compiled.compilations()
         losses = [float(runner.train_batch(micro_batches(step))) for step in range(2)]
         x0, x_t, total_noise, rate = next(micro_batches(5))
         losses.append(runner.eval_loss(x0, x_t, total_noise, rate))
-        out[warm] = losses
-        if warm:
-            out["step compilations"] = compiled.compilations() - before
+        out[warm].update(losses=losses, step_compilations=compiled.compilations() - built)
     parallel.destroy_parallel()
     return out
 
@@ -170,11 +163,15 @@ def test_pipeline_warm_up_compiles_every_region_and_changes_nothing(tmp_path):
     nothing, and leaves RNG streams, parameters, gradients and loss records as they were: the losses of two steps
     (with dropout) and an evaluation equal bitwise those of a runner without it."""
     out = launch(_warm_up_then_train, 1, str(tmp_path), timeout=600)[0]
-    assert out["warm-up compilations"] > 0
+    warm, cold = out[True], out[False]
+    assert warm["compilations"] > 0 and cold["compilations"] == 0
     assert out["regions compiled"] == {name: True for name in REGIONS}
-    assert out["rng kept"] and out["params kept"] and out["no grads"] and out["no records"], out
-    assert out["step compilations"] == 0
-    assert out[True] == out[False]
+    assert warm["step_compilations"] == 0
+    assert torch.equal(warm["rng"], cold["rng"])
+    assert all(torch.equal(a, b) for a, b in zip(warm["params"], cold["params"], strict=True))
+    assert warm["grads"] == cold["grads"] == [None] * len(warm["params"])
+    assert warm["records"] == cold["records"] == []
+    assert warm["losses"] == cold["losses"]
 
 
 def test_a_compiled_region_call_does_not_patch_dynamo_config(monkeypatch):
