@@ -19,20 +19,27 @@ _configured = False
 
 
 def configure_dynamo() -> None:
-    """Raise dynamo's per-function graph limit to GRAPHS (never lower it), once per process.
+    """torch.compile settings for the regions, applied once per process (at the first compiled region).
 
-    Set globally at the first compiled region instead of around every call: `torch._dynamo.config.patch` costs
-    4-24x a tiny fused op per call, and a region is called several times per block per micro-batch.
+    Set globally instead of around every call: `torch._dynamo.config.patch` costs 4-24x a tiny fused op per call, and
+    a region is called several times per block per micro-batch.
+    * the per-function graph limit raised to GRAPHS (never lowered);
+    * no donated buffers in compiled backwards: DeepSpeed's pipeline engine backpropagates a stage's outputs (h, c)
+      one at a time with retain_graph=True, which a backward that donates its saved tensors refuses (the first
+      pipeline step would raise).
     """
     global _configured
     if _configured:
         return
     import torch._dynamo  # noqa: F401  (torch imports it lazily)
+    import torch._functorch.config
 
     config = torch._dynamo.config
     # The name changed in torch 2.6.
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), GRAPHS))
+    if hasattr(torch._functorch.config, "donated_buffer"):  # torch >= 2.6
+        torch._functorch.config.donated_buffer = False
     _configured = True
 
 
