@@ -14,7 +14,10 @@ from tests.test_trainer import LOSS_RTOL, STEPS, _build, _run, recipe_dict
 
 pytestmark = pytest.mark.slow  # our compiled regions; the TP/PP layouts under megatron-core 0.19: test_trainer
 
-LAYOUTS = {"pp2-checkpointing": ({"activation_checkpointing": True}, {"pp": 2, "zero_stage": 1}),
+# pp2 (the 1.3B recipe's: no checkpointing) runs the compiled backwards inside DeepSpeed's pipeline backward, which
+# retains the graph between a stage's two outputs; with checkpointing they run inside the recomputation.
+LAYOUTS = {"pp2": ({}, {"pp": 2, "zero_stage": 1}),
+           "pp2-checkpointing": ({"activation_checkpointing": True}, {"pp": 2, "zero_stage": 1}),
            "tp2": ({}, {"tp": 2}),
            "dp2-zero2-checkpointing": ({"activation_checkpointing": True}, {"zero_stage": 2}),
            "dp2-zero3": ({}, {"zero_stage": 3})}
@@ -45,10 +48,11 @@ def _losses_and_compiles(recipe_data: dict) -> tuple[list[float], int]:
 
 
 def compiled_runs(tmp: str) -> dict:
-    # pp2 runs first in the process (nothing compiled yet): its warm-up must compile all that its steps run.
+    # The pipelines run first in the process (pp2 with nothing compiled yet, pp2-checkpointing adding the
+    # recomputation's graphs): their warm-ups must compile all that their steps run.
     runs = {}
-    runs["pp2-checkpointing"], runs["pp2 compiles in training"] = _losses_and_compiles(
-        _compiled(tmp, "pp2-checkpointing", *LAYOUTS["pp2-checkpointing"]))
+    for name in ("pp2", "pp2-checkpointing"):
+        runs[name], runs[f"{name} compiles in training"] = _losses_and_compiles(_compiled(tmp, name, *LAYOUTS[name]))
     for name, spec in LAYOUTS.items():
         if name not in runs:
             runs[name] = _run(_compiled(tmp, name, *spec), STEPS)
@@ -58,7 +62,8 @@ def compiled_runs(tmp: str) -> dict:
 def test_compiled_layouts_match_the_eager_single_process(tmp_path):
     reference = launch(eager_reference, 1, str(tmp_path))[0]
     runs = launch(compiled_runs, 2, str(tmp_path), timeout=1200)
-    assert [r["pp2 compiles in training"] for r in runs] == [0, 0]  # both stages compiled everything ahead
+    for name in ("pp2", "pp2-checkpointing"):  # both stages compiled everything ahead
+        assert [r[f"{name} compiles in training"] for r in runs] == [0, 0], name
     for name in LAYOUTS:
         assert runs[0][name] == runs[1][name], f"{name}: ranks disagree"
         torch.testing.assert_close(torch.tensor(runs[0][name][:STEPS]), torch.tensor(reference[:STEPS]), rtol=LOSS_RTOL,
