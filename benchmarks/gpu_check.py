@@ -1,18 +1,31 @@
-"""One prepared check of a GPU machine; with --device cpu --quick, the same rows on tiny shapes on any CPU.
+"""One prepared check of a GPU machine, in parts of at most 5 minutes each on one H100 (so a short reservation can
+run and rerun them); with --device cpu --quick, the same rows on tiny shapes on any CPU.
 
-    python benchmarks/gpu_check.py                        # one CUDA GPU: every row, under 8 minutes
-    python benchmarks/gpu_check.py --device cpu --quick   # every row on tiny shapes, under 3 minutes (CI runs it)
-    python benchmarks/gpu_check.py --rows train resume    # a subset (rows: train resume convert step loss sampler)
+    python benchmarks/gpu_check.py --list-parts             # the parts, their rows and time budgets
+    python benchmarks/gpu_check.py --part 1                 # one part (each budget is enforced: a part that runs
+    python benchmarks/gpu_check.py --part 2 5               #   over it stops, its unfinished rows FAIL)
+    python benchmarks/gpu_check.py                          # every part in turn
+    python benchmarks/gpu_check.py --rows resume planner-memory    # some rows (with the rows they need)
+    python benchmarks/gpu_check.py --device cpu --quick     # every row on tiny shapes (CI runs it)
 
 Rows (each in fresh processes, so one failure does not hide the rest; the table says which passed):
-  train-fp32, train-bf16   the main job's model on synthetic Markov-chain tokens (no download: a GPU machine
+  train-fp32, train-bf16-mixed   the main job's model on synthetic Markov-chain tokens (no download: a GPU machine
                            reaches nothing) through `python -m sedd_scale.train`: finite, decreasing loss
+  train-bf16-pp2           the same with bf16 weights (DeepSpeed's BF16_Optimizer with fp32 master weights under the
+                           pipeline engine, ZeRO-1) on 2 pipeline stages, 2 micro-batches per step, model.compile on
+                           (CUDA; the stages' compile warm-up): needs 2 GPUs (skipped on one, saying so); on a CPU two
+                           gloo processes, eager
   resume                   the fp32 run killed (SIGKILL) after a checkpoint and restarted: the losses after the
                            restart against the uninterrupted run's (CPU: bitwise; CUDA: within RESUME_RTOL, since
                            embedding-gradient atomics and the memory-efficient attention backward are
                            nondeterministic there)
   convert                  consolidate the killed-and-resumed run's checkpoint offline, evaluate it
                            (tools/evaluate.py) and sample from it (tools/sample.py)
+  planner-memory           the layout planner's per-phase memory (sedd_scale/plan/memory.py: forward, backward,
+                           optimizer step, peak) against the measured peak inside engine.forward / backward / step
+                           (CUDA: torch.cuda.max_memory_allocated; CPU: every live tensor counted,
+                           sedd_scale/testing/step_memory.py): both printed with their ratio; fails past
+                           PLANNER_TOLERANCE
   step-small, step-medium  sedd-small / sedd-medium training steps (bf16-mixed, ZeRO-1) at the largest micro batch
                            that fits (doubling from 4 up to 64), with and without activation checkpointing, and the
                            largest batch again with model.compile flipped: step time, tokens/s, model TFLOP/s
@@ -39,6 +52,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 RESUME_RTOL = {"cpu": 0.0, "cuda": 1e-3}
+# |planned / measured - 1| allowed per phase. CPU: the planner's own test (tests/test_planner.py). CUDA: more, for
+# what the planner does not model: cuBLAS and attention workspaces, the allocator's 512-byte rounding.
+PLANNER_TOLERANCE = {"cpu": 0.15, "cuda": 0.20}
 
 
 @dataclass
@@ -54,7 +70,12 @@ class Settings:
     length: int = 128
     batch: int = 16
     timeout: float = 600.0
+    deadline: float = math.inf  # time.monotonic() at which the running part's budget ends
     env: dict = field(default_factory=dict)
+
+    def limit(self) -> float:
+        """Seconds a subprocess may run: its own timeout, cut to what is left of the part's budget."""
+        return max(1.0, min(self.timeout, self.deadline - time.monotonic()))
 
     @classmethod
     def make(cls, device: str, quick: bool, work: Path) -> "Settings":
@@ -73,9 +94,14 @@ class Row:
     """One line of the table."""
 
     name: str
-    ok: bool
+    ok: bool | None  # None: skipped, with the reason in `numbers`
     numbers: str
     seconds: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        """PASS, FAIL or SKIP."""
+        return "SKIP" if self.ok is None else "PASS" if self.ok else "FAIL"
 
 
 def write_data(folder: Path, length: int, seed: int = 0) -> Path:
@@ -101,15 +127,17 @@ def write_data(folder: Path, length: int, seed: int = 0) -> Path:
     return folder / "manifest.json"
 
 
-def recipe(s: Settings, manifest: Path, run: Path, precision: str = "fp32", save_every: int | None = None) -> Path:
+def recipe(s: Settings, manifest: Path, run: Path, precision: str = "fp32", save_every: int | None = None,
+           parallel: dict | None = None, compile: bool = False) -> Path:
     """The main job's recipe (cpu-tiny's model) on the synthetic data."""
     import yaml
 
     data = {"model": {"hidden_size": s.hidden, "n_heads": 4, "n_blocks": s.blocks, "cond_dim": 64, "num_tokens": 257,
-                      "length": s.length, "dropout": 0.0, "vocab_multiple": 1, "precision": precision},
+                      "length": s.length, "dropout": 0.0, "vocab_multiple": 1, "precision": precision,
+                      "compile": compile},
             "data": {"manifests": [str(manifest)], "tokenizer": None, "seq_len": s.length, "num_workers": 1},
             "optim": {"lr": 2e-3, "warmup": 5, "schedule": "cosine", "min_lr": 1e-4},
-            "parallel": {"micro_batch": s.batch, "global_batch": s.batch, "zero_stage": 1},
+            "parallel": {"micro_batch": s.batch, "global_batch": s.batch, "zero_stage": 1, **(parallel or {})},
             "train": {"steps": s.steps, "ema": 0.99, "log_every": 1, "eval_every": s.steps,
                       "save_every": save_every or s.steps, "keep_last": 2, "eval_batches": 2, "eval_draws": 2,
                       "sample_steps": 8},
@@ -119,30 +147,63 @@ def recipe(s: Settings, manifest: Path, run: Path, precision: str = "fp32", save
     return path
 
 
-def _train(s: Settings, recipe_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sedd_scale.train", str(recipe_path)], cwd=ROOT, env=s.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _train(s: Settings, recipe_path: Path, nproc: int = 1) -> subprocess.Popen:
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1
+              else [sys.executable])
+    # A session of its own: a part out of time kills the whole group (torchrun's workers too).
+    return subprocess.Popen([*launch, "-m", "sedd_scale.train", str(recipe_path)], cwd=ROOT, env=s.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _losses(run: Path) -> dict[int, float]:
+def _wait(s: Settings, proc: subprocess.Popen) -> str:
+    """The process's output once it exits; killed (with its group) if the part's budget runs out first."""
+    try:
+        out, _ = proc.communicate(timeout=s.limit())
+        return out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def _losses(run: Path, key: str = "train/loss_per_token") -> dict[int, float]:
     records = [json.loads(line) for line in (run / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss_per_token"] for r in records if "train/loss_per_token" in r}
+    return {r["step"]: r[key] for r in records if key in r}
 
 
-def row_train(s: Settings, manifest: Path, precision: str) -> Row:
-    """The main job for s.steps steps: finite, and the last fifth's mean loss below the first fifth's."""
-    run = s.work / f"train-{precision}"
-    proc = _train(s, recipe(s, manifest, run, precision))
-    out, _ = proc.communicate(timeout=s.timeout)
+def row_train(s: Settings, manifest: Path, precision: str, pp: int = 1) -> Row:
+    """The main job for s.steps steps: finite, the last fifth's mean loss below the first fifth's, every gradient norm
+    finite and positive."""
+    name = f"train-{precision}" + (f"-pp{pp}" if pp > 1 else "")
+    parallel, compile = None, False
+    if pp > 1:
+        if s.device == "cuda":
+            import torch
+
+            if torch.cuda.device_count() < pp:
+                return Row(name, None, f"skipped: {pp} pipeline stages need {pp} GPUs, this machine has "
+                                       f"{torch.cuda.device_count()} (NCCL cannot put two ranks on one GPU)")
+        # 2 micro-batches per step, so the 1F1B schedule overlaps the stages; compiled on a GPU (the recipes' setting,
+        # with the stages' compile warm-up), eager on a CPU (inductor's compile is half a minute there).
+        parallel = {"pp": pp, "zero_stage": 1, "micro_batch": s.batch // 2, "global_batch": s.batch}
+        compile = s.device == "cuda"
+    run = s.work / name
+    proc = _train(s, recipe(s, manifest, run, precision, parallel=parallel, compile=compile), nproc=pp)
+    out = _wait(s, proc)
     if proc.returncode != 0:
-        return Row(f"train-{precision}", False, f"exit {proc.returncode}: {out.strip().splitlines()[-1:]}")
+        return Row(name, False, f"exit {proc.returncode}: {out.strip().splitlines()[-1:]}")
     losses = [v for _, v in sorted(_losses(run).items())]
     fifth = max(1, len(losses) // 5)
     first, last = sum(losses[:fifth]) / fifth, sum(losses[-fifth:]) / fifth
-    ok = len(losses) == s.steps and all(math.isfinite(v) for v in losses) and last < first
+    # A zero gradient norm: no gradient reached the optimizer (bf16 weights under the pipeline engine did that).
+    norms = list(_losses(run, "train/grad_norm").values())
+    ok = (len(losses) == s.steps and all(math.isfinite(v) for v in losses) and last < first
+          and len(norms) == s.steps and all(math.isfinite(v) and v > 0 for v in norms))
     valid = next((line for line in out.splitlines() if "validation ELBO" in line), "no validation line")
-    return Row(f"train-{precision}", ok, f"loss/token {first:.3f} -> {last:.3f} over {len(losses)} steps; "
-                                          f"{valid.split(': ', 1)[-1]}")
+    layout = f"PP{pp} ZeRO-1, {'compiled' if compile else 'eager'}; " if pp > 1 else ""
+    return Row(name, ok, f"{layout}loss/token {first:.3f} -> {last:.3f} over {len(losses)} steps; gradient norm "
+                         f"{min(norms, default=math.nan):.3g}-{max(norms, default=math.nan):.3g}; "
+                         f"{valid.split(': ', 1)[-1]}")
 
 
 def row_resume(s: Settings, manifest: Path) -> Row:
@@ -152,17 +213,17 @@ def row_resume(s: Settings, manifest: Path) -> Row:
     half = s.steps // 2
     path = recipe(s, manifest, run, "fp32", save_every=half)
     proc = _train(s, path)
-    deadline = time.monotonic() + s.timeout
+    deadline = time.monotonic() + s.limit()
     while time.monotonic() < deadline and proc.poll() is None:
         latest = run / "latest"
         if latest.exists() and latest.read_text().strip() == f"step_{half:09d}":
             proc.send_signal(signal.SIGKILL)  # no checkpoint, no cleanup: as a node failure
             break
         time.sleep(0.02)
-    proc.communicate(timeout=60)
+    _wait(s, proc)
     killed_at = max(_losses(run))
     proc = _train(s, path)
-    out, _ = proc.communicate(timeout=s.timeout)
+    out = _wait(s, proc)
     if proc.returncode != 0 or "resumed from step" not in out:
         return Row("resume", False, f"restart exit {proc.returncode}: {out.strip().splitlines()[-1:]}")
     after = _losses(run)
@@ -185,11 +246,11 @@ def row_convert(s: Settings, manifest: Path) -> Row:
     result = s.work / "eval.json"
     ev = subprocess.run([sys.executable, "tools/evaluate.py", str(out), "--manifest", str(manifest), "--split", "test",
                          "--draws", "2", "--out", str(result)], cwd=ROOT, env=s.env, capture_output=True, text=True,
-                        timeout=s.timeout)
+                        timeout=s.limit())
     samples = s.work / "samples.jsonl"
     sm = subprocess.run([sys.executable, "tools/sample.py", str(out), "--num-samples", "4", "--steps", "16",
                          "--tokenizer", "none", "--out", str(samples)], cwd=ROOT, env=s.env, capture_output=True,
-                        text=True, timeout=s.timeout)
+                        text=True, timeout=s.limit())
     if ev.returncode or sm.returncode:
         bad = ev if ev.returncode else sm
         return Row("convert", False, f"{bad.args[2]} exit {bad.returncode}: {bad.stderr.strip().splitlines()[-1:]}")
@@ -300,7 +361,7 @@ def row_step(s: Settings, model: str) -> Row:
     spec = {"model": model, "device": s.device, "quick": s.quick, "compile": s.device == "cuda", "flip": not s.quick,
             "start_batch": 1 if s.quick else 4, "max_batch": 2 if s.quick else 64}
     proc = subprocess.run([sys.executable, __file__, "--step-worker", json.dumps(spec)], cwd=ROOT, env=s.env,
-                          capture_output=True, text=True, timeout=s.timeout)
+                          capture_output=True, text=True, timeout=s.limit())
     result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if proc.returncode or result is None:
         return Row(f"step-{model}", False, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -344,7 +405,7 @@ def row_sampler(s: Settings, manifest: Path) -> Row:
               f"{64 if s.quick else 1024}, {8 if s.quick else 128}, 1, device={s.device!r}, reference=False, "
               f"size={'tiny' if s.quick else 'small'!r})))")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=s.env, capture_output=True, text=True,
-                          timeout=s.timeout)
+                          timeout=s.limit())
     result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if proc.returncode or result is None:
         return Row("sampler", False, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -354,26 +415,199 @@ def row_sampler(s: Settings, manifest: Path) -> Row:
                f"{shape}: {got['ours']:.0f} tokens/s (one forward {got['forward_s']:.3f} s)")
 
 
-ROWS = {"train": lambda s, m: [row_train(s, m, "fp32"), row_train(s, m, "bf16-mixed")],
-        "resume": lambda s, m: [row_resume(s, m)],
-        "convert": lambda s, m: [row_convert(s, m)],
-        "step": lambda s, m: [row_step(s, "small"), row_step(s, "medium")],
-        "loss": lambda s, m: [row_loss(s, m)],
-        "sampler": lambda s, m: [row_sampler(s, m)]}
+# The planner-memory cases: (model overrides of step_memory.VALIDATION_MODEL, parallel) on one rank. On a GPU sedd-small
+# dims at micro 8 x 1024 tokens, 2 micro-batches per step (GiBs: kernels' workspaces are a small share); on a CPU the
+# validation model the planner's test measures.
+SMALL = {"hidden_size": 768, "n_heads": 12, "n_blocks": 12, "cond_dim": 128, "num_tokens": 50257, "length": 1024}
+PLANNER_CASES = {
+    "cuda": {"sedd-small bf16-mixed ZeRO-1": ({**SMALL, "precision": "bf16-mixed"},
+                                              {"zero_stage": 1, "micro_batch": 8, "global_batch": 16}),
+             "sedd-small bf16 ZeRO-1 recompute": ({**SMALL, "precision": "bf16", "activation_checkpointing": True},
+                                                  {"zero_stage": 1, "micro_batch": 8, "global_batch": 16})},
+    "cpu": {"validation model fp32 ZeRO-1": ({}, {"zero_stage": 1})},
+}
+PLANNER_BUCKET = {"cpu": 2_000_000, "cuda": None}  # CPU: bench_planner's small ZeRO bucket; CUDA: DeepSpeed's default
+
+
+class CudaMemory:
+    """torch.cuda's allocator counters behind LiveTensorMemory's interface (`current`, `peak`, `reset_peak`), for
+    step_memory.measure: `peak` is torch.cuda.max_memory_allocated since it was last set."""
+
+    def __enter__(self):
+        import torch
+
+        self._cuda, self._floor = torch.cuda, 0
+        self._cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    @property
+    def current(self) -> int:
+        """Bytes allocated now."""
+        return self._cuda.memory_allocated()
+
+    @property
+    def peak(self) -> int:
+        """The most allocated since `peak` was last set."""
+        return max(self._floor, self._cuda.max_memory_allocated())
+
+    @peak.setter
+    def peak(self, value: int) -> None:
+        self._cuda.reset_peak_memory_stats()
+        self._floor = value
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is allocated now."""
+        self.peak = self.current
+
+
+def planner_worker(spec: dict) -> dict:
+    """In this process (a world of one): each case's measured bytes per phase (step_memory.measure)."""
+    from sedd_scale.testing.step_memory import measure, validation_recipe
+
+    device = spec["device"]
+    return {name: measure(validation_recipe(model, parallel, 1), steps=1, reduce_bucket_size=PLANNER_BUCKET[device],
+                          meter=CudaMemory if device == "cuda" else None)
+            for name, (model, parallel) in PLANNER_CASES[device].items()}
+
+
+def row_planner_memory(s: Settings, manifest: Path) -> Row:
+    """The planner's forward / backward / step / peak bytes against the measured ones, per case."""
+    proc = subprocess.run([sys.executable, __file__, "--planner-worker", json.dumps({"device": s.device})], cwd=ROOT,
+                          env=s.env, capture_output=True, text=True, timeout=s.limit())
+    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if proc.returncode or result is None:
+        return Row("planner-memory", False, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    from sedd_scale import plan as P
+    from sedd_scale.config import Recipe, from_dict
+    from sedd_scale.testing.step_memory import validation_recipe
+
+    got, tol, parts, worst = json.loads(result[len("RESULT "):]), PLANNER_TOLERANCE[s.device], [], 0.0
+    bucket = PLANNER_BUCKET[s.device] or P.REDUCE_BUCKET_SIZE
+    for name, (model, parallel) in PLANNER_CASES[s.device].items():
+        r = from_dict(Recipe, validation_recipe(model, parallel, 1))
+        planned = P.stage_memory(r, P.candidate_of(r, r.layout(1)), 0,
+                                 P.Assumptions(device=s.device, reduce_bucket_size=bucket))
+        measured = got[name]
+        phases = []
+        for phase in (*P.PHASES, "peak"):
+            plan_bytes = planned.peak if phase == "peak" else planned.phase(phase)
+            ratio = plan_bytes / measured[phase]
+            worst = max(worst, abs(ratio - 1))
+            phases.append(f"{phase} {plan_bytes / 2**20:.0f}/{measured[phase] / 2**20:.0f} MiB ({ratio:.2f})")
+        parts.append(f"{name}: " + ", ".join(phases))
+    meter = "torch.cuda.max_memory_allocated" if s.device == "cuda" else "live tensors"
+    return Row("planner-memory", worst <= tol, f"planned/measured ({meter}) per phase: " + "; ".join(parts)
+               + f"; worst |ratio - 1| {worst:.1%} (tolerance {tol:.0%})")
+
+
+ROWS = {"train-fp32": lambda s, m: row_train(s, m, "fp32"),
+        "train-bf16-mixed": lambda s, m: row_train(s, m, "bf16-mixed"),
+        "train-bf16-pp2": lambda s, m: row_train(s, m, "bf16", pp=2),
+        "resume": row_resume,
+        "convert": row_convert,
+        "planner-memory": row_planner_memory,
+        "step-small": lambda s, m: row_step(s, "small"),
+        "step-medium": lambda s, m: row_step(s, "medium"),
+        "loss": row_loss,
+        "sampler": row_sampler}
+NEEDS = {"resume": "train-fp32", "convert": "resume"}  # a row that reads the run of another
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows that run together within a time budget (seconds on one H100, enforced; CPU_BUDGET_FACTOR times it on a
+    CPU)."""
+
+    rows: tuple[str, ...]
+    budget_s: float
+
+
+# Each part <= 5 minutes on one H100, so a short reservation can run (and rerun) any of them. --device cpu --quick
+# (tiny shapes, but 2 shared CI cores starting DeepSpeed processes) gets twice the budgets.
+CPU_BUDGET_FACTOR = 2.0
+PARTS = {1: Part(("train-fp32", "resume", "convert"), 270),  # the chain: resume restarts train-fp32, convert reads it
+         2: Part(("train-bf16-mixed", "train-bf16-pp2", "planner-memory"), 270),
+         3: Part(("step-small",), 240),
+         4: Part(("step-medium",), 290),
+         5: Part(("loss", "sampler"), 180)}
+
+
+class OutOfTime(Exception):
+    """The running part's budget ran out."""
+
+
+def _alarm(signum, frame):
+    raise OutOfTime
+
+
+def run_part(number: int, part: Part, rows: list[str], s: Settings, manifest: Path) -> list[Row]:
+    """The part's selected rows in order, stopped when its budget runs out (the row running then and those after it
+    FAIL, saying so)."""
+    out: list[Row] = []
+    budget = part.budget_s * (CPU_BUDGET_FACTOR if s.device == "cpu" else 1.0)
+    s.deadline = time.monotonic() + budget
+    signal.signal(signal.SIGALRM, _alarm)  # in-process work (conversion, the loss benchmark) is stopped too
+    signal.setitimer(signal.ITIMER_REAL, budget)
+    try:
+        for name in rows:
+            started = time.perf_counter()
+            try:
+                if time.monotonic() >= s.deadline:
+                    raise OutOfTime
+                row = ROWS[name](s, manifest)
+            except (OutOfTime, subprocess.TimeoutExpired):
+                row = Row(name, False, f"stopped: part {number}'s budget of {budget:.0f} s ran out")
+            row.seconds = time.perf_counter() - started
+            out.append(row)
+            # As it happens too: a reservation that ends mid-part still shows the rows done.
+            print(f"[part {number}] {row.name}  {row.verdict}  {row.seconds:.1f} s  {row.numbers}", flush=True)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        s.deadline = math.inf
+    return out
+
+
+def list_parts() -> str:
+    """The parts, their budgets and rows."""
+    return "\n".join(f"part {n}: {p.budget_s:.0f} s budget on one H100: {' '.join(p.rows)}" for n, p in PARTS.items())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the rows, print the table; exit 1 if any row failed."""
+    """Run the selected parts' rows, print the table; exit 1 if any row failed."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny shapes (minutes on a CPU)")
-    p.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS))
+    p.add_argument("--part", type=int, nargs="+", choices=sorted(PARTS), default=None,
+                   help="run these parts (default: all, in turn)")
+    p.add_argument("--list-parts", action="store_true", help="print the parts and exit")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
+                   help="only these rows (and the rows they need), within their parts")
     p.add_argument("--work", default=None, help="a directory for the runs (default: a temporary one)")
     p.add_argument("--step-worker", default=None, help=argparse.SUPPRESS)  # internal: one step row's process
+    p.add_argument("--planner-worker", default=None, help=argparse.SUPPRESS)  # internal: the planner row's process
     args = p.parse_args(argv)
+    if args.list_parts:
+        print(list_parts())
+        return 0
     if args.step_worker:
         print("RESULT", json.dumps(step_worker(json.loads(args.step_worker))), flush=True)
         return 0
+    if args.planner_worker:
+        print("RESULT", json.dumps(planner_worker(json.loads(args.planner_worker))), flush=True)
+        return 0
+    wanted = set(args.rows or ROWS)
+    for name in list(wanted):
+        while name in NEEDS:  # resume restarts train-fp32's run, convert reads resume's
+            name = NEEDS[name]
+            wanted.add(name)
+    parts = {n: part for n, part in PARTS.items() if n in (args.part or PARTS)}  # NEEDS stay within a part
+    if not any(name in wanted for part in parts.values() for name in part.rows):
+        print(f"error: none of the rows {sorted(wanted)} is in part(s) {sorted(parts)}; see --list-parts",
+              file=sys.stderr)
+        return 2
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -386,19 +620,16 @@ def main(argv: list[str] | None = None) -> int:
         s = Settings.make(args.device, args.quick, work)
         manifest = write_data(work / "data", s.length)
         rows: list[Row] = []
-        for name in ROWS:  # in order: resume and convert use the runs before them
-            if name in args.rows:
-                started = time.perf_counter()
-                got = ROWS[name](s, manifest)
-                for r in got:
-                    r.seconds = (time.perf_counter() - started) / len(got)
-                rows += got
+        for number, part in parts.items():
+            selected = [name for name in part.rows if name in wanted]
+            if selected:
+                rows += run_part(number, part, selected, s, manifest)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\ngpu_check on {device} ({'quick' if args.quick else 'full'}): torch {torch.__version__}")
     width = max(len(r.name) for r in rows)
     for r in rows:
-        print(f"{r.name:<{width}}  {'PASS' if r.ok else 'FAIL'}  {r.seconds:6.1f} s  {r.numbers}")
-    return 0 if all(r.ok for r in rows) else 1
+        print(f"{r.name:<{width}}  {r.verdict}  {r.seconds:6.1f} s  {r.numbers}")
+    return 0 if all(r.ok is not False for r in rows) else 1
 
 
 if __name__ == "__main__":

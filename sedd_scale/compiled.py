@@ -12,17 +12,43 @@ from collections.abc import Callable
 
 import torch
 
+# Graphs kept per region: one per grad mode, autocast state, input view-ness, ... Sizes are dynamic, but a process
+# that builds several layouts (tests, tools) needs more than dynamo's default of 8 (past the limit fullgraph raises).
+GRAPHS = 64
+_configured = False
+
+
+def configure_dynamo() -> None:
+    """torch.compile settings for the regions, applied once per process (at the first compiled region).
+
+    Set globally instead of around every call: `torch._dynamo.config.patch` costs 4-24x a tiny fused op per call, and
+    a region is called several times per block per micro-batch.
+    * the per-function graph limit raised to GRAPHS (never lowered);
+    * no donated buffers in compiled backwards: DeepSpeed's pipeline engine backpropagates a stage's outputs (h, c)
+      one at a time with retain_graph=True, which a backward that donates its saved tensors refuses (the first
+      pipeline step would raise).
+    """
+    global _configured
+    if _configured:
+        return
+    import torch._dynamo  # noqa: F401  (torch imports it lazily)
+    import torch._functorch.config
+
+    config = torch._dynamo.config
+    # The name changed in torch 2.6.
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), GRAPHS))
+    if hasattr(torch._functorch.config, "donated_buffer"):  # torch >= 2.6
+        torch._functorch.config.donated_buffer = False
+    _configured = True
+
 
 class Region:
-    """A pure tensor function, run eagerly or through torch.compile (compiled lazily, on first use)."""
-
-    # Graphs kept per region: one per grad mode, autocast state, input view-ness, ... Sizes are dynamic, but a
-    # process that builds several layouts (tests, tools) needs more than dynamo's default of 8 (past the limit
-    # fullgraph would raise).
-    GRAPHS = 64
+    """A pure tensor function, run eagerly or through torch.compile (compiled lazily, on first use, or ahead of the
+    first step by a warm-up: `sedd_scale.distributed.runner`)."""
 
     def __init__(self, fn: Callable):
-        self.fn, self._compiled, self._limit = fn, None, {}
+        self.fn, self._compiled = fn, None
         self.__doc__ = fn.__doc__
 
     def __call__(self, compiled: bool, *args):
@@ -30,13 +56,20 @@ class Region:
         if not compiled:
             return self.fn(*args)
         if self._compiled is None:
+            configure_dynamo()
             # Dynamic sizes from the start: training, evaluation and sampling batches, TP shards, loss chunks
             # share a graph instead of compiling one per shape.
             self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=True)
-            config = torch._dynamo.config  # imported by torch.compile; the name changed in torch 2.6
-            self._limit = {"recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit": self.GRAPHS}
-        with torch._dynamo.config.patch(**self._limit):
-            return self._compiled(*args)
+        return self._compiled(*args)
+
+
+def compilations() -> int:
+    """Graph compilations in this process so far (dynamo captures, AOT autograd and inductor compiles, forward and
+    backward), to check that a step found everything it runs already compiled."""
+    from torch._dynamo.utils import counters
+
+    inductor = sum(n for key, n in counters["inductor"].items() if key.startswith("fxgraph_cache_"))
+    return counters["stats"]["unique_graphs"] + counters["aot_autograd"]["total"] + inductor
 
 
 def check_compiler(device: torch.device) -> None:

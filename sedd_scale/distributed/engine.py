@@ -138,6 +138,14 @@ def deepspeed_config(recipe: Recipe, layout: Layout) -> dict[str, Any]:
         # handles a single tensor (or later ones without gradients) only, so it stays off.
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
     }
+    if recipe.model.precision == "bf16" and layout.pp > 1:
+        # With the SEDD stages under the pipeline engine (DeepSpeed 0.19.8), BF16_Optimizer's default accumulation
+        # into its fp32 gradients (at the end of each backward) left them zero: gradient norm 0, no weight moved
+        # (measured through the trainer, PP2 ZeRO-1, 4 micro-batches, gloo; tests/test_engine.py's toy pipeline is
+        # not affected; the cause inside DeepSpeed is not pinned down). Accumulating in the parameters' gradient
+        # hooks gives the fp32 pipeline's norms (6.451 vs 6.454 after the first step); benchmarks/gpu_check.py's
+        # train-bf16-pp2 row checks that the norms are positive.
+        config["bf16"]["immediate_grad_update"] = True
     if recipe.model.precision == "bf16" and layout.zero_stage == 1:
         # bf16 weights with fp32 master weights and fp32 gradient accumulation (DeepSpeed's
         # BF16_Optimizer), the Megatron-DeepSpeed setting; ZeRO-2/3 keep fp32 partitions themselves.

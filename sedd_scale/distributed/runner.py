@@ -4,9 +4,14 @@
 step); `PipelineRunner` (PP > 1) hands them to the pipeline engine's 1F1B schedule. Both build their module,
 train one optimizer step, evaluate a loss, produce full-vocabulary log-scores for sampling, and name their
 parameters by the model's keys (DeepSpeed names pipeline layers by index: input, blocks, output).
+
+Under `model.compile` the pipeline runner compiles its stage's regions before the first transfer (`warm_up_stage`):
+compiled lazily, stage k would compile while stage k + 1 waits for its activations, so the compile times of the
+stages would add up along the pipeline instead of overlapping.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import sedd_scale.compat  # noqa: F401  (before megatron / deepspeed)
@@ -14,6 +19,7 @@ import sedd_scale.compat  # noqa: F401  (before megatron / deepspeed)
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from torch import Tensor
 
 from sedd_scale.distributed import deepspeed_files as ds_files
@@ -28,11 +34,74 @@ MicroBatch = tuple[Tensor, Tensor, Tensor, Tensor]
 """(x0, x_t, total_noise, rate): one noised micro-batch."""
 
 
+@contextlib.contextmanager
+def rng_kept():
+    """Restore the default CPU and CUDA generators and megatron's tensor-parallel tracker on exit (what dropout
+    draws from), so work inside leaves every random stream where it was."""
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    cpu, tracked = torch.get_rng_state(), dict(tracker.get_states())
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        tracker.set_states(tracked)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
+def warm_up_stage(pipe, batch: MicroBatch, model_cfg: ModelConfig, device) -> None:
+    """Run this stage's layers (and the loss on the last stage) once on `batch` as the 1F1B schedule runs them,
+    forward and backward, then once as evaluation does (eval mode, no gradients), so every compiled region they call
+    is compiled before the first pipeline transfer.
+
+    A forward alone is not enough: under no_grad torch.compile builds an inference graph (no backward), and
+    activation checkpointing runs the regions with gradients only in backward's recomputation (which needs a real
+    .backward(), not autograd.grad). It runs before DeepSpeed wraps the module, so no optimizer or gradient hook sees
+    it; the gradients it leaves are dropped, the RNG streams, mode and micro-batch counter restored and the loss
+    records discarded: training is bitwise the same with and without it. Every stage makes its own inputs (zeros of
+    the exchanged shapes: values do not matter to a compile), so no transfer happens.
+    """
+    x0, x_t, total_noise, rate = batch
+    params = [p for p in pipe.parameters() if p.requires_grad]
+    if any(p.grad is not None for p in params):
+        raise RuntimeError("warm_up_stage runs on a freshly built pipeline (its parameters hold gradients)")
+    if pipe.stage_id == 0:
+        buffers = (x_t, total_noise)  # the engine loads them without gradients (no reentrant checkpointing)
+    else:  # received (h, c): the engine makes floating buffers require grad, in the parameters' dtype here
+        buffers = (torch.zeros(*x_t.shape, model_cfg.hidden_size, dtype=model_cfg.params_dtype, device=device),
+                   torch.zeros(x_t.shape[0], model_cfg.cond_dim, dtype=model_cfg.params_dtype, device=device))
+        for t in buffers:
+            t.requires_grad_(True)
+    last = pipe.stage_id == pipe.num_stages - 1
+    was_training, micro_offset = pipe.training, pipe.micro_offset
+    try:
+        with rng_kept():
+            for training in (True, False):
+                pipe.train(training)
+                with torch.set_grad_enabled(training):
+                    inputs = tuple(t.clone() for t in buffers)  # as the engine's forward pass takes them
+                    outputs = pipe(inputs)
+                    if last:
+                        outputs = pipe.loss_fn(outputs, (x0, x_t, total_noise, rate))
+                    if training:
+                        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+    finally:
+        pipe.train(was_training)
+        pipe.micro_offset = micro_offset
+        for p in params:
+            p.grad = None
+        if last:
+            pipe.loss_fn.records.take()
+
+
 class PlainRunner:
-    """PP = 1: the SEDD module with the fused loss under DeepSpeed's plain engine (ZeRO 0-3)."""
+    """PP = 1: the SEDD module with the fused loss under DeepSpeed's plain engine (ZeRO 0-3). Its regions compile at
+    the first step (`warm_up` is not used: with one stage nobody waits for the compile)."""
 
     def __init__(self, model_cfg: ModelConfig, recipe, layout: Layout, topology, loss_cfg: HeadLossConfig,
-                 device):
+                 device, warm_up: MicroBatch | None = None):
         self.model_cfg, self.layout, self.device = model_cfg, layout, device
         module = SEDDTrainModule(SEDD(model_cfg, device), loss_cfg)
         self.engine = ds_engine.build_engine(module, recipe, layout)
@@ -70,12 +139,19 @@ class PlainRunner:
 
 
 class PipelineRunner:
-    """PP > 1: DeepSpeed's PipelineModule of megatron-core TP layers (1F1B schedule, ZeRO 0-1)."""
+    """PP > 1: DeepSpeed's PipelineModule of megatron-core TP layers (1F1B schedule, ZeRO 0-1).
+
+    `warm_up`: a micro-batch of the training shape; under model.compile the stage compiles its regions on it before
+    the engine exists (`warm_up_stage`), so that the stages compile at the same time, not one after the other.
+    """
 
     def __init__(self, model_cfg: ModelConfig, recipe, layout: Layout, topology, loss_cfg: HeadLossConfig,
-                 device):
+                 device, warm_up: MicroBatch | None = None):
         self.model_cfg, self.layout, self.device = model_cfg, layout, device
-        self.engine = ds_engine.build_engine(build_pipeline(model_cfg, topology, loss_cfg, device), recipe, layout)
+        pipe = build_pipeline(model_cfg, topology, loss_cfg, device)
+        if warm_up is not None and model_cfg.compile:
+            warm_up_stage(pipe, warm_up, model_cfg, device)
+        self.engine = ds_engine.build_engine(pipe, recipe, layout)
 
     @property
     def records(self) -> LossRecords:
@@ -133,7 +209,7 @@ Runner = PlainRunner | PipelineRunner
 
 
 def build_runner(model_cfg: ModelConfig, recipe, layout: Layout, topology, loss_cfg: HeadLossConfig,
-                 device) -> Runner:
-    """The runner for `layout`: the pipeline engine when PP > 1, else the plain one."""
+                 device, warm_up: MicroBatch | None = None) -> Runner:
+    """The runner for `layout`: the pipeline engine when PP > 1, else the plain one (`warm_up`: see PipelineRunner)."""
     cls = PipelineRunner if layout.pp > 1 else PlainRunner
-    return cls(model_cfg, recipe, layout, topology, loss_cfg, device)
+    return cls(model_cfg, recipe, layout, topology, loss_cfg, device, warm_up)

@@ -104,9 +104,11 @@ def _phase_hooks(engine, mem, phases: dict[str, int]) -> None:
                                                     wrap(engine.step, "step"))
 
 
-def measure(recipe_data: dict, steps: int = 2, reduce_bucket_size: int | None = None) -> dict[str, Any]:
+def measure(recipe_data: dict, steps: int = 2, reduce_bucket_size: int | None = None, meter=None) -> dict[str, Any]:
     """On each rank of a launched world: train `steps` measured steps of `recipe_data` (a raw recipe mapping;
-    its checkpoint.dir is replaced by a temporary one) and return this rank's bytes (see the module docstring)."""
+    its checkpoint.dir is replaced by a temporary one) and return this rank's bytes (see the module docstring).
+    `meter`: a context manager class with LiveTensorMemory's `current`, `peak` and `reset_peak()` (default: that
+    one; benchmarks/gpu_check.py passes torch.cuda's allocator counters)."""
     import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
 
     from megatron.core import parallel_state as ps
@@ -123,7 +125,7 @@ def measure(recipe_data: dict, steps: int = 2, reduce_bucket_size: int | None = 
             data.setdefault("checkpoint", {})["dir"] = tmp
             recipe = from_dict(Recipe, data)
             layout, topology = engine.setup(recipe)
-            with LiveTensorMemory() as mem:
+            with (meter or LiveTensorMemory)() as mem:
                 loader = RandomTokens(recipe.model.num_tokens, layout.micro_batch, recipe.data.seq_len,
                                          ps.get_data_parallel_rank(), recipe.train.seed)
                 with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints memory reports while building

@@ -137,7 +137,16 @@ class Trainer:
         self.noise = recipe.diffusion.schedule()
         parallel.seed_parallel(recipe.train.seed)
         loss_cfg = head_loss_config(self.model_cfg, recipe.diffusion.objective)
-        self.runner = build_runner(self.model_cfg, recipe, layout, topology, loss_cfg, self.device)
+        # A micro-batch of the training shape on which pipeline stages compile their regions before the first
+        # transfer (all at once, not one after the other along the first step's schedule). Made from a private
+        # generator: no RNG stream or data position moves.
+        warm_up = None
+        if self.model_cfg.compile:
+            tokens = torch.randint(0, self.model_cfg.num_tokens, (layout.micro_batch, recipe.data.seq_len),
+                                   generator=torch.Generator().manual_seed(0))
+            nb = self._noised(tokens, step=0, micro=0)
+            warm_up = (nb.x0, nb.x_t, nb.total_noise, nb.rate)
+        self.runner = build_runner(self.model_cfg, recipe, layout, topology, loss_cfg, self.device, warm_up)
         self.engine = self.runner.engine
         self.io = self.engine.checkpoint_engine = SnapshotIO()
         self.ema = EMA(self._local_params(), recipe.train.ema, dp_rank=self.dp_rank, dp_size=layout.dp,
