@@ -11,8 +11,8 @@ of --torch-version, so that nothing is chosen that the target's torch would not 
 Packages published only as source (DeepSpeed) are built here into pure-Python wheels (DeepSpeed with DS_BUILD_OPS=0:
 no C++ ops, which it compiles at run time when asked). The folder is flat, one version of each package, and at most
 --max-mib in size (a checkout and its wheels then fit a 64 MiB transfer); requirements.txt in it lists them.
---torch SPEC puts a real torch (e.g. this machine's local CPU wheel, torch==2.13.0+cpu) and its dependencies in the
-folder instead, for building a whole venv offline; the torch wheel is then left out of the size count.
+--torch SPEC adds a real torch (e.g. this machine's local CPU wheel, torch==2.13.0+cpu) and what only it needs, resolved
+with the rest pinned, for building a whole venv offline (bootstrap.sh's venv path); those are not in the size count.
 """
 from __future__ import annotations
 
