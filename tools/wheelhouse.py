@@ -27,13 +27,14 @@ import time
 import tomllib
 import zipfile
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "requirements.txt"
 HEADER = "# sedd-scale wheelhouse"
-# This machine's pip config may name optional local indexes that do not exist; that warning is noise.
 PLACEHOLDER = "wheelhouse.placeholder"
 DEFAULT_PLATFORM = "manylinux_2_28_x86_64"  # glibc >= 2.28, which torch 2.11's own wheels need
+# This machine's pip config may name optional local indexes that do not exist; that warning is noise.
 NOISE = "is ignored: it is neither a file nor a directory"
 
 
@@ -48,9 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-version", default="2.11.0",
                    help="the target's torch, which the other packages must accept (default 2.11.0)")
     p.add_argument("--torch", metavar="SPEC", default=None,
-                   help="also put this torch (requirement or wheel file) and its dependencies in the folder")
+                   help="also put this torch (requirement or wheel file) and what only it needs in the folder, "
+                        "outside the size count (for a venv built offline)")
     p.add_argument("--max-mib", type=float, default=60.0,
-                   help="fail when the wheels (torch's own wheel not counted) exceed this many MiB (default 60)")
+                   help="fail when the wheels (--torch's not counted) exceed this many MiB (default 60)")
     args = p.parse_args(argv)
     if not re.fullmatch(r"3\.\d+", args.python):
         p.error(f"--python must be a version like 3.12, got {args.python!r}")
@@ -76,7 +78,7 @@ def requirement_name(req: str) -> str:
     """The normalised project name of a requirement string ("Foo_Bar>=1" -> "foo-bar")."""
     m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
     if not m:
-        raise SystemExit(f"wheelhouse: cannot read the requirement {req!r} in pyproject.toml")
+        raise SystemExit(f"wheelhouse: cannot read a project name in the requirement {req!r}")
     return re.sub(r"[-_.]+", "-", m.group(1)).lower()
 
 
@@ -115,7 +117,7 @@ def pip(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return r
 
 
-def fail(r: subprocess.CompletedProcess, what: str) -> None:
+def fail(r: subprocess.CompletedProcess, what: str) -> NoReturn:
     """Stop with pip's last words."""
     tail = "\n".join((r.stdout + "\n" + r.stderr).strip().splitlines()[-15:])
     raise SystemExit(f"wheelhouse: {what} failed:\n{tail}")
