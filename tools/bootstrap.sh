@@ -6,6 +6,7 @@
 #               an unpinned torch would pull a multi-GB CUDA build)
 #   SEDD_PYTHON an interpreter to use as it is instead of a venv (e.g. an NGC container's python with its
 #               own torch, Transformer Engine and apex): checked to import what the project needs, nothing installed
+#               (unless SEDD_WHEELHOUSE is set too)
 #   SEDD_WHEELHOUSE a folder made by tools/wheelhouse.py: install from it alone (pip --no-index, no pip config),
 #               for machines without a package index. With SEDD_PYTHON: the project (editable) and the missing
 #               packages go into that interpreter, its torch pinned as it is. Without: the venv is built from the
