@@ -1,1 +1,0 @@
-"""The libraries behind `tools/`: checkpoint conversion and sampling (evaluation is `diffusion/evaluation.py`)."""
