@@ -278,15 +278,15 @@ def test_memory_warning_iff_the_gpu_is_too_small():
 
 @pytest.mark.parametrize("path, world", [(RECIPE_13B, 16), (RECIPE_7B, 64)])
 def test_shipped_recipes_fit_and_are_near_the_planners_choice(path, world):
-    """The recipes fit, warn about nothing but the compile time along a deep pipeline, and are within 15% of the
-    planner's fastest layout. (They were tuned when cross-node DP traffic was priced at 40 GB/s per GPU; with the
-    node's whole network behind a ring, pipelines of 1.3B and 7B lose to wider DP by ~10%: see the README.)"""
+    """The recipes fit, warn about nothing, and are within 10% of the fastest layout that leaves a fifth of the GPU's
+    memory free. (The planner's very fastest can sit at the edge: 7B ZeRO-3 micro 8 needs 79 of 80 GB. The recipes
+    were tuned when cross-node DP traffic was priced at 40 GB/s per GPU; with the node's network behind a ring, the
+    1.3B's PP2 loses 8% to PP1 DP16, and the 7B keeps PP8 for a DP exchange inside each node, 4.5% behind PP4.)"""
     shipped = _plan(path, world)
     r = load_recipe(path)
-    assert shipped.fits and all(w.startswith("compile:") for w in shipped.warnings)
-    assert any(w.startswith("compile:") for w in shipped.warnings) == (r.model.compile and r.parallel.pp >= 8)
-    best = P.propose(r, world)[0]
-    assert shipped.tokens_per_s >= 0.85 * best.tokens_per_s, (shipped.candidate, best.candidate)
+    assert shipped.fits and not shipped.warnings, shipped.warnings
+    roomy = [p for p in P.propose(r, world) if p.needed_bytes <= 0.8 * p.gpu.memory_bytes]
+    assert shipped.tokens_per_s >= 0.9 * roomy[0].tokens_per_s, (shipped.candidate, roomy[0].candidate)
 
 
 def test_proposals_fit_are_sorted_and_are_valid_recipes():
@@ -474,17 +474,18 @@ def test_global_batch_proposal_when_the_world_starves_the_pipeline():
     assert r.parallel.global_batch == 512  # the recipe itself is left alone
 
 
-@pytest.mark.parametrize("pp, compile_, timeout, warned", [(4, True, 10, False), (8, True, 10, True),
-                                                           (16, True, 10, True), (16, False, 10, False),
-                                                           (16, True, 60, False)])
-def test_compile_warning_follows_the_pipeline_depth(pp, compile_, timeout, warned):
-    """Compile time adds up along the stages (COMPILE_MINUTES_PER_STAGE, high estimate x pp) against the recipe's
-    process-group timeout: warned from half of it."""
+@pytest.mark.parametrize("pp, compile_, timeout, warned", [(4, True, 10, False), (8, True, 10, False),
+                                                           (32, True, 10, False), (16, True, 1, True),
+                                                           (16, False, 1, False), (1, True, 1, False)])
+def test_compile_warning_weighs_one_stage_against_the_timeout(pp, compile_, timeout, warned):
+    """The stages compile before the first transfer, all at once (distributed.runner.warm_up_stage): a stage's
+    compile (COMPILE_MINUTES_PER_STAGE, high estimate), not the sum along the pipeline, is weighed against the
+    recipe's process-group timeout, warned from half of it."""
     r = load_recipe(RECIPE_7B, [f"parallel.pp={pp}", f"model.compile={str(compile_).lower()}",
                                 f"parallel.distributed_timeout_minutes={timeout}"])
     p = P.plan(r, P.candidate_of(r, r.layout(64)))
     assert any(w.startswith("compile:") for w in p.warnings) == warned
-    assert (pp * P.COMPILE_MINUTES_PER_STAGE[1] >= P.COMPILE_WARN * timeout) == (warned or not compile_)
+    assert (P.COMPILE_MINUTES_PER_STAGE[1] >= P.COMPILE_WARN * timeout) == (warned or pp == 1 or not compile_)
 
 
 def test_cli_network_flags(capsys):

@@ -30,8 +30,9 @@ PARAM_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold: sma
 MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters: gathered ZeRO-3 params at once
 LOSS_CHUNK = 1024  # tokens per chunk of the fused loss (pipeline.head_loss_config's default)
 # Minutes torch.compile takes for one pipeline stage's regions (each block's elementwise work and the
-# fused loss's chunk), compiled lazily at the stage's first micro-batch: an estimate, low and high
-# (3-6 min along 8 stages, 6-24 min along 16-32).
+# fused loss's chunk): an estimate, low and high. Every stage compiles them before the first pipeline
+# transfer (distributed.runner.warm_up_stage), all stages at once, so a stage waits for the slowest one's
+# compile, not for the sum along the pipeline (3-6 min at PP 8, 6-24 min at PP 16-32 when compiled lazily).
 COMPILE_MINUTES_PER_STAGE = (0.375, 0.75)
 
 

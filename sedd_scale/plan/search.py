@@ -51,8 +51,8 @@ class Plan:
 
 
 BUBBLE_WARN = 0.10
-# Warn when the estimated compile time along the pipeline (high estimate) reaches this share of the
-# process-group timeout: the estimate is uncertain by about 2x.
+# Warn when a stage's estimated compile time (high estimate) reaches this share of the process-group
+# timeout, which the other stages wait in: the estimate is uncertain by about 2x.
 COMPILE_WARN = 0.5
 
 
@@ -93,14 +93,13 @@ def _warnings(recipe: "Recipe", p: Plan) -> list[str]:
                        f"model.activation_checkpointing: false takes the step from {p.time.total:.3g} s to "
                        f"{off.time.total:.3g} s")
     if recipe.model.compile and c.pp > 1:
-        low, high = (c.pp * m for m in COMPILE_MINUTES_PER_STAGE)
-        timeout = recipe.parallel.distributed_timeout_minutes  # how long a blocked p2p receive waits
+        low, high = COMPILE_MINUTES_PER_STAGE
+        timeout = recipe.parallel.distributed_timeout_minutes  # how long the other stages wait in a collective
         if high >= COMPILE_WARN * timeout:
-            out.append(f"compile: model.compile compiles each stage's regions at its first micro-batch, and under "
-                       f"1F1B stage k waits in a p2p receive for stage k - 1's compile: about {low:.3g}-{high:.3g} "
-                       f"min along PP {c.pp}, against the {timeout:g} min process-group timeout "
-                       "(parallel.distributed_timeout_minutes); raise it, warm the compile cache, or set "
-                       "model.compile: false")
+            out.append(f"compile: every pipeline stage compiles its regions before the first transfer (about "
+                       f"{low:.3g}-{high:.3g} min, all stages at once) while the others wait, against the "
+                       f"{timeout:g} min process-group timeout (parallel.distributed_timeout_minutes); raise it, "
+                       "warm the compile cache, or set model.compile: false")
     bucket = worst.item("buffers")
     if c.zero_stage > 0 and "bucket" in bucket.note and bucket.backward > 0.05 * worst.peak:
         out.append(f"DeepSpeed's ZeRO reduce bucket takes {bucket.backward / GB:.2f} GB per GPU "
