@@ -492,8 +492,8 @@ def row_planner_memory(s: Settings, manifest: Path) -> Row:
                                  P.Assumptions(device=s.device, reduce_bucket_size=bucket))
         measured = got[name]
         phases = []
-        for phase in (*P.PHASES, "peak"):
-            plan_bytes = planned.peak if phase == "peak" else planned.phase(phase)
+        for phase in (*P.TRAINING_PHASES, "peak"):  # a training step's (validation: bench_planner.py's table)
+            plan_bytes = planned.training_peak if phase == "peak" else planned.phase(phase)
             ratio = plan_bytes / measured[phase]
             worst = max(worst, abs(ratio - 1))
             phases.append(f"{phase} {plan_bytes / 2**20:.0f}/{measured[phase] / 2**20:.0f} MiB ({ratio:.2f})")

@@ -28,3 +28,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny prepared dataset (11-token vocabulary, sequences of 8) for short training runs."""
+    import numpy as np
+
+    from sedd_scale.data.manifest import TokenizerInfo
+    from sedd_scale.data.prepare import write_sequences
+
+    out = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    write_sequences(out, {"train": rng.integers(0, 11, (256, 8)), "valid": rng.integers(0, 11, (8, 8))},
+                    TokenizerInfo("tiny", 11, 10), seqs_per_sample=8, seqs_per_shard=64)
+    return out

@@ -102,7 +102,7 @@ def test_bad_requests_exit_2_before_any_work(tmp_path):
     cases = {"does not exist": [str(tmp_path / "nope")],
              f"{tmp_path / 'not-a-checkpoint'} is neither a checkpoint folder": [str(tmp_path / "not-a-checkpoint")],
              "--draws must be >= 2": [ckpt, "--draws", "1"],
-             "GPT-2-vocabulary": [ckpt, "--protocol", "ptb"],  # the same as --datasets ptb
+             "needs the model's tokenizer": [ckpt, "--protocol", "ptb"],  # the same as --datasets ptb
              "seq_len": [ckpt, "--manifest", str(_other_length(tmp_path))],
              "exists": [ckpt, "--manifest", data, "--out", data],
              "holds no sequences in its split 'test'": [ckpt, "--manifest", empty_splits(tmp_path),

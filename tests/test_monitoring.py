@@ -31,18 +31,18 @@ def wandb_records(run_dir: Path) -> list[tuple[str, object]]:
 
     out = []
     for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        data, pos, chunk = path.read_bytes(), 7, b""
-        assert data[:4] == b":W&B", path
-        while pos + 7 <= len(data):
+        raw, pos, chunk = path.read_bytes(), 7, b""
+        assert raw[:4] == b":W&B", path
+        while pos + 7 <= len(raw):
             left = 32768 - pos % 32768
             if left < 7:  # a block's tail too short for a header is padding
                 pos += left
                 continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
             if kind == 0:  # zero padding to the block's end
                 pos += left
                 continue
-            chunk += data[pos + 7:pos + 7 + length]
+            chunk += raw[pos + 7:pos + 7 + length]
             pos += 7 + length
             if kind in (1, 4):
                 record = pb.Record.FromString(chunk)
@@ -184,18 +184,6 @@ def test_the_silenced_lines_are_still_what_deepspeed_says():
         assert why and any(re.search(pattern, text) for text in sources.values()), pattern
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from sedd_scale.data.manifest import TokenizerInfo
-    from sedd_scale.data.prepare import write_sequences
-
-    out = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    write_sequences(out, {"train": rng.integers(0, 11, (256, 8)), "valid": rng.integers(0, 11, (8, 8))},
-                    TokenizerInfo("tiny", 11, 10), seqs_per_sample=8, seqs_per_shard=64)
-    return out
-
-
 @pytest.mark.megatron
 def test_parameter_counts_take_tensor_parallel_shards_whole_and_replicated_tensors_once(tp1):
     """A TP rank other than 0 contributes only the tensors megatron splits (`tensor_model_parallel`); its copies of
@@ -285,7 +273,7 @@ def test_a_training_run_reports_its_settings_and_validation_and_logs_the_same_sc
     assert start["optim.lr"].number_value == 0.01 and start["model.graph"].string_value == "absorb"
     assert start["layout.grad_accum"].number_value == 2
 
-    # Resharding the run's checkpoint shows its progress when asked: the files read, the files checksummed.
+    # Resharding the run's checkpoint shows its progress when asked: the files read, written and checksummed.
     from sedd_scale.apps import convert
 
     monkeypatch.setenv("SEDD_PROGRESS", "1")
@@ -293,3 +281,4 @@ def test_a_training_run_reports_its_settings_and_validation_and_logs_the_same_sc
     convert.reshard(run, tmp_path / "resharded", tp=1, pp=1, dp=1)
     err = capsys.readouterr().err
     assert "reading step_000000003" in err and "checksumming resharded" in err and "100%" in err, err
+    assert re.search(r"writing \S+: 100%", err), err

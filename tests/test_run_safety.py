@@ -41,18 +41,6 @@ def tiny_recipe(data: Path, run: Path, **sections) -> dict:
     return raw
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from sedd_scale.data.manifest import TokenizerInfo
-    from sedd_scale.data.prepare import write_sequences
-
-    out = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    write_sequences(out, {"train": rng.integers(0, 11, (256, 8)), "valid": rng.integers(0, 11, (8, 8))},
-                    TokenizerInfo("tiny", 11, 10), seqs_per_sample=8, seqs_per_shard=64)
-    return out
-
-
 def write_recipe(path: Path, raw: dict) -> str:
     path.write_text(yaml.safe_dump(raw))
     return str(path)

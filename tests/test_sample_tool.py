@@ -202,9 +202,11 @@ def test_without_out_every_sample_is_printed_and_nothing_is_written(baseline, by
         assert f"--- sample {rec['index']} ---\n{rec['text']}\n" in proc.stdout, proc.stdout
     assert "unigram entropy" in proc.stdout and "wrote" not in proc.stdout
     assert list(tmp_path.iterdir()) == []
+    assert "sampling" not in proc.stderr  # no progress bar where nobody watches (CI logs)
     proc = cli(str(byte_ckpt), "--num-samples", "2", "--steps", "2", "--length", str(LENGTH), "--tokenizer", "none",
-               "--show", "1", "--summary", str(tmp_path / "s.json"))  # ids are printed without a tokenizer
-    assert proc.returncode == 0, proc.stderr[-3000:]
+               "--show", "1", "--summary", str(tmp_path / "s.json"), env={"SEDD_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]  # ids are printed without a tokenizer; the bar when asked
+    assert re.search(r"sampling: 100%.*1/1 \[", proc.stderr), proc.stderr[-2000:]
     assert re.search(r"--- sample 0 ---\n\[\d+(, \d+){29}\]\n", proc.stdout) and "--- sample 1 ---" not in proc.stdout
     assert f"wrote {tmp_path / 's.json'}" in proc.stdout and [p.name for p in tmp_path.iterdir()] == ["s.json"]
     summary = json.loads((tmp_path / "s.json").read_text())

@@ -126,10 +126,10 @@ class SEDDLM(LM):
         path = Path(str(pretrained))
         cfg = read_model_config(path)
         self.length, self.num_tokens = cfg.length, cfg.num_tokens
-        self.tok = choose_tokenizer(tokenizer, cfg.num_tokens)
+        self.tok = choose_tokenizer(tokenizer, cfg.num_tokens, path)
         if self.tok is None:
-            raise ValueError(f"sedd: the model has {cfg.num_tokens} tokens and no known tokenizer (gpt2: 50257, "
-                             "byte: 257): lm-eval tasks are text")
+            raise ValueError(f"sedd: the model has {cfg.num_tokens} tokens and no tokenizer (none bundled, and none "
+                             "its vocabulary implies: gpt2 50257, byte 257): lm-eval tasks are text")
         if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"sedd: device {device} but CUDA is not available here: pass --device cpu "
                              "(lm-eval's command line defaults to cuda:0)")

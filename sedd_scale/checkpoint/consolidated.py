@@ -31,6 +31,7 @@ from torch import Tensor
 
 from sedd_scale.checkpoint import bundle
 from sedd_scale.checkpoint.hub import hub_shapes, key_map
+from sedd_scale.checkpoint.progress import bar
 from sedd_scale.checkpoint.safetensors_shards import DEFAULT_SHARD_BYTES, Weights, WeightsError, write_weights
 from sedd_scale.checkpoint.safetensors_writer import save_tensors
 from sedd_scale.checkpoint.sharded import staged_dir
@@ -198,15 +199,18 @@ def write(path: str | Path, cfg: ModelConfig, noise: dict[str, Any], weights: di
         raise ConsolidatedError(f"{path} exists: choose a new output directory (nothing is overwritten)")
     check_tensors(cfg, weights, "the weights to write")
     with staged_dir(path) as tmp:
-        write_weights({k: v.float() for k, v in weights.items()}, tmp, max_shard_bytes=max_shard_bytes)
         files = {}
         if training is not None:
             tensors, counters = training
             (tmp / TRAINING_DIR).mkdir()
             files.update({tmp / TRAINING_DIR / f"{c}.safetensors": tensors[c] for c in TRAINING_CATEGORIES})
             torch.save(counters, tmp / TRAINING_DIR / COUNTERS_FILE)
-        for file, tensors in files.items():
-            save_tensors({k: v.float() for k, v in tensors.items()}, file)
+        total = 4 * sum(t.numel() for group in (weights, *files.values()) for t in group.values())  # fp32 bytes
+        with bar(total, f"writing {path.name}") as shown:
+            write_weights({k: v.float() for k, v in weights.items()}, tmp, max_shard_bytes=max_shard_bytes,
+                          written=shown.update)
+            for file, tensors in files.items():
+                save_tensors({k: v.float() for k, v in tensors.items()}, file, shown.update)
         config = {"format": FORMAT, "model": to_dict(cfg), "noise": noise, "weights": which, **provenance}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         if bundle_from is not None:

@@ -29,7 +29,7 @@ from sedd_scale.checkpoint.safetensors_shards import (
     weight_files,
     write_weights,
 )
-from sedd_scale.checksums import SUMS_FILE, ChecksumError, verify_sums, write_sums
+from sedd_scale.checksums import SUMS_FILE, ChecksumError, read_sums, verify_sums, write_sums
 from sedd_scale.diffusion.noise import GeometricNoise
 from sedd_scale.model import rotary
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
@@ -230,9 +230,10 @@ def read_hub(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
                                 f"{CONFIG_FILE} and {WEIGHTS_FILE}, or its shards and {INDEX_FILE}, is expected)")
     first = [CONFIG_FILE, WEIGHTS_FILE if (path / WEIGHTS_FILE).is_file() else INDEX_FILE]
     try:  # SHA256SUMS (our exports) catches damage before anything is parsed; one written elsewhere may have none
-        verified = verify_sums(path, first, required=False)
-        if verified:  # the index is checked now, so the shards it names can be read from it
-            verify_sums(path, [f for f in weight_files(path) if f not in first])
+        verified = verify_sums(path, required=False)  # every file it lists: weights, tokenizer, model card
+        if verified:  # and it must list the config and every weights file (the index, checked now, names them)
+            listed = read_sums(path)
+            verify_sums(path, [f for f in (*first, *weight_files(path)) if f not in listed])  # raises naming one
         config = _parse_config(path / CONFIG_FILE)
         weights = Weights(path)
         state = {k: weights[k] for k in weights}

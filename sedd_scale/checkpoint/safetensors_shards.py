@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -64,17 +64,18 @@ def plan_shards(tensors: Mapping[str, Tensor], max_shard_bytes: int) -> list[lis
     return shards
 
 
-def write_weights(tensors: Mapping[str, Tensor], folder: str | Path, *,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
-    """Write `tensors` into `folder` as model.safetensors, or as shards plus the index; the file names written."""
+def write_weights(tensors: Mapping[str, Tensor], folder: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  written: Callable[[int], object] | None = None) -> list[str]:
+    """Write `tensors` into `folder` as model.safetensors, or as shards plus the index; the file names written
+    (`written`: told each tensor's bytes, as `save_tensors`)."""
     folder = Path(folder)
     groups = plan_shards(tensors, max_shard_bytes)
     if len(groups) == 1:
-        save_tensors(dict(tensors), folder / WEIGHTS_FILE)
+        save_tensors(dict(tensors), folder / WEIGHTS_FILE, written)
         return [WEIGHTS_FILE]
     names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     for name, keys in zip(names, groups):
-        save_tensors({k: tensors[k] for k in keys}, folder / name)
+        save_tensors({k: tensors[k] for k in keys}, folder / name, written)
     index = {"metadata": {"total_size": sum(nbytes(t) for t in tensors.values())},
              "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,8 +22,9 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.bool: "BOOL"}
 
 
-def save_tensors(tensors: dict[str, Tensor], path: str | Path) -> None:
-    """Write `tensors` (CPU or not; copied to the host one at a time) as a safetensors file at `path`."""
+def save_tensors(tensors: dict[str, Tensor], path: str | Path, written: Callable[[int], object] | None = None) -> None:
+    """Write `tensors` (CPU or not; copied to the host one at a time) as a safetensors file at `path`; `written` is
+    told each tensor's bytes as they go (a progress bar)."""
     if sys.byteorder != "little":
         raise RuntimeError("safetensors stores little-endian bytes; this writer runs on little-endian hosts only")
     header, offset = {}, 0
@@ -40,3 +42,5 @@ def save_tensors(tensors: dict[str, Tensor], path: str | Path) -> None:
         for t in tensors.values():
             if t.numel():
                 f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            if written is not None:
+                written(t.numel() * t.element_size())

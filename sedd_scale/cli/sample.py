@@ -228,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from sedd_scale.checkpoint.progress import bar as progress_bar
     from sedd_scale.distributed import parallel  # megatron-core from here on
     from sedd_scale.pretrained import load_pretrained
 
@@ -255,16 +256,18 @@ def run(args: argparse.Namespace) -> int:
                   f"{plan.sampler.spec()}, {len(batches)} batches over DP={dp_size} x TP={args.tp}, "
                   f"{cond.info['type']}{note}", flush=True)
         started = time.perf_counter()
+        # rank 0's own batches (1 in DP of them), with an ETA, on a terminal or with SEDD_PROGRESS=1
+        bar = progress_bar(len(range(dp_rank, len(batches), dp_size)), "sampling", unit="batch")
 
         def progress(b: int, _x: torch.Tensor) -> None:
-            if rank == 0:
-                print(f"[sample] batch {b + 1}/{len(batches)} done ({time.perf_counter() - started:.1f}s)", flush=True)
+            bar.update(1)
 
         local_nfe: dict[int, float] = {}
         local = generate_batches(model_log_score_fn(model), graph, noise, plan=batches, length=cond.length,
                                  steps=args.steps, sampler=plan.sampler, seed=args.seed, dp_rank=dp_rank,
                                  dp_size=dp_size, infill=cond.infill, eps=args.eps, denoise=not args.no_denoise,
                                  device=device, nfe=local_nfe, on_batch=progress)
+        bar.close()
         ids = collect_samples(local, len(batches), contribute=parallel.tp_rank() == 0)
         nfe = collect_nfe(local_nfe, batches, contribute=parallel.tp_rank() == 0)
         seconds = time.perf_counter() - started
