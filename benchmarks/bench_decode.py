@@ -18,12 +18,17 @@ in one step); the table shows by how much on these distributions, which are dens
 all 81 sequences), so positions depend on each other: a worst case for parallel decoding.
 
 With --checkpoint (a hub or consolidated directory; CPU, TP=1) each sampler also draws --model-samples
-sequences of --length tokens from the model and the table adds their mean unigram entropy (nats) and
-NFE; there is no exact law there, so no TV.
+sequences of --length tokens from the model and the table adds their mean unigram entropy (nats), NFE
+and the judge: the model's own ELBO of its samples (nats/token, --judge-draws noise levels each; `self-ELBO`).
+There is no exact law there, so no TV. Samples drawn exactly from the model p have E[-log p(x)] = H(p),
+about the model's ELBO on held-out data when it fits the data (printed above the table); a sampler far
+below that draws degenerate, repetitive text (read it with the unigram entropy), one far above draws text
+the model finds unlikely (a biased parallel decoder's typical failure).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sedd_scale.diffusion import get_graph, get_noise
+from sedd_scale.diffusion.elbo import elbo_per_sequence
 from sedd_scale.diffusion.samplers import parse_sampler
 from sedd_scale.diffusion.sampling import unigram_entropy
 from sedd_scale.testing.exact import Enumerated, random_joint, total_variation
@@ -76,10 +82,11 @@ def run_enumerable(args) -> list[dict]:
 def print_row(row: dict, *, header: bool) -> None:
     """One table line (and the header before the first)."""
     if header:
-        print(f"{'sampler':<34} {'steps':>5} {'NFE':>7} {'tokens/s':>10} {'TV':>7}  {'entropy':>8}")
+        print(f"{'sampler':<34} {'steps':>5} {'NFE':>7} {'tokens/s':>10} {'TV':>7}  {'entropy':>8}  {'self-ELBO':>9}")
     tv = f"{row['tv']:7.4f}" if "tv" in row else f"{'-':>7}"
     entropy = f"{row['entropy']:8.4f}" if "entropy" in row else f"{'-':>8}"
-    print(f"{row['sampler']:<34} {row['steps']:>5} {row['nfe']:7.2f} {row['tok_s']:10.0f} {tv}  {entropy}",
+    judge = f"{row['judge']:9.4f}" if "judge" in row else f"{'-':>9}"
+    print(f"{row['sampler']:<34} {row['steps']:>5} {row['nfe']:7.2f} {row['tok_s']:10.0f} {tv}  {entropy}  {judge}",
           flush=True)
 
 
@@ -93,8 +100,15 @@ def headline(rows: list[dict]) -> str:
             f"({ref['nfe']:.0f} NFE): {ref['nfe'] / best['nfe']:.1f}x fewer evaluations")
 
 
+def _held_out_elbo(path: Path) -> str:
+    """The model's last validation ELBO as its model card records it (consolidated exports of a run)."""
+    config = json.loads((path / "config.json").read_text())
+    last = config.get("last_validation") if isinstance(config, dict) else None
+    return f"{last['elbo_nats_per_token']:.4f} nats/token (step {last['step']})" if last else "not recorded"
+
+
 def run_checkpoint(args) -> None:
-    """Every sampler on a trained model (CPU, TP=1): NFE, tokens/s and the samples' unigram entropy."""
+    """Every sampler on a trained model (CPU, TP=1): NFE, tokens/s, the samples' unigram entropy and self-ELBO."""
     import sedd_scale.compat  # noqa: F401  (before megatron-core)
 
     import torch.distributed as dist
@@ -109,7 +123,9 @@ def run_checkpoint(args) -> None:
         model, graph, noise = load_pretrained(args.checkpoint, device="cpu")
         length = args.length or model.config.length
         specs = [s for s in args.samplers if graph.absorb or parse_sampler(s).graphs != ("absorb",)]
-        print(f"\n{args.checkpoint}: {args.model_samples} samples x {length} tokens")
+        held_out = _held_out_elbo(Path(args.checkpoint))
+        print(f"\n{args.checkpoint}: {args.model_samples} samples x {length} tokens; the model's ELBO on held-out "
+              f"data: {held_out}")
         for i, spec in enumerate(specs):
             for steps in args.model_steps:
                 gen = torch.Generator().manual_seed(steps)
@@ -117,9 +133,12 @@ def run_checkpoint(args) -> None:
                 drawn = parse_sampler(spec)(model_log_score_fn(model), graph, noise, (args.model_samples, length),
                                             steps=steps, generator=gen)
                 seconds = time.perf_counter() - start
+                bound, _ = elbo_per_sequence(model_log_score_fn(model), graph, noise, drawn.tokens,
+                                             num_samples=args.judge_draws, generator=torch.Generator().manual_seed(0))
                 print_row({"sampler": spec, "steps": steps, "nfe": drawn.nfe,
                            "tok_s": drawn.tokens.numel() / seconds,
-                           "entropy": float(unigram_entropy(drawn.tokens).mean())},
+                           "entropy": float(unigram_entropy(drawn.tokens).mean()),
+                           "judge": float(bound.mean()) / length},
                           header=i == 0 and steps == args.model_steps[0])
     finally:
         if created:
@@ -141,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--length", type=int, help="tokens per model sample (default: the model's length)")
     p.add_argument("--model-samples", type=int, default=8)
     p.add_argument("--model-steps", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--judge-draws", type=int, default=4, help="noise levels of the self-ELBO per sample")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.steps, args.model_steps = 4000, [2, 8], [4]
