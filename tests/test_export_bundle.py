@@ -104,3 +104,21 @@ def test_last_validation_is_read_from_the_run_metrics(tmp_path):
     assert convert.last_validation(metrics, 30) == {"step": 20, "elbo_nats_per_token": 2.9, "elbo_stderr": 0.1}
     assert convert.last_validation(metrics, 60)["step"] == 40
     assert convert.last_validation(tmp_path / "absent.jsonl", 60) is None
+
+
+def test_prefix_and_template_work_with_a_bundled_tokenizer_json(tmp_path, bpe, monkeypatch):
+    """Text conditioning through a model's own tokenizer.json, from another directory (the API and sample.py)."""
+    from sedd_scale.apps.api import load_model
+    from sedd_scale.apps.generation import build_conditioning, choose_tokenizer
+
+    model_dir = _export(tmp_path, bpe)
+    monkeypatch.chdir(tmp_path)  # the tokenizer comes from the model directory, not a path relative to here
+    tok = choose_tokenizer("auto", bundle.get_tokenizer(str(bpe)).vocab_size, model_dir)
+    cond = build_conditioning(tok, model_length=8, template="the[BLANK:2] sat", blank_len=2)
+    given = [t for t in cond.given if t is not None]
+    assert tok.decode(given) == "the sat" and cond.given.count(None) == 2
+    model = load_model(model_dir, device="cpu")
+    texts = model.generate(2, steps=4, prefix="the cat", length=8, seed=0)
+    assert all(t.startswith("the cat") for t in texts)
+    texts = model.generate(1, steps=4, template="the[BLANK:2] sat", seed=0)
+    assert texts[0].startswith("the") and texts[0].endswith(" sat")
