@@ -17,7 +17,7 @@ from functools import partial
 
 from sedd_scale.data.indexed import IndexedRef, indexed_problem
 from sedd_scale.data.manifest import Manifest, ShardRef
-from sedd_scale.data.shards import ShardError
+from sedd_scale.data.shards import ShardError, file_problem
 from sedd_scale.data.urlcache import is_url
 
 _FIX = "restore it or prepare the data again (or set data.skip_corrupt: true to train without it)"
@@ -58,15 +58,6 @@ class CheckedSplit:
         return sum(r.info.num_sequences for r in self.shards)
 
 
-def _file_problem(location: str, size: int, what: str, fix: str) -> str | None:
-    try:
-        got = os.stat(location).st_size
-    except FileNotFoundError:
-        return f"missing {what} {location}: {fix}"
-    if got != size:
-        return (f"{what} {location} is {got} bytes but the manifest says {size}: the file is truncated or was "
-                f"rewritten; {fix}")
-    return None
 
 
 def shard_problem(ref: ShardRef, fix: str = _FIX) -> str | None:
@@ -74,8 +65,8 @@ def shard_problem(ref: ShardRef, fix: str = _FIX) -> str | None:
     advice appended (`advice(...)`)."""
     if is_url(ref.tar):
         return None  # checked when it lands in the cache
-    return (_file_problem(ref.tar, ref.info.num_bytes, "shard", fix)
-            or _file_problem(ref.crc, ref.info.crc_bytes, "CRC sidecar", fix))
+    return (file_problem(ref.tar, ref.info.num_bytes, "shard", fix)
+            or file_problem(ref.crc, ref.info.crc_bytes, "CRC sidecar", fix))
 
 
 def check_split(manifest: Manifest | str, split: str, skip_corrupt: bool = False, threads: int = 32, *,

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from sedd_scale.data.manifest import IndexedInfo, Manifest, ManifestError, SplitInfo, TokenizerInfo
-from sedd_scale.data.shards import ShardError
+from sedd_scale.data.shards import ShardError, file_problem
 from sedd_scale.data.tar_layout import default_seqs_per_sample
 from sedd_scale.data.urlcache import is_url
 
@@ -101,15 +101,8 @@ def indexed_problem(ref: IndexedRef, fix: str | None = None) -> str | None:
     if is_url(ref.prefix):
         return (f"Megatron indexed dataset {ref.prefix} is a URL (the manifest was loaded from one?): its .bin is "
                 "memory-mapped, so it must be a local file; copy the manifest and the dataset to a filesystem")
-    for path, size, _ in ref.files:
-        try:
-            got = os.stat(path).st_size
-        except FileNotFoundError:
-            return f"missing Megatron indexed dataset file {path}: {fix}"
-        if got != size:
-            return (f"Megatron indexed dataset file {path} is {got} bytes but the manifest says {size}: the file is "
-                    f"truncated or was rewritten; {fix}")
-    return None
+    problems = (file_problem(str(path), size, "Megatron indexed dataset file", fix) for path, size, _ in ref.files)
+    return next((p for p in problems if p is not None), None)
 
 
 def _sha256(path: str) -> str:

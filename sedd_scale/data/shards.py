@@ -15,6 +15,7 @@ the CRC32 of the rows it reads (`reader.py`).
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import zlib
 from pathlib import Path
@@ -29,6 +30,18 @@ from sedd_scale.data.tar_layout import ShardLayout
 
 class ShardError(ValueError):
     """A shard that is missing, truncated, corrupt or inconsistent with its manifest entry."""
+
+
+def file_problem(location: str, size: int, what: str, fix: str) -> str | None:
+    """Why the file at `location` is not the `size` bytes a manifest recorded (missing, or another size), or None."""
+    try:
+        got = os.stat(location).st_size
+    except FileNotFoundError:
+        return f"missing {what} {location}: {fix}"
+    if got != size:
+        return (f"{what} {location} is {got} bytes but the manifest says {size}: the file is truncated or was "
+                f"rewritten; {fix}")
+    return None
 
 
 def field_name(dtype: str) -> str:
