@@ -2,7 +2,7 @@
 
     python tools/sample.py CKPT [--out samples.jsonl] [--num-samples 8] [--batch-size 8] [--steps 1024]
         [--predictor analytic|euler] [--sampler NAME[:key=value,...]] [--sampler-option KEY=VALUE ...]
-        [--length L] [--seed 0] [--tp 1] [--tokenizer auto|gpt2|byte|none]
+        [--length L] [--seed 0] [--tp 1] [--tokenizer auto|gpt2|byte|none|PATH.json]
         [--prefix TEXT] [--suffix TEXT] | [--template "The [BLANK] sat on the [BLANK:3]." --blank-len 8]
         [--gen-ppl-model HF_DIR [--gen-ppl-tokens auto|ids|text] [--gen-ppl-batch-size N]]
         [--eps 1e-5] [--no-denoise] [--precision fp32|bf16|bf16-mixed] [--summary PATH] [--overwrite]
