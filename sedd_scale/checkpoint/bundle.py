@@ -71,6 +71,17 @@ def read_tokenizer_record(folder: str | Path) -> dict[str, Any] | None:
     return record
 
 
+def tokenizer_spec(folder: str | Path) -> str | None:
+    """The bundled tokenizer as a spec `get_tokenizer` and recipes take (a built-in's name, or the absolute path of
+    the copied tokenizer.json), or None when the directory has none."""
+    record = read_tokenizer_record(folder)
+    if record is None:
+        return None
+    if record["tokenizer"] in TOKENIZERS:
+        return record["tokenizer"]
+    return str((Path(folder) / TOKENIZER_FILE).resolve())
+
+
 def tokenizer_for(folder: str | Path, num_tokens: int) -> Tokenizer | None:
     """The tokenizer of a model directory: its bundled one, else the one its vocabulary implies (None if none)."""
     folder = Path(folder)
@@ -86,7 +97,7 @@ def tokenizer_for(folder: str | Path, num_tokens: int) -> Tokenizer | None:
     if record["tokenizer"] != TOKENIZER_FILE or not (folder / TOKENIZER_FILE).is_file():
         raise BundleError(f"{folder / TOKENIZER_CONFIG} names {record['tokenizer']!r}, which is not in the directory: "
                           "export the model again")
-    tok = get_tokenizer(str(folder / TOKENIZER_FILE), record.get("eos_token"))
+    tok = get_tokenizer(tokenizer_spec(folder), record.get("eos_token"))
     if tok.sha256 != record["sha256"]:
         raise BundleError(f"{folder / TOKENIZER_FILE} is not the tokenizer the model was trained with (sha256 "
                           f"{tok.sha256[:16]}..., recorded {str(record['sha256'])[:16]}...): export the model again")

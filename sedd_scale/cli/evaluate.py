@@ -230,18 +230,18 @@ def _recipe_for_weights(weights, folder: Path, manifest: str | None, *, tp: int,
                         dp: int) -> dict:
     """A recipe (as data) to run weights-only `weights` (from `folder`) under TP x PP x DP: the saved one when there
     is one, with the directory's own tokenizer and `manifest` (when given) for the data."""
-    from sedd_scale.checkpoint.bundle import TOKENIZER_FILE, read_tokenizer_record
+    from sedd_scale.checkpoint.bundle import tokenizer_spec
     from sedd_scale.config import DiffusionConfig, to_dict
+    from sedd_scale.data.tokenizer import is_tokenizer_file
 
     model = to_dict(weights.config)
     data = copy.deepcopy(weights.recipe) if weights.recipe else {
         "model": model, "data": {"manifests": [manifest or "unused"], "tokenizer": None, "seq_len": model["length"]}}
-    record = read_tokenizer_record(folder)  # the bundled tokenizer, not the recipe's path (relative to its run)
-    if record is not None:
-        bundled = record["tokenizer"]
-        data["data"]["tokenizer"] = str((folder / TOKENIZER_FILE).resolve()) if bundled == TOKENIZER_FILE else bundled
-    elif data["data"].get("tokenizer") and not Path(data["data"]["tokenizer"]).is_file() and \
-            data["data"]["tokenizer"].endswith(".json"):
+    bundled = tokenizer_spec(folder)  # the bundled tokenizer, not the recipe's path (relative to its run)
+    saved = data["data"].get("tokenizer")
+    if bundled is not None:
+        data["data"]["tokenizer"] = bundled
+    elif saved and is_tokenizer_file(saved) and not Path(saved).is_file():
         data["data"]["tokenizer"] = None  # an export from before tokenizers were bundled: check by vocabulary only
     if manifest:
         data["data"] = {**data["data"], "manifests": [manifest], "valid": manifest, "weights": None}
