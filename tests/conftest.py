@@ -43,3 +43,20 @@ def data(tmp_path_factory):
     write_sequences(out, {"train": rng.integers(0, 11, (256, 8)), "valid": rng.integers(0, 11, (8, 8))},
                     TokenizerInfo("tiny", 11, 10), seqs_per_sample=8, seqs_per_shard=64)
     return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_process_group(request):
+    """A test that creates the default process group (outside the module-scoped `tp1`) must destroy it: a leaked
+    group makes later tests in the same worker depend on the order pytest-xdist hands out files."""
+    import torch.distributed as dist
+
+    before = dist.is_available() and dist.is_initialized()
+    yield
+    if before or "tp1" in request.fixturenames or not dist.is_initialized():
+        return
+    from sedd_scale.distributed import parallel
+
+    parallel.destroy_parallel()
+    dist.destroy_process_group()
+    pytest.fail(f"{request.node.nodeid} left torch.distributed initialized; destroy the process group it made")

@@ -10,7 +10,6 @@ given as URLs are checked (size and sha256) when they land in the cache, not her
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial

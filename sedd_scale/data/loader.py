@@ -58,6 +58,7 @@ from sedd_scale.data.fetch import cache_dir
 from sedd_scale.data.indexed import IndexedRows
 from sedd_scale.data.manifest import Manifest, ManifestError
 from sedd_scale.data.permutation import KeyedPermutation
+from sedd_scale.data.prompts import split_prompts
 from sedd_scale.data.reader import RowReader
 from sedd_scale.data.urlcache import UrlCache, is_url
 from sedd_scale.layout import row_offset
@@ -141,7 +142,7 @@ class _Source:
     def __init__(self, checked: CheckedSplit, index: int, seed: int, reader: RowReader | IndexedRows):
         self.index, self.seed, self.reader = index, seed, reader
         self.shards = checked.shards
-        self.seq_len = checked.manifest.seq_len
+        self.seq_len = checked.manifest.row_width  # conditional rows end with their prompt length
         sizes = np.array([r.info.num_sequences for r in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])  # first sequence of each usable shard
         self.total = checked.num_sequences
@@ -253,7 +254,8 @@ class _BatchStream(IterableDataset):
 
 
 class TokenLoader:
-    """Infinite (micro_batch, seq_len) LongTensor micro-batches for one data-parallel rank, exactly resumable.
+    """Infinite (micro_batch, seq_len) LongTensor micro-batches for one data-parallel rank, exactly resumable
+    ((micro_batch, seq_len + 1) for conditional data: `conditional`).
 
     The rank's rows of each global batch of `config.global_batch` sequences; the stream of global
     batches does not depend on dp_size, micro_batch or the number of workers.
@@ -280,6 +282,11 @@ class TokenLoader:
                              "check_sources(config) of the same config")
         self.checked = checked
         self.manifests = [c.manifest for c in checked]
+        kinds = {m.conditional for m in self.manifests}
+        if len(kinds) > 1:
+            kinds = ", ".join(f"{m.location}: {'SFT' if m.conditional else 'plain'}" for m in self.manifests)
+            raise ManifestError(f"data.manifests mixes prompt/response (SFT) data and plain token data ({kinds}): "
+                                "blend manifests of one kind")
         cache = shard_cache(config.cache_dir)
         if any(is_url(r.tar) for c in checked for r in c.shards):
             cache.check_writable()  # on every rank: each node has its own cache
@@ -301,6 +308,12 @@ class TokenLoader:
         self.micro = 0  # micro-batches of the current step handed out by this rank
         self._consumed = [0] * len(self.sources)  # per source, after `steps` global batches
         self._generation = 0
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the rows are prompt/response data: each yielded row then ends with its prompt length
+        (`prompts.split_prompts` turns a batch into tokens and prompt mask)."""
+        return self.manifests[0].conditional
 
     @property
     def sequences_per_epoch(self) -> list[int]:
@@ -429,11 +442,13 @@ def _check_same_source(old: dict[str, Any], new: dict[str, Any]) -> None:
 
 class EvalBatch(NamedTuple):
     """An evaluation batch: tokens (micro_batch, seq_len), which rows are real (the rest is EOS padding),
-    and its global index (rank r's g-th batch is g * dp_size + r: the same rows under any DP size)."""
+    its global index (rank r's g-th batch is g * dp_size + r: the same rows under any DP size) and, for
+    conditional data, the prompt positions (`prompts.split_prompts`; None: every position is scored)."""
 
     tokens: torch.Tensor
     valid: torch.Tensor
     index: int
+    given: torch.Tensor | None = None
 
 
 @dataclass
@@ -476,6 +491,11 @@ class EvalLoader:
         self.checked.manifest.check_compatible(vocab_size, seq_len, tokenizer)
 
     @property
+    def conditional(self) -> bool:
+        """Whether the split holds prompt/response rows (each batch then has `given`)."""
+        return self.checked.manifest.conditional
+
+    @property
     def num_sequences(self) -> int:
         """Sequences in the split (over all ranks)."""
         return self._source.total
@@ -491,6 +511,10 @@ class EvalLoader:
             start = (g * self.dp_size + self.dp_rank) * mb
             idx = np.arange(start, start + mb)
             valid = idx < self.num_sequences
-            tokens = np.full((mb, self._source.seq_len), eos, dtype=np.int64)
-            tokens[valid] = self._source.read_sequences(idx[valid])
-            yield EvalBatch(torch.from_numpy(tokens), torch.from_numpy(valid), g * self.dp_size + self.dp_rank)
+            rows = np.full((mb, self._source.seq_len), eos, dtype=np.int64)
+            rows[valid] = self._source.read_sequences(idx[valid])
+            rows, given = torch.from_numpy(rows), None
+            if self.conditional:
+                rows[~torch.from_numpy(valid), -1] = 0  # padding rows: no prompt
+                rows, given = split_prompts(rows, self.checked.manifest.seq_len)
+            yield EvalBatch(rows, torch.from_numpy(valid), g * self.dp_size + self.dp_rank, given)

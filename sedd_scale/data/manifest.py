@@ -171,6 +171,9 @@ class Manifest:
     seqs_per_sample: int
     splits: dict[str, SplitInfo]
     source: dict[str, Any] = field(default_factory=dict)
+    # Prompt/response data (SFT): each stored row is seq_len tokens and then its prompt length P, so positions
+    # [0, P) are the prompt (never noised, never scored) and the rest the response with its EOS padding.
+    conditional: bool = False
     location: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -183,6 +186,12 @@ class Manifest:
             raise ManifestError(f"dtype {self.dtype!r} not one of {sorted(DTYPES)}")
         if self.tokenizer.vocab_size - 1 > np.iinfo(DTYPES[self.dtype]).max:
             raise ManifestError(f"vocabulary {self.tokenizer.vocab_size} does not fit {self.dtype}")
+        if self.conditional:
+            if self.seq_len - 1 > np.iinfo(DTYPES[self.dtype]).max:
+                raise ManifestError(f"prompt lengths up to seq_len={self.seq_len} do not fit {self.dtype}")
+            if any(split.indexed is not None for split in self.splits.values()):
+                raise ManifestError("conditional (prompt/response) data is stored in shards, not in a Megatron "
+                                    "indexed dataset")
         layout = self.layout
         for name, split in self.splits.items():
             for i, s in enumerate(split.shards):
@@ -206,13 +215,20 @@ class Manifest:
 
     @property
     def layout(self) -> ShardLayout:
-        """Where each sequence's bytes are in a shard."""
-        return ShardLayout(self.seq_len, DTYPES[self.dtype].itemsize, self.seqs_per_sample)
+        """Where each sequence's bytes are in a shard (a conditional row carries its prompt length as well)."""
+        return ShardLayout(self.row_width, DTYPES[self.dtype].itemsize, self.seqs_per_sample)
+
+    @property
+    def row_width(self) -> int:
+        """Stored ids per row: seq_len tokens, plus the prompt length of conditional data."""
+        return self.seq_len + self.conditional
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as JSON-ready data."""
         d = asdict(self)
         d.pop("location")
+        if not d["conditional"]:  # absent, not false: the fingerprints of existing datasets stay as they were
+            del d["conditional"]
         for split in d["splits"].values():  # absent, not null: the fingerprints of shard datasets stay as they were
             if split["indexed"] is None:
                 del split["indexed"]

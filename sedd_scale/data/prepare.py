@@ -294,17 +294,29 @@ def _prepare_into(stage: Path, splits: dict[str, Iterable[str]], config: Prepare
 
 
 def write_sequences(out: Path, splits: dict[str, np.ndarray], tokenizer: TokenizerInfo, seqs_per_sample: int,
-                    seqs_per_shard: int, source: dict[str, Any] | None = None) -> Manifest:
-    """Shard already-packed (n, seq_len) token arrays per split and write their manifest.json."""
+                    seqs_per_shard: int, source: dict[str, Any] | None = None,
+                    prompt_lengths: dict[str, np.ndarray] | None = None) -> Manifest:
+    """Shard already-packed (n, seq_len) token arrays per split and write their manifest.json; with
+    `prompt_lengths` (per split, (n,) in [0, seq_len)) the data is conditional: each row stores its prompt length."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seq_len = next(iter(splits.values())).shape[1]
-    dtype = dtype_for(tokenizer.vocab_size)
+    dtype = dtype_for(max(tokenizer.vocab_size, seq_len) if prompt_lengths is not None else tokenizer.vocab_size)
+    if prompt_lengths is not None and set(prompt_lengths) != set(splits):
+        raise ValueError(f"prompt_lengths has splits {sorted(prompt_lengths)}, the data {sorted(splits)}")
     out_splits = {}
     for name, seqs in splits.items():
-        writer = ShardWriter(out, name, seq_len, dtype, seqs_per_sample, seqs_per_shard)
-        writer.write(seqs)
+        rows = seqs
+        if prompt_lengths is not None:
+            lengths = np.asarray(prompt_lengths[name])
+            if lengths.shape != (len(seqs),) or ((lengths < 0) | (lengths >= seq_len)).any():
+                raise ValueError(f"split {name!r}: prompt_lengths must be ({len(seqs)},) values in [0, {seq_len}): "
+                                 "every sequence keeps at least one response position")
+            rows = np.concatenate([seqs, lengths[:, None].astype(seqs.dtype)], axis=1)
+        writer = ShardWriter(out, name, rows.shape[1], dtype, seqs_per_sample, seqs_per_shard)
+        writer.write(rows)
         out_splits[name] = SplitInfo(len(seqs), len(seqs), seqs.size, 0, writer.close())
-    manifest = Manifest(tokenizer, seq_len, dtype, seqs_per_sample, out_splits, source or {"packed": "given arrays"})
+    manifest = Manifest(tokenizer, seq_len, dtype, seqs_per_sample, out_splits, source or {"packed": "given arrays"},
+                        conditional=prompt_lengths is not None)
     manifest.save(out / "manifest.json")
     return manifest
