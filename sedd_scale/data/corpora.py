@@ -111,7 +111,7 @@ def load_corpus(name: str) -> dict[str, Iterator[str]]:
     return CORPORA[name]()
 
 
-def _decode(data: bytes, where: str) -> str:
+def decode_utf8(data: bytes, where: str) -> str:
     """UTF-8 text, or a ValueError naming the file (and line), the first bad byte and the fix."""
     try:
         return data.decode("utf-8")
@@ -124,7 +124,7 @@ def _decode(data: bytes, where: str) -> str:
 def text_documents(paths: list[Path], unit: str = "file") -> Iterator[str]:
     """Documents of text files: one per file, per non-empty line, or per blank-line-separated paragraph."""
     for path in paths:
-        text = _decode(path.read_bytes(), str(path))
+        text = decode_utf8(path.read_bytes(), str(path))
         if unit == "file":
             parts = [text]
         elif unit == "line":
@@ -141,7 +141,7 @@ def jsonl_documents(paths: list[Path], field: str) -> Iterator[str]:
     for path in paths:
         with open(path, "rb") as f:  # decoded per line, so an error names the line
             for lineno, raw in enumerate(f, 1):
-                line = _decode(raw, f"{path}:{lineno}")
+                line = decode_utf8(raw, f"{path}:{lineno}")
                 if not line.strip():
                     continue
                 try:

@@ -95,7 +95,7 @@ def _encode_chunk(task: tuple[str, str | None, list[str]]) -> tuple[np.ndarray, 
     return ids, lengths, sum(len(t.encode("utf-8")) for t in texts)
 
 
-def _ordered_map(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
+def ordered_map(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
     """fn over tasks in a process pool, results in task order, at most 4 tasks per worker in flight."""
     if workers == 1:
         yield from map(fn, tasks)
@@ -112,7 +112,8 @@ def _ordered_map(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
             yield pending.popleft().get()
 
 
-def _chunks(docs: Iterable[str], size: int) -> Iterator[list[str]]:
+def chunks(docs: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items (the last may be shorter)."""
     it = iter(docs)
     while chunk := list(islice(it, size)):
         yield chunk
@@ -258,9 +259,9 @@ def _prepare_into(stage: Path, splits: dict[str, Iterable[str]], config: Prepare
     start = time.perf_counter()
     bar = tqdm(unit=" doc", disable=not config.progress, desc=f"tokenizing ({tokenizer.name})")
     for split, documents in splits.items():
-        tasks = ((config.tokenizer, config.eos_token, chunk) for chunk in _chunks(documents, config.chunk_docs))
+        tasks = ((config.tokenizer, config.eos_token, chunk) for chunk in chunks(documents, config.chunk_docs))
         first_doc = 0
-        for ids, lengths, nbytes in _ordered_map(_encode_chunk, tasks, config.workers):
+        for ids, lengths, nbytes in ordered_map(_encode_chunk, tasks, config.workers):
             text_bytes += nbytes
             n = len(lengths)
             tokens += len(ids)
