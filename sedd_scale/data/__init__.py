@@ -1,7 +1,7 @@
 """Token data: tokenizers, built-in corpora, packing, tar shards with a manifest, and the loaders.
 
 Prepare data with `tools/prepare_data.py` (or point a manifest at a Megatron indexed dataset with its
-`--from-megatron`, `indexed.py`); train with `TokenLoader(LoaderConfig(...), dp_rank,
+`--from-megatron`, `indexed.py`; prompt/response pairs for fine-tuning with its `--pairs`, `pairs.py`); train with `TokenLoader(LoaderConfig(...), dp_rank,
 dp_size)`; evaluate with `EvalLoader(manifest, "valid" | "test", micro_batch, dp_rank, dp_size)`.
 At scale, rank 0 runs `check_sources(config)` / `check_split(manifest, split)` and shares the
 result (`checked=`), so the other ranks do no per-shard metadata work at start.
