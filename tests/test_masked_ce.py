@@ -68,8 +68,10 @@ def test_fused_masked_ce_matches_the_float64_oracle(weighted, bias):
     assert loss[~keep].min() > 0
 
 
-def test_the_fused_chunk_expression_equals_the_in_place_one():
-    """The expression torch.compile fuses (CUDA) against the eager in-place terms, run eagerly here."""
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # inductor: ~10 s
+def test_the_fused_chunk_expression_equals_the_in_place_one(compiled):
+    """The expression torch.compile fuses (CUDA) against the eager in-place terms, run eagerly and compiled by
+    inductor on the CPU (as on CUDA, where it runs)."""
     from sedd_scale.loss.masked_ce import FUSED, _terms
 
     case = make_case("absorb", seed=12)
@@ -78,9 +80,12 @@ def test_the_fused_chunk_expression_equals_the_in_place_one():
     tok = cfg.objective.select(case["x_t"].reshape(-1), case["x_0"].reshape(-1), sigma, 0, N, torch.float32)
     z = case["hidden"].reshape(-1, H)[tok.rows] @ case["weight"][:N].t() + case["bias"][:N]
     lse, scale = torch.logsumexp(z, 1), torch.rand(len(tok.rows))
-    want, got = _terms(z.clone(), tok, lse, scale), FUSED(False, z, tok.col0, tok.in0, tok.r0, lse, scale)
+    want, got = _terms(z.clone(), tok, lse, scale), FUSED(compiled, z, tok.col0, tok.in0, tok.r0, lse, scale)
     assert_close(got[0], want[0], 1e-6, "loss")
     assert_close(got[1], want[1], 1e-6, "gradient", floor=1.0)
+    loss_only = FUSED(compiled, z, tok.col0, tok.in0, tok.r0, lse, None)
+    assert loss_only[1] is None
+    assert_close(loss_only[0], got[0], 1e-7, "loss without gradient")
 
 
 def test_denoiser_log_scores_give_score_entropy_equal_to_r0_ce():
@@ -333,3 +338,43 @@ def test_evaluating_a_denoiser_without_a_saved_recipe_uses_masked_ce(tmp_path):
         weights = Weights(cfg, noise_spec(get_noise("loglinear")), {}, None)
         data = _recipe_for_weights(weights, tmp_path, None, tp=1, pp=1, micro_batch=2, dp=1)
         assert from_dict(Recipe, data).diffusion.objective == objective
+
+
+@pytest.mark.megatron
+def test_a_denoiser_models_fused_elbo_is_score_entropy_of_its_log_scores(tp1):
+    """Through a SEDD with random weights: the dataset ELBO (`diffusion.evaluation.evaluate`) from the fused masked_ce
+    head loss (what trainer.validate and tools/evaluate.py use) equals the one from the unfused score entropy of the
+    model's own log-scores (what samplers read), same draws: the two paths of a denoiser checkpoint agree."""
+    from sedd_scale.data.loader import EvalBatch
+    from sedd_scale.diffusion.evaluation import evaluate
+    from sedd_scale.distributed.pipeline import head_loss, head_loss_config
+    from sedd_scale.model import SEDD
+    from sedd_scale.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, n_heads=2, n_blocks=1, cond_dim=16, num_tokens=N, length=12, dropout=0.0,
+                      vocab_multiple=8, scale_by_sigma=False, parametrization="denoiser")
+    model = SEDD(cfg, device="cpu").eval()
+    with torch.no_grad():  # the head and the adaLN start at zero: make the logits depend on the input
+        for p in model.output_layer.parameters():
+            p.normal_(0, 0.5)
+    graph, noise, loss_cfg = get_graph("absorb", N), get_noise("loglinear"), head_loss_config(cfg)
+
+    def fused_loss(x0, x_t, total, rate):
+        features = model.output_layer.features(*model.hidden(x_t, total))
+        return float(head_loss(model.output_layer, features, x0, x_t, total, rate, loss_cfg)[0])
+
+    def unfused_loss(x0, x_t, total, rate):
+        se = graph.score_entropy(model(x_t, total)[..., : N + 1].double(), total.double(), x_t, x0)
+        return float((rate.double()[:, None] * se).sum(1).mean())
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [EvalBatch(torch.randint(0, N, (4, 12), generator=gen), torch.tensor([True, True, True, False]), i)
+               for i in range(2)]
+    with torch.no_grad():
+        a = evaluate(fused_loss, graph, noise, batches, draws=4, seed=3)
+        b = evaluate(unfused_loss, graph, noise, batches, draws=4, seed=3)
+    assert a.num_tokens == b.num_tokens == 6 * 12
+    assert a.nats_per_token == pytest.approx(b.nats_per_token, rel=1e-5)
+    assert a.stderr == pytest.approx(b.stderr, rel=1e-3)
+    assert math.log(N) * 0.5 < a.nats_per_token < 50
