@@ -17,6 +17,8 @@ from sedd_scale.testing.exact import F64, Enumerated, random_joint, transition_m
 from tests.dist import launch
 from tests.test_vocab_parallel_loss import RTOL, V_PAD, B, H, L, N, assert_close, check_against, make_case
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: thread start-up costs more than it saves
+
 
 def oracle_loss(h, w, b, case):
     """r0 * (logsumexp over the N real tokens - z_x0) at masked positions, 0 elsewhere (float64 leaves)."""
@@ -118,11 +120,11 @@ def _exact_denoiser_logits(enum: Enumerated, x_t: torch.Tensor, sigma: float) ->
     return (post / post.sum(-1, keepdim=True)).clamp_min(1e-300).log()
 
 
-def _masked_ce_fn(enum: Enumerated):
+def _masked_ce_fn(enum: Enumerated, chunk_size: int = 16):
     """A ScoreEntropyFn (x_t, total, x0) -> per-token masked_ce loss of the exact denoiser, through the fused head:
     hidden = the denoiser's logits (every state's, once per noise level), head weight = identity over the real
     tokens (MASK row zero)."""
-    cfg = HeadLossConfig.for_graph("absorb", enum.n, chunk_size=16, objective="masked_ce")
+    cfg = HeadLossConfig.for_graph("absorb", enum.n, chunk_size=chunk_size, objective="masked_ce")
     weight = torch.eye(enum.n + 1, enum.n, dtype=F64)
     place = enum.dim ** torch.arange(enum.d - 1, -1, -1)
     tables: dict[float, torch.Tensor] = {}
@@ -154,7 +156,7 @@ def test_the_exact_denoiser_gives_the_exact_scores_elbo_and_bounds_the_nll():
     torch.testing.assert_close(var_m, var_s, rtol=1e-6, atol=1e-9)
 
     sigma1 = float(noise.total_noise(torch.tensor(1.0, dtype=F64)))
-    fn, rows, states = _masked_ce_fn(enum), enum.clean[[3, 40]], enum.states
+    fn, rows, states = _masked_ce_fn(enum, chunk_size=4096), enum.clean[[3, 40]], enum.states
     x_t, x0 = states.repeat(len(rows), 1), rows.repeat_interleave(len(states), 0)  # every state under each row
     xs, ws = np.polynomial.legendre.leggauss(12)
     edges = [0.0, 1e-3, 1e-2, 0.1, 0.5, 1.0, 2.0, 4.0, sigma1]
