@@ -429,9 +429,11 @@ def test_an_objective_is_chosen_by_name_and_graph_from_the_registry():
     from sedd_scale.loss.objectives import objective
     from sedd_scale.loss.score_entropy import AbsorbScoreEntropy
 
-    assert sorted(OBJECTIVES) == [("score_entropy", "absorb"), ("score_entropy", "uniform")]
-    with pytest.raises(ValueError, match=r"unknown objective 'masked_ce'; choose one of \['score_entropy'\]"):
-        head_objective("masked_ce", "absorb", 8)
+    assert sorted(OBJECTIVES) == [("masked_ce", "absorb"), ("score_entropy", "absorb"), ("score_entropy", "uniform")]
+    with pytest.raises(ValueError, match=r"unknown objective 'mdlm'; choose one of \['masked_ce', 'score_entropy'\]"):
+        head_objective("mdlm", "absorb", 8)
+    with pytest.raises(ValueError, match=r"'masked_ce' is defined for the graphs \['absorb'\], not 'uniform'"):
+        head_objective("masked_ce", "uniform", 8)
     with pytest.raises(ValueError, match="scale_by_sigma is only defined for the absorb graph"):
         head_objective("score_entropy", "uniform", 8, scale_by_sigma=True)
 

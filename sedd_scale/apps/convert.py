@@ -46,7 +46,7 @@ from sedd_scale.model.config import ModelConfig
 
 # ModelConfig fields that decide tensor shapes and meaning; the rest (precision, dropout, ...) may change.
 ARCHITECTURE = ("hidden_size", "n_heads", "n_blocks", "cond_dim", "mlp_ratio", "num_tokens", "graph",
-                "scale_by_sigma", "rotary_base")
+                "scale_by_sigma", "rotary_base", "parametrization")
 
 
 class ConversionError(ValueError):
@@ -290,7 +290,7 @@ def to_hub(source: str | Path, out: str | Path, *, max_shard_bytes: int = DEFAUL
 def _non_hub_fields(cfg: ModelConfig) -> dict[str, Any]:
     """ModelConfig fields the hub format does not carry (kept from our config on a round trip)."""
     carried = {"num_tokens", "graph", "hidden_size", "cond_dim", "n_blocks", "n_heads", "dropout",
-               "scale_by_sigma", "name", "length"}
+               "scale_by_sigma", "name", "length", "parametrization"}
     return {f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if f.name not in carried}
 
 

@@ -120,6 +120,8 @@ def model_config_from_hub(hub: dict[str, Any], **overrides) -> ModelConfig:
                   scale_by_sigma=bool(values["model.scale_by_sigma"]), name=str(model.get("name", "custom")))
     if "length" in model:
         fields["length"] = model["length"]
+    if "parametrization" in model:  # ours (absent: the reference's log-ratios)
+        fields["parametrization"] = str(model["parametrization"])
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -153,6 +155,11 @@ def hub_config(cfg: ModelConfig, *, noise: dict[str, Any], base: dict[str, Any] 
     out["model"] = {**model, "name": cfg.name, "type": model.get("type", "ddit"), "hidden_size": cfg.hidden_size,
                     "cond_dim": cfg.cond_dim, "length": cfg.length, "n_blocks": cfg.n_blocks, "n_heads": cfg.n_heads,
                     "scale_by_sigma": cfg.scale_by_sigma, "dropout": cfg.dropout}
+    # The reference knows only log-ratio outputs; a denoiser's logits are marked (our loaders read the key; the
+    # reference's would take them for log-ratios).
+    out["model"].pop("parametrization", None)
+    if cfg.parametrization != "ratios":
+        out["model"]["parametrization"] = cfg.parametrization
     return {**{k: out[k] for k in _ORDER if k in out}, **out}
 
 
@@ -405,7 +412,8 @@ def save_hub(model: SEDD, path: str | Path, config: dict[str, Any]) -> None:
     derived = model_config_from_hub(config, precision=model.config.precision,
                                     vocab_multiple=model.config.vocab_multiple,
                                     rotary_base=model.config.rotary_base, mlp_ratio=model.config.mlp_ratio)
-    keys = ("num_tokens", "graph", "hidden_size", "cond_dim", "n_blocks", "n_heads", "scale_by_sigma")
+    keys = ("num_tokens", "graph", "hidden_size", "cond_dim", "n_blocks", "n_heads", "scale_by_sigma",
+            "parametrization")
     differ = {k: (getattr(derived, k), getattr(model.config, k)) for k in keys
               if getattr(derived, k) != getattr(model.config, k)}
     if differ:

@@ -246,6 +246,8 @@ def _recipe_for_weights(weights, folder: Path, manifest: str | None, *, tp: int,
     if manifest:
         data["data"] = {**data["data"], "manifests": [manifest], "valid": manifest, "weights": None}
     data["diffusion"] = {**data.get("diffusion", {}), **DiffusionConfig.section_for(weights.noise)}
+    if weights.config.parametrization == "denoiser":  # a hub export has no recipe: its ELBO is masked_ce's loss
+        data["diffusion"].setdefault("objective", "masked_ce")
     data["parallel"] = {"tp": tp, "pp": pp, "zero_stage": 0, "micro_batch": micro_batch,
                         "global_batch": micro_batch * dp}
     data["checkpoint"] = {"dir": os.devnull, "resume": False}

@@ -54,6 +54,7 @@ REFUSED: dict[str, str] = {
                                            "num_tokens", "scale_by_sigma", "length", "rotary_base",
                                            "vocab_multiple")},
     "model.graph": "the graph",
+    "model.parametrization": "what the output means",
     "model.precision": "the precision of the weights and the optimizer state",
     **{f"diffusion.{k}": "the noise process" for k in ("noise", "noise_eps", "sigma_min", "sigma_max",
                                                        "sampling_eps", "stratified")},

@@ -25,7 +25,7 @@ from sedd_scale.data.tokenizer import TOKENIZERS, tokenizer_vocab_size
 from sedd_scale.diffusion.noise import SCHEDULES, Noise, get_noise, noise_spec
 from sedd_scale.diffusion.samplers import parse_sampler
 from sedd_scale.layout import Layout, check_zero_with_pipeline, divisors
-from sedd_scale.loss.objectives import OBJECTIVES
+from sedd_scale.loss.objectives import OBJECTIVES, head_objective, parametrization_of
 from sedd_scale.model.config import ModelConfig
 
 
@@ -44,7 +44,10 @@ class DiffusionConfig:
     sigma_max: float = 20.0  # geometric
     sampling_eps: float = 1e-3  # training draws t ~ U[sampling_eps, 1] (the reference's name)
     stratified: bool = False  # one t per stratum of the global micro-batch (the reference draws i.i.d.)
-    objective: str = "score_entropy"  # the training objective fused with the head (`sedd_scale.loss.OBJECTIVES`)
+    # The training objective fused with the head (`sedd_scale.loss.OBJECTIVES`): score_entropy (SEDD; log-ratio
+    # outputs) or masked_ce (absorb only: MDLM's masked cross-entropy; needs model.parametrization: denoiser and
+    # model.scale_by_sigma: false).
+    objective: str = "score_entropy"
 
     def __post_init__(self):
         objectives = sorted({name for name, _ in OBJECTIVES})
@@ -280,6 +283,17 @@ class Recipe:
             # Without ZeRO DeepSpeed wraps bf16 weights in another optimizer, whose state nothing here reads.
             raise ValueError("model.precision=bf16 keeps fp32 master weights in DeepSpeed's bf16 optimizer, which "
                              "runs under ZeRO: set parallel.zero_stage: 1 (it costs nothing on one GPU)")
+        objective = self.diffusion.objective
+        try:
+            head_objective(objective, m.graph, m.num_tokens, scale_by_sigma=m.scale_by_sigma)
+        except ValueError as e:
+            raise ValueError(f"diffusion.objective={objective!r} with model.graph={m.graph!r}: {e}") from None
+        trains = parametrization_of(objective)
+        if m.parametrization != trains:
+            raise ValueError(f"diffusion.objective={objective!r} trains the network's output as {trains} but "
+                             f"model.parametrization={m.parametrization!r}: set model.parametrization: {trains} (or "
+                             "choose the objective of that parametrization: score_entropy for ratios, masked_ce for "
+                             "denoiser)")
         try:
             parse_sampler(self.train.sampler).check_graph(m.graph)
         except ValueError as e:

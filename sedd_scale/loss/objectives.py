@@ -1,9 +1,14 @@
 """The objective seam of the fused head: what an objective provides, and the registry the recipe's
 `diffusion.objective` (with `model.graph`) selects from. A new objective is one module that registers its
-classes with `@objective(name, graph)` (imported by `sedd_scale/loss/__init__.py`) plus its recipe name."""
+classes with `@objective(name, graph)` (imported by `sedd_scale/loss/__init__.py`) plus its recipe name.
+
+An objective is either unnormalized (score entropy: every vocabulary entry's term is local to its TP shard, the
+network outputs log-ratios, `ModelConfig.parametrization` "ratios") or `normalized` (masked cross-entropy: a softmax
+over the N real tokens, whose log-sum-exp the head combines across the TP shards once per chunk and hands to
+`terms` as `lse`; the network outputs denoiser logits, parametrization "denoiser")."""
 from __future__ import annotations
 
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -18,10 +23,12 @@ class Selected(Protocol):
 
 
 class HeadObjective(Protocol):
-    """An objective fused with the vocabulary-parallel head."""
+    """An objective fused with the vocabulary-parallel head. `normalized` is optional (absent: False); a normalized
+    objective's `terms` takes the chunk's global log-sum-exp over the real tokens as the keyword `lse`."""
 
     graph: str
     num_tokens: int
+    normalized: ClassVar[bool]
 
     @property
     def graph_dim(self) -> int: ...
@@ -31,6 +38,19 @@ class HeadObjective(Protocol):
 
     def terms(self, z: Tensor, tok: Selected, scale: Tensor | None,
               compiled: bool) -> tuple[Tensor, Tensor | None]: ...
+
+
+def is_normalized(obj) -> bool:
+    """Whether an objective (instance or class) is a softmax over the real tokens (its `normalized` flag)."""
+    return bool(getattr(obj, "normalized", False))
+
+
+def parametrization_of(name: str) -> str:
+    """The model output the objective `name` trains: "denoiser" logits (normalized objectives) or log-"ratios"."""
+    classes = [cls for (n, _), cls in OBJECTIVES.items() if n == name]
+    if not classes:
+        raise ValueError(f"unknown objective {name!r}; choose one of {sorted({n for n, _ in OBJECTIVES})}")
+    return "denoiser" if is_normalized(classes[0]) else "ratios"
 
 
 OBJECTIVES: dict[tuple[str, str], type] = {}

@@ -10,6 +10,10 @@ relative precision, unlike the equivalent exp-sum / log-sum split, which cancels
 The gradient d/dl_y = r_y * expm1(l_y - log r_y) = e^l_y - r_y is purely local: no collective is
 needed for it, only for the hidden-state gradient (a sum over the ranks' vocabulary shards).
 
+A normalized objective (masked cross-entropy, `masked_ce.py`) needs the softmax normalizer over every shard:
+each chunk's per-token log-sum-exp of the shard's real tokens is combined across the TP group in one all-gather
+before its terms are formed; its per-token partials and logit gradients are then local as above.
+
 Tokens are processed in chunks of `chunk_size`: a chunk's logits (chunk x V_local, float32) are
 projected, reduced and dropped, and recomputed in backward, so memory does not grow with
 batch x length. Only real tokens y < N enter: the MASK column (absorb) and vocabulary padding are
@@ -40,7 +44,8 @@ from packaging.version import Version
 from torch import Tensor
 
 from sedd_scale.diffusion.graph import check_token_ids
-from sedd_scale.loss.objectives import HeadObjective, Selected, head_objective
+from sedd_scale.diffusion.parametrization import shard_logsumexp
+from sedd_scale.loss.objectives import HeadObjective, Selected, head_objective, is_normalized
 
 _MM_OUT_DTYPE = Version(torch.__version__.split("+")[0]).release >= (2, 8)  # torch.mm(..., out_dtype=)
 
@@ -145,8 +150,11 @@ def _all_reduce(t: Tensor, group) -> None:
         dist.all_reduce(t, group=group)
 
 
-def _forward_chunks(hidden, weight, bias, tok, cfg, n_local, acc, scale=None):
-    """Per-token partial losses of the active tokens and, when `scale` is given, the gradients."""
+def _forward_chunks(hidden, weight, bias, tok, cfg, n_local, acc, scale=None, group=None):
+    """Per-token partial losses of the active tokens and, when `scale` is given, the gradients. A normalized
+    objective also gets each chunk's log-sum-exp over the real tokens of every shard (one collective per chunk,
+    which every rank of `group` joins)."""
+    normalized = is_normalized(cfg.objective)
     h_act = hidden if tok.rows is None else hidden.index_select(0, tok.rows)
     w, b = weight[:n_local], None if bias is None else bias[:n_local]
     if cfg.gemm_dtype is not None:
@@ -158,12 +166,15 @@ def _forward_chunks(hidden, weight, bias, tok, cfg, n_local, acc, scale=None):
         e = min(s + cfg.chunk_size, n_act)
         t = tok.chunk(s, e)
         if n_local == 0:  # this shard holds only MASK / padding: nothing to add
+            if normalized:  # but the others' normalizer needs its (empty) share
+                shard_logsumexp(partial.new_empty(e - s, 0), 0, group)
             partial[s:e] = 0
             if grads is not None:
                 grads.add(s, e, None, None, None)
             continue
         z = _chunk_logits(h_act[s:e], w, b)
-        partial[s:e], g = cfg.objective.terms(z, t, None if scale is None else scale[s:e], cfg.compile)
+        extra = {"lse": shard_logsumexp(z, n_local, group)} if normalized else {}
+        partial[s:e], g = cfg.objective.terms(z, t, None if scale is None else scale[s:e], cfg.compile, **extra)
         if grads is not None:
             grads.add(s, e, g, h_act[s:e], w)
     return partial, grads
@@ -239,7 +250,7 @@ class _PerTokenScoreEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, c: _Context, cfg: HeadLossConfig):
-        partial, _ = _forward_chunks(c.hidden, weight, bias, c.tok, cfg, c.n_local, c.acc)
+        partial, _ = _forward_chunks(c.hidden, weight, bias, c.tok, cfg, c.n_local, c.acc, group=c.group)
         _all_reduce(partial, c.group)
         ctx.save_for_backward(hidden, weight, bias)
         c.hidden = None  # the saved (version-checked) input is used in backward
@@ -254,7 +265,7 @@ class _PerTokenScoreEntropy(torch.autograd.Function):
         scale = grad_out.reshape(-1).to(c.acc)
         if c.tok.rows is not None:
             scale = scale[c.tok.rows]
-        _, grads = _forward_chunks(flat, weight, bias, c.tok, cfg, c.n_local, c.acc, scale=scale)
+        _, grads = _forward_chunks(flat, weight, bias, c.tok, cfg, c.n_local, c.acc, scale=scale, group=c.group)
         gh, gw, gb = grads.finish(c.tok, flat, weight, bias, c.group)
         return gh.reshape(hidden.shape), gw, gb, None, None
 
@@ -269,7 +280,7 @@ class _WeightedScoreEntropy(torch.autograd.Function):
             scale = scale[c.tok.rows]
         need = any(ctx.needs_input_grad[:3])
         partial, grads = _forward_chunks(c.hidden, weight, bias, c.tok, cfg, c.n_local, c.acc,
-                                         scale=scale if need else None)
+                                         scale=scale if need else None, group=c.group)
         _all_reduce(partial, c.group)
         ctx.grads = None if grads is None else grads.finish(c.tok, c.hidden, weight, bias, c.group)
         ctx.hidden_shape = hidden.shape

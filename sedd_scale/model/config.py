@@ -22,6 +22,9 @@ class ModelConfig:
     num_tokens: int = 50257  # real tokens N (GPT-2); absorb adds MASK at index N
     graph: Literal["absorb", "uniform"] = "absorb"  # the diffusion graph: absorbing MASK state, or uniform
     scale_by_sigma: bool = True  # absorb only: shift the output by -log(e^sigma - 1) - log N
+    # What the raw output is: log-ratios (ratios; diffusion.objective score_entropy) or, absorb only, the denoiser's
+    # logits over the N real tokens (denoiser; diffusion.objective masked_ce), turned into log-scores by a softmax.
+    parametrization: Literal["ratios", "denoiser"] = "ratios"
     dropout: float = 0.1  # on each residual branch before its gate (the reference's only dropout)
     attention_dropout: float = 0.0  # on attention probabilities (0 in the reference)
     length: int = 1024  # training sequence length (recorded in the hub config; rotary tables follow the input)
@@ -51,6 +54,15 @@ class ModelConfig:
             raise ValueError(f"model.graph must be 'absorb' or 'uniform', got {self.graph!r}")
         if self.graph == "uniform" and self.scale_by_sigma:
             raise ValueError("model.scale_by_sigma must be false with the uniform graph (the reference asserts it)")
+        if self.parametrization not in ("ratios", "denoiser"):
+            raise ValueError(f"model.parametrization must be 'ratios' or 'denoiser', got {self.parametrization!r}")
+        if self.parametrization == "denoiser" and self.graph != "absorb":
+            raise ValueError("model.parametrization=denoiser is defined for the absorb graph only (a softmax over the "
+                             "clean tokens at masked positions): set model.graph: absorb or model.parametrization: "
+                             "ratios")
+        if self.parametrization == "denoiser" and self.scale_by_sigma:
+            raise ValueError("model.scale_by_sigma shifts every logit by the same amount, which the denoiser's softmax "
+                             "cancels: set model.scale_by_sigma: false with model.parametrization: denoiser")
         for key in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"model.{key} must be in [0, 1), got {getattr(self, key)}")
@@ -119,6 +131,6 @@ def preset(name: str, **overrides) -> ModelConfig:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown ModelConfig fields {unknown}; valid fields: {sorted(fields)}")
-    if overrides.get("graph") == "uniform":
+    if overrides.get("graph") == "uniform" or overrides.get("parametrization") == "denoiser":
         overrides.setdefault("scale_by_sigma", False)
     return ModelConfig(**{"name": name, **PRESETS[name], **overrides})

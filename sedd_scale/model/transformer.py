@@ -272,10 +272,15 @@ class OutputLayer(nn.Module):
         return out
 
     def log_score(self, raw: Tensor, indices: Tensor, total_noise: Tensor) -> Tensor:
-        """Raw output -> log-scores of this shard (absorb shift, 0 at the current token, padding -inf)."""
+        """Raw output -> log-scores of this shard (absorb shift or the denoiser's softmax, 0 at the current token,
+        padding -inf); for a denoiser a collective over the TP group (its normalizer spans the shards)."""
         cfg = self.config
+        group = None
+        if cfg.parametrization == "denoiser" and ps.get_tensor_model_parallel_world_size() > 1:
+            group = ps.get_tensor_model_parallel_group()
         return to_log_score(raw, indices, total_noise, num_tokens=cfg.num_tokens, graph_dim=cfg.vocab_size,
-                            scale_by_sigma=cfg.scale_by_sigma, vocab_start=self.vocab_start)
+                            scale_by_sigma=cfg.scale_by_sigma, vocab_start=self.vocab_start,
+                            parametrization=cfg.parametrization, group=group)
 
 
 class SEDD(nn.Module):
