@@ -35,7 +35,7 @@ def recipe_dict(tmp: str, **parallel) -> dict:
     }
 
 
-def _build(recipe_data: dict):
+def _build(recipe_data: dict, conditional: bool = False):
     import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
 
     from megatron.core import parallel_state as ps
@@ -46,30 +46,37 @@ def _build(recipe_data: dict):
 
     recipe = from_dict(Recipe, copy.deepcopy(recipe_data))
     layout, topology = engine.setup(recipe)
-    data = SyntheticTokens(recipe.model.num_tokens, recipe.data.seq_len, layout, ps.get_data_parallel_rank())
+    data = SyntheticTokens(recipe.model.num_tokens, recipe.data.seq_len, layout, ps.get_data_parallel_rank(),
+                           prompts=conditional)
     return Trainer(recipe, layout, topology, loader=data)
 
 
-def _run(recipe_data: dict, steps: int, resume_at: int | None = None) -> list[float]:
-    """Train `steps` steps (optionally: stop at `resume_at`, save, rebuild everything, resume)."""
+def _run(recipe_data: dict, steps: int, resume_at: int | None = None, conditional: bool = False) -> list[float]:
+    """Train `steps` steps (optionally: stop at `resume_at`, save, rebuild everything, resume); `conditional`:
+    prompt/response rows (prompts held clean and unscored, in training and validation)."""
     from sedd_scale.distributed import parallel
 
     try:
-        trainer = _build(recipe_data)
+        trainer = _build(recipe_data, conditional)
         if resume_at is None:
             losses = trainer.fit(max_steps=steps).losses
             # The validation ELBO through this layout's engine (EMA weights), on the rank's rows of a
             # fixed batch: TP and PP must reproduce one process (DP draws other t for other rows).
             rows = torch.randint(0, 11, (8, 8), generator=torch.Generator().manual_seed(99))
             dp, rank = trainer.layout.dp, trainer.dp_rank
-            batch = EvalBatch(rows[rank * 8 // dp:(rank + 1) * 8 // dp], torch.ones(8 // dp, dtype=torch.bool), rank)
+            mine = slice(rank * 8 // dp, (rank + 1) * 8 // dp)
+            given = None
+            if conditional:
+                prompt = torch.randint(0, 8, (8, 1), generator=torch.Generator().manual_seed(98))
+                given = (torch.arange(8) < prompt)[mine]
+            batch = EvalBatch(rows[mine], torch.ones(8 // dp, dtype=torch.bool), rank, given)
             valid = trainer.validate([batch], draws=2)
             samples = trainer.samples(3, steps=4)  # through this layout's model (pipeline stages too)
             assert samples.shape == (3, 8) and int(samples.min()) >= 0 and int(samples.max()) < 11
             return losses + [valid.nats_per_token] + [float(v) for v in samples.flatten()]
         losses = trainer.fit(max_steps=resume_at).losses  # ends with a (synchronous) checkpoint
         parallel.destroy_parallel()
-        trainer = _build(recipe_data)  # a fresh model, optimizer, EMA and data source, as after a restart
+        trainer = _build(recipe_data, conditional)  # a fresh model, optimizer, EMA and data source, as after a restart
         assert trainer.resume() and trainer.step == resume_at
         return losses + trainer.fit(max_steps=steps - resume_at).losses
     finally:
@@ -232,3 +239,11 @@ def test_logged_loss_is_the_interval_mean_and_samples_report_their_entropy(tmp_p
     nfe = [r["samples/nfe"] for r in records if "samples/nfe" in r]  # the recipe's train.sampler: NFE <= steps
     assert len(nfe) == 2 and all(1 <= v <= 2 for v in nfe), records
     assert sum("valid/elbo_nats_per_token" in r for r in records) == 2, records
+
+
+def uniform(recipe_data: dict) -> dict:
+    """The same run under the uniform graph (geometric noise)."""
+    recipe_data["model"].update(graph="uniform", scale_by_sigma=False)
+    recipe_data["diffusion"] = {"noise": "geometric"}
+    return recipe_data
+

@@ -19,6 +19,8 @@ replicates (R = the smallest factor >= 2 of --draws: 2 for an even count), each 
 --seed changes; from the replicates' spread), and `data_stderr`, the error over the choice of
 sequences (what another test set of as many sequences from the same source changes, its noise
 included; from the spread over batches, null with a single batch). An empty split is refused.
+A prompt/response (SFT) manifest is evaluated conditionally: prompts held clean, the bound on each
+response given its prompt, `tokens` and nats_per_token counting response tokens only.
 
 --datasets lambada,wikitext2,ptb,wikitext103,1bw (or all): the SEDD paper's zero-shot protocol (Table 1)
 for each named set: its files read in their distribution format and detokenized like the reference
@@ -401,10 +403,13 @@ def _evaluate_one(args, trainer, manifest: str, split: str, metrics, rank0: bool
     if data_stderr is not None:
         scalars[f"eval/{prefix}/elbo_data_stderr"] = data_stderr
     metrics.scalars(trainer.step, scalars)
-    return {"manifest": manifest, "split": split, "nats_per_token": estimate.nats_per_token, "stderr": estimate.stderr,
-            "data_stderr": data_stderr, "perplexity_bound": estimate.perplexity_bound, "tokens": estimate.num_tokens,
-            "sequences": estimate.num_sequences, "batches": len(estimate.groups),
-            "dropped_tokens": Manifest.load(manifest).splits[split].dropped_tokens}
+    result = {"manifest": manifest, "split": split, "nats_per_token": estimate.nats_per_token,
+              "stderr": estimate.stderr, "data_stderr": data_stderr, "perplexity_bound": estimate.perplexity_bound,
+              "tokens": estimate.num_tokens, "sequences": estimate.num_sequences, "batches": len(estimate.groups),
+              "dropped_tokens": Manifest.load(manifest).splits[split].dropped_tokens}
+    if loader.conditional:  # the bound on the responses given their prompts: tokens and nats count responses only
+        result["scored"] = "response tokens (prompts held clean): nats_per_token is per response token"
+    return result
 
 
 TABLE_COLUMNS = ("nats_per_token", "stderr", "data_stderr", "perplexity_bound", "tokens", "sequences")

@@ -46,6 +46,7 @@ APPLIED: dict[str, str] = {
     "checkpoint.dir": "the run directory itself",
     "checkpoint.resume": "whether to resume",
     "checkpoint.start_over": "whether to discard the run's checkpoints",
+    "checkpoint.init_from": "where a fresh run starts from (a resumed run continues its own checkpoint instead)",
 }
 LAYOUT = ("parallel.tp", "parallel.pp", "parallel.zero_stage")  # compared as the resolved layout
 # key -> what it changes (refused on resume)
@@ -126,8 +127,9 @@ def check_resume(saved: dict, current: dict, saved_layout: dict, layout: dict, *
     forward += ["to start a new run, set a new checkpoint.dir (or checkpoint.resume=false with "
                 "checkpoint.start_over=true to discard this run's checkpoints)",
                 f"to fine-tune from this run's weights (a fresh optimizer at step 0): python "
-                f"tools/convert_checkpoint.py consolidate {run_dir} WEIGHTS --weights ema, then python "
-                "tools/convert_checkpoint.py shard WEIGHTS NEW_DIR --recipe NEW_RECIPE.yaml",
+                f"tools/convert_checkpoint.py consolidate {run_dir} WEIGHTS --weights ema, then train with "
+                "checkpoint.init_from=WEIGHTS and a new checkpoint.dir (or python tools/convert_checkpoint.py shard "
+                "WEIGHTS NEW_DIR --recipe NEW_RECIPE.yaml)",
                 "or resume with the saved values"]
     raise ResumeRefused(f"cannot resume {checkpoint} with this recipe: these settings differ from the saved "
                         "run and would change what it learns or how it is stored:\n" + "\n".join(lines) +

@@ -252,8 +252,14 @@ class CheckpointConfig:
     # With resume false, a directory that already holds checkpoints is refused unless this is true:
     # then its checkpoints are deleted and its logs restart at step 0.
     start_over: bool = False
+    # A consolidated or hub directory (tools/convert_checkpoint.py consolidate / export) whose weights a fresh run
+    # starts from, in this run's layout: step 0, a fresh optimizer, the EMA set to them (fine-tuning, e.g. SFT). The
+    # model must match the recipe's. Ignored once checkpoint.dir holds a checkpoint: the run resumes from that.
+    init_from: str | None = None
 
     def __post_init__(self):
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise ValueError("checkpoint.init_from is empty: name a consolidated or hub directory, or leave it out")
         if self.start_over and self.resume:
             raise ValueError("start_over=true discards the run's checkpoints: it needs resume=false")
 

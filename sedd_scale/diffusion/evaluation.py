@@ -9,6 +9,10 @@ Batch b of the data (EvalLoader's global index) draws its noise from a generator
 (seed, b); each data-parallel rank evaluates its own batches and the per-batch results are gathered
 and added in batch order. The result depends on the seed and the micro-batch size, never on how
 many DP ranks share the work.
+
+Conditional batches (`.given`, prompt/response data) are evaluated as the conditional bound
+(`diffusion.elbo`): prompt positions held clean and weighted 0, the prior over the response alone,
+and the tokens counted are the response positions, so the bound is per response token.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from sedd_scale.diffusion.elbo import noise_draws, replicate_split
 from sedd_scale.diffusion.graph import Graph
 from sedd_scale.diffusion.noise import Noise
 
-# (x0, x_t, total_noise, rate) -> mean over the batch's rows of rate * sum_i score entropy
+# (x0, x_t, total_noise, rate) -> mean over the batch's rows of sum_i rate_i * score entropy_i (rate (B,) per row, or
+# (B, L) per token)
 BatchLoss = Callable[[Tensor, Tensor, Tensor, Tensor], float]
 
 
@@ -48,9 +53,14 @@ def batch_generator(seed: int, index: int, device) -> torch.Generator:
 
 @torch.no_grad()
 def batch_elbo(loss: BatchLoss, graph: Graph, noise: Noise, x0: Tensor, valid: Tensor, *, draws: int,
-               antithetic: bool, generator: torch.Generator, replicates: int | None = None) -> tuple[float, float]:
-    """(nats summed over the valid rows, MC variance of that sum); padding rows get rate 0 and count nothing."""
+               antithetic: bool, generator: torch.Generator, replicates: int | None = None,
+               given: Tensor | None = None) -> tuple[float, float]:
+    """(nats summed over the valid rows, MC variance of that sum); padding rows get rate 0 and count nothing.
+    `given` (bool, like x0): prompt positions, held clean and weighted 0, and left out of the prior."""
     rows, mask = x0.shape[0], valid.to(x0.device, torch.float64)
+    if given is not None:
+        given = given.to(x0.device, torch.bool)
+        free = (~given).to(torch.float64)
     count, per_replicate = replicate_split(draws, replicates)
     totals = []
     for _ in range(count):  # independent replicates: the generator moves on
@@ -60,18 +70,22 @@ def batch_elbo(loss: BatchLoss, graph: Graph, noise: Noise, x0: Tensor, valid: T
             means = []
             for total_noise, weight in piece:
                 x_t = graph.sample_transition(x0, total_noise, generator=generator)
-                means.append(loss(x0, x_t, total_noise.float(), (weight * mask).float()))
+                rate = weight * mask
+                if given is not None:  # every position was drawn: the free ones get the noise they get without it
+                    x_t, rate = torch.where(given, x0, x_t), rate[:, None] * free
+                means.append(loss(x0, x_t, total_noise.float(), rate.float()))
             total += rows * float(torch.tensor(means, dtype=torch.float64).mean())
         totals.append(total)
     replicate_nats = torch.tensor(totals, dtype=torch.float64)
-    prior = float((prior_kl(graph, noise, x0) * mask).sum())
+    prior = float((prior_kl(graph, noise, x0, given) * mask).sum())
     return prior + float(replicate_nats.mean()), float(replicate_nats.var()) / count
 
 
 def evaluate(loss: BatchLoss, graph: Graph, noise: Noise, batches: Iterable, *, draws: int, antithetic: bool = True,
              seed: int = 0, device=None, dp_group=None, progress: Callable[[int], None] | None = None,
              replicates: int | None = None) -> ElboEstimate:
-    """The bound over `batches` (objects with .tokens, .valid, .index) of this rank, combined over `dp_group`.
+    """The bound over `batches` (objects with .tokens, .valid, .index, optionally .given) of this rank, combined over
+    `dp_group`; tokens counted are the scored positions of the valid rows (the response where `.given` is set).
 
     Raises ValueError when no batch holds a valid row (on every rank alike: the check follows the gather).
     """
@@ -79,11 +93,15 @@ def evaluate(loss: BatchLoss, graph: Graph, noise: Noise, batches: Iterable, *, 
     mine = []
     for batch in batches:
         x0, valid = batch.tokens.to(device), batch.valid.to(device)
+        given = getattr(batch, "given", None)
+        given = None if given is None else given.to(x0.device, torch.bool)
         n = int(valid.sum())
         if n:
             nats, variance = batch_elbo(loss, graph, noise, x0, valid, draws=draws, antithetic=antithetic,
-                                        generator=batch_generator(seed, batch.index, x0.device), replicates=replicates)
-            mine.append(BatchResult(batch.index, nats, variance, n * x0.shape[1], n))
+                                        generator=batch_generator(seed, batch.index, x0.device), replicates=replicates,
+                                        given=given)
+            tokens = n * x0.shape[1] if given is None else int((~given[valid.bool()]).sum())
+            mine.append(BatchResult(batch.index, nats, variance, tokens, n))
         if progress is not None:
             progress(1)
     results = mine

@@ -3,7 +3,8 @@
 Stages exchange (h, c): the hidden state and the noise-level conditioning. The first stage takes
 (x_t, total_noise); the last stage ends with the output layer's modulated features, and the loss
 (`HeadLoss`) projects them through that layer's vocab-parallel head inside the fused, chunked
-score entropy, with labels (x0, x_t, total_noise, rate). PP = 1 uses the same loss on `SEDD`.
+score entropy, with labels (x0, x_t, total_noise, rate) (rate: per sequence, or per token for prompt/response
+rows). PP = 1 uses the same loss on `SEDD`.
 """
 from __future__ import annotations
 
@@ -35,28 +36,37 @@ def head_loss(output_layer: OutputLayer, features: Tensor, x0: Tensor, x_t: Tens
               rate: Tensor, cfg: HeadLossConfig) -> tuple[Tensor, Tensor]:
     """(mean over the micro-batch of sum_i rate * score_entropy_i, the per-sequence losses detached).
 
-    The inputs are valid by construction (the trainer checks the loader's ids; noising yields x_t and
-    total_noise > 0), so the fused loss skips its input checks and their host syncs.
+    `rate`: rate(t) per sequence (B,), or a per-token weight (B, L) (conditional rows: 0 on the prompt, whose terms
+    then count for nothing, in the loss and its gradient). The inputs are valid by construction (the trainer checks
+    the loader's ids; noising yields x_t and total_noise > 0), so the fused loss skips its input checks and their
+    host syncs.
     """
     linear = output_layer.linear
+    weight = rate if rate.dim() == 2 else rate[:, None]
     loss, per_token = weighted_score_entropy_head(features, linear.weight, linear.bias, x_t, x0, total_noise,
-                                                  (rate / x0.shape[0])[:, None].to(features.dtype), cfg,
+                                                  (weight / x0.shape[0]).to(features.dtype), cfg,
                                                   vocab_start=output_layer.vocab_start, check_inputs=False)
-    return loss, (rate[:, None].to(per_token.dtype) * per_token).sum(1)
+    return loss, (weight.to(per_token.dtype) * per_token).sum(1)
+
+
+def scored_tokens(rate: Tensor) -> Tensor | None:
+    """Per sequence, the positions a per-token weight scores (None for a per-sequence rate: every position)."""
+    return (rate > 0).sum(1) if rate.dim() == 2 else None
 
 
 class LossRecords:
-    """(total noise, per-sequence loss) of each training micro-batch since the trainer last took them."""
+    """(total noise, per-sequence loss, scored positions per sequence or None: all) of each training micro-batch
+    since the trainer last took them."""
 
     def __init__(self):
-        self._kept: list[tuple[Tensor, Tensor]] = []
+        self._kept: list[tuple[Tensor, Tensor, Tensor | None]] = []
 
-    def add(self, total_noise: Tensor, per_sequence: Tensor) -> None:
+    def add(self, total_noise: Tensor, per_sequence: Tensor, scored: Tensor | None = None) -> None:
         """Keep one micro-batch's values when training (evaluation runs without gradients and is not kept)."""
         if torch.is_grad_enabled():
-            self._kept.append((total_noise.detach(), per_sequence))
+            self._kept.append((total_noise.detach(), per_sequence, scored))
 
-    def take(self) -> list[tuple[Tensor, Tensor]]:
+    def take(self) -> list[tuple[Tensor, Tensor, Tensor | None]]:
         """What was kept since the last call (always empty on pipeline stages without the loss)."""
         out, self._kept = self._kept, []
         return out
@@ -76,7 +86,7 @@ class SEDDTrainModule(nn.Module):
         features = self.model.output_layer.features(h, c)
         loss, per_sequence = head_loss(self.model.output_layer, features, x0, x_t, total_noise, rate, self.loss_cfg)
         if self.training:
-            self.records.add(total_noise, per_sequence)
+            self.records.add(total_noise, per_sequence, scored_tokens(rate))
         return loss
 
 
@@ -121,7 +131,7 @@ class HeadLoss:
         loss, per_sequence = head_loss(self.output_stage, features, x0, x_t, total_noise.detach(), rate.detach(),
                                        self.cfg)
         if self.output_stage.training:
-            self.records.add(total_noise, per_sequence)
+            self.records.add(total_noise, per_sequence, scored_tokens(rate))
         return loss
 
 

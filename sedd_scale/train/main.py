@@ -15,6 +15,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from sedd_scale.checkpoint.consolidated import ConsolidatedError
+from sedd_scale.checkpoint.hub import HubFormatError
 from sedd_scale.checkpoint.run_lock import RunDirBusy
 from sedd_scale.checkpoint.sharded import CheckpointError
 from sedd_scale.config import RecipeError, add_recipe_args, load_recipe, overrides_from_args
@@ -23,6 +25,7 @@ from sedd_scale.data.manifest import ManifestError
 from sedd_scale.data.shards import ShardError
 from sedd_scale.data.urlcache import UrlError
 from sedd_scale.train import run_dir
+from sedd_scale.train.init_from import InitFromError
 from sedd_scale.train.metrics import MetricsError
 from sedd_scale.train.quiet import silence_known_noise
 from sedd_scale.train.wandb_sink import check_available as check_wandb
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with take_run_dir(recipe, start):
             result = run(recipe, layout, topology, start)
-    except (RunDirBusy, ManifestError, ShardError, UrlError) as e:  # bad input found once the processes exist
+    except (RunDirBusy, ManifestError, ShardError, UrlError, InitFromError, ConsolidatedError,
+            HubFormatError) as e:  # bad input found once the processes exist
         print(f"error: {e}", file=sys.stderr)
         dist.destroy_process_group()
         return 2
@@ -178,6 +182,7 @@ def run(recipe, layout, topology, start: run_dir.RunStart | None = None):
     from sedd_scale.data.checked import check_split
     from sedd_scale.data.loader import EvalLoader, LoaderConfig, TokenLoader, check_sources
     from sedd_scale.data.tokenizer import get_tokenizer
+    from sedd_scale.train.init_from import load_init_weights
     from sedd_scale.train.metrics import Metrics
     from sedd_scale.train.run_summary import parameter_counts, start_lines
     from sedd_scale.train.trainer import Trainer
@@ -218,10 +223,18 @@ def run(recipe, layout, topology, start: run_dir.RunStart | None = None):
               "split", file=sys.stderr, flush=True)
     trainer = Trainer(recipe, layout, topology, loader=loader)
     notes = []
-    if trainer.resume():
+    init_from = recipe.checkpoint.init_from
+    if trainer.resume():  # resuming wins over init_from: an SFT run continues like any other run
         notes = [f"resumed from step {trainer.step} ({trainer.checkpoints.latest()})"]
+        if init_from:
+            notes.append(f"checkpoint.init_from={init_from} is not used: the run resumes its own checkpoint")
         notes += [f"applied from the current recipe: {c.describe()}" for c in (start.changes if start else [])]
         notes += trainer.notes
+    elif init_from:
+        notes = [load_init_weights(trainer, init_from)]
+    if loader.conditional:
+        notes.append("prompt/response data: prompts are held clean and never scored; train/loss_per_token and "
+                     "valid/elbo_nats_per_token are per response token")
     tokenizer = get_tokenizer(d.tokenizer) if d.tokenizer else None
     counts = parameter_counts(trainer.engine.module.parameters(), tp_rank=ps.get_tensor_model_parallel_rank(),
                               pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=dp_rank)

@@ -63,28 +63,32 @@ class NoiseBandLoss:
     def __init__(self, total_noise, bands: int = 5, device: torch.device | str = "cpu"):
         self.bands = bands
         self.edges = total_noise(torch.arange(1, bands, dtype=torch.float64) / bands).to(device)
-        self.sums = torch.zeros(2, bands, dtype=torch.float64, device=device)  # loss sums, sequence counts
+        # loss sums, sequence counts, scored-token counts (of sequences that say how many of their positions count)
+        self.sums = torch.zeros(3, bands, dtype=torch.float64, device=device)
 
-    def add(self, total_noise: Tensor, per_sequence: Tensor) -> None:
-        """Fold in a micro-batch: each sequence's total noise and loss (nats, summed over its positions)."""
+    def add(self, total_noise: Tensor, per_sequence: Tensor, scored: Tensor | None = None) -> None:
+        """Fold in a micro-batch: each sequence's total noise and loss (nats, summed over its positions), and how many
+        positions each scores (None: all seq_len; conditional rows score their response only)."""
         band = torch.bucketize(total_noise.to(self.edges.dtype), self.edges, right=True)
         self.sums[0].index_add_(0, band, per_sequence.detach().to(self.sums.dtype))
         self.sums[1].index_add_(0, band, torch.ones_like(band, dtype=self.sums.dtype))
+        if scored is not None:
+            self.sums[2].index_add_(0, band, scored.to(self.sums.dtype))
 
     def take(self, seq_len: int, group=None) -> dict[str, float]:
         """{"train/loss_per_token_t0.0-0.2": mean, ...} over what was added since the last call on any rank of
         `group` (a collective; None: the world when torch.distributed runs), then start over. Bands without
-        sequences are left out."""
+        sequences are left out. The mean is per scored token: per response token for conditional rows."""
         sums = self.sums.clone()
         self.sums.zero_()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums, group=group)
-        total, count = sums.tolist()
+        total, count, scored = sums.tolist()
         out = {}
         for k in range(self.bands):
             if count[k]:
-                out[f"train/loss_per_token_t{k / self.bands:.1f}-{(k + 1) / self.bands:.1f}"] = \
-                    total[k] / count[k] / seq_len
+                tokens = scored[k] if scored[k] else count[k] * seq_len
+                out[f"train/loss_per_token_t{k / self.bands:.1f}-{(k + 1) / self.bands:.1f}"] = total[k] / tokens
         return out
 
 

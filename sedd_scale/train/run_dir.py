@@ -2,6 +2,8 @@
 
 * A directory with checkpoints is resumed: the saved recipe is compared with the current one key by
   key (`recipe_changes.check_resume`); changes it cannot apply are refused here, naming each key.
+* Without a checkpoint, a run starts from scratch, or from `checkpoint.init_from`'s weights (checked here: a
+  consolidated or hub directory holding the recipe's model); with one, it resumes and init_from is not used.
 * `checkpoint.resume: false` in a directory with checkpoints is refused unless
   `checkpoint.start_over: true` says to discard them (`start_over`, done by rank 0 under the run lock).
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from sedd_scale.checkpoint.sharded import LATEST, SET_ASIDE, CheckpointDir, CheckpointError, read_meta, set_aside_for
 from sedd_scale.config import Recipe, RecipeError, add_recipe_args, from_dict, load_recipe, overrides_from_args, to_dict
 from sedd_scale.config.changes import Change, ResumeRefused, check_resume
+from sedd_scale.train.init_from import InitFromError, check_init_from
 from sedd_scale.train.wandb_sink import check_available as check_wandb
 
 
@@ -29,21 +32,36 @@ class RunStart:
     latest: Path | None
     changes: list[Change]
     start_over: bool = False
+    init_from: str | None = None  # checkpoint.init_from: the weights a fresh run starts from (unused on resume)
 
     def describe(self) -> list[str]:
         """Lines for the log."""
         if self.latest is None:
-            return ["start: from scratch" + (" (the directory's old checkpoints are discarded)" if self.start_over
-                                             else "")]
+            origin = f"from the weights of {self.init_from}" if self.init_from else "from scratch"
+            return [f"start: {origin}" + (" (the directory's old checkpoints are discarded)" if self.start_over
+                                          else "")]
         where = str(self.latest)
         if self.latest.name.startswith(SET_ASIDE):
             where = (f"{self.latest.parent / set_aside_for(self.latest)} (put back from {self.latest}, where an "
                      "interrupted re-save left it)")
-        return [f"resume: {where}"] + [f"  applied from this recipe: {c.describe()}" for c in self.changes]
+        unused = ([f"  checkpoint.init_from={self.init_from} is not used: the run resumes its own checkpoint"]
+                  if self.init_from else [])
+        return [f"resume: {where}"] + [f"  applied from this recipe: {c.describe()}" for c in self.changes] + unused
 
 
 def _has_checkpoints(ckpts: CheckpointDir) -> bool:
     return (ckpts.root / LATEST).exists() or bool(ckpts.steps())
+
+
+def _init_from(recipe: Recipe) -> str | None:
+    """checkpoint.init_from of a fresh run, checked (a loadable directory holding the recipe's model)."""
+    path = recipe.checkpoint.init_from
+    if path is not None:
+        try:
+            check_init_from(path, recipe.model)
+        except InitFromError as e:
+            raise RecipeError(str(e)) from None
+    return path
 
 
 def check_start(recipe: Recipe, world_size: int) -> RunStart:
@@ -56,13 +74,13 @@ def check_start(recipe: Recipe, world_size: int) -> RunStart:
             raise RecipeError(f"checkpoint.resume is false but {ckpts.root} holds checkpoints of a run: resume it "
                               "(checkpoint.resume=true), choose a new checkpoint.dir, or set "
                               "checkpoint.start_over=true to delete them and start again")
-        return RunStart(None, [], start_over=_has_checkpoints(ckpts))
+        return RunStart(None, [], start_over=_has_checkpoints(ckpts), init_from=_init_from(recipe))
     latest = ckpts.latest(set_aside_ok=True)  # an interrupted re-save's copy: read there, put back at the start
     if latest is None:
         if ckpts.steps():
             raise CheckpointError(f"{ckpts.root} holds step folders but no `latest` pointer: write the name of the "
                                   f"one to resume into {ckpts.root / LATEST} (e.g. {ckpts.steps()[-1].name})")
-        return RunStart(None, [])
+        return RunStart(None, [], init_from=_init_from(recipe))
     meta = read_meta(latest)
     try:
         saved = from_dict(Recipe, meta["recipe"])
@@ -72,7 +90,7 @@ def check_start(recipe: Recipe, world_size: int) -> RunStart:
     here = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero_stage": layout.zero_stage}
     changes = check_resume(to_dict(saved), to_dict(recipe), meta["layout"], here, checkpoint=str(latest),
                            run_dir=str(ckpts.root))
-    return RunStart(latest, changes)
+    return RunStart(latest, changes, init_from=recipe.checkpoint.init_from)
 
 
 def start_over(root: str | Path) -> list[Path]:

@@ -40,6 +40,7 @@ from sedd_scale.checkpoint.files import SnapshotIO, to_host
 from sedd_scale.checkpoint.saver import Saver
 from sedd_scale.checkpoint.sharded import ANY_LAYOUT, CheckpointDir, CheckpointError, check_layout, read_meta, step_of
 from sedd_scale.config import Layout, Recipe, to_dict
+from sedd_scale.data.prompts import split_prompts
 from sedd_scale.diffusion import ElboEstimate, get_graph
 from sedd_scale.diffusion.evaluation import evaluate
 from sedd_scale.diffusion.graph import check_token_ids
@@ -141,10 +142,14 @@ class Trainer:
         # transfer (all at once, not one after the other along the first step's schedule). Made from a private
         # generator: no RNG stream or data position moves.
         warm_up = None
+        # Prompt/response rows (`loader.conditional`): prompts are held clean and unscored, and the logged losses
+        # are per response token.
+        self.conditional = bool(getattr(loader, "conditional", False))
         if self.model_cfg.compile:
             tokens = torch.randint(0, self.model_cfg.num_tokens, (layout.micro_batch, recipe.data.seq_len),
                                    generator=torch.Generator().manual_seed(0))
-            nb = self._noised(tokens, step=0, micro=0)
+            given = torch.zeros_like(tokens, dtype=torch.bool) if self.conditional else None
+            nb = self._noised(tokens, step=0, micro=0, given=given)
             warm_up = (nb.x0, nb.x_t, nb.total_noise, nb.rate)
         self.runner = build_runner(self.model_cfg, recipe, layout, topology, loss_cfg, self.device, warm_up)
         self.engine = self.runner.engine
@@ -160,6 +165,7 @@ class Trainer:
         self.tokens_seen = 0
         self.stop = _StopFlag()  # installed now: a pre-emption signal during setup is honoured too
         self.data_wait = 0.0  # seconds spent waiting for the loader in the current step
+        self._responses = 0  # response positions of this rank's micro-batches in the current step (conditional)
         self.notes: list[str] = []  # what a resume changed or could not restore, for the logs
         self._staging: Path | None = None  # the folder of the last save started (gone once committed)
 
@@ -288,29 +294,49 @@ class Trainer:
         return opt
 
     # -- steps ---------------------------------------------------------------------------------
-    def _noised(self, x0: torch.Tensor, step: int, micro: int) -> NoisedBatch:
+    def _noised(self, x0: torch.Tensor, step: int, micro: int, given: torch.Tensor | None = None) -> NoisedBatch:
         lay, d = self.layout, self.recipe.diffusion
         return noise_batch(x0.to(self.device), self.graph, self.noise, seed=self.recipe.train.seed, step=step,
                            row_offset=lay.row_offset(micro, self.dp_rank),
-                           global_rows=lay.global_batch, sampling_eps=d.sampling_eps, stratified=d.stratified)
+                           global_rows=lay.global_batch, sampling_eps=d.sampling_eps, stratified=d.stratified,
+                           given=None if given is None else given.to(self.device))
 
-    def _next_batch(self) -> torch.Tensor:
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens, prompt mask or None) of the next micro-batch."""
         started = time.perf_counter()
-        batch = next(self.batches)
+        batch, given = next(self.batches), None
         self.data_wait += time.perf_counter() - started
+        if self.conditional:
+            batch, given = split_prompts(batch, self.recipe.data.seq_len)
         # Where data enters: on the host, before the copy to the device (the fused loss does not check again).
         check_token_ids(batch, "a training batch from the loader", self.model_cfg.num_tokens, self.model_cfg.graph,
                         self.model_cfg.num_tokens)
-        return batch
+        return batch, given
 
     def _micro_batches(self, step: int) -> Iterator:
         for micro in range(self.layout.grad_accum):
-            nb = self._noised(self._next_batch(), step, micro)
+            tokens, given = self._next_batch()
+            if given is not None:
+                self._responses += int((~given).sum())
+            nb = self._noised(tokens, step, micro, given)
             yield nb.x0, nb.x_t, nb.total_noise, nb.rate
 
+    def _per_token(self, loss: float) -> float:
+        """The step's mean loss per sequence as a loss per token: per response token for conditional rows (their
+        count over the global batch: a small all-reduce over DP, then a max over the pipeline, whose middle stages
+        read no data)."""
+        if not self.conditional:
+            return loss / self.recipe.data.seq_len
+        responses = torch.tensor([float(self._responses)], dtype=torch.float64, device=self.device)
+        self._responses = 0
+        dist.all_reduce(responses, group=ps.get_data_parallel_group())
+        if self.layout.pp > 1:
+            dist.all_reduce(responses, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
+        return loss * self.layout.global_batch / float(responses)
+
     def train_step(self, bands: NoiseBandLoss | None = None) -> float:
-        """One optimizer step; returns the global mean loss per token. `bands` collects the per-sequence losses
-        by noise level (on the device) when the update is applied."""
+        """One optimizer step; returns the global mean loss per token (per response token for conditional rows).
+        `bands` collects the per-sequence losses by noise level (on the device) when the update is applied."""
         self.engine.train()
         loss = self.runner.train_batch(self._micro_batches(self.step))
         # Skipped by our optimizer (ZeRO-0) or by DeepSpeed's ZeRO/bf16 wrapper: the engine knows either way.
@@ -319,11 +345,11 @@ class Trainer:
         if not self.base_optimizer().last_skipped:
             self.ema.update(self._local_params())
             if bands is not None and ps.get_tensor_model_parallel_rank() == 0:  # TP ranks hold the same losses
-                for total_noise, per_sequence in kept:
-                    bands.add(total_noise, per_sequence)
+                for total_noise, per_sequence, scored in kept:
+                    bands.add(total_noise, per_sequence, scored)
         self.step += 1
         self.tokens_seen += self.layout.global_batch * self.recipe.data.seq_len
-        return float(loss) / self.recipe.data.seq_len
+        return self._per_token(float(loss))
 
     # -- evaluation and samples ----------------------------------------------------------------
     @torch.no_grad()
@@ -335,7 +361,8 @@ class Trainer:
     @torch.no_grad()
     def validate(self, batches: Iterable, draws: int, *, antithetic: bool = True, seed: int | None = None,
                  ema: bool = True, progress=None) -> ElboEstimate:
-        """The ELBO over `batches` (.tokens, .valid, .index: `EvalLoader`'s) with EMA (or raw) weights.
+        """The ELBO over `batches` (.tokens, .valid, .index and, for conditional data, .given: `EvalLoader`'s) with
+        EMA (or raw) weights; with prompts, the bound on the responses given them, per response token.
 
         `sedd_scale.diffusion.evaluation.evaluate` through the training engine, so TP/PP layouts never gather
         the vocabulary; DP ranks evaluate their own batches and the result is independent of DP.
@@ -437,9 +464,11 @@ class Trainer:
                         valid["valid/elbo_data_stderr"] = result.valid.data_stderr
                     metrics.scalars(self.step, valid)
                     v = result.valid
+                    conditional = any(getattr(b, "given", None) is not None for b in valid_batches)
+                    per = "response token" if conditional else "token"
                     metrics.message(f"step {self.step}: validation ELBO {v.nats_per_token:.4f} +- {v.stderr:.4f} "
-                                    f"nats/token, perplexity <= {v.perplexity_bound:.2f} ({v.num_sequences} "
-                                    "sequences, EMA weights)")
+                                    f"nats/{per}, perplexity <= {v.perplexity_bound:.2f} ({v.num_sequences} "
+                                    f"sequences, {v.num_tokens} {per}s, EMA weights)")
                 if metrics and not self.signalled():
                     drawn = self.sampled(2, steps=tc.sample_steps)
                     texts = drawn.tokens
