@@ -45,18 +45,48 @@ def data(tmp_path_factory):
     return out
 
 
+def _release_process_group() -> None:
+    """Destroy megatron's groups and the default process group (what a test or a module made)."""
+    import torch.distributed as dist
+
+    from sedd_scale.distributed import parallel
+
+    parallel.destroy_parallel()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_process_group_outlives_its_module(request):
+    """A module fixture (or test) that creates the default process group must destroy it: a leaked group makes
+    later modules in the same worker depend on the order pytest-xdist hands out files."""
+    import torch.distributed as dist
+
+    before = dist.is_available() and dist.is_initialized()
+    yield
+    if not before and dist.is_initialized():
+        _release_process_group()
+        pytest.fail(f"{request.node.nodeid} left torch.distributed initialized; destroy the process group it made")
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_process_group(request):
-    """A test that creates the default process group (outside the module-scoped `tp1`) must destroy it: a leaked
-    group makes later tests in the same worker depend on the order pytest-xdist hands out files."""
+    """The same for one test (outside `tp1` and other module-scoped fixtures, which hold theirs for the module)."""
     import torch.distributed as dist
 
     before = dist.is_available() and dist.is_initialized()
     yield
     if before or "tp1" in request.fixturenames or not dist.is_initialized():
         return
-    from sedd_scale.distributed import parallel
-
-    parallel.destroy_parallel()
-    dist.destroy_process_group()
+    _release_process_group()
     pytest.fail(f"{request.node.nodeid} left torch.distributed initialized; destroy the process group it made")
+
+
+@pytest.fixture
+def release_process_group():
+    """For tests of APIs that keep their process group for the caller (`load_model`, `load_pretrained`): destroyed
+    after the test."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        _release_process_group()

@@ -23,7 +23,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model(byte_ckpt):  # noqa: F811
-    return load_model(byte_ckpt, device="cpu")
+    """The model, and its process group destroyed after the module (load_model keeps it for the caller)."""
+    import torch.distributed as dist
+
+    from sedd_scale.distributed import parallel
+
+    yield load_model(byte_ckpt, device="cpu")
+    parallel.destroy_parallel()
+    dist.destroy_process_group()
 
 
 def test_generate_matches_the_sample_tool(model, byte_ckpt, tmp_path, one_thread):  # noqa: F811

@@ -106,7 +106,7 @@ def test_last_validation_is_read_from_the_run_metrics(tmp_path):
     assert convert.last_validation(tmp_path / "absent.jsonl", 60) is None
 
 
-def test_prefix_and_template_work_with_a_bundled_tokenizer_json(tmp_path, bpe, monkeypatch):
+def test_prefix_and_template_work_with_a_bundled_tokenizer_json(tmp_path, bpe, monkeypatch, release_process_group):
     """Text conditioning through a model's own tokenizer.json, from another directory (the API and sample.py)."""
     from sedd_scale.apps.api import load_model
     from sedd_scale.apps.generation import build_conditioning, choose_tokenizer

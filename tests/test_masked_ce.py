@@ -302,7 +302,7 @@ def test_tensor_parallel_masked_ce_and_log_scores_match_tp1():
             torch.testing.assert_close(mass, r0, rtol=1e-9, atol=0)
 
 
-def test_a_denoiser_hub_checkpoint_loads_samples_and_scores(tmp_path):
+def test_a_denoiser_hub_checkpoint_loads_samples_and_scores(tmp_path, release_process_group):
     """A denoiser's hub export loads as a denoiser (`sedd_scale.apps.api`), its log-scores at masked positions are
     ratios summing to r0 = 1 / (e^sigma - 1) (not the raw logits), and it generates and scores finite ELBOs."""
     from sedd_scale.apps.api import load_model

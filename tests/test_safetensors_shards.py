@@ -92,7 +92,7 @@ def test_both_forms_in_one_folder_is_ambiguous(tmp_path):
         Weights(tmp_path)
 
 
-def test_sharded_consolidated_and_hub_exports_round_trip(tmp_path):
+def test_sharded_consolidated_and_hub_exports_round_trip(tmp_path, release_process_group):
     """The same conversions with and without shards hold the same tensors and config."""
     plain = convert.from_hub(FIXTURE, tmp_path / "plain")
     ours = convert.from_hub(FIXTURE, tmp_path / "ours", max_shard_bytes=200_000)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sedd_scale.data.corpora import _decode, ptb_detokenize
+from sedd_scale.data.corpora import decode_utf8, ptb_detokenize
 
 
 class FormatError(ValueError):
@@ -96,7 +96,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line with its newline) of a UTF-8 file; a JSON line is refused by the callers that read text."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            yield lineno, _decode(raw, f"{path}:{lineno}")
+            yield lineno, decode_utf8(raw, f"{path}:{lineno}")
 
 
 def _looks_like_json(line: str) -> bool:
