@@ -19,7 +19,8 @@ from sedd_scale.model import SEDD, Block, InputLayer, ModelConfig, OutputLayer
 from sedd_scale.model.transformer import megatron_config
 
 
-def head_loss_config(model: ModelConfig, objective: str = "score_entropy", chunk_size: int = 1024) -> HeadLossConfig:
+def head_loss_config(model: ModelConfig, objective: str = "score_entropy",
+                     chunk_size: int | None = None) -> HeadLossConfig:
     """The fused loss settings that match a model and the recipe's objective (bf16-mixed: bf16 GEMM operands, fp32
     accumulation; model.compile: the chunks' elementwise work compiled too)."""
     return HeadLossConfig.for_graph(model.graph, model.num_tokens, objective=objective,
