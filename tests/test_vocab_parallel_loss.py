@@ -206,17 +206,21 @@ def test_chunks_sized_by_a_logits_budget_and_uniform_blocks_match_the_oracle(gra
     small = dataclasses.replace(cfg, chunk_bytes=3 * n_local * 8)
     assert small.chunk_rows(n_local, 8) == 3 and small.chunk_rows(n_local, 4) == 6
     monkeypatch.setattr(score_entropy, "_BLOCK_BYTES", 2 * n_local * 8)
-    case = make_case(graph, seed=4)
-    h, w, b = (case[k].double().requires_grad_(True) for k in ("hidden", "weight", "bias"))
-    args = (h, w, b, case["x_t"], case["x_0"], case["sigma"].double())
-    if weighted:
-        total, loss = weighted_score_entropy_head(*args, case["rate"].double(), small)
-    else:
-        loss = score_entropy_head(*args, small)
-        total = (case["rate"].double()[:, None] * loss).sum()
-    total.backward()
-    check_against(oracle(case, graph, scale_by_sigma), (loss.detach(), (h.grad, w.grad, b.grad)), 1e-11,
-                  "budgeted chunks, blocks of 2 rows")
+    for extreme in (False, True):
+        case = make_case(graph, seed=4)
+        if extreme:  # the far branches, inside blocks
+            case["bias"][:3] = torch.tensor([70.0, -80.0, 69.0])
+            case["weight"] = case["weight"] / 64
+        h, w, b = (case[k].double().requires_grad_(True) for k in ("hidden", "weight", "bias"))
+        args = (h, w, b, case["x_t"], case["x_0"], case["sigma"].double())
+        if weighted:
+            total, loss = weighted_score_entropy_head(*args, case["rate"].double(), small)
+        else:
+            loss = score_entropy_head(*args, small)
+            total = (case["rate"].double()[:, None] * loss).sum()
+        total.backward()
+        check_against(oracle(case, graph, scale_by_sigma), (loss.detach(), (h.grad, w.grad, b.grad)), 1e-11,
+                      f"budgeted chunks, blocks of 2 rows (extreme={extreme})")
 
 
 def test_grad_output_scales_and_single_backward():
