@@ -3,6 +3,7 @@ parametrization: against a float64 oracle of r0 * CE, score entropy of the conve
 TP = 2 against TP = 1."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -37,11 +38,14 @@ def oracle(case, bias: bool):
     return loss.detach(), grads
 
 
-def fused(case, *, weighted: bool, bias: bool = True, chunk_size: int = 5, tp: int = 1, rank: int = 0,
+def fused(case, *, weighted: bool, bias: bool = True, chunk_size: int | None = 5, tp: int = 1, rank: int = 0,
           dtype=torch.float32, group=None):
-    """This rank's fused masked_ce per-token loss and grads (hidden, weight shard[, bias shard])."""
+    """This rank's fused masked_ce per-token loss and grads (hidden, weight shard[, bias shard]); chunk_size None:
+    chunks of 5 tokens by the logits budget (sized by the shard's rows, so the same on every rank)."""
     vl = V_PAD // tp
     cfg = HeadLossConfig.for_graph("absorb", N, chunk_size=chunk_size, objective="masked_ce")
+    if chunk_size is None:
+        cfg = dataclasses.replace(cfg, chunk_bytes=5 * vl * torch.finfo(dtype).bits // 8)
     h = case["hidden"].to(dtype, copy=True).requires_grad_(True)
     w = case["weight"][rank * vl:(rank + 1) * vl].to(dtype, copy=True).requires_grad_(True)
     b = case["bias"][rank * vl:(rank + 1) * vl].to(dtype, copy=True).requires_grad_(True) if bias else None
@@ -233,7 +237,9 @@ def _tp_worker(tp: int) -> dict:
     case = make_case("absorb", seed=14)
     for weighted in (False, True):
         for bias in (True, False):
-            loss, grads = fused(case, weighted=weighted, bias=bias, tp=tp, rank=rank, group=dist.group.WORLD)
+            # Budget-sized chunks: ranks whose shards hold fewer real tokens (or none) must still cut the same chunks.
+            loss, grads = fused(case, weighted=weighted, bias=bias, chunk_size=None, tp=tp, rank=rank,
+                                group=dist.group.WORLD)
             out[weighted, bias] = (loss.numpy(), tuple(g.numpy() for g in grads))
     vl = V_PAD // tp
     z = case["hidden"] @ case["weight"][rank * vl:(rank + 1) * vl].t() + case["bias"][rank * vl:(rank + 1) * vl]

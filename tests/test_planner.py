@@ -216,7 +216,8 @@ def test_planner_assumes_what_deepspeed_and_the_engine_use():
         assert config["zero_optimization"] == {"stage": zero}, "the planner assumes DeepSpeed's bucket defaults"
         # BF16_Optimizer with an fp32 gradient accumulator exactly for bf16 weights under ZeRO-1
         assert config.get("data_types") == ({"grad_accum_dtype": "fp32"} if (precision, zero) == ("bf16", 1) else None)
-    assert head_loss_config(recipe().model).chunk_size == P.LOSS_CHUNK
+    cfg = head_loss_config(recipe().model)
+    assert cfg.chunk_size is None and cfg.chunk_bytes == P.LOSS_CHUNK_BYTES
 
 
 @pytest.mark.parametrize("world", [8, 64])

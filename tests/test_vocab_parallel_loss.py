@@ -5,6 +5,7 @@ whatever the matmul blocking or the vocabulary split: the comparisons then measu
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -188,6 +189,38 @@ def test_compiled_chunks_match_the_oracle_and_eager(graph, scale_by_sigma, weigh
             assert_close(got[1], want[1], rtol, f"fused chunk gradient (extreme={extreme})", floor=1.0)
         else:
             assert got[1] is None and want[1] is None
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("graph,scale_by_sigma", CASES)
+def test_chunks_sized_by_a_logits_budget_and_uniform_blocks_match_the_oracle(graph, scale_by_sigma, weighted,
+                                                                             monkeypatch):
+    """chunk_size None: chunks of chunk_bytes of logits (3 tokens here, over several chunks); the uniform terms in
+    blocks of 2 rows (a small _BLOCK_BYTES, as GPT-2's vocabulary has on a CPU): float64 equals the oracle."""
+    from sedd_scale.loss import score_entropy
+
+    n_local = N  # TP 1: every real token is projected
+    cfg = HeadLossConfig.for_graph(graph, N, scale_by_sigma)
+    assert cfg.chunk_size is None and cfg.chunk_rows(50257) == 64 * 2**20 // (50257 * 4) == 333
+    assert cfg.chunk_rows(50304 // 8) == 2668  # a TP8 shard: 8x the tokens per chunk
+    small = dataclasses.replace(cfg, chunk_bytes=3 * n_local * 8)
+    assert small.chunk_rows(n_local, 8) == 3 and small.chunk_rows(n_local, 4) == 6
+    monkeypatch.setattr(score_entropy, "_BLOCK_BYTES", 2 * n_local * 8)
+    for extreme in (False, True):
+        case = make_case(graph, seed=4)
+        if extreme:  # the far branches, inside blocks
+            case["bias"][:3] = torch.tensor([70.0, -80.0, 69.0])
+            case["weight"] = case["weight"] / 64
+        h, w, b = (case[k].double().requires_grad_(True) for k in ("hidden", "weight", "bias"))
+        args = (h, w, b, case["x_t"], case["x_0"], case["sigma"].double())
+        if weighted:
+            total, loss = weighted_score_entropy_head(*args, case["rate"].double(), small)
+        else:
+            loss = score_entropy_head(*args, small)
+            total = (case["rate"].double()[:, None] * loss).sum()
+        total.backward()
+        check_against(oracle(case, graph, scale_by_sigma), (loss.detach(), (h.grad, w.grad, b.grad)), 1e-11,
+                      f"budgeted chunks, blocks of 2 rows (extreme={extreme})")
 
 
 def test_grad_output_scales_and_single_backward():

@@ -20,10 +20,11 @@ from sedd_scale.model import SEDD, Block, InputLayer, ModelConfig, OutputLayer
 from sedd_scale.model.transformer import megatron_config
 
 
-def head_loss_config(model: ModelConfig, objective: str | None = None, chunk_size: int = 1024) -> HeadLossConfig:
+def head_loss_config(model: ModelConfig, objective: str | None = None,
+                     chunk_size: int | None = None) -> HeadLossConfig:
     """The fused loss settings that match a model and the recipe's objective (None: the one of the model's
     parametrization, score_entropy or masked_ce; bf16-mixed: bf16 GEMM operands, fp32 accumulation; model.compile:
-    the chunks' elementwise work compiled too)."""
+    the chunks' elementwise work compiled too; chunk_size None: chunks sized by the logits budget)."""
     if objective is None:
         objective = "masked_ce" if model.parametrization == "denoiser" else "score_entropy"
     return HeadLossConfig.for_graph(model.graph, model.num_tokens, objective=objective,

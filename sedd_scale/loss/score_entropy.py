@@ -86,30 +86,50 @@ def _absorb_terms(z: Tensor, tok: _Tokens, scale: Tensor | None) -> tuple[Tensor
     return loss, e.mul_(scale.to(e.dtype).unsqueeze(1))
 
 
+# A uniform chunk's elementwise work runs over blocks of rows of about this size on a CPU, with two block-sized
+# temporaries reused by every block: small beside the chunk's logits and warm in the cache, where chunk-sized
+# temporaries would be fresh pages (faults) every chunk, which cost more than the arithmetic. On an accelerator
+# the chunk is one block (fewer kernel launches; the caching allocator reuses the temporaries).
+_BLOCK_BYTES = 8 * 2**20
+
+
 def _uniform_terms(z: Tensor, tok: _Tokens, scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """(per-token loss, logit gradient or None) of a chunk of the uniform graph; consumes z (in place).
+    """(per-token loss, logit gradient or None) of a chunk of the uniform graph; consumes z (the gradient is returned
+    in z's storage).
 
     Every entry holds r phi(u) and its gradient r expm1(u), u = l - log r, as r (t - u) + d and r t + d with
     t = expm1(min(u, FAR)) and d = e^max(l, FAR + log r) - e^(FAR + log r): for u <= FAR (every sane entry)
     d is exactly 0, and beyond it the sums are e^l - r (1 + u) and e^l - r, finite while e^l is. No branch.
+    x_0's and x_t's own entries are first set to l = log r (u = 0: term and gradient exactly 0); x_0's own term
+    r0 phi(l_x0 - log r0) and gradient are added afterwards. Eleven passes over the logits, in blocks of rows.
     """
+    n = z.shape[0]
     col0 = torch.where(tok.in0, tok.col0, 0)
     l0 = z.gather(1, col0.unsqueeze(1)).squeeze(1)
-    r = tok.r.unsqueeze(1)
-    edge = (_FAR + tok.log_r).unsqueeze(1)
-    d = torch.maximum(z, edge).exp_().sub_(edge.exp())
-    u = z.sub_(tok.log_r.unsqueeze(1))
-    t = u.clamp(max=_FAR).expm1_()
-    terms = (t - u).mul_(r).add_(d)
-    _put(terms, tok.col0, tok.in0, _bregman(l0, tok.log_r0, tok.r0))
-    _put(terms, tok.colx, tok.inx, torch.zeros_like(l0))
-    loss = terms.sum(1) * tok.weight
-    if scale is None:
+    _put(z, tok.col0, tok.in0, tok.log_r)
+    _put(z, tok.colx, tok.inx, tok.log_r)
+    log_r, r = tok.log_r.unsqueeze(1), tok.r.unsqueeze(1)
+    edge = _FAR + log_r
+    e_edge = edge.exp()
+    sw = None if scale is None else (scale * tok.weight).to(z.dtype).unsqueeze(1)
+    loss = torch.empty(n, dtype=z.dtype, device=z.device)
+    rows = n if z.device.type != "cpu" else max(1, _BLOCK_BYTES // max(1, z.shape[1] * z.element_size()))
+    d_buf, t_buf = torch.empty(2, min(rows, n), z.shape[1], dtype=z.dtype, device=z.device)
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        zb, d, t = z[s:e], d_buf[: e - s], t_buf[: e - s]
+        torch.maximum(zb, edge[s:e], out=d).exp_().sub_(e_edge[s:e])
+        u = zb.sub_(log_r[s:e])
+        torch.clamp(u, max=_FAR, out=t).expm1_()
+        terms = torch.addcmul(d, torch.sub(t, u, out=u), r[s:e], out=u)  # d + (t - u) r, in u's storage
+        torch.sum(terms, 1, out=loss[s:e])
+        if sw is not None:
+            torch.addcmul(d, t, r[s:e], out=zb).mul_(sw[s:e])  # the gradient, in z's storage
+    loss = loss.add_(torch.where(tok.in0, _bregman(l0, tok.log_r0, tok.r0), 0.0)).mul_(tok.weight)
+    if sw is None:
         return loss, None
-    g = torch.mul(t, r, out=u).add_(d)
-    _put(g, tok.col0, tok.in0, _bregman_grad(l0, tok.log_r0, tok.r0))
-    _put(g, tok.colx, tok.inx, torch.zeros_like(l0))
-    return loss, g.mul_((scale * tok.weight).to(g.dtype).unsqueeze(1))
+    _put(z, tok.col0, tok.in0, _bregman_grad(l0, tok.log_r0, tok.r0) * sw.squeeze(1))
+    return loss, z
 
 
 def _at(z: Tensor, col: Tensor, inside: Tensor) -> Tensor:

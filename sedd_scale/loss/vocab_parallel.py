@@ -14,19 +14,22 @@ A normalized objective (masked cross-entropy, `masked_ce.py`) needs the softmax 
 each chunk's per-token log-sum-exp of the shard's real tokens is combined across the TP group in one all-gather
 before its terms are formed; its per-token partials and logit gradients are then local as above.
 
-Tokens are processed in chunks of `chunk_size`: a chunk's logits (chunk x V_local, float32) are
-projected, reduced and dropped, and recomputed in backward, so memory does not grow with
-batch x length. Only real tokens y < N enter: the MASK column (absorb) and vocabulary padding are
-never projected. For the absorbing graph only masked positions have a nonzero loss, so only they
-are projected at all.
+Tokens are processed in chunks: a chunk's logits (chunk x V_local, float32) are projected into one
+buffer reused by every chunk, reduced and dropped, and recomputed in backward, so memory does not grow
+with batch x length. A chunk holds `chunk_size` tokens, or by default as many as `chunk_bytes` (64 MiB)
+of logits hold: TP shards, V_local = V / TP wide, take TP times more tokens per chunk (every rank of a
+TP group the same number, so a normalized objective's collectives pair up). Only real
+tokens y < N enter: the MASK column (absorb) and vocabulary padding are never projected. For the
+absorbing graph only masked positions have a nonzero loss, so only they are projected at all.
 
 The hot path makes one host sync per call: the number of masked tokens (absorb), which sizes the
 compacted tensors. The id and noise-level checks belong where data enters (`check_inputs`, on by
 default; the trainer checks the loader's batches on the host and its noising yields valid x_t and
 sigma by construction), and the overflow-safe forms below are branch-free arithmetic. Eagerly, a
 training chunk (the weighted loss) makes five passes over its logits for absorb (shift, exp, sum,
-scale, bias gradient) around its three GEMMs, fourteen for uniform; with `compile` each output of a
-chunk is one fused expression (`score_entropy._absorb_fused`, `_uniform_fused`).
+scale, bias gradient) around its three GEMMs, twelve for uniform (on a CPU in blocks of rows that stay
+in the cache: `score_entropy._uniform_terms`); with `compile` each output of a chunk is one fused
+expression (`score_entropy._absorb_fused`, `_uniform_fused`).
 
 GEMM operands may be narrower than the inputs (`gemm_dtype`: bf16 under bf16-mixed, on tensor
 cores) with fp32 accumulation and fp32 logits: on CUDA `torch.mm(..., out_dtype=torch.float32)`
@@ -48,6 +51,9 @@ from sedd_scale.diffusion.parametrization import shard_logsumexp
 from sedd_scale.loss.objectives import HeadObjective, Selected, head_objective, is_normalized
 
 _MM_OUT_DTYPE = Version(torch.__version__.split("+")[0]).release >= (2, 8)  # torch.mm(..., out_dtype=)
+# Default logits per chunk: 64 MiB (GPT-2's vocabulary: 333 tokens per chunk at TP 1, 2668 at TP 8). Big enough for
+# efficient GEMMs, small beside the head's weight gradient (V_local x H fp32) that the loss holds anyway.
+CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -56,18 +62,29 @@ class HeadLossConfig:
     the GEMM precision."""
 
     objective: HeadObjective
-    chunk_size: int = 1024
+    chunk_size: int | None = None  # tokens per chunk; None: as many as `chunk_bytes` of logits hold
     gemm_dtype: torch.dtype | None = None  # GEMM operand dtype (None: the inputs'); accumulation stays fp32
     compile: bool = False  # fuse each chunk's elementwise work with torch.compile (model.compile)
+    chunk_bytes: int = CHUNK_BYTES  # a chunk's logits (chunk x V_local, accumulation dtype) when chunk_size is None
 
     def __post_init__(self):
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (or None: sized by chunk_bytes), got {self.chunk_size}")
+        if self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
         if self.gemm_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"gemm_dtype must be None, float32, bfloat16 or float16, got {self.gemm_dtype}")
 
+    def chunk_rows(self, v_local: int, itemsize: int = 4) -> int:
+        """Tokens per chunk for a head shard of `v_local` rows and logits of `itemsize` bytes: chunk_size, or what
+        fits chunk_bytes (so a TP shard, V / TP rows, takes TP times more tokens per chunk). By the shard's width,
+        not its real tokens: every rank of a TP group cuts the same chunks."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, self.chunk_bytes // max(1, v_local * itemsize))
+
     @classmethod
-    def for_graph(cls, graph: str, num_tokens: int, scale_by_sigma: bool = False, chunk_size: int = 1024,
+    def for_graph(cls, graph: str, num_tokens: int, scale_by_sigma: bool = False, chunk_size: int | None = None,
                   gemm_dtype: torch.dtype | None = None, compile: bool = False, *,
                   objective: str = "score_entropy") -> "HeadLossConfig":
         """The config of the registered objective `objective` (default: score entropy) on `graph`."""
@@ -84,10 +101,13 @@ def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
     return a.float() @ b.float()  # exact products of half operands, fp32 sums
 
 
-def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """The chunk's raw logits over this shard's real tokens, in the accumulation dtype."""
-    if b is not None and h.dtype == w.dtype == b.dtype and h.dtype in (torch.float32, torch.float64):
-        return torch.addmm(b, h, w.t())  # the bias enters the GEMM's output: no extra pass
+def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    """The chunk's raw logits over this shard's real tokens, in the accumulation dtype (in `out` where it can)."""
+    if h.dtype == w.dtype == out.dtype and h.dtype in (torch.float32, torch.float64):
+        if b is None:
+            return torch.mm(h, w.t(), out=out)
+        if b.dtype == h.dtype:
+            return torch.addmm(b, h, w.t(), out=out)  # the bias enters the GEMM's output: no extra pass
     z = _matmul_fp32(h, w.t())
     if b is not None:
         z += b.to(z.dtype)
@@ -162,8 +182,11 @@ def _forward_chunks(hidden, weight, bias, tok, cfg, n_local, acc, scale=None, gr
     n_act = h_act.shape[0]
     partial = torch.empty(n_act, dtype=acc, device=hidden.device)
     grads = None if scale is None else _Grads(n_act, hidden, n_local, weight.shape[0], bias, acc)
-    for s in range(0, n_act, cfg.chunk_size):
-        e = min(s + cfg.chunk_size, n_act)
+    rows = cfg.chunk_rows(weight.shape[0], acc.itemsize)
+    # One logits buffer for every chunk: on a CPU a fresh one would be fresh pages (faults) every chunk.
+    buf = torch.empty(min(rows, n_act) * n_local, dtype=acc, device=hidden.device)
+    for s in range(0, n_act, rows):
+        e = min(s + rows, n_act)
         t = tok.chunk(s, e)
         if n_local == 0:  # this shard holds only MASK / padding: nothing to add
             if normalized:  # but the others' normalizer needs its (empty) share
@@ -172,7 +195,7 @@ def _forward_chunks(hidden, weight, bias, tok, cfg, n_local, acc, scale=None, gr
             if grads is not None:
                 grads.add(s, e, None, None, None)
             continue
-        z = _chunk_logits(h_act[s:e], w, b)
+        z = _chunk_logits(h_act[s:e], w, b, buf[: (e - s) * n_local].view(e - s, n_local))
         extra = {"lse": shard_logsumexp(z, n_local, group)} if normalized else {}
         partial[s:e], g = cfg.objective.terms(z, t, None if scale is None else scale[s:e], cfg.compile, **extra)
         if grads is not None:

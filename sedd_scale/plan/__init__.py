@@ -52,7 +52,7 @@ from sedd_scale.plan.hardware import (
                                       DEFAULT_GPU,
                                       GB,
                                       GPUS,
-                                      LOSS_CHUNK,
+                                      LOSS_CHUNK_BYTES,
                                       MAX_LIVE_PARAMETERS,
                                       PARAM_PERSISTENCE_THRESHOLD,
                                       REDUCE_BUCKET_SIZE,
@@ -108,7 +108,7 @@ from sedd_scale.plan.speed import (
 
 __all__ = [
     "BATCH_MULTIPLES", "BUBBLE_WARN", "COMPILE_MINUTES_PER_STAGE", "COMPILE_WARN", "DEFAULT_GPU", "EVAL_PHASES", "GB",
-    "GPUS", "LOSS_CHUNK", "MAX_LIVE_PARAMETERS", "NEAR_BEST", "PARAM_PERSISTENCE_THRESHOLD", "PHASES",
+    "GPUS", "LOSS_CHUNK_BYTES", "MAX_LIVE_PARAMETERS", "NEAR_BEST", "PARAM_PERSISTENCE_THRESHOLD", "PHASES",
     "REDUCE_BUCKET_SIZE", "SAMPLE_BATCH", "STARVED", "TRAINING_PHASES", "Assumptions",
     "BatchProposal", "Candidate", "Flops", "Gpu", "Line", "Plan", "StageMemory", "StageParams", "StepTime",
     "_accum_for", "_tensors", "accumulates_in_bf16", "block_saved_bytes_per_token", "bubble_fraction",

@@ -28,7 +28,9 @@ DEFAULT_GPU = "h100"
 REDUCE_BUCKET_SIZE = 500_000_000  # zero_optimization.reduce_bucket_size (elements)
 PARAM_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold: smaller params stay whole
 MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters: gathered ZeRO-3 params at once
-LOSS_CHUNK = 1024  # tokens per chunk of the fused loss (pipeline.head_loss_config's default)
+# The fused loss's chunk: as many tokens as 64 MiB of fp32 logits hold (HeadLossConfig.chunk_bytes, which
+# pipeline.head_loss_config keeps; a test checks both).
+LOSS_CHUNK_BYTES = 64 * 2**20
 # Minutes torch.compile takes for one pipeline stage's regions (each block's elementwise work and the
 # fused loss's chunk): an estimate, low and high. Every stage compiles them before the first pipeline
 # transfer (distributed.runner.warm_up_stage), all stages at once, so a stage waits for the slowest one's

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from sedd_scale.layout import Layout
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
-from sedd_scale.plan.hardware import LOSS_CHUNK, MAX_LIVE_PARAMETERS, PARAM_PERSISTENCE_THRESHOLD, Assumptions
+from sedd_scale.plan.hardware import LOSS_CHUNK_BYTES, MAX_LIVE_PARAMETERS, PARAM_PERSISTENCE_THRESHOLD, Assumptions
 
 if TYPE_CHECKING:  # the planner reads recipes; the recipe CLI imports the planner
     from sedd_scale.config import Recipe
@@ -346,6 +346,11 @@ def _activation_lines(recipe: "Recipe", c: Candidate, stage: int,
     return lines, on, off, in_flight
 
 
+def _loss_chunk(n_local: int) -> int:
+    """Tokens per chunk of the fused loss on a shard projecting n_local entries (HeadLossConfig.chunk_rows)."""
+    return max(1, LOSS_CHUNK_BYTES // (n_local * 4))
+
+
 def _loss_bytes(recipe: "Recipe", c: Candidate, tokens: int) -> tuple[float, float, float]:
     """(final norm's saved tensors, loss gradients held until backward, chunk temporaries) on the last stage."""
     m = recipe.model
@@ -354,7 +359,7 @@ def _loss_bytes(recipe: "Recipe", c: Candidate, tokens: int) -> tuple[float, flo
     v_local = m.padded_vocab(c.tp) // c.tp
     n_local = min(v_local, m.num_tokens)  # real tokens this shard projects (upper bound)
     projected = tokens  # worst case: every token masked (t near 1)
-    chunk = min(LOSS_CHUNK, projected)
+    chunk = min(_loss_chunk(n_local), projected)
     norm = tokens * h * 12  # final LayerNorm: fp32 input, normalised, scaled
     held = tokens * h * w + v_local * h * w + v_local * w  # d hidden, d weight, d bias
     # During the last chunk: the fp32 weight-gradient accumulator and a matmul's fp32 product of
@@ -408,7 +413,8 @@ def _eval_lines(recipe: "Recipe", c: Candidate, stage: int, a: Assumptions) -> l
     validation = valid_tokens * _eval_forward_per_token(m, c.tp)
     if last:  # the fused loss without gradients: final norm, projected rows (all, at worst), chunk logits
         n_local = min(v_local, m.num_tokens)
-        validation = max(validation, valid_tokens * h * (4 + w) + 2 * min(LOSS_CHUNK, valid_tokens) * n_local * 4)
+        chunk = min(_loss_chunk(n_local), valid_tokens)
+        validation = max(validation, valid_tokens * h * (4 + w) + 2 * chunk * n_local * 4)
 
     sample_tokens = SAMPLE_BATCH * s
     full = sample_tokens * v_pad * 4  # the gathered fp32 log-scores (every stage of a pipeline receives them)
