@@ -122,3 +122,17 @@ def test_prefix_and_template_work_with_a_bundled_tokenizer_json(tmp_path, bpe, m
     assert all(t.startswith("the cat") for t in texts)
     texts = model.generate(1, steps=4, template="the[BLANK:2] sat", seed=0)
     assert texts[0].startswith("the") and texts[0].endswith(" sat")
+
+
+def test_a_denoiser_card_says_its_output_is_not_log_ratios(tmp_path):
+    """The model card of a masked_ce (denoiser) export warns that the reference code would misread it; a ratios
+    model's card does not."""
+    from sedd_scale.checkpoint.bundle import CARD_FILE, write_card
+
+    for parametrization, warned in (("denoiser", True), ("ratios", False)):
+        folder = tmp_path / parametrization
+        folder.mkdir()
+        write_card(folder, name="m", graph="absorb", parameters=1, provenance={}, tokenizer=None,
+                   config={"n_blocks": 1, "hidden_size": 8, "parametrization": parametrization})
+        card = (folder / CARD_FILE).read_text()
+        assert ("would misread this model" in card) == warned and ("masked_ce" in card) == warned

@@ -113,6 +113,11 @@ def write_card(folder: str | Path, *, name: str, graph: str, parameters: int, co
              f"{config.get('n_heads')} heads, sequence length {config.get('length')}, "
              f"{config.get('num_tokens')} tokens "
              f"(tokenizer: {tokenizer['tokenizer'] if tokenizer else 'not recorded'}).", ""]
+    if config.get("parametrization") == "denoiser":
+        lines += ["Its output is denoiser logits (trained with masked cross-entropy, `diffusion.objective: "
+                  "masked_ce`), turned into ratios as log_softmax - log(e^sigma - 1) by sedd-scale's loaders "
+                  "(`model.parametrization: denoiser` in config.json). The reference SEDD code reads every output as "
+                  "log-ratios and would misread this model.", ""]
     if "step" in provenance:
         lines += ["## Training", "",
                   f"- optimizer steps: {provenance['step']:,}",
