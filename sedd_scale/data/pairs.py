@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sedd_scale.data.corpora import decode_utf8
 from sedd_scale.data.manifest import DTYPES, Manifest, SplitInfo, TokenizerInfo
-from sedd_scale.data.prepare import PrepareConfig, build_staged, check_output, chunks, dtype_for, ordered_map
+from sedd_scale.data.prepare import PrepareConfig, build_staged, chunks, dtype_for, ordered_map, start_output
 from sedd_scale.data.shards import ShardWriter
 from sedd_scale.data.tar_layout import default_seqs_per_sample
 from sedd_scale.data.tokenizer import Tokenizer, get_tokenizer, is_tokenizer_file
@@ -176,11 +176,7 @@ def prepare_pairs(train: Iterable[Pair], config: PairsConfig, source: dict[str, 
     """Tokenize and shard prompt/response pairs into `config.out` (a conditional manifest); the valid split is
     `valid`, else every k-th train pair (`config.valid_fraction`). Staged and swapped into place."""
     out = config.out
-    check_output(out, config.overwrite)
-    tok = get_tokenizer(config.tokenizer, config.eos_token)  # also fetches GPT-2's rank file once, before any fork
-    tokenizer = TokenizerInfo(tok.name, tok.vocab_size, tok.eos_id, tok.sha256)  # a missing EOS fails here
-    if is_tokenizer_file(config.tokenizer):
-        source = {**source, "tokenizer_file": str(Path(config.tokenizer).resolve())}
+    tokenizer, source = start_output(config, source)
     splits = {"train": train} | ({"valid": valid} if valid is not None else {})
     stats = build_staged(out, lambda stage: _pairs_into(stage, splits, config, source, tokenizer))
     stats.manifest.location = str(out / "manifest.json")

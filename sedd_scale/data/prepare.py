@@ -216,14 +216,20 @@ def prepare(splits: dict[str, Iterable[str]], config: PrepareConfig, source: dic
     if "train" not in splits:
         raise ValueError(f"the source needs a 'train' split, got {sorted(splits)}")
     out = config.out
-    check_output(out, config.overwrite)
-    tok = get_tokenizer(config.tokenizer, config.eos_token)  # also fetches GPT-2's rank file once, before any fork
-    tokenizer = TokenizerInfo(tok.name, tok.vocab_size, tok.eos_id, tok.sha256)  # a missing EOS fails here
-    if is_tokenizer_file(config.tokenizer):
-        source = {**source, "tokenizer_file": str(Path(config.tokenizer).resolve())}
+    tokenizer, source = start_output(config, source)
     stats = build_staged(out, lambda stage: _prepare_into(stage, splits, config, source, tokenizer))
     stats.manifest.location = str(out / "manifest.json")
     return stats
+
+
+def start_output(config: PrepareConfig, source: dict[str, Any]) -> tuple[TokenizerInfo, dict[str, Any]]:
+    """Before any work: check the output directory and load the tokenizer (a missing EOS fails here; GPT-2's rank
+    file is fetched once, before any worker forks); the source record gains a tokenizer file's path."""
+    check_output(config.out, config.overwrite)
+    tok = get_tokenizer(config.tokenizer, config.eos_token)
+    if is_tokenizer_file(config.tokenizer):
+        source = {**source, "tokenizer_file": str(Path(config.tokenizer).resolve())}
+    return TokenizerInfo(tok.name, tok.vocab_size, tok.eos_id, tok.sha256), source
 
 
 def build_staged(out: Path, build: Callable[[Path], T]) -> T:
