@@ -83,10 +83,11 @@ def no_leaked_process_group(request):
 
 @pytest.fixture
 def release_process_group():
-    """For tests of APIs that keep their process group for the caller (`load_model`, `load_pretrained`): destroyed
-    after the test."""
-    yield
+    """For tests of APIs that keep their process group for the caller (`load_model`, `load_pretrained`): the group
+    the test made is destroyed after it (one that was there before, e.g. `tp1`'s, is its owner's)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    before = dist.is_initialized()
+    yield
+    if not before and dist.is_initialized():
         _release_process_group()

@@ -18,7 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "cpu-tiny.yaml")
-RANK_LINE = re.compile(r"rank (\d+)/(\d+) local (\d+) master (\S+):(\d+) \| tp (\d+) pp (\d+) dp (\d+)")
+# A world of one has no master (an in-memory store): "master none:none".
+RANK_LINE = re.compile(r"rank (\d+)/(\d+) local (\d+) master (\S+):(\d+|none) \| tp (\d+) pp (\d+) dp (\d+)")
 
 FAKE_SRUN = """\
 #!{python}
@@ -88,7 +89,8 @@ def run(sandbox, *args, env=None, timeout=300):
 
 def rank_lines(out: str) -> list[tuple]:
     """(rank, world, local, master, port, tp, pp, dp) for every rank line, sorted by rank."""
-    return sorted((int(m[1]), int(m[2]), int(m[3]), m[4], int(m[5]), int(m[6]), int(m[7]), int(m[8]))
+    return sorted((int(m[1]), int(m[2]), int(m[3]), m[4], None if m[5] == "none" else int(m[5]), int(m[6]),
+                   int(m[7]), int(m[8]))
                   for m in RANK_LINE.finditer(out))
 
 

@@ -43,9 +43,7 @@ def init_world(timeout_s: float = 600.0) -> tuple[int, int]:
     """Join (or create, for a plain single process) the default process group and attach DeepSpeed's
     communication layer to it; returns (rank, world size)."""
     if "RANK" not in os.environ:  # `python -m sedd_scale.train` without a launcher: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(parallel.free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")  # no master: a world of one
     if torch.cuda.is_available():  # before NCCL creates its communicators on the wrong device
         torch.cuda.set_device(parallel.local_device())
         enable_tf32()
@@ -246,6 +244,6 @@ def setup(recipe: Recipe) -> tuple[Layout, PipeModelDataParallelTopology]:
 def describe_rank() -> str:
     """This rank's place in the layout, for logs."""
     return (f"rank {dist.get_rank()}/{dist.get_world_size()} local {os.environ.get('LOCAL_RANK', '0')} "
-            f"master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} | "
+            f"master {os.environ.get('MASTER_ADDR', 'none')}:{os.environ.get('MASTER_PORT', 'none')} | "
             f"tp {ps.get_tensor_model_parallel_rank()} pp {ps.get_pipeline_model_parallel_rank()} "
             f"dp {ps.get_data_parallel_rank()} | backend {dist.get_backend()}")

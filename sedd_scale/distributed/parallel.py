@@ -33,12 +33,12 @@ def join_process_group(backend: str | None = None, timeout_s: float = 600.0) -> 
         return
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = backend or default_backend()
-    if "WORLD_SIZE" in os.environ:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend, timeout=timeout)
         return
-    # A single process still needs a rendezvous address.
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=timeout)
+    # A world of one meets no one: an in-memory store. (A port picked in advance for a TCP store can be handed to
+    # another process before the store binds it, and two lone runs on one machine then fail with EADDRINUSE.)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def free_port() -> int:
