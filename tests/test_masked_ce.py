@@ -267,7 +267,7 @@ def _tp_worker(tp: int) -> dict:
         head = model.output_layer.linear
         out["head"] = (head.weight.detach().numpy(), head.bias.detach().numpy())
         x, c = model.hidden(case["x_t"], case["sigma"])
-        out["features"] = model.output_layer.features(x, c).detach().numpy()
+        out["features"] = model.output_layer.features(x, c).transpose(0, 1).detach().numpy()  # batch-first
         parallel_state.destroy_model_parallel()
     return out
 

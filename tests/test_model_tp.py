@@ -95,13 +95,13 @@ def test_fixture_parity_and_export_at_tp2(tmp_path):
         (FIXTURE / "config.json").read_text())
 
 
-def _run(cfg, state, io, w, seed: int | None = None):
+def _run(cfg, state, io, w, seed: int | None = None, sequence_parallel: bool = False):
     """Forward + backward of a fixed linear functional of the log-scores; (gathered out, hub-layout grads)."""
     from sedd_scale.checkpoint.hub import gather_hub_state, load_hub_state
     from sedd_scale.distributed import parallel
     from sedd_scale.model import SEDD
 
-    model = SEDD(cfg, device="cpu")
+    model = SEDD(cfg, device="cpu", sequence_parallel=sequence_parallel)
     load_hub_state(model, state)
     model.train()
     if seed is not None:
@@ -145,7 +145,10 @@ def tp_agreement() -> dict | None:
         a = _run(ModelConfig(**full), state, io, w, seed=12)
         b = _run(ModelConfig(**full, activation_checkpointing=True), state, io, w, seed=12)
         c = _run(ModelConfig(**full), state, io, w, seed=13)
-        result[tp] = dict(out=plain[0], grads=plain[1], rep_spread=max(plain[2], dropped[2], a[2]),
+        # Sequence parallelism: the same outputs and gradients, replicated gradients summed over the shards.
+        sp = _run(cfg, state, io, w, sequence_parallel=True) if tp > 1 else plain
+        result[tp] = dict(out=plain[0], grads=plain[1], rep_spread=max(plain[2], dropped[2], a[2], sp[2]),
+                          sp_out=sp[0], sp_grads=sp[1],
                           drop_out=dropped[0], drop_grads=dropped[1],
                           attn_same=torch.equal(a[0], b[0]),
                           attn_grad_dev=max((a[1][k] - b[1][k]).abs().max().item() for k in a[1]),
@@ -165,9 +168,9 @@ def test_tp_sizes_agree_in_outputs_and_gradients():
         assert r["init_spread"] == 0.0, f"TP={tp}: replicated initial weights differ across ranks"
         assert r["attn_same"] and r["attn_seed_differs"], tp
         assert r["attn_grad_dev"] < 1e-6, (tp, r["attn_grad_dev"])
-        for key in ("out", "drop_out"):
+        for key in ("out", "drop_out", "sp_out"):
             torch.testing.assert_close(r[key][..., :51], base[key][..., :51], rtol=1e-5, atol=1e-5)
-        for key in ("grads", "drop_grads"):
+        for key in ("grads", "drop_grads", "sp_grads"):
             for name, g in base[key].items():
                 scale = float(g.abs().max())
                 torch.testing.assert_close(r[key][name], g, rtol=1e-4, atol=1e-5 * max(scale, 1.0),
@@ -176,3 +179,46 @@ def test_tp_sizes_agree_in_outputs_and_gradients():
         grad_dev = max(((r["grads"][n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item()
                        for n, g in base["grads"].items())
         print(f"TP={tp} vs TP=1: max |out diff| {out_dev:.3g}, max relative grad diff {grad_dev:.3g}")
+
+
+def cp_agreement() -> dict | None:
+    """On 4 ranks: the same weights at (TP, CP, SP) = (1, 1), (1, 2), (1, 4), (2, 2, SP); rank 0 returns outputs and
+    gradients summed over the CP group (each CP rank differentiates its own chunk)."""
+    import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
+
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    from sedd_scale.distributed import parallel
+    from sedd_scale.model import ModelConfig
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # Ulysses' all-to-alls go through deepspeed.comm
+    io = fixture_io()
+    cfg = ModelConfig(**TINY)
+    state = random_hub_state(cfg, seed=3)
+    w = torch.randn(4, 32, 51, generator=torch.Generator().manual_seed(4))
+    result = {}
+    for tp, cp, sp in ((1, 1, False), (1, 2, False), (1, 4, False), (2, 2, True)):
+        parallel.destroy_parallel()
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+        out, grads, rep_spread = _run(cfg, state, io, w, sequence_parallel=sp)
+        for name, g in grads.items():  # hub-layout (TP-gathered) gradients of this rank's chunk
+            if name != "rotary_emb.inv_freq":  # the hub's rotary table rides along: not a gradient
+                torch.distributed.all_reduce(g, group=ps.get_context_parallel_group())
+        result[tp, cp, sp] = dict(out=out, grads=grads, rep_spread=rep_spread)
+    parallel.destroy_parallel()
+    return _pack(result) if torch.distributed.get_rank() == 0 else None
+
+
+def test_context_parallel_sizes_agree_in_outputs_and_gradients():
+    """DeepSpeed-Ulysses attention over CP 2 and 4, and CP 2 with TP 2 and sequence parallelism: the gathered
+    log-scores and the gradients (summed over the chunks) equal CP 1's."""
+    res = _unpack(launch(cp_agreement, 4)[0])
+    base = res[1, 1, False]
+    for key, r in res.items():
+        assert r["rep_spread"] == 0.0, f"{key}: replicated gradients differ across TP ranks"
+        torch.testing.assert_close(r["out"][..., :51], base["out"][..., :51], rtol=1e-5, atol=1e-5)
+        for name, g in base["grads"].items():
+            scale = float(g.abs().max())
+            torch.testing.assert_close(r["grads"][name], g, rtol=1e-4, atol=1e-5 * max(scale, 1.0),
+                                       msg=lambda m, n=name, k=key: f"{k} {n}: {m}")

@@ -120,7 +120,7 @@ def test_block_saved_bytes_match_a_real_block(tp1, precision, dropout, recompute
     rotary.cos_sin(length, m.head_dim, m.rotary_base, device)  # the model-wide rotary table (cached) exists already
     with LiveTensorMemory() as mem:
         block = Block(m, megatron_config(m, device), device).train()
-        x = torch.randn(batch, length, m.hidden_size, dtype=m.params_dtype, requires_grad=True)
+        x = torch.randn(length, batch, m.hidden_size, dtype=m.params_dtype, requires_grad=True)  # sequence-first
         c = torch.randn(batch, m.cond_dim, dtype=m.params_dtype, requires_grad=True)  # from the noise embedding
         before = mem.current
         y, _ = block(x, c)

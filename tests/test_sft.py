@@ -42,7 +42,10 @@ def fused_head(kind: str):
     from sedd_scale.loss import HeadLossConfig
 
     dim = N + 1 if kind == "absorb" else N
-    layer = SimpleNamespace(linear=SimpleNamespace(weight=torch.eye(dim, dtype=F64), bias=None), vocab_start=0)
+    from sedd_scale.model.sequence import SequenceSplit
+
+    layer = SimpleNamespace(linear=SimpleNamespace(weight=torch.eye(dim, dtype=F64), bias=None), vocab_start=0,
+                            split=SequenceSplit())  # one rank: no sequence or context parallelism
     return layer, HeadLossConfig.for_graph(kind, N, scale_by_sigma=False)
 
 
@@ -82,7 +85,7 @@ def test_the_fused_head_loss_with_per_token_weights_is_the_conditional_integrand
     x0, sigma = enum.clean[50], 0.7
     states = enum.states[(enum.states[:, PROMPT] == x0[PROMPT]).all(-1)]
     prob = transition_matrix(kind, N, sigma)[states[:, ~PROMPT], x0[~PROMPT][None, :]].prod(-1)
-    features = enum.log_score(states, sigma)
+    features = enum.log_score(states, sigma).transpose(0, 1)  # sequence-first, as the output layer gives them
     total = torch.full((len(states),), sigma, dtype=F64)
     rows = len(states)
     weight = prob[:, None] * (~PROMPT).to(F64) * rows  # head_loss averages over the rows

@@ -89,7 +89,8 @@ def one_process(tmp: str) -> list[float]:
 
 def two_processes(tmp: str) -> dict:
     layouts = {"dp2-zero0": {}, "dp2-zero1": {"zero_stage": 1}, "dp2-zero2": {"zero_stage": 2},
-               "dp2-zero3": {"zero_stage": 3}, "tp2": {"tp": 2}, "pp2": {"pp": 2, "zero_stage": 1}}
+               "dp2-zero3": {"zero_stage": 3}, "tp2": {"tp": 2}, "pp2": {"pp": 2, "zero_stage": 1},
+               "tp2-sp-zero1": {"tp": 2, "sequence_parallel": True, "zero_stage": 1}}
     out = {name: _run(recipe_dict(f"{tmp}/{name}", **p), STEPS) for name, p in layouts.items()}
     for name, p in (("dp2-resume", {"zero_stage": 1}), ("pp2-resume", {"pp": 2, "zero_stage": 1})):
         out[name] = _run(recipe_dict(f"{tmp}/{name}", **p), 4, resume_at=2)
@@ -98,7 +99,10 @@ def two_processes(tmp: str) -> dict:
 
 
 def four_processes(tmp: str) -> dict:
-    return {"tp2-pp2": _run(recipe_dict(f"{tmp}/tp2pp2", tp=2, pp=2, zero_stage=1), STEPS)}
+    layouts = {"tp2-pp2": {"tp": 2, "pp": 2, "zero_stage": 1},
+               "tp4-sp": {"tp": 4, "sequence_parallel": True},
+               "tp2-sp-pp2": {"tp": 2, "pp": 2, "sequence_parallel": True, "zero_stage": 1}}
+    return {name: _run(recipe_dict(f"{tmp}/{name}", **p), STEPS) for name, p in layouts.items()}
 
 
 def test_layouts_match_one_process_and_resume_exactly(tmp_path):
@@ -115,7 +119,7 @@ def test_layouts_match_one_process_and_resume_exactly(tmp_path):
                                    atol=0, msg=lambda m, n=name: f"{n}: {m}")
         valid, ref_valid = losses[STEPS], reference[STEPS]
         assert math.isfinite(valid) and valid > 0
-        if name in ("tp2", "pp2", "tp2-pp2"):
+        if name in ("tp2", "pp2", "tp2-pp2") or "-sp" in name:
             # After the last Adam step: m / sqrt(v) turns last-bit differences of near-zero gradients
             # into lr-sized weight differences, so the weights (not the arithmetic) differ at ~1e-5.
             assert abs(valid - ref_valid) < VALID_RTOL * ref_valid, (name, valid, ref_valid)

@@ -34,6 +34,7 @@ APPLIED: dict[str, str] = {
     "train.ema": "EMA decay (the shadow continues with the new decay)",
     "parallel.micro_batch": "throughput only (the global batch and the data stream are unchanged)",
     "parallel.distributed_timeout_minutes": "how long a collective may wait before the run fails",
+    "parallel.sequence_parallel": "activation memory and communication only (the same sums in another order)",
     "data.num_workers": "throughput only (the stream does not depend on the worker count)",
     "data.valid": "validation data only",
     "data.prepare": "used only when the data is missing",

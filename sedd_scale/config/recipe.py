@@ -163,6 +163,10 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size (divides model.n_heads; within a node)
     pp: int = 1  # pipeline stages (divides model.n_blocks)
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3 (1 with pp > 1)
+    # megatron-core sequence parallelism (needs tp > 1): norms, modulation, dropout and the residual stream split
+    # along the sequence over the TP group (TP times less of that activation memory; the TP all-reduces become
+    # reduce-scatters and all-gathers of the same volume)
+    sequence_parallel: bool = False
     micro_batch: int = 1  # sequences per rank per forward
     global_batch: int = 512  # sequences per optimizer step over all data-parallel ranks
     # How long a collective may wait before the run fails, in every process group (torch's default group,
@@ -178,6 +182,9 @@ class ParallelConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         check_zero_with_pipeline(self.zero_stage, self.pp)
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel splits activations over the tensor-parallel group: it needs tp > 1 "
+                             "(set parallel.tp or sequence_parallel: false)")
         if self.micro_batch < 1 or self.global_batch < 1:
             raise ValueError(f"micro_batch and global_batch must be >= 1, got {self.micro_batch}, {self.global_batch}")
 
@@ -282,6 +289,9 @@ class Recipe:
             m.check_tp(tp)
         except ValueError as e:
             raise ValueError(f"parallel.tp={tp}: {e}") from None
+        if self.parallel.sequence_parallel and self.data.seq_len % tp:
+            raise ValueError(f"parallel.sequence_parallel splits each sequence over tp={tp} ranks but data.seq_len="
+                             f"{self.data.seq_len} is not divisible by {tp}: change seq_len or tp")
         if m.n_blocks % pp:
             raise ValueError(f"parallel.pp={pp} does not divide model.n_blocks={m.n_blocks}: "
                              f"choose pp among {divisors(m.n_blocks)}")

@@ -1,7 +1,8 @@
 """The SEDD network as a DeepSpeed pipeline of megatron-core TP layers, and its training loss.
 
-Stages exchange (h, c): the hidden state and the noise-level conditioning. The first stage takes
-(x_t, total_noise); the last stage ends with the output layer's modulated features, and the loss
+Stages exchange (h, c): the hidden state (sequence-first, this rank's share of the positions) and the noise-level
+conditioning. The first stage takes (x_t, total_noise); the last stage ends with the output layer's modulated
+features, and the loss
 (`HeadLoss`) projects them through that layer's vocab-parallel head inside the fused, chunked
 score entropy, with labels (x0, x_t, total_noise, rate) (rate: per sequence, or per token for prompt/response
 rows). PP = 1 uses the same loss on `SEDD`.
@@ -37,17 +38,25 @@ def head_loss(output_layer: OutputLayer, features: Tensor, x0: Tensor, x_t: Tens
               rate: Tensor, cfg: HeadLossConfig) -> tuple[Tensor, Tensor]:
     """(mean over the micro-batch of sum_i rate * score_entropy_i, the per-sequence losses detached).
 
-    `rate`: rate(t) per sequence (B,), or a per-token weight (B, L) (conditional rows: 0 on the prompt, whose terms
-    then count for nothing, in the loss and its gradient). The inputs are valid by construction (the trainer checks
-    the loader's ids; noising yields x_t and total_noise > 0), so the fused loss skips its input checks and their
-    host syncs.
+    `features`: the output layer's, sequence-first and split like the hidden state; the labels x0, x_t and `rate`
+    are whole sequences. `rate`: rate(t) per sequence (B,), or a per-token weight (B, L) (conditional rows: 0 on the
+    prompt, whose terms then count for nothing, in the loss and its gradient). The inputs are valid by construction
+    (the trainer checks the loader's ids; noising yields x_t and total_noise > 0), so the fused loss skips its input
+    checks and their host syncs.
+
+    Sequence parallelism: the shards are gathered over TP (the backward reduce-scatters, so the loss leaves its
+    hidden gradient unreduced). Context parallelism: this rank scores its chunk, the loss multiplied by cp (DeepSpeed
+    averages gradients over DP x CP), and the per-sequence losses are summed over CP (`sedd_scale.model.sequence`).
     """
-    linear = output_layer.linear
-    weight = rate if rate.dim() == 2 else rate[:, None]
-    loss, per_token = weighted_score_entropy_head(features, linear.weight, linear.bias, x_t, x0, total_noise,
-                                                  (weight / x0.shape[0]).to(features.dtype), cfg,
-                                                  vocab_start=output_layer.vocab_start, check_inputs=False)
-    return loss, (weight.to(per_token.dtype) * per_token).sum(1)
+    linear, split = output_layer.linear, output_layer.split
+    hidden = split.gather_sp(features).transpose(0, 1)  # (B, L_chunk, H)
+    weight = split.local(rate) if rate.dim() == 2 else rate[:, None]
+    scale = weight / x0.shape[0] if split.cp == 1 else weight * (split.cp / x0.shape[0])
+    loss, per_token = weighted_score_entropy_head(hidden, linear.weight, linear.bias, split.local(x_t), split.local(x0),
+                                                  total_noise, scale.to(hidden.dtype), cfg,
+                                                  vocab_start=output_layer.vocab_start, check_inputs=False,
+                                                  sequence_parallel=split.sequence_parallel)
+    return loss, split.sum_cp((weight.to(per_token.dtype) * per_token).sum(1))
 
 
 def scored_tokens(rate: Tensor) -> Tensor | None:
@@ -137,9 +146,9 @@ class HeadLoss:
 
 
 def build_pipeline(model: ModelConfig, topology: PipeModelDataParallelTopology, loss_cfg: HeadLossConfig,
-                   device) -> PipelineModule:
+                   device, sequence_parallel: bool = False) -> PipelineModule:
     """A PipelineModule over `topology`'s pipe axis; blocks are balanced across stages."""
-    mcfg = megatron_config(model, device)
+    mcfg = megatron_config(model, device, sequence_parallel)
     layers = [LayerSpec(InputStage, model, mcfg, device),
               *[LayerSpec(BlockStage, model, mcfg, device) for _ in range(model.n_blocks)],
               LayerSpec(OutputStage, model, mcfg, device)]

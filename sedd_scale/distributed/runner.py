@@ -28,7 +28,7 @@ from sedd_scale.distributed import parallel
 from sedd_scale.distributed.pipeline import LossRecords, SEDDTrainModule, build_pipeline
 from sedd_scale.layout import Layout
 from sedd_scale.loss import HeadLossConfig
-from sedd_scale.model import SEDD, ModelConfig
+from sedd_scale.model import SEDD, Block, ModelConfig
 
 MicroBatch = tuple[Tensor, Tensor, Tensor, Tensor]
 """(x0, x_t, total_noise, rate): one noised micro-batch."""
@@ -69,7 +69,10 @@ def warm_up_stage(pipe, batch: MicroBatch, model_cfg: ModelConfig, device) -> No
     if pipe.stage_id == 0:
         buffers = (x_t, total_noise)  # the engine loads them without gradients (no reentrant checkpointing)
     else:  # received (h, c): the engine makes floating buffers require grad, in the parameters' dtype here
-        buffers = (torch.zeros(*x_t.shape, model_cfg.hidden_size, dtype=model_cfg.params_dtype, device=device),
+        split = next(m.split for m in pipe.modules() if isinstance(m, Block))
+        length = split.local_length(x_t.shape[1])  # sequence-first, this rank's share
+        buffers = (torch.zeros(length, x_t.shape[0], model_cfg.hidden_size, dtype=model_cfg.params_dtype,
+                               device=device),
                    torch.zeros(x_t.shape[0], model_cfg.cond_dim, dtype=model_cfg.params_dtype, device=device))
         for t in buffers:
             t.requires_grad_(True)
@@ -103,7 +106,7 @@ class PlainRunner:
     def __init__(self, model_cfg: ModelConfig, recipe, layout: Layout, topology, loss_cfg: HeadLossConfig,
                  device, warm_up: MicroBatch | None = None):
         self.model_cfg, self.layout, self.device = model_cfg, layout, device
-        module = SEDDTrainModule(SEDD(model_cfg, device), loss_cfg)
+        module = SEDDTrainModule(SEDD(model_cfg, device, sequence_parallel=recipe.parallel.sequence_parallel), loss_cfg)
         self.engine = ds_engine.build_engine(module, recipe, layout)
 
     @property
@@ -148,7 +151,7 @@ class PipelineRunner:
     def __init__(self, model_cfg: ModelConfig, recipe, layout: Layout, topology, loss_cfg: HeadLossConfig,
                  device, warm_up: MicroBatch | None = None):
         self.model_cfg, self.layout, self.device = model_cfg, layout, device
-        pipe = build_pipeline(model_cfg, topology, loss_cfg, device)
+        pipe = build_pipeline(model_cfg, topology, loss_cfg, device, recipe.parallel.sequence_parallel)
         if warm_up is not None and model_cfg.compile:
             warm_up_stage(pipe, warm_up, model_cfg, device)
         self.engine = ds_engine.build_engine(pipe, recipe, layout)
@@ -193,7 +196,7 @@ class PipelineRunner:
         self.engine.reset_activation_shape()
         stage = self.engine.module.loss_fn.output_stage
         if stage is not None:  # the last stage
-            out = parallel.gather_tp(stage.log_score(stage.linear(features)[0], x, total))
+            out = parallel.gather_tp(stage.log_score(stage.raw(features), x, total))
         else:
             out = torch.empty(*x.shape, self.model_cfg.padded_vocab(self.layout.tp), device=self.device)
         src, group = self._last_stage_src()

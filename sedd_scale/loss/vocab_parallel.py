@@ -150,13 +150,16 @@ class _Grads:
         if self.b is not None:
             self.b[: self.n] += g.sum(0)
 
-    def finish(self, tok: Selected, hidden: Tensor, weight: Tensor, bias: Tensor | None, group) -> tuple:
-        """All-reduce the hidden-state gradient over TP and return (d hidden, d weight, d bias) in input dtypes."""
+    def finish(self, tok: Selected, hidden: Tensor, weight: Tensor, bias: Tensor | None, group,
+               reduce_hidden: bool = True) -> tuple:
+        """All-reduce the hidden-state gradient over TP (unless the caller's gather reduces it) and return
+        (d hidden, d weight, d bias) in input dtypes."""
         if not self.started:
             self.w.zero_()
         # Bypassing ColumnParallelLinear.forward also bypasses its copy-to-TP-region, whose backward
         # is exactly this all-reduce: each rank only saw its own vocabulary rows.
-        _all_reduce(self.h, group)
+        if reduce_hidden:
+            _all_reduce(self.h, group)
         if tok.rows is None:
             gh = self.h.to(hidden.dtype)
         else:
@@ -206,7 +209,8 @@ def _forward_chunks(hidden, weight, bias, tok, cfg, n_local, acc, scale=None, gr
 class _Context:
     """Validated inputs of one call, flattened to tokens."""
 
-    def __init__(self, hidden, weight, bias, x_t, x_0, total_noise, cfg, vocab_start, tp_group, check_inputs):
+    def __init__(self, hidden, weight, bias, x_t, x_0, total_noise, cfg, vocab_start, tp_group, check_inputs,
+                 sequence_parallel=False):
         if x_t.shape != x_0.shape:
             raise ValueError(f"x_t {tuple(x_t.shape)} and x_0 {tuple(x_0.shape)} must have the same shape")
         if hidden.shape[:-1] != x_t.shape:
@@ -223,6 +227,7 @@ class _Context:
             raise TypeError(f"x_t and x_0 must hold integer token ids, got {x_t.dtype} and {x_0.dtype}")
         self.shape = x_t.shape
         self.group = _resolve_group(tp_group)
+        self.reduce_hidden = not sequence_parallel
         tp = 1 if self.group is None else dist.get_world_size(self.group)
         rank = 0 if self.group is None else dist.get_rank(self.group)
         v_local = weight.shape[0]
@@ -289,7 +294,7 @@ class _PerTokenScoreEntropy(torch.autograd.Function):
         if c.tok.rows is not None:
             scale = scale[c.tok.rows]
         _, grads = _forward_chunks(flat, weight, bias, c.tok, cfg, c.n_local, c.acc, scale=scale, group=c.group)
-        gh, gw, gb = grads.finish(c.tok, flat, weight, bias, c.group)
+        gh, gw, gb = grads.finish(c.tok, flat, weight, bias, c.group, c.reduce_hidden)
         return gh.reshape(hidden.shape), gw, gb, None, None
 
 
@@ -305,7 +310,7 @@ class _WeightedScoreEntropy(torch.autograd.Function):
         partial, grads = _forward_chunks(c.hidden, weight, bias, c.tok, cfg, c.n_local, c.acc,
                                          scale=scale if need else None, group=c.group)
         _all_reduce(partial, c.group)
-        ctx.grads = None if grads is None else grads.finish(c.tok, c.hidden, weight, bias, c.group)
+        ctx.grads = None if grads is None else grads.finish(c.tok, c.hidden, weight, bias, c.group, c.reduce_hidden)
         ctx.hidden_shape = hidden.shape
         per_token = c.per_token(partial)
         ctx.mark_non_differentiable(per_token)
@@ -326,22 +331,26 @@ class _WeightedScoreEntropy(torch.autograd.Function):
 
 def score_entropy_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, x_t: Tensor, x_0: Tensor,
                        total_noise: Tensor, cfg: HeadLossConfig, *, vocab_start: int | None = None,
-                       tp_group: dist.ProcessGroup | None = None, check_inputs: bool = True) -> Tensor:
+                       tp_group: dist.ProcessGroup | None = None, check_inputs: bool = True,
+                       sequence_parallel: bool = False) -> Tensor:
     """Per-token score entropy (no rate weight), shape of x_t, from hidden (*x_t.shape, H) and this rank's head shard.
 
     `total_noise` is per sequence (B,) or per token; `vocab_start` defaults to rank * V_local (megatron's
     layout); `tp_group` defaults to megatron-core's TP group (none when torch.distributed is not running);
     `check_inputs` checks the ids' range and total_noise > 0 (host syncs; skip them for inputs valid by
     construction). Gradients flow to hidden (all-reduced over TP), weight and bias; backward recomputes each chunk.
+    `sequence_parallel`: hidden is the all-gather of sequence-parallel shards, whose backward reduce-scatters its
+    gradient over TP (megatron-core's gather_from_sequence_parallel_region): the hidden gradient is left unreduced.
     """
-    c = _Context(hidden, weight, bias, x_t, x_0, total_noise, cfg, vocab_start, tp_group, check_inputs)
+    c = _Context(hidden, weight, bias, x_t, x_0, total_noise, cfg, vocab_start, tp_group, check_inputs,
+                 sequence_parallel)
     return _PerTokenScoreEntropy.apply(hidden, weight, bias, c, cfg)
 
 
 def weighted_score_entropy_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, x_t: Tensor, x_0: Tensor,
                                 total_noise: Tensor, token_weight: Tensor, cfg: HeadLossConfig, *,
                                 vocab_start: int | None = None, tp_group: dist.ProcessGroup | None = None,
-                                check_inputs: bool = True) -> tuple[Tensor, Tensor]:
+                                check_inputs: bool = True, sequence_parallel: bool = False) -> tuple[Tensor, Tensor]:
     """(sum_t token_weight_t * loss_t, per-token loss detached): the training objective in one pass.
 
     `token_weight` (broadcastable to x_t, e.g. rate(t)[:, None] / batch) is a constant. The gradients are
@@ -350,7 +359,8 @@ def weighted_score_entropy_head(hidden: Tensor, weight: Tensor, bias: Tensor | N
     """
     if token_weight.requires_grad:
         raise ValueError("token_weight must not require grad: the loss is not differentiated w.r.t. it")
-    c = _Context(hidden, weight, bias, x_t, x_0, total_noise, cfg, vocab_start, tp_group, check_inputs)
+    c = _Context(hidden, weight, bias, x_t, x_0, total_noise, cfg, vocab_start, tp_group, check_inputs,
+                 sequence_parallel)
     tw = token_weight.to(x_t.device)
     if tw.dim() == 1 and x_t.dim() > 1 and tw.shape[0] == x_t.shape[0]:
         tw = tw.reshape(-1, *([1] * (x_t.dim() - 1)))

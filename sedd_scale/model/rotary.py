@@ -27,5 +27,6 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, L, heads, D) queries or keys; cos/sin are cast to x's dtype like the reference."""
+    """Rotate queries or keys (..., D) by cos/sin broadcast against them (positions on the sequence dim); cos/sin are
+    cast to x's dtype like the reference."""
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)

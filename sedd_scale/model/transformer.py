@@ -9,7 +9,7 @@ modulation. It is a sequence of stage-able layers, so a pipeline engine can cut 
 
 `SEDD` composes them for a single stage and post-processes with `to_log_score`.
 
-Tensor parallelism (megatron-core, no sequence parallelism): the token embedding and the head
+Tensor parallelism (megatron-core): the token embedding and the head
 are split over the padded vocabulary, qkv and MLP-in are column-parallel (qkv by heads),
 attention-out and MLP-out row-parallel. Log-scores leave the model vocab-sharded: rank r holds
 columns [r * V_pad / tp, (r + 1) * V_pad / tp). The noise embedding, the adaLN layers and the
@@ -19,7 +19,10 @@ without extra communication. The residual-branch dropout acts on replicated acti
 draws from the default RNG (equal across TP ranks, see `sedd_scale.distributed.parallel.seed_parallel`); attention
 dropout acts on head shards and draws from megatron's per-TP-rank tracker.
 
-Layout is (batch, length, hidden) like the reference.
+Inside, the network runs sequence-first: the hidden state between layers is (length, batch, hidden), which
+megatron-core's sequence-parallel regions and DeepSpeed-Ulysses split along the first dimension; its inputs and
+outputs are batch-first like the reference's. Sequence parallelism (`sequence_parallel=True`) and context
+parallelism (megatron-core's CP group, `parallel.context_parallel`) are in `sedd_scale.model.sequence`.
 
 Regional compilation (`model.compile`): the block's elementwise work between its GEMMs and attention
 (fp32 LayerNorm, weight and adaLN modulation; rotary on q and k with the head transposes; gate and
@@ -48,6 +51,7 @@ from sedd_scale.compiled import Region, check_compiler
 from sedd_scale.diffusion.parametrization import to_log_score
 from sedd_scale.model import rotary
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
+from sedd_scale.model.sequence import SequenceSplit, ulysses
 
 LN_EPS = 1e-5
 
@@ -59,8 +63,8 @@ def _uniform_init(fan_in: int):
     return lambda w: nn.init.uniform_(w, -bound, bound)
 
 
-def megatron_config(cfg: ModelConfig, device: torch.device) -> ModelParallelConfig:
-    """megatron-core layer settings for this model on `device` (CPU-safe: no fusions, no sequence parallel)."""
+def megatron_config(cfg: ModelConfig, device: torch.device, sequence_parallel: bool = False) -> ModelParallelConfig:
+    """megatron-core layer settings for this model on `device` (CPU-safe: no fusions)."""
     return ModelParallelConfig(
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         params_dtype=cfg.params_dtype,
@@ -68,7 +72,7 @@ def megatron_config(cfg: ModelConfig, device: torch.device) -> ModelParallelConf
         use_cpu_initialization=device.type != "cuda",
         perform_initialization=True,
         gradient_accumulation_fusion=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -86,12 +90,11 @@ def _norm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor) -> T
     return modulate(y, shift, scale)
 
 
-def _rotary_heads(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """qkv (B, L, 3, heads, D) -> rotated q, k and v, each (B, heads, L, D)."""
-    q, k, v = qkv.unbind(2)
-    with torch.autocast(qkv.device.type, enabled=False):  # the reference rotates in qkv's dtype
+def _rotary_heads(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sequence-first q, k, v (L, B, heads, D) -> rotated q, k and v, each (B, heads, L, D)."""
+    with torch.autocast(q.device.type, enabled=False):  # the reference rotates in qkv's dtype
         q, k = rotary.apply_rotary(q, cos, sin), rotary.apply_rotary(k, cos, sin)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
 
 
 def _gate_residual(x: Tensor, gate: Tensor, branch: Tensor) -> Tensor:
@@ -106,20 +109,21 @@ class LayerNorm(nn.Module):
     """LayerNorm with a weight and no bias, computed in float32 even under autocast (the reference's), and the
     adaLN modulation that always follows it (one region, so a compiled model fuses them)."""
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, cfg: ModelConfig):
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, cfg: ModelConfig, split: SequenceSplit):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        self.dim, self.config = dim, cfg
+        self.dim, self.config, self.split = dim, cfg, split
         # apex's fused kernel on CUDA where importable and the blocks are eager (logged once per process).
         self.kernels = accelerators.choose(cuda=torch.device(device).type == "cuda", compiled=cfg.compile)
 
     def forward(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
         """float32 normalised x times the weight, modulated: * (1 + scale) + shift."""
+        weight = self.split.tp_summed(self.weight)
         if self.kernels.layer_norm == "apex":
             with torch.autocast(x.device.type, enabled=False):
-                y = accelerators.layer_norm(x, self.weight, LN_EPS, self.kernels)
+                y = accelerators.layer_norm(x, weight, LN_EPS, self.kernels)
             return modulate(y, shift, scale)
-        return NORM_MODULATE(self.config.compile, x, self.weight, shift, scale)
+        return NORM_MODULATE(self.config.compile, x, weight, shift, scale)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -153,15 +157,23 @@ class SigmaMap(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+def _modulation(layer: nn.Linear, c: Tensor, n: int, split: SequenceSplit) -> list[Tensor]:
+    """adaLN: c (B, C) -> n contiguous (1, B, H) shifts, scales and gates for sequence-first activations."""
+    # Contiguous pieces: offsets into one buffer would each specialise a compiled region.
+    return [m.contiguous() for m in split.tp_summed(layer(c))[None].chunk(n, dim=2)]
+
+
 class InputLayer(nn.Module):
-    """(indices (B, L), total noise (B,)) -> (hidden (B, L, H), conditioning c (B, C))."""
+    """(indices (B, L), total noise (B,)) -> (hidden (L_local, B, H), conditioning c (B, C)).
+
+    L_local: this rank's CP chunk of the positions, and its TP share of those under sequence parallelism."""
 
     def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, device: torch.device):
         super().__init__()
-        self.config = cfg
+        self.config, self.split = cfg, SequenceSplit.current(mcfg.sequence_parallel)
         self.vocab_embed = tensor_parallel.VocabParallelEmbedding(
             cfg.padded_vocab(ps.get_tensor_model_parallel_world_size()), cfg.hidden_size,
-            init_method=_uniform_init(cfg.hidden_size),
+            init_method=_uniform_init(cfg.hidden_size), reduce_scatter_embeddings=mcfg.sequence_parallel,
             config=mcfg)
         self.sigma_map = SigmaMap(cfg, device)
 
@@ -173,7 +185,29 @@ class InputLayer(nn.Module):
         if total_noise.shape != indices.shape[:1]:
             raise ValueError(f"total_noise must have shape (batch,) = {tuple(indices.shape[:1])}, "
                              f"got {tuple(total_noise.shape)}")
-        return self.vocab_embed(indices), F.silu(self.sigma_map(total_noise))
+        x = self.vocab_embed(self.split.local(indices))  # SP: reduce-scattered to (L_local, B, H) already
+        if not self.split.sequence_parallel:
+            x = x.transpose(0, 1).contiguous()
+        return x, F.silu(self.sigma_map(total_noise))
+
+
+class Attention(nn.Module):
+    """Bidirectional rotary attention of sequence-first q, k, v (L, B, heads, D) over the whole sequence."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The attention output (L, B, heads, D), rotary positions 0..L-1."""
+        cfg = self.config
+        cos, sin = rotary.cos_sin(q.shape[0], cfg.head_dim, cfg.rotary_base, q.device)
+        q, k, v = ROTARY_HEADS(cfg.compile, q, k, v, cos[:, None], sin[:, None])  # (B, heads, L, D)
+        p = cfg.attention_dropout if self.training else 0.0
+        # Head shards are TP-local: their dropout draws from the per-TP-rank tracker stream.
+        with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else contextlib.nullcontext():
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=False)
+        return o.permute(2, 0, 1, 3)
 
 
 class Block(nn.Module):
@@ -181,57 +215,60 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, device: torch.device):
         super().__init__()
-        self.config = cfg
+        self.config, self.split = cfg, SequenceSplit.current(mcfg.sequence_parallel)
         h, tp = cfg.hidden_size, ps.get_tensor_model_parallel_world_size()
         cfg.check_tp(tp)
+        if (cfg.n_heads // tp) % self.split.cp:
+            raise ValueError(f"context parallelism trades sequence chunks for heads: the {cfg.n_heads // tp} heads of "
+                             f"a TP rank (n_heads={cfg.n_heads} / tp={tp}) do not split over context_parallel="
+                             f"{self.split.cp}: choose tp x context_parallel dividing n_heads")
         if cfg.compile:
             check_compiler(device)
         self.local_heads = cfg.n_heads // tp
         ffn = cfg.mlp_ratio * h
-        self.norm1 = LayerNorm(h, cfg.params_dtype, device, cfg)
+        self.norm1 = LayerNorm(h, cfg.params_dtype, device, cfg, self.split)
         # Local output is [q | k | v] of this rank's heads (hub.py permutes the reference's [q | k | v] rows).
         self.attn_qkv = tensor_parallel.ColumnParallelLinear(
             h, 3 * h, config=mcfg, init_method=_uniform_init(h), bias=False, gather_output=False)
         self.attn_out = tensor_parallel.RowParallelLinear(
             h, h, config=mcfg, init_method=_uniform_init(h), bias=False, input_is_parallel=True,
             skip_bias_add=False)
-        self.norm2 = LayerNorm(h, cfg.params_dtype, device, cfg)
+        self.norm2 = LayerNorm(h, cfg.params_dtype, device, cfg, self.split)
         self.mlp_in = tensor_parallel.ColumnParallelLinear(
             h, ffn, config=mcfg, init_method=_uniform_init(h), bias=True, gather_output=False)
+        # The bias is added here, not inside (skip_bias_add): under SP it acts on a sequence shard (`tp_summed`).
         self.mlp_out = tensor_parallel.RowParallelLinear(
             ffn, h, config=mcfg, init_method=_uniform_init(ffn), bias=True, input_is_parallel=True,
-            skip_bias_add=False)
+            skip_bias_add=True)
         self.adaLN_modulation = _linear(cfg, cfg.cond_dim, 6 * h, device, zero=True)
+        self.attention = Attention(cfg)
+        self.ulysses = ulysses(self.attention, self.split)  # CP > 1: all-to-alls around the attention
 
     def _branch_out(self, x: Tensor, gate: Tensor, branch: Tensor) -> Tensor:
-        # The reference's bias_dropout_add_scale: x + gate * dropout(branch), on replicated activations.
+        # The reference's bias_dropout_add_scale: x + gate * dropout(branch), on replicated activations (SP: on
+        # this rank's sequence shard).
         if self.training and self.config.dropout > 0:
-            branch = F.dropout(branch, p=self.config.dropout)
+            with self.split.dropout_rng():
+                branch = F.dropout(branch, p=self.config.dropout)
         return GATE_RESIDUAL(self.config.compile, x, gate, branch)
 
     def _attention(self, h: Tensor) -> Tensor:
         cfg = self.config
-        b, length, _ = h.shape
-        qkv, _ = self.attn_qkv(h.to(self.attn_qkv.weight.dtype))
-        cos, sin = rotary.cos_sin(length, cfg.head_dim, cfg.rotary_base, h.device)
-        qkv = qkv.view(b, length, 3, self.local_heads, cfg.head_dim)
-        q, k, v = ROTARY_HEADS(cfg.compile, qkv, cos, sin)  # (B, heads, L, D)
-        p = cfg.attention_dropout if self.training else 0.0
-        # Head shards are TP-local: their dropout draws from the per-TP-rank tracker stream.
-        with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else contextlib.nullcontext():
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=False)
-        out, _ = self.attn_out(o.transpose(1, 2).reshape(b, length, self.local_heads * cfg.head_dim))
+        qkv, _ = self.attn_qkv(h.to(self.attn_qkv.weight.dtype))  # (L, B, 3 * local heads * D); SP: gathered
+        length, b = qkv.shape[:2]
+        q, k, v = qkv.view(length, b, 3, self.local_heads, cfg.head_dim).unbind(2)
+        o = self.attention(q, k, v) if self.ulysses is None else self.ulysses(q, k, v, 1)  # 1: the batch dim
+        out, _ = self.attn_out(o.reshape(length, b, self.local_heads * cfg.head_dim))
         return out
 
     def _mlp(self, h: Tensor) -> Tensor:
         u, _ = self.mlp_in(h.to(self.mlp_in.weight.dtype))
-        out, _ = self.mlp_out(F.gelu(u, approximate="tanh"))
-        return out
+        out, bias = self.mlp_out(F.gelu(u, approximate="tanh"))
+        return out + self.split.tp_summed(bias)
 
     def _forward(self, x: Tensor, c: Tensor) -> Tensor:
         with _autocast(self.config, x):
-            # Contiguous (B, 1, H) pieces: offsets into one buffer would each specialise a compiled region.
-            mod = [m.contiguous() for m in self.adaLN_modulation(c)[:, None].chunk(6, dim=2)]
+            mod = _modulation(self.adaLN_modulation, c, 6, self.split)
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
             x = self._branch_out(x, gate_msa, self._attention(self.norm1(x, shift_msa, scale_msa)))
             return self._branch_out(x, gate_mlp, self._mlp(self.norm2(x, shift_mlp, scale_mlp)))
@@ -250,26 +287,32 @@ class OutputLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, device: torch.device):
         super().__init__()
-        self.config = cfg
+        self.config, self.split = cfg, SequenceSplit.current(mcfg.sequence_parallel)
         h, tp = cfg.hidden_size, ps.get_tensor_model_parallel_world_size()
         self.padded_vocab = cfg.padded_vocab(tp)
         self.vocab_start = ps.get_tensor_model_parallel_rank() * (self.padded_vocab // tp)
-        self.norm_final = LayerNorm(h, cfg.params_dtype, device, cfg)
+        self.norm_final = LayerNorm(h, cfg.params_dtype, device, cfg, self.split)
         self.adaLN_modulation = _linear(cfg, cfg.cond_dim, 2 * h, device, zero=True)
         self.linear = tensor_parallel.ColumnParallelLinear(
             h, self.padded_vocab, config=mcfg, init_method=nn.init.zeros_, bias=True, gather_output=False)
 
     def features(self, x: Tensor, c: Tensor) -> Tensor:
-        """The modulated hidden state the head projects (what a fused vocab-parallel loss consumes)."""
+        """The modulated hidden state the head projects, sequence-first and split like x (what a fused
+        vocab-parallel loss consumes: `sedd_scale.distributed.pipeline.head_loss`)."""
         with _autocast(self.config, x):
-            shift, scale = (m.contiguous() for m in self.adaLN_modulation(c)[:, None].chunk(2, dim=2))
+            shift, scale = _modulation(self.adaLN_modulation, c, 2, self.split)
             return self.norm_final(x, shift, scale).to(self.linear.weight.dtype)
 
+    def raw(self, features: Tensor) -> Tensor:
+        """`features` -> raw head output (B, L, V_pad / tp) of this rank's vocabulary shard over whole sequences
+        (SP: the column-parallel head gathers the shards; CP: the chunks are gathered)."""
+        with _autocast(self.config, features):
+            out, _ = self.linear(features)
+        return self.split.gather_cp(out).transpose(0, 1)
+
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """Raw head output for this rank's vocabulary shard."""
-        with _autocast(self.config, x):
-            out, _ = self.linear(self.features(x, c))
-        return out
+        """Raw head output for this rank's vocabulary shard, (B, L, V_pad / tp)."""
+        return self.raw(self.features(x, c))
 
     def log_score(self, raw: Tensor, indices: Tensor, total_noise: Tensor) -> Tensor:
         """Raw output -> log-scores of this shard (absorb shift or the denoiser's softmax, 0 at the current token,
@@ -289,13 +332,15 @@ class SEDD(nn.Module):
     Needs megatron's parallel groups (`sedd_scale.distributed.parallel.init_model_parallel`); seed it first
     (`init_model_parallel(..., seed=s)`) so replicated weights agree across TP ranks. Parameters are
     created on `device` (default: CUDA when available; the TP layers on CUDA land on
-    `torch.cuda.current_device()`).
+    `torch.cuda.current_device()`). `sequence_parallel`: megatron-core's sequence parallelism (TP > 1); context
+    parallelism follows megatron-core's CP group (`sedd_scale.model.sequence`).
     """
 
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None, *,
+                 sequence_parallel: bool = False):
         super().__init__()
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        mcfg = megatron_config(config, device)
+        mcfg = megatron_config(config, device, sequence_parallel)
         self.config = config
         self.input_layer = InputLayer(config, mcfg, device)
         self.blocks = nn.ModuleList(Block(config, mcfg, device) for _ in range(config.n_blocks))
@@ -307,7 +352,7 @@ class SEDD(nn.Module):
         return self.output_layer.vocab_start
 
     def hidden(self, indices: Tensor, total_noise: Tensor) -> tuple[Tensor, Tensor]:
-        """(h, c) after the last block (input of the output layer)."""
+        """(h, c) after the last block (input of the output layer); h is sequence-first, this rank's share."""
         x, c = self.input_layer(indices, total_noise)
         for block in self.blocks:
             x, c = block(x, c)
