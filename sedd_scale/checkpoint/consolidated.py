@@ -35,7 +35,7 @@ from sedd_scale.checkpoint.progress import bar
 from sedd_scale.checkpoint.safetensors_shards import DEFAULT_SHARD_BYTES, Weights, WeightsError, write_weights
 from sedd_scale.checkpoint.safetensors_writer import save_tensors
 from sedd_scale.checkpoint.sharded import staged_dir
-from sedd_scale.checksums import ChecksumError, verified_text, verify_sums, write_sums
+from sedd_scale.checksums import ChecksumError, once, verified_text, verify_sums, write_sums
 from sedd_scale.config import from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
 
@@ -144,15 +144,16 @@ def _read_config(path: Path, *, verify: bool, required: bool = True) -> Any:
                                 "again with tools/convert_checkpoint.py") from None
 
 
-def open_consolidated(path: str | Path, *, verify: bool = True) -> Consolidated:
-    """Open and check a consolidated checkpoint directory (`verify`: every file against SHA256SUMS first)."""
+def open_consolidated(path: str | Path, *, verify: bool = True, group=None) -> Consolidated:
+    """Open and check a consolidated checkpoint directory (`verify`: every file against SHA256SUMS first, by one rank
+    of `group` when a process group exists: then call it on every rank of that group, default all)."""
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ConsolidatedError(f"{path} is not a consolidated checkpoint (no {CONFIG_FILE})")
     if verify:
         try:
-            verify_sums(path)
+            once(lambda: verify_sums(path), group=group)
         except ChecksumError as e:
             raise ConsolidatedError(str(e)) from None
     config = _read_config(path, verify=False)  # verified above (or by the caller)
