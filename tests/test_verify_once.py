@@ -59,6 +59,9 @@ def _read_everywhere(paths: dict[str, str]) -> dict:
     finally:
         checksums.file_record = real
 
+    if dist.get_rank() == 0:  # not collective unless asked: one rank may open a directory alone
+        out["alone"] = cons.open_consolidated(paths["consolidated"]).model.n_blocks
+
     def fails_on_rank_0() -> None:
         if dist.get_rank() == 0:
             raise OSError("input/output error")
@@ -88,6 +91,7 @@ def test_only_rank_0_hashes_and_every_rank_raises_its_verdict(exports):
         assert errors[0] == errors[1], errors  # the same error, word for word
         assert f"{damaged} is damaged: its sha256" in errors[0] and "\n" not in errors[0], errors[0]
         assert "model.safetensors" not in ranks[1][f"{name}-damaged"]["hashed"]
+    assert ranks[0]["alone"] == 2 and "alone" not in ranks[1]
     assert ranks[0]["crash"] == "OSError: input/output error", ranks[0]["crash"]
     assert ranks[1]["crash"].startswith("RuntimeError: rank 0 could not check the files (OSError: input/output "
                                         "error)"), ranks[1]["crash"]

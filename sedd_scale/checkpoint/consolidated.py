@@ -144,16 +144,19 @@ def _read_config(path: Path, *, verify: bool, required: bool = True) -> Any:
                                 "again with tools/convert_checkpoint.py") from None
 
 
-def open_consolidated(path: str | Path, *, verify: bool = True, group=None) -> Consolidated:
-    """Open and check a consolidated checkpoint directory (`verify`: every file against SHA256SUMS first, by one rank
-    of `group` when a process group exists: then call it on every rank of that group, default all)."""
+def open_consolidated(path: str | Path, *, verify: bool = True, collective: bool = False,
+                      group=None) -> Consolidated:
+    """Open and check a consolidated checkpoint directory (`verify`: every file against SHA256SUMS first).
+
+    `collective`: every rank of `group` (default: all) opens it together, and one of them hashes the files
+    (`checksums.once`); otherwise this process hashes them itself, so any one rank may call it alone."""
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ConsolidatedError(f"{path} is not a consolidated checkpoint (no {CONFIG_FILE})")
     if verify:
         try:
-            once(lambda: verify_sums(path), group=group)
+            once(lambda: verify_sums(path), group=group) if collective else verify_sums(path)
         except ChecksumError as e:
             raise ConsolidatedError(str(e)) from None
     config = _read_config(path, verify=False)  # verified above (or by the caller)

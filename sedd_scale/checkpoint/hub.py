@@ -228,10 +228,12 @@ def noise_to_hub(spec: dict[str, Any]) -> dict[str, Any]:
     return {"type": "geometric", "sigma_min": spec["sigma_min"], "sigma_max": spec["sigma_max"]}
 
 
-def read_hub(path: str | Path, *, group=None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_hub(path: str | Path, *, collective: bool = False, group=None) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(config dict, full state dict) of a hub checkpoint directory (one weights file or shards with an index),
-    checked against its SHA256SUMS first when it has one (and said so on stderr when it has none); the files are
-    hashed by one rank of `group` when a process group exists: then call it on every rank of that group."""
+    checked against its SHA256SUMS first when it has one (and said so on stderr when it has none).
+
+    `collective`: every rank of `group` (default: all) reads it together, and one of them hashes the files
+    (`checksums.once`); otherwise this process hashes them itself."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not has_weights(path):
         raise FileNotFoundError(f"hub checkpoint {str(path)!r} lacks {CONFIG_FILE} or its weights (a directory with "
@@ -245,7 +247,7 @@ def read_hub(path: str | Path, *, group=None) -> tuple[dict[str, Any], dict[str,
             verify_sums(path, [f for f in (*first, *weight_files(path)) if f not in listed])  # raises naming one
 
     try:  # SHA256SUMS (our exports) catches damage before anything is parsed; one written elsewhere may have none
-        once(check, (ChecksumError, WeightsError), group)
+        once(check, (ChecksumError, WeightsError), group) if collective else check()
         config = _parse_config(path / CONFIG_FILE)
         weights = Weights(path)
         state = {k: weights[k] for k in weights}
