@@ -3,6 +3,7 @@ into memory, `load_pretrained` makes it a ready (model, graph, noise) triple."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,18 +40,22 @@ class Weights:
     step: int | None = None
 
 
-def read_weights(path: str | Path, **config_overrides) -> Weights:
+def read_weights(path: str | Path, *, group=None, **config_overrides) -> Weights:
     """Read a hub or consolidated directory (strictly checked); `config_overrides` set ModelConfig fields
-    the file does not fix, e.g. precision="bf16-mixed", vocab_multiple=1."""
+    the file does not fix, e.g. precision="bf16-mixed", vocab_multiple=1.
+
+    In a process group of several ranks it is a collective: call it on every rank of `group` (default: all); one of
+    them hashes the files and every rank raises its verdict (1,024 ranks each hashing a 7B model's 27.8 GB would read
+    28.5 TB from shared storage)."""
     path = Path(path)
     if (path / "meta.json").is_file() or (path / "latest").is_file():
         raise HubFormatError(f"{path} is a sharded training checkpoint: consolidate it first "
                              f"(python tools/convert_checkpoint.py consolidate {path} OUT --weights ema)")
     if consolidated.is_consolidated(path):
-        ckpt = consolidated.open_consolidated(path)
+        ckpt = consolidated.open_consolidated(path, collective=True, group=group)
         return Weights(dataclasses.replace(ckpt.model, **config_overrides), ckpt.noise, ckpt.weights(),
                        ckpt.config.get("recipe"), ckpt.config.get("step"))
-    hub_cfg, state = read_hub(path)
+    hub_cfg, state = read_hub(path, collective=True, group=group)
     cfg = model_config_from_hub(hub_cfg, **config_overrides)
     return Weights(cfg, noise_from_hub(hub_cfg), hub_to_model(cfg, state), None)
 
@@ -65,11 +70,13 @@ def load_pretrained(path: str | Path, tp_size: int = 1, *, device: torch.device 
     `model(indices, total_noise)` returns this rank's vocabulary shard of the log-scores
     (`sedd_scale.distributed.parallel.gather_tp` joins the shards). `config_overrides` as in `read_weights`.
     """
-    weights = read_weights(path, **config_overrides)
-    cfg, spec = weights.config, dict(weights.noise)
     device = torch.device(device) if device is not None else parallel.local_device()
     if device.type == "cuda":  # each TP rank on its own GPU (before the process group picks one)
         torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched: join first, so one rank hashes the files, not each
+        parallel.join_process_group()
+    weights = read_weights(path, **config_overrides)
+    cfg, spec = weights.config, dict(weights.noise)
     parallel.init_model_parallel(tp=tp_size)
     model = SEDD(cfg, device="cpu")
     load_weights(model, dict(weights.tensors))

@@ -47,14 +47,16 @@ class GenerationError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Model metadata, tokenizer
-def read_model_config(path: str | Path) -> ModelConfig:
-    """The model config of a hub or consolidated directory from its config.json (no weights, no megatron-core)."""
+def read_model_config(path: str | Path, *, verify: bool = True) -> ModelConfig:
+    """The model config of a hub or consolidated directory from its config.json (no weights, no megatron-core);
+    config.json is checked against SHA256SUMS, and every file of a consolidated one too when `verify` (a caller that
+    loads the weights next, which checks them, passes False: hashing them twice, on every rank, is waste)."""
     from sedd_scale.checkpoint import consolidated, hub
 
     path = Path(path)
     try:
         if consolidated.is_consolidated(path):
-            return consolidated.open_consolidated(path).model
+            return consolidated.open_consolidated(path, verify=verify).model
         if (path / "meta.json").is_file() or (path / "latest").is_file():
             raise GenerationError(f"{path} is a sharded training checkpoint: consolidate it first (python "
                                   f"tools/convert_checkpoint.py consolidate {path} OUT --weights ema)")

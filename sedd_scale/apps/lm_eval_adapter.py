@@ -124,7 +124,7 @@ class SEDDLM(LM):
             raise ValueError(f"sedd model_args: predictor must be analytic or euler, got {predictor!r}")
         self.predictor = predictor
         path = Path(str(pretrained))
-        cfg = read_model_config(path)
+        cfg = read_model_config(path, verify=False)  # load_pretrained below checks every file
         self.length, self.num_tokens = cfg.length, cfg.num_tokens
         self.tok = choose_tokenizer(tokenizer, cfg.num_tokens, path)
         if self.tok is None:

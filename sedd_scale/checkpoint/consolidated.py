@@ -35,7 +35,7 @@ from sedd_scale.checkpoint.progress import bar
 from sedd_scale.checkpoint.safetensors_shards import DEFAULT_SHARD_BYTES, Weights, WeightsError, write_weights
 from sedd_scale.checkpoint.safetensors_writer import save_tensors
 from sedd_scale.checkpoint.sharded import staged_dir
-from sedd_scale.checksums import ChecksumError, verified_text, verify_sums, write_sums
+from sedd_scale.checksums import ChecksumError, once, verified_text, verify_sums, write_sums
 from sedd_scale.config import from_dict, to_dict
 from sedd_scale.model.config import ModelConfig
 
@@ -144,15 +144,19 @@ def _read_config(path: Path, *, verify: bool, required: bool = True) -> Any:
                                 "again with tools/convert_checkpoint.py") from None
 
 
-def open_consolidated(path: str | Path, *, verify: bool = True) -> Consolidated:
-    """Open and check a consolidated checkpoint directory (`verify`: every file against SHA256SUMS first)."""
+def open_consolidated(path: str | Path, *, verify: bool = True, collective: bool = False,
+                      group=None) -> Consolidated:
+    """Open and check a consolidated checkpoint directory (`verify`: every file against SHA256SUMS first).
+
+    `collective`: every rank of `group` (default: all) opens it together, and one of them hashes the files
+    (`checksums.once`); otherwise this process hashes them itself, so any one rank may call it alone."""
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ConsolidatedError(f"{path} is not a consolidated checkpoint (no {CONFIG_FILE})")
     if verify:
         try:
-            verify_sums(path)
+            once(lambda: verify_sums(path), group=group) if collective else verify_sums(path)
         except ChecksumError as e:
             raise ConsolidatedError(str(e)) from None
     config = _read_config(path, verify=False)  # verified above (or by the caller)
@@ -165,11 +169,14 @@ def open_consolidated(path: str | Path, *, verify: bool = True) -> Consolidated:
 
 
 def check_tensors(cfg: ModelConfig, tensors: Mapping[str, Tensor], where: str) -> None:
-    """Refuse tensors whose keys or shapes do not fit `cfg`, listing every problem."""
+    """Refuse tensors whose keys or shapes do not fit `cfg`, listing every problem (of files: from their headers)."""
     expected = expected_shapes(cfg)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: {tuple(tensors[k].shape)} (expected {expected[k]})" for k in sorted(set(expected) & set(tensors))
-             if tuple(tensors[k].shape) != expected[k]]
+    # Files' shapes come from their headers: reading every tensor to look at its shape read the whole weights
+    # (27.8 GB for 7B) on every rank that opened the directory.
+    shapes = tensors.shapes() if isinstance(tensors, Weights) else {k: tuple(t.shape) for k, t in tensors.items()}
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    wrong = [f"{k}: {shapes[k]} (expected {expected[k]})" for k in sorted(set(expected) & set(shapes))
+             if shapes[k] != expected[k]]
     problems = [f"{n} ({len(v)}): {v}" for n, v in (("missing", missing), ("unexpected", unexpected),
                                                     ("mis-shaped", wrong)) if v]
     if problems:

@@ -29,7 +29,7 @@ from sedd_scale.checkpoint.safetensors_shards import (
     weight_files,
     write_weights,
 )
-from sedd_scale.checksums import SUMS_FILE, ChecksumError, read_sums, verify_sums, write_sums
+from sedd_scale.checksums import SUMS_FILE, ChecksumError, once, read_sums, verify_sums, write_sums
 from sedd_scale.diffusion.noise import GeometricNoise
 from sedd_scale.model import rotary
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
@@ -228,19 +228,26 @@ def noise_to_hub(spec: dict[str, Any]) -> dict[str, Any]:
     return {"type": "geometric", "sigma_min": spec["sigma_min"], "sigma_max": spec["sigma_max"]}
 
 
-def read_hub(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_hub(path: str | Path, *, collective: bool = False, group=None) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(config dict, full state dict) of a hub checkpoint directory (one weights file or shards with an index),
-    checked against its SHA256SUMS first when it has one (and said so on stderr when it has none)."""
+    checked against its SHA256SUMS first when it has one (and said so on stderr when it has none).
+
+    `collective`: every rank of `group` (default: all) reads it together, and one of them hashes the files
+    (`checksums.once`); otherwise this process hashes them itself."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not has_weights(path):
         raise FileNotFoundError(f"hub checkpoint {str(path)!r} lacks {CONFIG_FILE} or its weights (a directory with "
                                 f"{CONFIG_FILE} and {WEIGHTS_FILE}, or its shards and {INDEX_FILE}, is expected)")
     first = [CONFIG_FILE, WEIGHTS_FILE if (path / WEIGHTS_FILE).is_file() else INDEX_FILE]
-    try:  # SHA256SUMS (our exports) catches damage before anything is parsed; one written elsewhere may have none
-        verified = verify_sums(path, required=False)  # every file it lists: weights, tokenizer, model card
-        if verified:  # and it must list the config and every weights file (the index, checked now, names them)
-            listed = read_sums(path)
+    verified = (path / SUMS_FILE).is_file()
+
+    def check() -> None:
+        if verify_sums(path, required=False):  # every file it lists: weights, tokenizer, model card
+            listed = read_sums(path)  # and it must list the config and every weights file (the index names them)
             verify_sums(path, [f for f in (*first, *weight_files(path)) if f not in listed])  # raises naming one
+
+    try:  # SHA256SUMS (our exports) catches damage before anything is parsed; one written elsewhere may have none
+        once(check, (ChecksumError, WeightsError), group) if collective else check()
         config = _parse_config(path / CONFIG_FILE)
         weights = Weights(path)
         state = {k: weights[k] for k in weights}

@@ -144,6 +144,14 @@ class Weights(Mapping):
     def __len__(self) -> int:
         return len(self._where)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers: no tensor's data is read."""
+        out = {}
+        for name in sorted(set(self._where.values())):
+            with safe_open(str(self.folder / name), framework="pt") as f:
+                out.update({k: tuple(f.get_slice(k).get_shape()) for k, where in self._where.items() if where == name})
+        return out
+
 
 def _keys(path: Path) -> list[str]:
     if not path.is_file():

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     check_files(args)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     check_tp(world, args.tp)
-    meta = read_model_config(args.checkpoint)
+    meta = read_model_config(args.checkpoint, verify=False)  # load_pretrained checks the files, on one rank
     plan = Plan(args, meta, world)
     if plan.scorer is not None and rank == 0:
         # Before any sampling: a broken scorer fails here, and a launcher then stops the other ranks.

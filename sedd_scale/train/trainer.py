@@ -248,21 +248,18 @@ class Trainer:
         the whole tensors (`full_state.load`); the first save writes this run's own layout."""
         from sedd_scale.checkpoint import consolidated as cons
         from sedd_scale.checkpoint import full_state
-        from sedd_scale.checksums import file_record
+        from sedd_scale.checksums import file_record, once
 
-        problem = [None]
-        if self.rank == 0:
-            fix = "convert the checkpoint again (tools/convert_checkpoint.py reshard), or restore it from a copy"
+        fix = "convert the checkpoint again (tools/convert_checkpoint.py reshard), or restore it from a copy"
+
+        def check() -> None:
             for rel, record in meta["files"].items():
                 if not (path / rel).is_file():
-                    problem = [f"{path / rel} is missing: {fix}"]
-                elif file_record(path / rel) != record:
-                    problem = [f"{path / rel} is damaged (not the bytes meta.json recorded): {fix}"]
-                if problem[0] is not None:
-                    break
-        dist.broadcast_object_list(problem, src=0)
-        if problem[0] is not None:
-            raise CheckpointError(problem[0])
+                    raise CheckpointError(f"{path / rel} is missing: {fix}")
+                if file_record(path / rel) != record:
+                    raise CheckpointError(f"{path / rel} is damaged (not the bytes meta.json recorded): {fix}")
+
+        once(check, (CheckpointError,))  # rank 0 hashes, every rank raises its verdict
         ckpt = cons.open_consolidated(path / "state", verify=False)  # verified above, once
         if ckpt.has_training_state:
             full_state.load(self, ckpt.training_tensors(), ckpt.counters())
