@@ -500,10 +500,31 @@ def test_dp_overlap_by_hand():
             assert t.dp_comm == pytest.approx(reductions * exposed + reduce, rel=1e-9), (zero, accum, overlap)
             assert t.dp_comm + t.dp_hidden == pytest.approx((reductions + 1) * reduce, rel=1e-9)
             assert (t.dp_hidden > 0) == overlap
+            said = ("the DP gradient reduce-scatter overlaps the backward" if overlap else
+                    "nor the DP exchange (parallel.zero_overlap_comm is false)")
+            assert said in P.format_plan(r, P.plan(r, c))
     off = recipe(zero_stage=1, micro_batch=1, global_batch=8, pp=2)  # DeepSpeed's pipeline engine: no overlap
     assert P.plan(off, P.candidate_of(off, off.layout(16))).time.dp_hidden == 0.0
     text = P.format_plan(off, P.plan(off, P.candidate_of(off, off.layout(16))))
     assert "nor the DP exchange (DeepSpeed's pipeline engine does not overlap it)" in text
+
+
+def test_overlap_comm_holds_a_second_reduce_bucket():
+    """stage_1_and_2.setup_buckets: one bucket of reduce_bucket_size elements in the gradients' dtype, a second
+    with overlap_comm; ZeRO-3 one, BF16_Optimizer none of its own (the engine's all-reduce instead)."""
+    for precision, zero, held in (("fp32", 1, {True: 2, False: 1}), ("bf16", 2, {True: 2, False: 1}),
+                                  ("fp32", 3, {True: 1, False: 1})):
+        for overlap in (True, False):
+            r = recipe({"precision": precision}, zero_stage=zero, micro_batch=1, global_batch=2,
+                       zero_reduce_bucket_size=5_000, zero_overlap_comm=overlap)
+            c = P.candidate_of(r, r.layout(2))
+            buffers = P.stage_memory(r, c, 0, CPU).item("buffers")
+            w = 4 if precision == "fp32" else 2
+            assert buffers.backward == w * 5_000 * held[overlap], (precision, zero, overlap)
+    r = recipe({"precision": "bf16"}, zero_stage=1, micro_batch=1, global_batch=2, zero_reduce_bucket_size=5_000)
+    c = P.candidate_of(r, r.layout(2))
+    n = P.stage_params(r.model, 1, 1, 0).total
+    assert P.stage_memory(r, c, 0, CPU).item("buffers").step == 4 * min(n, P.ALLREDUCE_BUCKET_SIZE)
 
 
 def test_zero3_overlap_hides_gathers_behind_forward_and_backward():
