@@ -182,7 +182,7 @@ class ParallelConfig:
     # other is reduced). 2e8 (DeepSpeed's 5e8 default, Megatron-DeepSpeed's examples' 5e8, is 1 GB of bf16 per
     # bucket): two 2e8-element buckets take less than one 5e8 one, and the last bucket, which no backward hides,
     # is 0.4 GB of bf16, about 8 ms at 50 GB/s per rank (a 7B model's DP ring across nodes at TP 8, 1,024
-    # GPUs); NCCL reaches its full bus bandwidth far below that size, so smaller buckets would only add launches.
+    # GPUs); a collective of that size runs near NCCL's peak bus bandwidth, which much smaller buckets would lose.
     zero_reduce_bucket_size: int = 200_000_000
     # Elements of ZeRO-3 parameters all-gathered ahead of the module that needs them
     # (zero_optimization.stage3_prefetch_bucket_size, DeepSpeed's default 5e7: 0.1 GB of bf16, a 7B block's
