@@ -6,8 +6,9 @@
 1. Memory: real training steps of a small SEDD (`sedd_scale.testing.step_memory`: the Trainer with DeepSpeed,
    megatron-core layers, the fused loss and the sharded EMA, on CPU ranks), every tensor counted by
    `LiveTensorMemory`, against `planner.stage_memory(..., Assumptions(device="cpu"))`: resident bytes
-   between steps, the peak, and (PP = 1) the peak inside engine.forward / backward / step. DeepSpeed's
-   reduce bucket is lowered to 2e6 elements for these runs (one row keeps the 5e8 default).
+   between steps, the peak, and (PP = 1) the peak inside engine.forward / backward / step. ZeRO's reduce
+   buckets are lowered to 2e6 elements for these runs (one row keeps the recipe's default: two of 2e8 with
+   overlap_comm).
 1b. Validation and sampling: the peak inside `Trainer.validate` and `Trainer.samples` after a training step (the
    EMA all-gathered and the weights cloned by `EMA.applied`) against the planner's validation and sampling phases.
 2. Model states against DeepSpeed's estimate_zero2/3_model_states_mem_needs (16-bit weights, no offload).
@@ -52,7 +53,7 @@ CASES_2 = {  # two ranks
 QUICK_1 = ("ZeRO-1 fp32", "ZeRO-3 bf16")
 QUICK_2 = ("DP2 ZeRO-0 fp32", "DP2 ZeRO-1 bf16", "DP2 ZeRO-2 fp32", "DP2 ZeRO-3 bf16", "TP2 ZeRO-1 bf16-mixed dropout",
            "PP2 ZeRO-1 bf16")
-DEFAULT_BUCKET = {"ZeRO-1 fp32, default 5e8 bucket": ({}, {"zero_stage": 1})}
+DEFAULT_BUCKET = {"ZeRO-1 fp32, default 2e8 buckets": ({}, {"zero_stage": 1})}
 
 
 def memory_table(quick: bool) -> list[str]:
@@ -72,9 +73,9 @@ def memory_table(quick: bool) -> list[str]:
         results = launch(measure_cases, world, cases, world, bucket, timeout=1800)
         seconds = time.perf_counter() - started
         for name, spec in cases.items():
-            r = from_dict(Recipe, validation_recipe(*spec, world))
+            r = from_dict(Recipe, validation_recipe(*spec, world, bucket))
             c = P.candidate_of(r, r.layout(world))
-            a = P.Assumptions(device="cpu", reduce_bucket_size=bucket or P.REDUCE_BUCKET_SIZE)
+            a = P.Assumptions(device="cpu")
             for rank, per_rank in enumerate(results):
                 got = per_rank[name]
                 mem = P.stage_memory(r, c, got["stage"], a)
@@ -117,16 +118,15 @@ def measure_eval(cases: dict, world: int, bucket: int) -> dict:
     from megatron.core import parallel_state as ps
 
     from sedd_scale.distributed import engine, parallel
-    from sedd_scale.testing.step_memory import RandomTokens, _with_bucket, validation_recipe
+    from sedd_scale.testing.step_memory import RandomTokens, validation_recipe
     from sedd_scale.testing.tensor_memory import LiveTensorMemory
     from sedd_scale.train.trainer import Trainer
 
     out = {}
     for name, spec in cases.items():
-        original = _with_bucket(bucket)
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                data = copy.deepcopy(validation_recipe(*spec, world))
+                data = copy.deepcopy(validation_recipe(*spec, world, bucket))
                 data.setdefault("checkpoint", {})["dir"] = tmp
                 recipe = from_dict(Recipe, data)
                 layout, topology = engine.setup(recipe)
@@ -150,7 +150,6 @@ def measure_eval(cases: dict, world: int, bucket: int) -> dict:
                     del trainer
                 out[name] = got
         finally:
-            engine.deepspeed_config = original
             parallel.destroy_parallel()
     return out
 
@@ -167,9 +166,9 @@ def eval_table(quick: bool) -> list[str]:
             f"{'':<20} {'':>4} {'':>5} | {'meas':>6} {'plan':>7} | {'meas':>6} {'plan':>6} {'dev':>7} | "
             f"{'meas':>6} {'plan':>6} {'dev':>7}"]
     for name, spec in cases.items():
-        r = from_dict(Recipe, validation_recipe(*spec, 2))
+        r = from_dict(Recipe, validation_recipe(*spec, 2, BUCKET))
         c = P.candidate_of(r, r.layout(2))
-        a = P.Assumptions(device="cpu", reduce_bucket_size=BUCKET)
+        a = P.Assumptions(device="cpu")
         for rank, per_rank in enumerate(results):
             got = per_rank[name]
             mem = P.stage_memory(r, c, got["stage"], a)

@@ -426,7 +426,7 @@ PLANNER_CASES = {
                                                   {"zero_stage": 1, "micro_batch": 8, "global_batch": 16})},
     "cpu": {"validation model fp32 ZeRO-1": ({}, {"zero_stage": 1})},
 }
-PLANNER_BUCKET = {"cpu": 2_000_000, "cuda": None}  # CPU: bench_planner's small ZeRO bucket; CUDA: DeepSpeed's default
+PLANNER_BUCKET = {"cpu": 2_000_000, "cuda": None}  # CPU: bench_planner's small ZeRO bucket; CUDA: the recipe's default
 
 
 class CudaMemory:
@@ -468,7 +468,7 @@ def planner_worker(spec: dict) -> dict:
     from sedd_scale.testing.step_memory import measure, validation_recipe
 
     device = spec["device"]
-    return {name: measure(validation_recipe(model, parallel, 1), steps=1, reduce_bucket_size=PLANNER_BUCKET[device],
+    return {name: measure(validation_recipe(model, parallel, 1, PLANNER_BUCKET[device]), steps=1,
                           meter=CudaMemory if device == "cuda" else None)
             for name, (model, parallel) in PLANNER_CASES[device].items()}
 
@@ -485,11 +485,9 @@ def row_planner_memory(s: Settings, manifest: Path) -> Row:
     from sedd_scale.testing.step_memory import validation_recipe
 
     got, tol, parts, worst = json.loads(result[len("RESULT "):]), PLANNER_TOLERANCE[s.device], [], 0.0
-    bucket = PLANNER_BUCKET[s.device] or P.REDUCE_BUCKET_SIZE
     for name, (model, parallel) in PLANNER_CASES[s.device].items():
-        r = from_dict(Recipe, validation_recipe(model, parallel, 1))
-        planned = P.stage_memory(r, P.candidate_of(r, r.layout(1)), 0,
-                                 P.Assumptions(device=s.device, reduce_bucket_size=bucket))
+        r = from_dict(Recipe, validation_recipe(model, parallel, 1, PLANNER_BUCKET[s.device]))
+        planned = P.stage_memory(r, P.candidate_of(r, r.layout(1)), 0, P.Assumptions(device=s.device))
         measured = got[name]
         phases = []
         for phase in (*P.TRAINING_PHASES, "peak"):  # a training step's (validation: bench_planner.py's table)

@@ -216,6 +216,12 @@ def test_impossible_world_sizes(parallel, world, message):
     ({"pp": 2, "zero_stage": 2}, "DeepSpeed's pipeline engine supports ZeRO-1 only"),
     ({"pp": 2, "zero_stage": 3}, "use zero_stage 1 or pp 1"),
     ({"distributed_timeout_minutes": 0}, "distributed_timeout_minutes must be >= 1, got 0"),
+    ({"zero_reduce_bucket_size": 0}, "parallel.zero_reduce_bucket_size must be an integer number of elements >= 1, "
+                                     "got 0; set e.g. parallel.zero_reduce_bucket_size: 200000000"),
+    ({"zero_prefetch_bucket_size": -1}, "parallel.zero_prefetch_bucket_size must be an integer number of elements "
+                                        ">= 0, got -1"),
+    ({"zero_reduce_bucket_size": 5e8}, "parallel.zero_reduce_bucket_size: expected an integer, got 500000000.0"),
+    ({"zero_overlap_comm": "yes"}, "parallel.zero_overlap_comm: expected"),
 ])
 def test_impossible_layouts_refused_on_load(parallel, message):
     assert message in error_of(minimal(parallel={"micro_batch": 2, "global_batch": 8, **parallel}))

@@ -116,21 +116,23 @@ class Net(torch.nn.Module):
         return mse(x, y)
 
 
-def toy_recipe(tp: int, pp: int, zero: int, precision: str = "fp32"):
-    """A Recipe for the toy: only optim, parallel and model.precision matter (the model section is not built)."""
+def toy_recipe(tp: int, pp: int, zero: int, precision: str = "fp32", parallel: dict | None = None):
+    """A Recipe for the toy: only optim, parallel (`parallel`: more keys) and model.precision matter (the model
+    section is not built)."""
     from sedd_scale.config import Recipe, from_dict
 
     return from_dict(Recipe, {
         "model": {"precision": precision}, "data": {"manifests": ["unused/manifest.json"]},
         "optim": {"lr": LR, "warmup": 0, "weight_decay": WD, "grad_clip": CLIP},
         "parallel": {"tp": tp, "pp": pp, "zero_stage": zero, "micro_batch": MICRO, "global_batch": GLOBAL,
-                     "distributed_timeout_minutes": TIMEOUT_MIN},
+                     "distributed_timeout_minutes": TIMEOUT_MIN, **(parallel or {})},
         "train": {"steps": STEPS},
     })
 
 
-def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32") -> dict:
-    """Train the toy under (tp, pp, zero) on all launched ranks; return this rank's losses, norms, weight shards."""
+def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32", keys: dict | None = None) -> dict:
+    """Train the toy under (tp, pp, zero) (`keys`: more parallel.* recipe keys) on all launched ranks; return this
+    rank's losses, norms, weight shards."""
     import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
 
     import deepspeed
@@ -140,7 +142,7 @@ def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32") -> dict:
 
     from sedd_scale.distributed import engine, parallel
 
-    recipe = toy_recipe(tp, pp, zero, precision)
+    recipe = toy_recipe(tp, pp, zero, precision, keys)
     layout = recipe.layout(dist.get_world_size())
     topology = engine.init_layout(layout, engine.timeout_s(recipe))
     megatron_groups = {"tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
@@ -185,7 +187,12 @@ def run_layout(tp: int, pp: int, zero: int, precision: str = "fp32") -> dict:
               "backward_allreduce": eng.enable_backward_allreduce, "direct": eng.optimizer is inner,
               "skipped": inner.skipped_total, "pp_rank": ps.get_pipeline_model_parallel_rank(),
               "dp_rank": dp_rank, "losses": losses, "norms": norms, "shards": shards,
-              "zero_optimizer": type(eng.optimizer).__name__, "timeouts": timeouts}
+              "zero_optimizer": type(eng.optimizer).__name__, "timeouts": timeouts,
+              # what DeepSpeed read from the config, and what its ZeRO-1/2 optimizer runs with
+              "zero_read": {"overlap_comm": eng.zero_overlap_comm(),
+                            "reduce_bucket_size": eng.zero_reduce_bucket_size(),
+                            "prefetch_bucket_size": eng.zero_prefetch_bucket_size()} if zero else None,
+              "optimizer_overlap": getattr(eng.optimizer, "overlap_comm", None)}
     ps.destroy_model_parallel()
     return result
 
@@ -384,7 +391,10 @@ def test_deepspeed_config():
     config = deepspeed_config(recipe, recipe.layout(4))
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
             config["gradient_accumulation_steps"]) == (GLOBAL, MICRO, 2)
-    assert config["zero_optimization"] == {"stage": 1} and config["gradient_clipping"] == CLIP
+    # DeepSpeed's pipeline engine refuses overlap_comm: the engine passes it off under PP
+    assert config["zero_optimization"] == {"stage": 1, "overlap_comm": False, "contiguous_gradients": True,
+                                           "reduce_bucket_size": 200_000_000}
+    assert config["gradient_clipping"] == CLIP
     # bf16 under the pipeline engine accumulates in gradient hooks (the default leaves DeepSpeed's fp32 gradients 0)
     assert config["bf16"] == {"enabled": True, "immediate_grad_update": True}
     assert config["data_types"] == {"grad_accum_dtype": "fp32"}
@@ -392,6 +402,17 @@ def test_deepspeed_config():
     assert config["zero_allow_untested_optimizer"] is True  # GuardedAdamW is not on DeepSpeed's exact-type list
     fp32 = deepspeed_config(toy_recipe(1, 1, 3), toy_recipe(1, 1, 3).layout(1))
     assert fp32["bf16"] == {"enabled": False} and "data_types" not in fp32 and fp32["gradient_accumulation_steps"] == 4
+    assert fp32["zero_optimization"] == {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                                         "reduce_bucket_size": 200_000_000, "stage3_prefetch_bucket_size": 50_000_000}
+    keys = {"zero_overlap_comm": False, "zero_contiguous_gradients": False, "zero_reduce_bucket_size": 1000,
+            "zero_prefetch_bucket_size": 0}
+    for zero, want in ((0, {"stage": 0}),  # no ZeRO optimizer: DeepSpeed reads none of them
+                       (2, {"stage": 2, "overlap_comm": False, "contiguous_gradients": False,
+                            "reduce_bucket_size": 1000}),
+                       (3, {"stage": 3, "overlap_comm": False, "contiguous_gradients": False,
+                            "reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": 0})):
+        r = toy_recipe(1, 1, zero, parallel=keys)
+        assert deepspeed_config(r, r.layout(2))["zero_optimization"] == want
 
 
 def test_optimizer_groups_and_schedule():

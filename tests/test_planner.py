@@ -200,22 +200,45 @@ def test_bubble_is_1f1b():
 def test_planner_assumes_what_deepspeed_and_the_engine_use():
     import sedd_scale.compat  # noqa: F401  (before megatron-core / DeepSpeed)
 
+    from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     from sedd_scale.distributed import engine
     from sedd_scale.distributed.pipeline import head_loss_config
 
     defaults = DeepSpeedZeroConfig()
-    assert (defaults.reduce_bucket_size, defaults.param_persistence_threshold, defaults.max_live_parameters) == (
-        P.REDUCE_BUCKET_SIZE, P.PARAM_PERSISTENCE_THRESHOLD, P.MAX_LIVE_PARAMETERS)
+    assert (defaults.param_persistence_threshold, defaults.max_live_parameters) == (
+        P.PARAM_PERSISTENCE_THRESHOLD, P.MAX_LIVE_PARAMETERS)
     assert defaults.max_reuse_distance >= P.MAX_LIVE_PARAMETERS  # gathered params are kept while reused
-    assert not DeepSpeedZeroConfig(stage=1).overlap_comm and not DeepSpeedZeroConfig(stage=2).overlap_comm
-    for precision, zero in (("fp32", 0), ("bf16", 1), ("bf16", 2), ("bf16-mixed", 3)):
-        r = recipe({"precision": precision}, zero_stage=zero)
-        config = engine.deepspeed_config(r, r.layout(1))
-        assert config["zero_optimization"] == {"stage": zero}, "the planner assumes DeepSpeed's bucket defaults"
+    assert MEMORY_OPT_ALLREDUCE_SIZE == P.ALLREDUCE_BUCKET_SIZE  # the engine's own all-reduce (ZeRO-0, BF16_Optimizer)
+    buckets = {"zero_reduce_bucket_size": 3_000_000, "zero_prefetch_bucket_size": 700_000}
+    cases = [("fp32", 0, 1, {}), ("bf16", 1, 1, {}), ("fp32", 1, 1, {}), ("bf16", 2, 1, buckets),
+             ("bf16-mixed", 3, 1, buckets), ("fp32", 2, 1, {"zero_overlap_comm": False}),
+             ("fp32", 1, 1, {"zero_contiguous_gradients": False}), ("fp32", 1, 2, {}), ("bf16", 1, 2, {})]
+    for precision, zero, pp, extra in cases:
+        world = pp
+        r = recipe({"precision": precision, "n_blocks": 2}, zero_stage=zero, pp=pp, **extra)
+        c = P.candidate_of(r, r.layout(world))
+        config = engine.deepspeed_config(r, r.layout(world))
         # BF16_Optimizer with an fp32 gradient accumulator exactly for bf16 weights under ZeRO-1
         assert config.get("data_types") == ({"grad_accum_dtype": "fp32"} if (precision, zero) == ("bf16", 1) else None)
+        if zero == 0:
+            assert config["zero_optimization"] == {"stage": 0}  # no ZeRO optimizer reads the rest
+            assert P.reduce_buckets(r, c) == 0 and not P.overlaps_reduction(r, c)
+            continue
+        read = DeepSpeedZeroConfig(**config["zero_optimization"])  # what DeepSpeed's engine reads
+        assert read.stage == zero
+        assert read.reduce_bucket_size == r.parallel.zero_reduce_bucket_size
+        assert read.contiguous_gradients == r.parallel.zero_contiguous_gradients
+        assert read.prefetch_bucket_size == (r.parallel.zero_prefetch_bucket_size if zero == 3 else
+                                             defaults.prefetch_bucket_size)
+        # DeepSpeed's pipeline engine refuses overlap_comm; BF16_Optimizer never reads it
+        assert read.overlap_comm == (r.parallel.zero_overlap_comm and pp == 1)
+        bf16_optimizer = (precision, zero) == ("bf16", 1)
+        assert P.overlaps_reduction(r, c) == (read.overlap_comm and not bf16_optimizer)
+        # stage_1_and_2.setup_buckets: one bucket, a second with overlap_comm; stage3: one
+        assert P.reduce_buckets(r, c) == (0 if bf16_optimizer else 1 if zero == 3 else
+                                          1 + (read.overlap_comm and read.contiguous_gradients))
     cfg = head_loss_config(recipe().model)
     assert cfg.chunk_size is None and cfg.chunk_bytes == P.LOSS_CHUNK_BYTES
 
@@ -441,6 +464,85 @@ def test_dp_exchange_by_hand():
                                                          rel=1e-12)
 
 
+def _simulated_exposure(n: int, chunk: float, window: float) -> float:
+    """Event by event: n chunks of `chunk` seconds, chunk i released at i / n of `window`, one at a time on a
+    communication stream; the seconds the last one ends after the window."""
+    stream = 0.0
+    for i in range(1, n + 1):
+        stream = max(stream, i * window / n) + chunk
+    return stream - window
+
+
+@pytest.mark.parametrize("n, chunk, window", [(1, 2.0, 5.0), (4, 1.0, 10.0), (4, 1.0, 2.0), (10, 0.3, 2.5),
+                                              (7, 0.5, 0.0), (3, 2.0, 1.0)])
+def test_exposed_seconds_is_the_streams_schedule(n, chunk, window):
+    assert P.exposed_seconds(n * chunk, window, chunk) == pytest.approx(_simulated_exposure(n, chunk, window),
+                                                                        rel=1e-12, abs=1e-12)
+
+
+def test_dp_overlap_by_hand():
+    """ZeRO-1/2 fp32 at DP 8 inside a node (300 GB/s): per reduce-scatter 7/8 x 4 B x p / B, exposed as the last
+    bucket or what the backward cannot cover; ZeRO-2 reduces each of its micro-batches, ZeRO-1 once; the weight
+    all-gather after the step is never hidden. Without overlap_comm all of it adds to the step."""
+    p_ = recipe().model
+    for zero, accum in ((1, 1), (1, 4), (2, 4)):
+        for overlap in (True, False):
+            r = recipe(zero_stage=zero, micro_batch=1, global_batch=8 * accum, zero_reduce_bucket_size=5_000,
+                       zero_overlap_comm=overlap)
+            c = P.candidate_of(r, r.layout(8))
+            n = P.stage_params(p_, 1, 1, 0).total
+            reduce = 7 / 8 * n * 4 / 300e9
+            bucket = 7 / 8 * 5_000 * 4 / 300e9
+            t = P.plan(r, c).time
+            backward = t.compute / accum * 2 / 3  # no recompute: the backward's two thirds of the matmuls
+            reductions = accum if zero == 2 else 1
+            exposed = (max(bucket, reduce - backward * (1 - bucket / reduce)) if overlap else reduce)
+            assert t.dp_comm == pytest.approx(reductions * exposed + reduce, rel=1e-9), (zero, accum, overlap)
+            assert t.dp_comm + t.dp_hidden == pytest.approx((reductions + 1) * reduce, rel=1e-9)
+            assert (t.dp_hidden > 0) == overlap
+            said = ("the DP gradient reduce-scatter overlaps the backward" if overlap else
+                    "nor the DP exchange (parallel.zero_overlap_comm is false)")
+            assert said in P.format_plan(r, P.plan(r, c))
+    off = recipe(zero_stage=1, micro_batch=1, global_batch=8, pp=2)  # DeepSpeed's pipeline engine: no overlap
+    assert P.plan(off, P.candidate_of(off, off.layout(16))).time.dp_hidden == 0.0
+    text = P.format_plan(off, P.plan(off, P.candidate_of(off, off.layout(16))))
+    assert "nor the DP exchange (DeepSpeed's pipeline engine does not overlap it)" in text
+
+
+def test_overlap_comm_holds_a_second_reduce_bucket():
+    """stage_1_and_2.setup_buckets: one bucket of reduce_bucket_size elements in the gradients' dtype, a second
+    with overlap_comm; ZeRO-3 one, BF16_Optimizer none of its own (the engine's all-reduce instead)."""
+    for precision, zero, held in (("fp32", 1, {True: 2, False: 1}), ("bf16", 2, {True: 2, False: 1}),
+                                  ("fp32", 3, {True: 1, False: 1})):
+        for overlap in (True, False):
+            r = recipe({"precision": precision}, zero_stage=zero, micro_batch=1, global_batch=2,
+                       zero_reduce_bucket_size=5_000, zero_overlap_comm=overlap)
+            c = P.candidate_of(r, r.layout(2))
+            buffers = P.stage_memory(r, c, 0, CPU).item("buffers")
+            w = 4 if precision == "fp32" else 2
+            assert buffers.backward == w * 5_000 * held[overlap], (precision, zero, overlap)
+    r = recipe({"precision": "bf16"}, zero_stage=1, micro_batch=1, global_batch=2, zero_reduce_bucket_size=5_000)
+    c = P.candidate_of(r, r.layout(2))
+    n = P.stage_params(r.model, 1, 1, 0).total
+    assert P.stage_memory(r, c, 0, CPU).item("buffers").step == 4 * min(n, P.ALLREDUCE_BUCKET_SIZE)
+
+
+def test_zero3_overlap_hides_gathers_behind_forward_and_backward():
+    r = recipe({"precision": "bf16-mixed"}, zero_stage=3, micro_batch=1, global_batch=8)
+    c = P.candidate_of(r, r.layout(8))
+    t = P.plan(r, c).time
+    n = P.stage_params(r.model, 1, 1, 0).total
+    one = 7 / 8 * n * 4 / 300e9  # a gather or a reduce-scatter of the fp32 weights
+    assert t.dp_comm + t.dp_hidden == pytest.approx(3 * one, rel=1e-9)  # gather, gather, reduce per micro-batch
+    forward, backward = t.compute / 3, t.compute * 2 / 3
+    pf = 7 / 8 * min(n, r.parallel.zero_prefetch_bucket_size) * 4 / 300e9
+    rb = 7 / 8 * min(n, r.parallel.zero_reduce_bucket_size) * 4 / 300e9
+    assert t.dp_comm == pytest.approx(P.exposed_seconds(one, forward, pf) + P.exposed_seconds(2 * one, backward,
+                                                                                               pf + rb), rel=1e-9)
+    off = recipe({"precision": "bf16-mixed"}, zero_stage=3, micro_batch=1, global_batch=8, zero_overlap_comm=False)
+    assert P.plan(off, P.candidate_of(off, off.layout(8))).time.dp_comm == pytest.approx(3 * one, rel=1e-9)
+
+
 def test_pipeline_sends_scale_with_the_activations_and_the_link():
     r = load_recipe(RECIPE_7B)
     h, s = r.model.hidden_size, r.data.seq_len
@@ -545,7 +647,7 @@ def test_format_plan_names_every_item():
 
 
 # --- the memory model against real runs ------------------------------------------------------------
-BUCKET = 2_000_000  # DeepSpeed's reduce bucket for the small runs (its 5e8 default would be 2 GB of 100 MB)
+BUCKET = 2_000_000  # ZeRO's reduce buckets for the small runs (the 2e8 default: 1.6 GB of fp32 in two buckets)
 RUNS_2 = {  # name -> (model overrides, parallel): two ranks of step_memory.VALIDATION_MODEL
     "TP1 DP2 ZeRO-0 fp32": ({}, {"zero_stage": 0}),
     "TP1 DP2 ZeRO-1 bf16": ({"precision": "bf16"}, {"zero_stage": 1}),
@@ -559,10 +661,10 @@ RUNS_2 = {  # name -> (model overrides, parallel): two ranks of step_memory.VALI
 DEFAULT_BUCKET_RUN = {"TP1 ZeRO-1 fp32 default bucket": ({}, {"zero_stage": 1})}
 
 
-def _check(name: str, raw: dict, world: int, measured: list[dict], bucket: int) -> list[str]:
+def _check(name: str, raw: dict, world: int, measured: list[dict]) -> list[str]:
     r = from_dict(Recipe, raw)
     c = P.candidate_of(r, r.layout(world))
-    a = P.Assumptions(device="cpu", reduce_bucket_size=bucket)
+    a = P.Assumptions(device="cpu")
     problems = []
     for rank, got in enumerate(measured):
         mem = P.stage_memory(r, c, got["stage"], a)
@@ -583,12 +685,13 @@ def test_memory_model_within_15_percent_of_measured_peaks():
     from tests.dist import launch
 
     two = launch(measure_cases, 2, RUNS_2, 2, BUCKET, timeout=900)
-    # one rank with DeepSpeed's default 5e8-element bucket: 2 GB that the planner must count
+    # one rank with the recipe's default buckets: two of 2e8 fp32 elements (overlap_comm), 1.6 GB the planner counts
     default = launch(measure_cases, 1, DEFAULT_BUCKET_RUN, 1, None, timeout=600)
     problems = []
     for name, spec in RUNS_2.items():
-        problems += _check(name, validation_recipe(*spec, 2), 2, [rank[name] for rank in two], BUCKET)
+        problems += _check(name, validation_recipe(*spec, 2, BUCKET), 2, [rank[name] for rank in two])
     (name, spec), = DEFAULT_BUCKET_RUN.items()
-    problems += _check(name, validation_recipe(*spec, 1), 1, [default[0][name]], P.REDUCE_BUCKET_SIZE)
-    assert default[0][name]["peak"] > 4 * P.REDUCE_BUCKET_SIZE  # the bucket is really there
+    problems += _check(name, validation_recipe(*spec, 1), 1, [default[0][name]])
+    bucket = from_dict(Recipe, validation_recipe(*spec, 1)).parallel.zero_reduce_bucket_size
+    assert default[0][name]["peak"] > 2 * 4 * bucket  # both buckets are really there
     assert not problems, "\n".join(problems)

@@ -35,6 +35,9 @@ APPLIED: dict[str, str] = {
     "parallel.micro_batch": "throughput only (the global batch and the data stream are unchanged)",
     "parallel.distributed_timeout_minutes": "how long a collective may wait before the run fails",
     "parallel.sequence_parallel": "activation memory and communication only (the same sums in another order)",
+    **{f"parallel.{k}": "communication scheduling only (the same reductions; ZeRO's saved partitions do not depend "
+                        "on it)" for k in ("zero_overlap_comm", "zero_contiguous_gradients", "zero_reduce_bucket_size",
+                                           "zero_prefetch_bucket_size")},
     "data.num_workers": "throughput only (the stream does not depend on the worker count)",
     "data.valid": "validation data only",
     "data.prepare": "used only when the data is missing",

@@ -173,8 +173,32 @@ class ParallelConfig:
     # megatron-core's, DeepSpeed's pipeline groups): Megatron-LM's --distributed-timeout-minutes. Raise it when
     # ranks legitimately wait longer (rank 0 committing a checkpoint, first compiles of many pipeline stages).
     distributed_timeout_minutes: int = 10
+    # ZeRO-1/2/3 reduce each bucket of gradients on a side stream while the backward goes on (DeepSpeed's
+    # zero_optimization.overlap_comm; DeepSpeed's own default is off below ZeRO-3). Not with pp > 1, where
+    # DeepSpeed's pipeline engine does not support it (the engine passes false there), nor with bf16 weights
+    # under ZeRO-1 (BF16_Optimizer all-reduces after the backward) or ZeRO-0 (no ZeRO optimizer).
+    zero_overlap_comm: bool = True
+    # ZeRO copies each gradient into its reduce bucket as it is produced (zero_optimization.contiguous_gradients,
+    # DeepSpeed's default): no fragmentation of the gradient memory, and the bucket is reduced in one call.
+    zero_contiguous_gradients: bool = True
+    # Elements per ZeRO reduce bucket (zero_optimization.reduce_bucket_size). Allocated whole, however small the
+    # model, once per gradient dtype and twice with zero_overlap_comm below ZeRO-3 (one bucket fills while the
+    # other is reduced). 2e8 (DeepSpeed's 5e8 default, Megatron-DeepSpeed's examples' 5e8, is 1 GB of bf16 per
+    # bucket): two 2e8-element buckets take less than one 5e8 one, and the last bucket, which no backward hides,
+    # is 0.4 GB of bf16, about 8 ms at 50 GB/s per rank (a 7B model's DP ring across nodes at TP 8, 1,024
+    # GPUs); a collective of that size runs near NCCL's peak bus bandwidth, which much smaller buckets would lose.
+    zero_reduce_bucket_size: int = 200_000_000
+    # Elements of ZeRO-3 parameters all-gathered ahead of the module that needs them
+    # (zero_optimization.stage3_prefetch_bucket_size, DeepSpeed's default 5e7: 0.1 GB of bf16, a 7B block's
+    # TP1 weights in about four steps); 0 turns prefetching off. ZeRO-3 only.
+    zero_prefetch_bucket_size: int = 50_000_000
 
     def __post_init__(self):
+        for key, low in (("zero_reduce_bucket_size", 1), ("zero_prefetch_bucket_size", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"parallel.{key} must be an integer number of elements >= {low}, got {value!r}; "
+                                 f"set e.g. parallel.{key}: {getattr(ParallelConfig, key)}")
         if self.distributed_timeout_minutes < 1:
             raise ValueError(f"distributed_timeout_minutes must be >= 1, got {self.distributed_timeout_minutes}")
         if self.tp < 1 or self.pp < 1:

@@ -124,7 +124,7 @@ def deepspeed_config(recipe: Recipe, layout: Layout) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": recipe.optim.grad_clip,
-        "zero_optimization": {"stage": layout.zero_stage},
+        "zero_optimization": zero_optimization(recipe, layout),
         # model.precision "bf16": bf16 parameters, DeepSpeed keeps fp32 master weights. "bf16-mixed"
         # keeps fp32 parameters (autocast inside the model), so DeepSpeed runs fp32.
         "bf16": {"enabled": recipe.model.precision == "bf16"},
@@ -149,6 +149,25 @@ def deepspeed_config(recipe: Recipe, layout: Layout) -> dict[str, Any]:
         # BF16_Optimizer), the Megatron-DeepSpeed setting; ZeRO-2/3 keep fp32 partitions themselves.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
+
+
+def zero_optimization(recipe: Recipe, layout: Layout) -> dict[str, Any]:
+    """DeepSpeed's `zero_optimization` section: the stage and, for ZeRO-1/2/3, the recipe's overlap and buckets.
+
+    ZeRO-0 takes only the stage (DeepSpeed builds no ZeRO optimizer: its fallback all-reduce and BF16_Optimizer
+    read none of these keys). With pp > 1 overlap_comm is false: DeepSpeed's pipeline engine turns it off (with
+    a warning) because it runs the backward and the reduction itself. allgather_bucket_size is left out: with
+    torch's all_gather_into_tensor, DeepSpeed 0.19.8 gathers each flat partition in one call and never reads it.
+    """
+    p = recipe.parallel
+    if layout.zero_stage == 0:
+        return {"stage": 0}
+    zero: dict[str, Any] = {"stage": layout.zero_stage, "overlap_comm": p.zero_overlap_comm and layout.pp == 1,
+                            "contiguous_gradients": p.zero_contiguous_gradients,
+                            "reduce_bucket_size": p.zero_reduce_bucket_size}
+    if layout.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = p.zero_prefetch_bucket_size
+    return zero
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int, zero_stage: int = 0

@@ -4,9 +4,10 @@ Pure arithmetic over the recipe's sizes: no process group, no DeepSpeed or megat
 the pre-flight check `python -m sedd_scale.config RECIPE --world-size N` prints it instantly for any
 world size (a proposal search over the ~10^3 layouts of a 7B model at 1,024 GPUs takes under a second).
 
-Memory per GPU is what this repository's training step allocates under DeepSpeed's defaults
-(`engine.deepspeed_config` sets no bucket sizes), worked out from the code and checked against the
-measured tensor peaks of real small runs (tests/test_planner.py, benchmarks/bench_planner.py):
+Memory per GPU is what this repository's training step allocates under the ZeRO settings
+`engine.deepspeed_config` passes (the recipe's `parallel.zero_*` keys, DeepSpeed's defaults otherwise), worked
+out from the code and checked against the measured tensor peaks of real small runs (tests/test_planner.py,
+benchmarks/bench_planner.py):
 
 * Model states (`_states`) follow the optimizer DeepSpeed picks for the precision and ZeRO stage:
   plain torch AdamW (fp32 weights, ZeRO-0), DeepSpeedZeroOptimizer (ZeRO-1/2: a flat fp32 master
@@ -15,8 +16,9 @@ measured tensor peaks of real small runs (tests/test_planner.py, benchmarks/benc
   backward), BF16_Optimizer (bf16 weights under ZeRO-1 or a pipeline: fp32 master and Adam
   partitions, a whole gradient accumulator, fp32 under ZeRO-1, plus the bf16 gradients) and the bf16
   FP16_UnfusedOptimizer (bf16 weights, ZeRO-0: whole fp32 masters and moments).
-* ZeRO-1/2/3 allocate their reduce bucket at `reduce_bucket_size` elements whatever the model size
-  (5e8 by default: 2 GB in fp32, 1 GB in bf16).
+* ZeRO-1/2/3 allocate their reduce bucket at `parallel.zero_reduce_bucket_size` elements whatever the model
+  size (2e8 by default: 0.8 GB in fp32, 0.4 GB in bf16); ZeRO-1/2 a second one with `zero_overlap_comm`
+  (`memory.reduce_buckets`).
 * The EMA is fp32 and sharded over data parallelism: 4 B x params / DP (`sedd_scale/train/ema.py`).
 * Activations are the tensors a block saves for backward (`block_saved_bytes_per_token`: the
   adaLN-modulated LayerNorms, qkv, rotary, SDPA, the GELU-tanh MLP), for every micro-batch in flight
@@ -44,10 +46,13 @@ each block's forward twice. Model FLOPs (for MFU) leave out both recomputations.
 
 Time (`speed.step_time`): per micro-batch the slowest stage's matmuls, its TP all-reduces and its
 pipeline sends (activations forward, their gradients back), times grad_accum + pp - 1 slots, plus the
-DP exchange. Collectives follow the nodes (`speed.group_bandwidth`): NVLink inside a node; across nodes
-a ring is limited by the node's network bandwidth shared by the groups with members on the node.
+DP exchange that the backward (and, for ZeRO-3's gathers, the forward) does not hide
+(`speed.dp_exchange`: with overlap_comm at least the last bucket of each overlapped reduction is exposed).
+Collectives follow the nodes (`speed.group_bandwidth`): NVLink inside a node; across nodes a ring is
+limited by the node's network bandwidth shared by the groups with members on the node.
 """
 from sedd_scale.plan.hardware import (
+                                      ALLREDUCE_BUCKET_SIZE,
                                       COMPILE_MINUTES_PER_STAGE,
                                       DEFAULT_GPU,
                                       GB,
@@ -55,7 +60,6 @@ from sedd_scale.plan.hardware import (
                                       LOSS_CHUNK_BYTES,
                                       MAX_LIVE_PARAMETERS,
                                       PARAM_PERSISTENCE_THRESHOLD,
-                                      REDUCE_BUCKET_SIZE,
                                       Assumptions,
                                       Gpu,
 )
@@ -72,10 +76,13 @@ from sedd_scale.plan.memory import (
                                       block_saved_bytes_per_token,
                                       candidate_of,
                                       device_bytes,
+                                      overlaps_reduction,
                                       precision_of,
+                                      reduce_buckets,
                                       stage_memory,
                                       stage_params,
                                       stages,
+                                      uses_bf16_optimizer,
 )
 from sedd_scale.plan.report import format_batch_proposal, format_plan, format_proposals
 from sedd_scale.plan.search import (
@@ -96,9 +103,12 @@ from sedd_scale.plan.search import (
                                       with_global_batch,
 )
 from sedd_scale.plan.speed import (
+                                      DpExchange,
                                       Flops,
                                       StepTime,
                                       bubble_fraction,
+                                      dp_exchange,
+                                      exposed_seconds,
                                       flops_per_token,
                                       group_bandwidth,
                                       p2p_bandwidth,
@@ -107,13 +117,14 @@ from sedd_scale.plan.speed import (
 )
 
 __all__ = [
-    "BATCH_MULTIPLES", "BUBBLE_WARN", "COMPILE_MINUTES_PER_STAGE", "COMPILE_WARN", "DEFAULT_GPU", "EVAL_PHASES", "GB",
-    "GPUS", "LOSS_CHUNK_BYTES", "MAX_LIVE_PARAMETERS", "NEAR_BEST", "PARAM_PERSISTENCE_THRESHOLD", "PHASES",
-    "REDUCE_BUCKET_SIZE", "SAMPLE_BATCH", "STARVED", "TRAINING_PHASES", "Assumptions",
-    "BatchProposal", "Candidate", "Flops", "Gpu", "Line", "Plan", "StageMemory", "StageParams", "StepTime",
-    "_accum_for", "_tensors", "accumulates_in_bf16", "block_saved_bytes_per_token", "bubble_fraction",
-    "candidate_of", "candidates", "device_bytes", "flops_per_token", "format_batch_proposal", "format_plan",
-    "format_proposals", "group_bandwidth", "p2p_bandwidth", "p2p_seconds_per_micro_batch", "plan",
-    "plan_without_recompute", "precision_of", "propose", "propose_global_batch", "stage_memory", "stage_params",
-    "stages", "step_time", "with_global_batch",
+    "ALLREDUCE_BUCKET_SIZE", "BATCH_MULTIPLES", "BUBBLE_WARN", "COMPILE_MINUTES_PER_STAGE", "COMPILE_WARN",
+    "DEFAULT_GPU", "EVAL_PHASES", "GB", "GPUS", "LOSS_CHUNK_BYTES", "MAX_LIVE_PARAMETERS", "NEAR_BEST",
+    "PARAM_PERSISTENCE_THRESHOLD", "PHASES", "SAMPLE_BATCH", "STARVED", "TRAINING_PHASES", "Assumptions",
+    "BatchProposal", "Candidate", "DpExchange", "Flops", "Gpu", "Line", "Plan", "StageMemory", "StageParams",
+    "StepTime", "_accum_for", "_tensors", "accumulates_in_bf16", "block_saved_bytes_per_token", "bubble_fraction",
+    "candidate_of", "candidates", "device_bytes", "dp_exchange", "exposed_seconds", "flops_per_token",
+    "format_batch_proposal", "format_plan", "format_proposals", "group_bandwidth", "overlaps_reduction",
+    "p2p_bandwidth", "p2p_seconds_per_micro_batch", "plan", "plan_without_recompute", "precision_of", "propose",
+    "propose_global_batch", "reduce_buckets", "stage_memory", "stage_params", "stages", "step_time",
+    "uses_bf16_optimizer", "with_global_batch",
 ]

@@ -24,8 +24,10 @@ GPUS: dict[str, Gpu] = {  # NVIDIA datasheet figures
 }
 DEFAULT_GPU = "h100"
 
-# DeepSpeed 0.19's ZeRO defaults, which engine.deepspeed_config leaves alone (a test checks both).
-REDUCE_BUCKET_SIZE = 500_000_000  # zero_optimization.reduce_bucket_size (elements)
+# DeepSpeed 0.19's ZeRO defaults, which engine.deepspeed_config leaves alone (a test checks both); the reduce and
+# prefetch buckets and overlap_comm are the recipe's (parallel.zero_*), read by the estimates as the engine passes them.
+# Elements of the engine's own gradient all-reduce (ZeRO-0 and BF16_Optimizer): MEMORY_OPT_ALLREDUCE_SIZE.
+ALLREDUCE_BUCKET_SIZE = 500_000_000
 PARAM_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold: smaller params stay whole
 MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters: gathered ZeRO-3 params at once
 # The fused loss's chunk: as many tokens as 64 MiB of fp32 logits hold (HeadLossConfig.chunk_bytes, which
@@ -49,14 +51,13 @@ class Assumptions:
     block_overhead_s: float = 1e-4  # launch and framework time per block per micro-batch (forward + backward)
     reserve_bytes: float = 2.5 * GB  # CUDA context and NCCL buffers, per GPU
     fragmentation: float = 0.05  # allocator slack on top of the tensor peak
-    reduce_bucket_size: int = REDUCE_BUCKET_SIZE
     device: Literal["cuda", "cpu"] = "cuda"  # cpu: the kernels of the validation runs (dropout masks)
 
     def __post_init__(self):
         if not 0.0 < self.efficiency <= 1.0:
             raise ValueError(f"efficiency must be in (0, 1], got {self.efficiency}")
-        if self.gpus_per_node < 1 or self.reduce_bucket_size < 1:
-            raise ValueError("gpus_per_node and reduce_bucket_size must be >= 1")
+        if self.gpus_per_node < 1:
+            raise ValueError(f"gpus_per_node must be >= 1, got {self.gpus_per_node}")
         if not (self.intra_node_gbps > 0 and self.inter_node_gbps > 0):
             raise ValueError(f"bandwidths must be > 0 GB/s, got intra-node {self.intra_node_gbps}, inter-node "
                              f"{self.inter_node_gbps}")

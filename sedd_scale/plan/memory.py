@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING
 
 from sedd_scale.layout import Layout
 from sedd_scale.model.config import SIGMA_FEATURES, ModelConfig
-from sedd_scale.plan.hardware import LOSS_CHUNK_BYTES, MAX_LIVE_PARAMETERS, PARAM_PERSISTENCE_THRESHOLD, Assumptions
+from sedd_scale.plan.hardware import (
+    ALLREDUCE_BUCKET_SIZE,
+    LOSS_CHUNK_BYTES,
+    MAX_LIVE_PARAMETERS,
+    PARAM_PERSISTENCE_THRESHOLD,
+    Assumptions,
+)
 
 if TYPE_CHECKING:  # the planner reads recipes; the recipe CLI imports the planner
     from sedd_scale.config import Recipe
@@ -220,6 +226,34 @@ class StageMemory:
         return max(self.phase(name) for name in TRAINING_PHASES)
 
 
+def uses_bf16_optimizer(precision: str, c: Candidate) -> bool:
+    """Whether DeepSpeed wraps the optimizer in BF16_Optimizer: bf16 weights under ZeRO-1 (the engine's fp32
+    gradient accumulation) or ZeRO-0 in a pipeline. It all-reduces the gradients after the backward."""
+    return precision == "bf16" and (c.zero_stage == 1 or (c.zero_stage == 0 and c.pp > 1))
+
+
+def overlaps_reduction(recipe: "Recipe", c: Candidate) -> bool:
+    """Whether DeepSpeed reduces the gradients during the backward on a side stream (overlap_comm in effect): the
+    recipe asks for it (parallel.zero_overlap_comm), a ZeRO optimizer runs (ZeRO-1/2/3, not BF16_Optimizer) and
+    there is no pipeline (engine.zero_optimization passes overlap_comm false with pp > 1)."""
+    return (recipe.parallel.zero_overlap_comm and c.pp == 1 and c.zero_stage > 0
+            and not uses_bf16_optimizer(recipe.model.precision, c))
+
+
+def reduce_buckets(recipe: "Recipe", c: Candidate) -> int:
+    """Reduce buckets of parallel.zero_reduce_bucket_size elements a ZeRO optimizer holds (0 without one).
+
+    ZeRO-1/2 (DeepSpeedZeroOptimizer.setup_buckets): the bucket gradients are copied into with
+    contiguous_gradients (without it, the flat copy made to reduce a bucket, about as large), and a second one
+    with overlap_comm in effect, filled while the first is reduced. ZeRO-3 allocates one bucket either way.
+    """
+    if c.zero_stage == 0 or uses_bf16_optimizer(recipe.model.precision, c):
+        return 0
+    if c.zero_stage == 3:
+        return 1
+    return 2 if overlaps_reduction(recipe, c) and recipe.parallel.zero_contiguous_gradients else 1
+
+
 @functools.lru_cache(maxsize=16384)
 def _dp_chunks(key: tuple[int, int, int, int, int], tp: int, pp: int, stage: int, dp: int) -> tuple[int, int]:
     """(sum, max) over the stage's tensors of ceil(numel / dp): the padded length of a per-tensor DP shard."""
@@ -227,19 +261,23 @@ def _dp_chunks(key: tuple[int, int, int, int, int], tp: int, pp: int, stage: int
     return sum(chunks), max(chunks)
 
 
-def _states(m: ModelConfig, c: Candidate, stage: int, sp: StageParams, a: Assumptions) -> list[Line]:
+def _states(recipe: "Recipe", c: Candidate, stage: int, sp: StageParams) -> list[Line]:
     """Weights, gradients, optimizer state, EMA and DeepSpeed's buffers for one GPU of `stage`."""
+    m = recipe.model
     w, p, d = precision_of(m.precision).weight, sp.total, c.dp
-    bucket = a.reduce_bucket_size
+    bucket = recipe.parallel.zero_reduce_bucket_size
+    n_buckets = reduce_buckets(recipe, c)
+    buckets = n_buckets * bucket  # elements
     part = p / d
     fp32 = w == 4
-    bf16_optimizer = not fp32 and (c.zero_stage == 1 or (c.zero_stage == 0 and c.pp > 1))
+    bf16_optimizer = uses_bf16_optimizer(m.precision, c)
     # Gradients exist during a forward pass only from the second micro-batch of a step on (and
     # always on pipeline stages, whose forwards and backwards interleave).
     later = c.grad_accum > 1 or c.pp > 1
     # No optimizer temporaries at the step: fused AdamW (CPU and CUDA) updates in place, and the
     # non-finite guard reads the global gradient norm (optim.py).
-    all_reduce = 4 * min(p, bucket) if d > 1 else 0.0  # DP all-reduce of fp32 gradients flattens up to a bucket
+    # The engine's DP all-reduce (ZeRO-0, BF16_Optimizer) flattens fp32 gradients up to its own bucket size.
+    all_reduce = 4 * min(p, ALLREDUCE_BUCKET_SIZE) if d > 1 else 0.0
 
     def grads(bytes_: float, at_step: float = 0.0) -> tuple[float, float, float, float]:
         return 0.0, bytes_ if later else 0.0, bytes_, bytes_ + at_step
@@ -253,19 +291,20 @@ def _states(m: ModelConfig, c: Candidate, stage: int, sp: StageParams, a: Assump
     elif c.zero_stage in (1, 2) and (fp32 or c.zero_stage == 2):  # DeepSpeedZeroOptimizer
         # ZeRO-1 keeps whole gradients and its reduce bucket through the accumulation; ZeRO-2 keeps
         # a gradient partition and allocates the bucket for each backward only. Both form the flat
-        # fp32 gradient partition at the step. The bucket has reduce_bucket_size elements, whatever
-        # the model; with accumulation ZeRO-1's outlives the last backward until the partition is
-        # formed (measured), so the step holds the larger of the two.
+        # fp32 gradient partition at the step. Each bucket has reduce_bucket_size elements, whatever
+        # the model (two with overlap_comm); with accumulation ZeRO-1's outlive the last backward until
+        # the partition is formed (measured), so the step holds the larger of the two.
         if c.zero_stage == 1:
             g, note = grads(4 * p), "fp32, whole"
-            buf = (0.0, 4 * bucket if later else 0.0, 4 * bucket, max(4 * bucket if later else 0.0, 4 * part))
+            buf = (0.0, 4 * buckets if later else 0.0, 4 * buckets, max(4 * buckets if later else 0.0, 4 * part))
         else:
             g, note = grads(w * part, 4 * part), f"{'fp32' if fp32 else 'bf16'} partition /DP"
-            buf = (0.0, 0.0, w * bucket, 0.0)
+            buf = (0.0, 0.0, w * buckets, 0.0)
         lines = [Line("weights", w * p, w * p, w * p, w * p, f"{'fp32' if fp32 else 'bf16'} (flat)"),
                  Line("gradients", *g, note),
                  Line("optimizer", 12 * part, 12 * part, 12 * part, 12 * part, "fp32 master + Adam m, v, /DP"),
-                 Line("buffers", *buf, f"ZeRO reduce bucket ({bucket:.3g} elements)")]
+                 Line("buffers", *buf, f"ZeRO reduce bucket{'s' if n_buckets > 1 else ''} ({n_buckets} x "
+                      f"{bucket:.3g} elements{', overlap_comm' if n_buckets > 1 else ''})")]
     elif c.zero_stage == 3:  # DeepSpeedZeroOptimizer_Stage3
         # Small tensors stay whole on every rank; the rest is gathered per module for forward and
         # backward and kept while reused within max_reuse_distance (the whole stage here), up to
@@ -278,7 +317,7 @@ def _states(m: ModelConfig, c: Candidate, stage: int, sp: StageParams, a: Assump
                       "partition /DP + small tensors whole + gathered"),
                  Line("gradients", g, g, g, g + (4 * part if not fp32 else 0.0), "partition /DP"),
                  Line("optimizer", 12 * part, 12 * part, 12 * part, 12 * part, "fp32 master + Adam m, v, /DP"),
-                 Line("buffers", w * bucket, w * bucket, w * bucket, w * bucket,
+                 Line("buffers", w * buckets, w * buckets, w * buckets, w * buckets,
                       f"ZeRO reduce bucket ({bucket:.3g} elements, persistent)")]
     elif bf16_optimizer:
         # BF16_Optimizer: fp32 master and moments partitioned over DP, a whole flat gradient
@@ -445,7 +484,7 @@ def stage_memory(recipe: "Recipe", c: Candidate, stage: int, a: Assumptions = As
     m = recipe.model
     sp = stage_params(m, c.tp, c.pp, stage)
     act, on, off, in_flight = _activation_lines(recipe, c, stage, a)
-    lines = [_between_steps(line, c) for line in _states(m, c, stage, sp, a) + act] + _eval_lines(recipe, c, stage, a)
+    lines = [_between_steps(line, c) for line in _states(recipe, c, stage, sp) + act] + _eval_lines(recipe, c, stage, a)
     return StageMemory(stage, sp, tuple(lines), on, off, in_flight)
 
 

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 from sedd_scale.plan.flops import projected_fraction
 from sedd_scale.plan.hardware import GB
-from sedd_scale.plan.memory import PHASES, SAMPLE_BATCH, device_bytes
+from sedd_scale.plan.memory import PHASES, SAMPLE_BATCH, Candidate, device_bytes, overlaps_reduction
 from sedd_scale.plan.search import STARVED, BatchProposal, Plan, candidates
 from sedd_scale.plan.speed import group_bandwidth, p2p_bandwidth
 
@@ -54,7 +54,9 @@ def format_plan(recipe: "Recipe", p: Plan) -> str:
     out.append(f"  pipeline bubble: {p.bubble:.1%} (1F1B: (pp - 1) / (grad_accum + pp - 1) = "
                f"{c.pp - 1}/{c.grad_accum + c.pp - 1})")
     out.append(f"  step: ~{t.total:.3g} s = compute {t.compute:.3g} + TP all-reduce {t.tp_comm:.3g} + pipeline "
-               f"p2p {t.p2p:.3g} + bubble {t.bubble:.3g} + DP exchange {t.dp_comm:.3g}; {p.tokens_per_s:,.0f} "
+               f"p2p {t.p2p:.3g} + bubble {t.bubble:.3g} + DP exchange {t.dp_comm:.3g} exposed"
+               + (f" ({t.dp_hidden:.3g} more hidden behind compute)" if t.dp_hidden > 0 else "")
+               + f"; {p.tokens_per_s:,.0f} "
                f"tokens/s; MFU {p.mfu:.1%} of {p.peak_tflops:g} TFLOP/s")
     out.append(f"  network: DP group of {c.dp} ranks {c.tp} apart at {group_bandwidth(c.dp, c.tp, a) / 1e9:.4g} GB/s "
                f"per rank" + (f", TP at {group_bandwidth(c.tp, 1, a) / 1e9:.4g} GB/s" if c.tp > 1 else "")
@@ -66,10 +68,30 @@ def format_plan(recipe: "Recipe", p: Plan) -> str:
     out.append(f"  assumes: matmuls at {a.efficiency:.0%} of peak"
                + (f" ({p.gpu.tf32_tflops:g} TFLOP/s TF32 for fp32)" if recipe.model.precision == "fp32" else "")
                + f" + {a.block_overhead_s * 1e3:g} ms per block per micro-batch; NVLink {a.intra_node_gbps:g} GB/s "
-               f"per GPU, {a.inter_node_gbps:g} GB/s of network per node of {a.gpus_per_node} GPUs; communication "
-               f"not overlapped with compute; validation and sampling peaks with {SAMPLE_BATCH} samples")
+               f"per GPU, {a.inter_node_gbps:g} GB/s of network per node of {a.gpus_per_node} GPUs; "
+               + _overlap_assumption(recipe, c)
+               + f"; validation and sampling peaks with {SAMPLE_BATCH} samples")
     out += [f"warning: {w}" for w in p.warnings]
     return "\n".join(out)
+
+
+def _overlap_assumption(recipe: "Recipe", c: Candidate) -> str:
+    """What the step time assumes about overlapping communication with compute, for this layout."""
+    tp_pp = "TP all-reduces and pipeline sends not overlapped with compute"
+    if c.dp == 1:
+        return tp_pp
+    if not overlaps_reduction(recipe, c):
+        why = ("parallel.zero_overlap_comm is false" if not recipe.parallel.zero_overlap_comm else
+               "DeepSpeed's pipeline engine does not overlap it" if c.pp > 1 else
+               "no ZeRO optimizer" if c.zero_stage == 0 else "BF16_Optimizer reduces after the backward")
+        return f"{tp_pp}, nor the DP exchange ({why})"
+    what = ("the DP reduce-scatters and weight gathers overlap the forward and backward (ZeRO-3 prefetch of "
+            f"{recipe.parallel.zero_prefetch_bucket_size:.3g} elements)" if c.zero_stage == 3 else
+            "the DP gradient reduce-scatter overlaps the backward")
+    return (f"{tp_pp}; {what} (overlap_comm, {recipe.parallel.zero_reduce_bucket_size:.3g}-element buckets: the "
+            "last bucket and whatever exceeds the compute stay exposed; the weight all-gather after the step does "
+            "not overlap)" if c.zero_stage < 3 else f"{tp_pp}; {what}, exposed: the first prefetch, the last "
+            f"reduce bucket ({recipe.parallel.zero_reduce_bucket_size:.3g} elements) and whatever exceeds the compute")
 
 
 def format_proposals(recipe: "Recipe", world_size: int, plans: list[Plan], limit: int = 10) -> str:

@@ -102,9 +102,9 @@ def _warnings(recipe: "Recipe", p: Plan) -> list[str]:
                        "warm the compile cache, or set model.compile: false")
     bucket = worst.item("buffers")
     if c.zero_stage > 0 and "bucket" in bucket.note and bucket.backward > 0.05 * worst.peak:
-        out.append(f"DeepSpeed's ZeRO reduce bucket takes {bucket.backward / GB:.2f} GB per GPU "
-                   f"({p.assumptions.reduce_bucket_size:.3g} elements, zero_optimization.reduce_bucket_size's "
-                   "default, allocated whole)")
+        out.append(f"DeepSpeed's ZeRO reduce buckets take {bucket.backward / GB:.2f} GB per GPU "
+                   f"({bucket.note.split('(')[-1].rstrip(')')}, allocated whole): a smaller "
+                   f"parallel.zero_reduce_bucket_size (now {recipe.parallel.zero_reduce_bucket_size:.3g}) lowers it")
     return out
 
 

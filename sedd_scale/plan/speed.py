@@ -6,7 +6,14 @@ from typing import TYPE_CHECKING
 
 from sedd_scale.plan.flops import projected_fraction, training_flops_per_token
 from sedd_scale.plan.hardware import Assumptions, Gpu
-from sedd_scale.plan.memory import Candidate, precision_of, stage_params, stages
+from sedd_scale.plan.memory import (
+    Candidate,
+    overlaps_reduction,
+    precision_of,
+    stage_params,
+    stages,
+    uses_bf16_optimizer,
+)
 
 if TYPE_CHECKING:  # the planner reads recipes; the recipe CLI imports the planner
     from sedd_scale.config import Recipe
@@ -50,6 +57,7 @@ class StepTime:
     bubble: float  # idle time of the pipeline schedule
     total: float
     p2p: float = 0.0  # pipeline sends and receives of activations and their gradients
+    dp_hidden: float = 0.0  # DP traffic hidden behind compute (overlap_comm); dp_comm is what is left exposed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,32 +139,96 @@ def step_time(recipe: "Recipe", c: Candidate, gpu: Gpu, a: Assumptions, peak_tfl
                                       / group_bandwidth(c.tp, 1, a))
     micro_p2p = p2p_seconds_per_micro_batch(recipe, c, a)
     slot = micro_compute + micro_tp + micro_p2p
-    dp_comm = _dp_comm_seconds(recipe, c, a)
-    return StepTime(compute=c.grad_accum * micro_compute, tp_comm=c.grad_accum * micro_tp, dp_comm=dp_comm,
-                    bubble=(c.pp - 1) * slot, total=(c.grad_accum + c.pp - 1) * slot + dp_comm,
-                    p2p=c.grad_accum * micro_p2p)
+    backward = micro_compute * (2 + c.recompute) / (3 + c.recompute)  # matmul FLOPs: forward 1, backward 2 (+1)
+    dp = dp_exchange(recipe, c, a, micro_compute - backward, backward)
+    return StepTime(compute=c.grad_accum * micro_compute, tp_comm=c.grad_accum * micro_tp, dp_comm=dp.exposed,
+                    bubble=(c.pp - 1) * slot, total=(c.grad_accum + c.pp - 1) * slot + dp.exposed,
+                    p2p=c.grad_accum * micro_p2p, dp_hidden=dp.total - dp.exposed)
 
 
-def _dp_comm_seconds(recipe: "Recipe", c: Candidate, a: Assumptions) -> float:
-    """The data-parallel exchange per step (not overlapped: DeepSpeed's overlap_comm is off below ZeRO-3)."""
-    if c.dp == 1:
+@dataclass(frozen=True)
+class DpExchange:
+    """A step's data-parallel traffic (seconds at the DP group's bandwidth): all of it, and what compute leaves
+    exposed."""
+
+    total: float
+    exposed: float
+
+
+def exposed_seconds(comm: float, window: float, edge: float) -> float:
+    """What `comm` seconds of collectives issued in equal chunks over `window` seconds of compute leave exposed,
+    `edge` being the chunks that no compute can hide (the last reduce bucket, which fills at the end of the
+    backward; the first prefetch, which the first module waits for).
+
+    The chunks run one after the other on the communication stream as the compute releases them (n = comm /
+    edge chunks, chunk i at i / n of the window): the last one ends at max over i of i/n x window + (n - i + 1)
+    x edge, linear in i, hence at the end of the window plus max(edge, comm - window x (1 - edge / comm)).
+    """
+    if comm <= 0.0:
         return 0.0
+    edge = min(edge, comm)
+    return max(edge, comm - window * (1.0 - edge / comm))
+
+
+def dp_exchange(recipe: "Recipe", c: Candidate, a: Assumptions, forward: float = 0.0,
+                backward: float = 0.0) -> DpExchange:
+    """The data-parallel exchange of a step and what of it the forward (`forward` seconds of compute per
+    micro-batch) and the backward (`backward`) hide, as DeepSpeed 0.19.8 schedules it.
+
+    Volumes (ring collectives, `group_bandwidth`; p the most parameters a GPU of a stage holds, w their bytes):
+    ZeRO-0 and BF16_Optimizer (bf16 weights under ZeRO-1 or in a pipeline) all-reduce the gradients once per step
+    after the last backward, BF16_Optimizer then all-gathers the bf16 weights it updated; ZeRO-1 reduce-scatters
+    the gradients once per step (in the last micro-batch's backward), ZeRO-2 in every micro-batch's backward, both
+    all-gather the updated weights after the optimizer step; ZeRO-3 all-gathers the weights in every
+    micro-batch's forward and again in its backward, and reduce-scatters the gradients in every backward.
+
+    Overlap (`memory.overlaps_reduction`: parallel.zero_overlap_comm, ZeRO-1/2/3, no pipeline, no
+    BF16_Optimizer): each reduce-scatter runs bucket by bucket (parallel.zero_reduce_bucket_size elements) on
+    a side stream during the backward that produces the gradients, and leaves `exposed_seconds(reduction,
+    backward, one bucket)` exposed: at least the last bucket, and whatever exceeds the backward's compute.
+    ZeRO-3 prefetches the next modules' weights (parallel.zero_prefetch_bucket_size elements, 0: no prefetch)
+    on the same side stream: the forward's gathers leave `exposed_seconds(gathers, forward, one prefetch
+    bucket)`, the backward's gathers and reductions together `exposed_seconds(both, backward, a prefetch bucket
+    + a reduce bucket)`. Without overlap, and always for the weight all-gathers after the optimizer step and
+    the engine's all-reduce, the whole exchange adds to the step. Only compute hides communication here: the
+    TP all-reduces and pipeline sends are not counted as a window, nor do they slow the DP collectives down.
+    """
+    if c.dp == 1:
+        return DpExchange(0.0, 0.0)
     m = recipe.model
     w = precision_of(m.precision).weight
     p = max(stage_params(m, c.tp, c.pp, s).total for s in stages(c.pp))  # middle stages are alike
     # A DP group holds ranks tp apart (rank = tp_rank + TP (dp_rank + DP pp_rank)).
     bw = group_bandwidth(c.dp, c.tp, a)
     frac = (c.dp - 1) / c.dp
-    if c.zero_stage == 0 or (w == 2 and c.zero_stage == 1):
+
+    def seconds(elements: float, bytes_: int) -> float:  # a reduce-scatter or all-gather
+        return frac * elements * bytes_ / bw
+
+    if c.zero_stage == 0 or uses_bf16_optimizer(m.precision, c):
         grad_bytes = 4 if (w == 4 or c.zero_stage == 1) else 2
-        volume = 2 * frac * p * grad_bytes  # all-reduce of the gradients
+        total = 2 * seconds(p, grad_bytes)  # all-reduce of the gradients
         if w == 2 and (c.zero_stage == 1 or c.pp > 1):
-            volume += frac * p * w  # BF16_Optimizer all-gathers the bf16 weights its DP partitions updated
-    elif c.zero_stage in (1, 2):
-        volume = frac * p * w * 2  # reduce-scatter of gradients + all-gather of updated weights
-    else:  # ZeRO-3: gradients reduce-scattered once; weights gathered for forward and backward of every micro-batch
-        volume = frac * p * w * (1 + 2 * c.grad_accum)
-    return volume / bw
+            total += seconds(p, w)  # BF16_Optimizer all-gathers the bf16 weights its DP partitions updated
+        return DpExchange(total, total)
+    overlap = overlaps_reduction(recipe, c)
+    reduce, bucket = seconds(p, w), seconds(min(p, recipe.parallel.zero_reduce_bucket_size), w)
+    if c.zero_stage in (1, 2):
+        reductions = 1 if c.zero_stage == 1 else c.grad_accum
+        gather = seconds(p, w)  # the updated weights, after the step
+        exposed = exposed_seconds(reduce, backward, bucket) if overlap else reduce
+        return DpExchange(reductions * reduce + gather, reductions * exposed + gather)
+    gathers = seconds(p, w)  # ZeRO-3: once for the forward, once for the backward, per micro-batch
+    prefetch = seconds(min(p, recipe.parallel.zero_prefetch_bucket_size), w)
+    total = c.grad_accum * (2 * gathers + reduce)
+    if not overlap:
+        return DpExchange(total, total)
+    if prefetch == 0.0:  # no prefetch: each module waits for its own gather
+        per_micro = 2 * gathers + exposed_seconds(reduce, backward, bucket)
+    else:
+        per_micro = (exposed_seconds(gathers, forward, prefetch)
+                     + exposed_seconds(gathers + reduce, backward, prefetch + bucket))
+    return DpExchange(total, c.grad_accum * per_micro)
 
 
 def bubble_fraction(pp: int, grad_accum: int) -> float:

@@ -11,9 +11,9 @@ runs one warm-up step (the optimizer creates its state lazily), then `steps` mor
   `engine.backward`, which also reduces the gradients at a step boundary, and `engine.step`).
   A pipeline runs all three inside `train_batch`, so only the peak is reported there.
 
-DeepSpeed's ZeRO reduce bucket has 5e8 elements by default, allocated whole however small the model:
-`reduce_bucket_size` lowers it (through `engine.deepspeed_config`) so that a small model's run shows
-the rest of the memory; the planner takes the same value.
+ZeRO's reduce buckets have `parallel.zero_reduce_bucket_size` elements (2e8 by default), allocated whole
+however small the model: `validation_recipe(..., reduce_bucket_size)` lowers it in the recipe so that a small
+model's run shows the rest of the memory; the planner reads the same recipe.
 """
 from __future__ import annotations
 
@@ -31,10 +31,13 @@ VALIDATION_MODEL = {"hidden_size": 256, "n_heads": 4, "n_blocks": 4, "cond_dim":
                     "vocab_multiple": 1, "dropout": 0.0}
 
 
-def validation_recipe(model: dict, parallel: dict, world: int) -> dict:
+def validation_recipe(model: dict, parallel: dict, world: int, reduce_bucket_size: int | None = None) -> dict:
     """A raw recipe of VALIDATION_MODEL (with `model` overrides) for `world` ranks: micro 4 x 128 tokens and two
-    micro-batches per step on every rank (so gradients exist during the second forward, as at scale)."""
+    micro-batches per step on every rank (so gradients exist during the second forward, as at scale);
+    `reduce_bucket_size`: parallel.zero_reduce_bucket_size (None: the recipe's default)."""
     dp = world // (parallel.get("tp", 1) * parallel.get("pp", 1))
+    if reduce_bucket_size is not None:
+        parallel = {**parallel, "zero_reduce_bucket_size": reduce_bucket_size}
     m = {**VALIDATION_MODEL, **model}
     return {"model": m, "data": {"manifests": ["unused.json"], "tokenizer": None, "seq_len": m["length"],
                                  "num_workers": 0},
@@ -44,7 +47,7 @@ def validation_recipe(model: dict, parallel: dict, world: int) -> dict:
 
 def measure_cases(cases: dict[str, tuple[dict, dict]], world: int, reduce_bucket_size: int | None) -> dict:
     """On each rank of a launched world: `measure` every case (name -> (model overrides, parallel)) in turn."""
-    return {name: measure(validation_recipe(model, parallel, world), reduce_bucket_size=reduce_bucket_size)
+    return {name: measure(validation_recipe(model, parallel, world, reduce_bucket_size))
             for name, (model, parallel) in cases.items()}
 
 
@@ -70,23 +73,6 @@ class RandomTokens:
         self.count = state["count"]
 
 
-def _with_bucket(reduce_bucket_size: int | None):
-    """Make engine.deepspeed_config use `reduce_bucket_size` (None: DeepSpeed's default)."""
-    from sedd_scale.distributed import engine
-
-    original = engine.deepspeed_config
-    if reduce_bucket_size is None:
-        return original
-
-    def config(recipe, layout):
-        out = original(recipe, layout)
-        out["zero_optimization"].update(reduce_bucket_size=reduce_bucket_size)
-        return out
-
-    engine.deepspeed_config = config
-    return original
-
-
 def _phase_hooks(engine, mem, phases: dict[str, int]) -> None:
     """Record the peak inside each of engine.forward/backward/step into `phases` (instance attributes)."""
     def wrap(fn, name):
@@ -104,7 +90,7 @@ def _phase_hooks(engine, mem, phases: dict[str, int]) -> None:
                                                     wrap(engine.step, "step"))
 
 
-def measure(recipe_data: dict, steps: int = 2, reduce_bucket_size: int | None = None, meter=None) -> dict[str, Any]:
+def measure(recipe_data: dict, steps: int = 2, meter=None) -> dict[str, Any]:
     """On each rank of a launched world: train `steps` measured steps of `recipe_data` (a raw recipe mapping;
     its checkpoint.dir is replaced by a temporary one) and return this rank's bytes (see the module docstring).
     `meter`: a context manager class with LiveTensorMemory's `current`, `peak` and `reset_peak()` (default: that
@@ -118,7 +104,6 @@ def measure(recipe_data: dict, steps: int = 2, reduce_bucket_size: int | None = 
     from sedd_scale.testing.tensor_memory import LiveTensorMemory
     from sedd_scale.train.trainer import Trainer
 
-    original = _with_bucket(reduce_bucket_size)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             data = copy.deepcopy(recipe_data)
@@ -144,5 +129,4 @@ def measure(recipe_data: dict, steps: int = 2, reduce_bucket_size: int | None = 
                 del trainer
             return result
     finally:
-        engine.deepspeed_config = original
         parallel.destroy_parallel()
