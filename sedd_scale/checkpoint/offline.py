@@ -5,16 +5,17 @@ Like DeepSpeed's zero_to_fp32 and universal-checkpoint tools, this reads every r
 AdamW moments, TP slices (`hub.unshard_tensors`), pipeline stages. The result is the `FullState`
 that `full_state.gather` collects from live engines, bit for bit (tests compare the two).
 
-Where DeepSpeed 0.16-0.19 keeps what (rank = tp + TP * (dp + DP * pp); mp = pp * TP + tp):
-* ZeRO-1/2 (`zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt`) and its bf16 optimizer
+Where DeepSpeed 0.16-0.19 keeps what (rank = tp + TP * (cp + CP * (dp + DP * pp)); mp = pp * TP + tp; DeepSpeed's
+data rank d = cp + CP * dp over its data group of D = DP x CP ranks, ZeRO's partitions):
+* ZeRO-1/2 (`zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt`) and its bf16 optimizer
   (`bf16_zero_pp_...`): per param group, this DP rank's flat fp32 partition and the AdamW moments of
   it; `param_slice_mappings` says which slice of each parameter's flattened elements it holds.
-* ZeRO-3 (same file name): per group, each parameter's ceil(n / DP) partition in parameter order
+* ZeRO-3 (same file name): per group, each parameter's ceil(n / D) partition in parameter order
   (`param_shapes` of `zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt`), padded at the end.
 * No ZeRO, fp32: the module's weights and torch's AdamW state in `mp_rank_{mp:02d}_model_states.pt`
   (pipeline stages keep their weights in `layer_{index:02d}-model_{tp:02d}-model_states.pt`).
-* Ours, `rank_{rank:05d}.pt`: the EMA shard of that rank over DP (`ema.py`), the counters, and the
-  names of the rank's parameters in the EMA's order.
+* Ours, `rank_{rank:05d}.pt`: the EMA shard of that rank over DP (`ema.py`; CP ranks hold the same one),
+  the counters, and the names of the rank's parameters in the EMA's order.
 
 Files are read one at a time, each checked against the sizes and sha256 of meta.json, and only the
 slices wanted are kept: peak memory is about the state produced plus the largest file.
@@ -52,6 +53,8 @@ class _Reader:
         self.meta = read_meta(self.step)
         layout = self.meta["layout"]
         self.tp, self.pp, self.dp, self.zero = layout["tp"], layout["pp"], layout["dp"], layout["zero_stage"]
+        self.cp = layout.get("cp", 1)  # checkpoints from before context parallelism ran CP 1
+        self.data = self.dp * self.cp  # DeepSpeed's data group: ZeRO partitions over DP x CP
         self.recipe = from_dict(Recipe, self.meta["recipe"])
         self.cfg = self.recipe.model
         self.bf16 = self.cfg.precision == "bf16"
@@ -76,9 +79,9 @@ class _Reader:
             self.progress.update(record["bytes"] if rel not in self.read else 0)
         self.progress.close()
 
-    def rank(self, tp: int, dp: int, pp: int) -> int:
-        """The global rank of (tp, dp, pp) in megatron's and DeepSpeed's order."""
-        return tp + self.tp * (dp + self.dp * pp)
+    def rank(self, tp: int, dp: int, pp: int, cp: int = 0) -> int:
+        """The global rank of (tp, cp, dp, pp) in megatron's and DeepSpeed's order."""
+        return tp + self.tp * (cp + self.cp * (dp + self.dp * pp))
 
 
 def _flat_moments(state: dict, group: int, length: int) -> dict[str, Tensor]:
@@ -102,7 +105,7 @@ def _fragments(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, di
     """ZeRO-1/2 and DeepSpeed's bf16 optimizer: {category: {DeepSpeed name: whole flat tensor}}, optimizer info."""
     pieces: dict[str, dict[str, list[Tensor]]] = {c: defaultdict(list) for c in wanted}
     info = {}
-    for d in range(reader.dp):
+    for d in range(reader.data):
         osd = reader.load(ds_files.optim_states(d, mp, bf16=reader.bf16))["optimizer_state_dict"]
         base = osd["base_optimizer_state"]
         info = _optimizer_info(base)
@@ -116,11 +119,11 @@ def _fragments(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, di
 
 
 def _zero3(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, dict[str, Tensor]], dict]:
-    """ZeRO-3: each parameter's partitions, ceil(n / DP) elements per rank in parameter order, joined."""
+    """ZeRO-3: each parameter's partitions, ceil(n / D) elements per data rank in parameter order, joined."""
     shapes = reader.load(ds_files.zero_model_states(0, mp))["param_shapes"]
     pieces: dict[str, dict[str, list[Tensor]]] = {c: defaultdict(list) for c in wanted}
     info = {}
-    for d in range(reader.dp):
+    for d in range(reader.data):
         osd = reader.load(ds_files.optim_states(d, mp))["optimizer_state_dict"]
         base = osd["optimizer_state_dict"]
         info = _optimizer_info(base)
@@ -128,7 +131,7 @@ def _zero3(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, dict[s
             flat = {"weights": osd["fp32_flat_groups"][g], **_flat_moments(base, g, osd["fp32_flat_groups"][g].numel())}
             offset = 0
             for name, shape in group_shapes.items():
-                size = math.ceil(math.prod(shape) / reader.dp)
+                size = math.ceil(math.prod(shape) / reader.data)
                 for c in wanted:
                     pieces[c][name].append(flat[c][offset:offset + size].clone())
                 offset += size

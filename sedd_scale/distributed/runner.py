@@ -120,8 +120,10 @@ class PlainRunner:
             self.engine.step()
             losses.append(loss.detach().float())
         loss = torch.stack(losses).mean()
-        dist.all_reduce(loss, group=ps.get_data_parallel_group())
-        return loss / self.layout.dp
+        # Each context-parallel rank's loss is CP times its positions' share (DeepSpeed averages gradients over
+        # DP x CP): the mean over DP x CP is the DP mean of the whole sequences' losses.
+        dist.all_reduce(loss, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return loss / self.layout.data_group_size
 
     def eval_loss(self, x0: Tensor, x_t: Tensor, total_noise: Tensor, rate: Tensor) -> float:
         """The micro-batch loss (mean over rows of rate * sum_i score entropy), the same on every rank."""

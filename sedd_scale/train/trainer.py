@@ -344,7 +344,8 @@ class Trainer:
         kept = self.runner.records.take()  # (total noise, per-sequence loss) per micro-batch; none off the last stage
         if not self.base_optimizer().last_skipped:
             self.ema.update(self._local_params())
-            if bands is not None and ps.get_tensor_model_parallel_rank() == 0:  # TP ranks hold the same losses
+            # TP and context-parallel ranks hold the same (whole-sequence) losses: one of them counts
+            if bands is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
                 for total_noise, per_sequence, scored in kept:
                     bands.add(total_noise, per_sequence, scored)
         self.step += 1
