@@ -98,7 +98,10 @@ def two_processes(tmp: str) -> dict:
 
 
 def four_processes(tmp: str) -> dict:
-    return {"tp2-pp2": _run(recipe_dict(f"{tmp}/tp2pp2", tp=2, pp=2, zero_stage=1), STEPS)}
+    # context parallelism beside TP and PP (CP alone, its resumes and reshards: tests/test_context_parallel.py)
+    layouts = {"tp2-pp2": {"tp": 2, "pp": 2}, "tp2-cp2": {"tp": 2, "context_parallel": 2},
+               "pp2-cp2": {"pp": 2, "context_parallel": 2}}
+    return {name: _run(recipe_dict(f"{tmp}/{name}", zero_stage=1, **p), STEPS) for name, p in layouts.items()}
 
 
 def test_layouts_match_one_process_and_resume_exactly(tmp_path):
@@ -115,7 +118,7 @@ def test_layouts_match_one_process_and_resume_exactly(tmp_path):
                                    atol=0, msg=lambda m, n=name: f"{n}: {m}")
         valid, ref_valid = losses[STEPS], reference[STEPS]
         assert math.isfinite(valid) and valid > 0
-        if name in ("tp2", "pp2", "tp2-pp2"):
+        if name in ("tp2", "pp2", "tp2-pp2", "tp2-cp2", "pp2-cp2"):
             # After the last Adam step: m / sqrt(v) turns last-bit differences of near-zero gradients
             # into lr-sized weight differences, so the weights (not the arithmetic) differ at ~1e-5.
             assert abs(valid - ref_valid) < VALID_RTOL * ref_valid, (name, valid, ref_valid)

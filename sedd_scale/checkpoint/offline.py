@@ -14,8 +14,8 @@ data rank d = cp + CP * dp over its data group of D = DP x CP ranks, ZeRO's part
   (`param_shapes` of `zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt`), padded at the end.
 * No ZeRO, fp32: the module's weights and torch's AdamW state in `mp_rank_{mp:02d}_model_states.pt`
   (pipeline stages keep their weights in `layer_{index:02d}-model_{tp:02d}-model_states.pt`).
-* Ours, `rank_{rank:05d}.pt`: the EMA shard of that rank over DP (`ema.py`; CP ranks hold the same one),
-  the counters, and the names of the rank's parameters in the EMA's order.
+* Ours, `rank_{rank:05d}.pt`: the EMA shard of that rank over the D data ranks (`ema.py`), the counters,
+  and the names of the rank's parameters in the EMA's order.
 
 Files are read one at a time, each checked against the sizes and sha256 of meta.json, and only the
 slices wanted are kept: peak memory is about the state produced plus the largest file.
@@ -79,9 +79,9 @@ class _Reader:
             self.progress.update(record["bytes"] if rel not in self.read else 0)
         self.progress.close()
 
-    def rank(self, tp: int, dp: int, pp: int, cp: int = 0) -> int:
-        """The global rank of (tp, cp, dp, pp) in megatron's and DeepSpeed's order."""
-        return tp + self.tp * (cp + self.cp * (dp + self.dp * pp))
+    def rank(self, tp: int, d: int, pp: int) -> int:
+        """The global rank of (tp, data rank d = cp + CP * dp, pp) in megatron's and DeepSpeed's order."""
+        return tp + self.tp * (d + self.data * pp)
 
 
 def _flat_moments(state: dict, group: int, length: int) -> dict[str, Tensor]:
@@ -166,23 +166,23 @@ def _no_zero(reader: _Reader, stage: int, tp: int, names: list[str], wanted: set
 
 
 def _ema(reader: _Reader, stage: int, tp: int) -> tuple[list[str], dict[str, Tensor], dict]:
-    """(the shard's parameter names, {name: whole flat EMA}, rank-0-of-DP's file) from the DP ranks' EMA shards."""
+    """(the shard's parameter names, {name: whole flat EMA}, data-rank-0's file) from the data ranks' EMA shards."""
     shards: list[dict] = []
-    for d in range(reader.dp):
+    for d in range(reader.data):
         extra = reader.load(f"rank_{reader.rank(tp, d, stage):05d}.pt")
-        if extra["ema"]["dp_size"] != reader.dp or extra["ema"]["dp_rank"] != d:
-            raise CheckpointError(f"{reader.step}: rank {reader.rank(tp, d, stage)}'s EMA shard is for DP rank "
-                                  f"{extra['ema']['dp_rank']}/{extra['ema']['dp_size']}, not {d}/{reader.dp}")
+        if extra["ema"]["dp_size"] != reader.data or extra["ema"]["dp_rank"] != d:
+            raise CheckpointError(f"{reader.step}: rank {reader.rank(tp, d, stage)}'s EMA shard is for data rank "
+                                  f"{extra['ema']['dp_rank']}/{extra['ema']['dp_size']}, not {d}/{reader.data}")
         shards.append(extra)
     names, numels = shards[0]["param_names"], shards[0]["ema"]["numels"]
     offsets = [0]
     for n in numels:
-        offsets.append(offsets[-1] + math.ceil(n / reader.dp))
+        offsets.append(offsets[-1] + math.ceil(n / reader.data))
     ema = {}
     for i, (name, n) in enumerate(zip(names, numels, strict=True)):
         parts = []
         for d, extra in enumerate(shards):
-            start, end = shard_bounds(n, d, reader.dp)
+            start, end = shard_bounds(n, d, reader.data)
             parts.append(extra["ema"]["shadow"][offsets[i]: offsets[i] + end - start])
         ema[name] = torch.cat(parts)
     first = {**shards[0], "ema": {k: v for k, v in shards[0]["ema"].items() if k != "shadow"}}  # counters only

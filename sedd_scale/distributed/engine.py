@@ -137,7 +137,8 @@ class MegatronMPU:
 def deepspeed_config(recipe: Recipe, layout: Layout) -> dict[str, Any]:
     """The DeepSpeed config dict for a recipe under a resolved layout (no DeepSpeed-built optimizer)."""
     config: dict[str, Any] = {
-        "train_batch_size": layout.global_batch,
+        # DeepSpeed counts micro-batches over its data group, DP x CP (CP ranks each run a chunk of the same rows)
+        "train_batch_size": layout.global_batch * layout.cp,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": recipe.optim.grad_clip,
