@@ -282,11 +282,12 @@ def _check_offline(tmp_path, live: dict) -> None:
 
 def test_offline_read_equals_the_live_engines_gather(tmp_path):
     """Reading the files in one process gives the state the saved world's engines gather, bit for bit: DP2 under
-    ZeRO-0/2/3 and DeepSpeed's bf16 optimizer."""
+    ZeRO-0/2/3 and DeepSpeed's bf16 optimizer, and CP2 under ZeRO-3 (partitions and EMA shards over DP x CP)."""
     cases = {"dp2-zero0": _case(tmp_path, "dp2-zero0", zero_stage=0),
              "dp2-zero2": _case(tmp_path, "dp2-zero2", zero_stage=2),
              "dp2-zero3": _case(tmp_path, "dp2-zero3", zero_stage=3),
-             "dp2-bf16": _case(tmp_path, "dp2-bf16", {"precision": "bf16"}, zero_stage=1)}
+             "dp2-bf16": _case(tmp_path, "dp2-bf16", {"precision": "bf16"}, zero_stage=1),
+             "cp2-zero3": _case(tmp_path, "cp2-zero3", zero_stage=3, context_parallel=2)}
     _check_offline(tmp_path, launch(_train_and_gather, 2, cases)[0])
 
 

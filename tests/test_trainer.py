@@ -99,10 +99,12 @@ def two_processes(tmp: str) -> dict:
 
 
 def four_processes(tmp: str) -> dict:
-    layouts = {"tp2-pp2": {"tp": 2, "pp": 2, "zero_stage": 1},
-               "tp4-sp": {"tp": 4, "sequence_parallel": True},
-               "tp2-sp-pp2": {"tp": 2, "pp": 2, "sequence_parallel": True, "zero_stage": 1}}
-    return {name: _run(recipe_dict(f"{tmp}/{name}", **p), STEPS) for name, p in layouts.items()}
+    # context parallelism beside TP and PP (CP alone, its resumes and reshards: tests/test_context_parallel.py);
+    # sequence parallelism at TP4, and with PP2
+    layouts = {"tp2-pp2": {"tp": 2, "pp": 2}, "tp2-cp2": {"tp": 2, "context_parallel": 2},
+               "pp2-cp2": {"pp": 2, "context_parallel": 2}, "tp4-sp": {"tp": 4, "sequence_parallel": True},
+               "tp2-sp-pp2": {"tp": 2, "pp": 2, "sequence_parallel": True}}
+    return {name: _run(recipe_dict(f"{tmp}/{name}", zero_stage=1, **p), STEPS) for name, p in layouts.items()}
 
 
 def test_layouts_match_one_process_and_resume_exactly(tmp_path):
@@ -119,7 +121,7 @@ def test_layouts_match_one_process_and_resume_exactly(tmp_path):
                                    atol=0, msg=lambda m, n=name: f"{n}: {m}")
         valid, ref_valid = losses[STEPS], reference[STEPS]
         assert math.isfinite(valid) and valid > 0
-        if name in ("tp2", "pp2", "tp2-pp2") or "-sp" in name:
+        if name in ("tp2", "pp2", "tp2-pp2", "tp2-cp2", "pp2-cp2") or "-sp" in name:
             # After the last Adam step: m / sqrt(v) turns last-bit differences of near-zero gradients
             # into lr-sized weight differences, so the weights (not the arithmetic) differ at ~1e-5.
             assert abs(valid - ref_valid) < VALID_RTOL * ref_valid, (name, valid, ref_valid)

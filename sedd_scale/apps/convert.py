@@ -168,7 +168,8 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, weights: str = "ema"
 # ---------------------------------------------------------------------------------------------
 # shard
 def target_recipe(model: ModelConfig, saved: dict | None, *, recipe: str | Path | None, tp: int, pp: int, dp: int,
-                  zero_stage: int | None, micro_batch: int | None, overrides: list[str] = (), where: str = "") -> dict:
+                  zero_stage: int | None, micro_batch: int | None, overrides: list[str] = (), where: str = "",
+                  cp: int = 1) -> dict:
     """The recipe (as data) the new checkpoint is written under: `saved` (or the file `recipe`) with the new layout,
     checked against `model` (the checkpoint's) and the layout before any work."""
     if recipe is not None:
@@ -182,6 +183,8 @@ def target_recipe(model: ModelConfig, saved: dict | None, *, recipe: str | Path 
                               "pass --recipe RECIPE.yaml for the optimizer, data and schedule settings")
     parallel = dict(data.get("parallel") or {})
     parallel.update(tp=tp, pp=pp)
+    if cp > 1 or "context_parallel" in parallel:  # a recipe without the key (older versions) keeps it absent
+        parallel["context_parallel"] = cp
     if zero_stage is not None:
         parallel["zero_stage"] = zero_stage
     if micro_batch is not None:
@@ -190,9 +193,9 @@ def target_recipe(model: ModelConfig, saved: dict | None, *, recipe: str | Path 
     data = apply_overrides(data, list(overrides))
     parsed = from_dict(Recipe, copy.deepcopy(data))  # RecipeError for impossible layouts, before any work
     try:
-        parsed.layout(tp * pp * dp)
+        parsed.layout(tp * cp * pp * dp)
     except RecipeError as e:
-        raise ConversionError(f"layout TP {tp} x PP {pp} x DP {dp}: {e}") from None
+        raise ConversionError(f"layout TP {tp} x CP {cp} x PP {pp} x DP {dp}: {e}") from None
     differ = {f: (getattr(model, f), getattr(parsed.model, f)) for f in ARCHITECTURE
               if getattr(model, f) != getattr(parsed.model, f)}
     if differ:
@@ -222,28 +225,32 @@ def _write_run(out: Path, step: int, recipe_data: dict, write_state) -> Path:
 
 def shard(source: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dp: int = 1,
           zero_stage: int | None = None, micro_batch: int | None = None, recipe: str | Path | None = None,
-          overrides: list[str] = ()) -> dict:
-    """A consolidated directory -> a run directory `out` that a run under TP x PP x DP (or any layout) resumes."""
+          overrides: list[str] = (), cp: int = 1) -> dict:
+    """A consolidated directory -> a run directory `out` that a run under TP x CP x PP x DP (or any layout)
+    resumes."""
     out = Path(out)
     _check_output(out)
     ckpt = cons.open_consolidated(source)
     recipe_data = target_recipe(ckpt.model, ckpt.config.get("recipe"), recipe=recipe, tp=tp, pp=pp, dp=dp,
-                                zero_stage=zero_stage, micro_batch=micro_batch, overrides=overrides, where=str(source))
+                                zero_stage=zero_stage, micro_batch=micro_batch, overrides=overrides, where=str(source),
+                                cp=cp)
     exact = ckpt.has_training_state
     step = ckpt.counters()["step"] if exact else 0
     return _summary(_write_run(out, step, recipe_data, lambda folder: shutil.copytree(ckpt.path, folder)), exact,
-                    tp, pp, dp)
+                    tp, pp, dp, cp)
 
 
-def _summary(written: Path, exact: bool, tp: int, pp: int, dp: int) -> dict:
+def _summary(written: Path, exact: bool, tp: int, pp: int, dp: int, cp: int) -> dict:
     recipe = read_meta(written)["recipe"]
     return {"step": read_meta(written)["step"], "exact": exact, "checkpoint": str(written), "out": str(written.parent),
-            "layout": {"tp": tp, "pp": pp, "dp": dp, "zero_stage": recipe["parallel"]["zero_stage"]}}
+            "layout": {"tp": tp, **({"cp": cp} if cp > 1 else {}), "pp": pp, "dp": dp,
+                       "zero_stage": recipe["parallel"]["zero_stage"]}}
 
 
 def reshard(checkpoint: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, dp: int = 1,
-            zero_stage: int | None = None, micro_batch: int | None = None, overrides: list[str] = ()) -> dict:
-    """A training checkpoint -> the same training state, layout-free, for a run under TP x PP x DP."""
+            zero_stage: int | None = None, micro_batch: int | None = None, overrides: list[str] = (),
+            cp: int = 1) -> dict:
+    """A training checkpoint -> the same training state, layout-free, for a run under TP x CP x PP x DP."""
     from sedd_scale.checkpoint import offline
 
     step, out = find_step(checkpoint), Path(out)
@@ -252,7 +259,7 @@ def reshard(checkpoint: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
     _check_output(out)
     saved = from_dict(Recipe, meta["recipe"])
     recipe_data = target_recipe(saved.model, meta["recipe"], recipe=None, tp=tp, pp=pp, dp=dp, zero_stage=zero_stage,
-                                micro_batch=micro_batch, overrides=overrides, where=str(step))
+                                micro_batch=micro_batch, overrides=overrides, where=str(step), cp=cp)
     state = offline.read_state(step)
     provenance = {"source": str(step), "step": meta["step"], "tokens_seen": meta["tokens_seen"],
                   "layout": meta["layout"], "recipe": meta["recipe"]}
@@ -261,7 +268,7 @@ def reshard(checkpoint: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
         cons.write(folder, saved.model, saved.diffusion.noise_spec(), state.tensors["weights"], which="raw",
                    provenance=provenance, training=(state.tensors, state.counters))
 
-    return _summary(_write_run(out, meta["step"], recipe_data, write), True, tp, pp, dp)
+    return _summary(_write_run(out, meta["step"], recipe_data, write), True, tp, pp, dp, cp)
 
 
 # ---------------------------------------------------------------------------------------------

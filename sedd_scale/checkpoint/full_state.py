@@ -1,5 +1,5 @@
 """The layout-free training state: whole tensors by model key, gathered from or loaded into a
-`Trainer` under any TP x PP x DP x ZeRO layout. Resharding is `gather` under one layout, then
+`Trainer` under any TP x CP x PP x DP x ZeRO layout. Resharding is `gather` under one layout, then
 `load` under another.
 
 Tensor categories: "weights" (the fp32 master weights the optimizer updates), "ema" (the EMA
@@ -112,8 +112,10 @@ def _set(trainer, p: nn.Parameter, key: str | None, value: Tensor) -> None:
         trainer.base_optimizer().state[p][key].copy_(value)
     if key is not None:
         return
-    if ds_files.zero3_partitioned(p):  # the module's own partition of the (possibly bf16) parameter
-        part, dp, rank = p.ds_tensor, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if ds_files.zero3_partitioned(p):  # the module's own partition (over DeepSpeed's data group, DP x CP)
+        part = p.ds_tensor
+        dp = ps.get_data_parallel_world_size(with_context_parallel=True)
+        rank = ps.get_data_parallel_rank(with_context_parallel=True)
         flat = F.pad(value.flatten(), (0, part.numel() * dp - value.numel()))
         part.data.copy_(flat[rank * part.numel():(rank + 1) * part.numel()])
     else:
@@ -149,7 +151,7 @@ def gather(trainer) -> FullState | None:
         for m in MOMENTS:
             local[m][key] = _get(trainer, p, m)
         local["ema"][key] = average.view(_shape(p)).cpu().clone()
-    if ps.get_data_parallel_rank() != 0:  # DP replicas hold the same whole tensors
+    if ps.get_data_parallel_rank(with_context_parallel=True) != 0:  # DP and CP replicas hold the same whole tensors
         return None
     stage = {c: {k: gather_tp_tensor(v, kinds[k], cfg) for k, v in d.items()} for c, d in local.items()}
     if ps.get_tensor_model_parallel_rank() != 0:

@@ -5,16 +5,17 @@ Like DeepSpeed's zero_to_fp32 and universal-checkpoint tools, this reads every r
 AdamW moments, TP slices (`hub.unshard_tensors`), pipeline stages. The result is the `FullState`
 that `full_state.gather` collects from live engines, bit for bit (tests compare the two).
 
-Where DeepSpeed 0.16-0.19 keeps what (rank = tp + TP * (dp + DP * pp); mp = pp * TP + tp):
-* ZeRO-1/2 (`zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt`) and its bf16 optimizer
+Where DeepSpeed 0.16-0.19 keeps what (rank = tp + TP * (cp + CP * (dp + DP * pp)); mp = pp * TP + tp; DeepSpeed's
+data rank d = cp + CP * dp over its data group of D = DP x CP ranks, ZeRO's partitions):
+* ZeRO-1/2 (`zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt`) and its bf16 optimizer
   (`bf16_zero_pp_...`): per param group, this DP rank's flat fp32 partition and the AdamW moments of
   it; `param_slice_mappings` says which slice of each parameter's flattened elements it holds.
-* ZeRO-3 (same file name): per group, each parameter's ceil(n / DP) partition in parameter order
+* ZeRO-3 (same file name): per group, each parameter's ceil(n / D) partition in parameter order
   (`param_shapes` of `zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt`), padded at the end.
 * No ZeRO, fp32: the module's weights and torch's AdamW state in `mp_rank_{mp:02d}_model_states.pt`
   (pipeline stages keep their weights in `layer_{index:02d}-model_{tp:02d}-model_states.pt`).
-* Ours, `rank_{rank:05d}.pt`: the EMA shard of that rank over DP (`ema.py`), the counters, and the
-  names of the rank's parameters in the EMA's order.
+* Ours, `rank_{rank:05d}.pt`: the EMA shard of that rank over the D data ranks (`ema.py`), the counters,
+  and the names of the rank's parameters in the EMA's order.
 
 Files are read one at a time, each checked against the sizes and sha256 of meta.json, and only the
 slices wanted are kept: peak memory is about the state produced plus the largest file.
@@ -52,6 +53,8 @@ class _Reader:
         self.meta = read_meta(self.step)
         layout = self.meta["layout"]
         self.tp, self.pp, self.dp, self.zero = layout["tp"], layout["pp"], layout["dp"], layout["zero_stage"]
+        self.cp = layout.get("cp", 1)  # checkpoints from before context parallelism ran CP 1
+        self.data = self.dp * self.cp  # DeepSpeed's data group: ZeRO partitions over DP x CP
         self.recipe = from_dict(Recipe, self.meta["recipe"])
         self.cfg = self.recipe.model
         self.bf16 = self.cfg.precision == "bf16"
@@ -76,9 +79,9 @@ class _Reader:
             self.progress.update(record["bytes"] if rel not in self.read else 0)
         self.progress.close()
 
-    def rank(self, tp: int, dp: int, pp: int) -> int:
-        """The global rank of (tp, dp, pp) in megatron's and DeepSpeed's order."""
-        return tp + self.tp * (dp + self.dp * pp)
+    def rank(self, tp: int, d: int, pp: int) -> int:
+        """The global rank of (tp, data rank d = cp + CP * dp, pp) in megatron's and DeepSpeed's order."""
+        return tp + self.tp * (d + self.data * pp)
 
 
 def _flat_moments(state: dict, group: int, length: int) -> dict[str, Tensor]:
@@ -102,7 +105,7 @@ def _fragments(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, di
     """ZeRO-1/2 and DeepSpeed's bf16 optimizer: {category: {DeepSpeed name: whole flat tensor}}, optimizer info."""
     pieces: dict[str, dict[str, list[Tensor]]] = {c: defaultdict(list) for c in wanted}
     info = {}
-    for d in range(reader.dp):
+    for d in range(reader.data):
         osd = reader.load(ds_files.optim_states(d, mp, bf16=reader.bf16))["optimizer_state_dict"]
         base = osd["base_optimizer_state"]
         info = _optimizer_info(base)
@@ -116,11 +119,11 @@ def _fragments(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, di
 
 
 def _zero3(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, dict[str, Tensor]], dict]:
-    """ZeRO-3: each parameter's partitions, ceil(n / DP) elements per rank in parameter order, joined."""
+    """ZeRO-3: each parameter's partitions, ceil(n / D) elements per data rank in parameter order, joined."""
     shapes = reader.load(ds_files.zero_model_states(0, mp))["param_shapes"]
     pieces: dict[str, dict[str, list[Tensor]]] = {c: defaultdict(list) for c in wanted}
     info = {}
-    for d in range(reader.dp):
+    for d in range(reader.data):
         osd = reader.load(ds_files.optim_states(d, mp))["optimizer_state_dict"]
         base = osd["optimizer_state_dict"]
         info = _optimizer_info(base)
@@ -128,7 +131,7 @@ def _zero3(reader: _Reader, mp: int, wanted: set[str]) -> tuple[dict[str, dict[s
             flat = {"weights": osd["fp32_flat_groups"][g], **_flat_moments(base, g, osd["fp32_flat_groups"][g].numel())}
             offset = 0
             for name, shape in group_shapes.items():
-                size = math.ceil(math.prod(shape) / reader.dp)
+                size = math.ceil(math.prod(shape) / reader.data)
                 for c in wanted:
                     pieces[c][name].append(flat[c][offset:offset + size].clone())
                 offset += size
@@ -163,23 +166,23 @@ def _no_zero(reader: _Reader, stage: int, tp: int, names: list[str], wanted: set
 
 
 def _ema(reader: _Reader, stage: int, tp: int) -> tuple[list[str], dict[str, Tensor], dict]:
-    """(the shard's parameter names, {name: whole flat EMA}, rank-0-of-DP's file) from the DP ranks' EMA shards."""
+    """(the shard's parameter names, {name: whole flat EMA}, data-rank-0's file) from the data ranks' EMA shards."""
     shards: list[dict] = []
-    for d in range(reader.dp):
+    for d in range(reader.data):
         extra = reader.load(f"rank_{reader.rank(tp, d, stage):05d}.pt")
-        if extra["ema"]["dp_size"] != reader.dp or extra["ema"]["dp_rank"] != d:
-            raise CheckpointError(f"{reader.step}: rank {reader.rank(tp, d, stage)}'s EMA shard is for DP rank "
-                                  f"{extra['ema']['dp_rank']}/{extra['ema']['dp_size']}, not {d}/{reader.dp}")
+        if extra["ema"]["dp_size"] != reader.data or extra["ema"]["dp_rank"] != d:
+            raise CheckpointError(f"{reader.step}: rank {reader.rank(tp, d, stage)}'s EMA shard is for data rank "
+                                  f"{extra['ema']['dp_rank']}/{extra['ema']['dp_size']}, not {d}/{reader.data}")
         shards.append(extra)
     names, numels = shards[0]["param_names"], shards[0]["ema"]["numels"]
     offsets = [0]
     for n in numels:
-        offsets.append(offsets[-1] + math.ceil(n / reader.dp))
+        offsets.append(offsets[-1] + math.ceil(n / reader.data))
     ema = {}
     for i, (name, n) in enumerate(zip(names, numels, strict=True)):
         parts = []
         for d, extra in enumerate(shards):
-            start, end = shard_bounds(n, d, reader.dp)
+            start, end = shard_bounds(n, d, reader.data)
             parts.append(extra["ema"]["shadow"][offsets[i]: offsets[i] + end - start])
         ema[name] = torch.cat(parts)
     first = {**shards[0], "ema": {k: v for k, v in shards[0]["ema"].items() if k != "shadow"}}  # counters only

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sedd_scale.checksums import SUMS_FILE, ChecksumError, file_record, read_sums, write_sums
+from sedd_scale.layout import layout_changes, reshard_args
 
 FORMAT = "sedd-scale/train-v2"
 # The layout of a step written by the conversion tools: its `state/` folder is a consolidated directory with
@@ -277,11 +278,11 @@ def check_layout(meta: dict, layout: dict) -> None:
     saved = meta.get("layout", {})
     if saved == ANY_LAYOUT:
         return
-    diff = {k: (saved.get(k), v) for k, v in layout.items() if saved.get(k) != v}
+    diff = layout_changes(saved, layout)
     if diff:
         changes = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in diff.items())
         raise CheckpointError(
             f"checkpoint step {meta.get('step')} was written under another layout ({changes}); reshard it first "
-            f"(python tools/convert_checkpoint.py reshard RUN_DIR NEW_RUN_DIR --tp {layout.get('tp')} "
-            f"--pp {layout.get('pp')} --dp {layout.get('dp')} --zero-stage {layout.get('zero_stage')}), "
+            f"(python tools/convert_checkpoint.py reshard RUN_DIR NEW_RUN_DIR {reshard_args(layout)}), "
             "or resume with the saved layout")
+

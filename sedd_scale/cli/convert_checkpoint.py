@@ -40,8 +40,9 @@ from sedd_scale.config import RecipeError
 
 def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel size (parallel.context_parallel)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel size (world = tp * pp * dp)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size (world = tp * cp * pp * dp)")
     p.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage (default: the recipe's)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="sequences per rank per forward (default: the recipe's; the global batch never changes)")
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "consolidate":
         return convert.consolidate(args.checkpoint, args.out, weights=args.weights, training_state=args.training_state,
                                    max_shard_bytes=args.max_shard_size)
-    layout = {k: getattr(args, k, None) for k in ("tp", "pp", "dp", "zero_stage", "micro_batch")}
+    layout = {k: getattr(args, k, None) for k in ("tp", "cp", "pp", "dp", "zero_stage", "micro_batch")}
     if args.command == "reshard":
         return convert.reshard(args.checkpoint, args.out, overrides=args.overrides, **layout)
     if args.command == "shard":

@@ -6,8 +6,8 @@ A resume compares the current recipe with the one saved in the checkpoint's meta
 * APPLIED keys are taken from the current recipe: the optimizer and its schedule, the run's length
   and intervals, throughput-only settings (micro batch, workers, activation checkpointing). Each
   change is reported so that the logs say what the resumed run does differently.
-* The layout (tp, pp, dp = what the world size leaves, zero_stage) selects how the saved shards are
-  cut: a change needs `convert_checkpoint.py reshard`, which carries the whole training state over.
+* The layout (tp, context_parallel, pp, dp = what the world size leaves, zero_stage) selects how the saved
+  shards are cut: a change needs `convert_checkpoint.py reshard`, which carries the whole training state over.
 * Every other key changes what is being learned (the model, the graph, the noise process, the
   tokenizer, the data stream, the precision of the optimizer state) and is refused, naming the key,
   both values and the way forward.
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from sedd_scale.layout import layout_changes, reshard_args
 
 # key -> why it may change on resume
 APPLIED: dict[str, str] = {
@@ -34,7 +36,6 @@ APPLIED: dict[str, str] = {
     "train.ema": "EMA decay (the shadow continues with the new decay)",
     "parallel.micro_batch": "throughput only (the global batch and the data stream are unchanged)",
     "parallel.distributed_timeout_minutes": "how long a collective may wait before the run fails",
-    "parallel.sequence_parallel": "activation memory and communication only (the same sums in another order)",
     **{f"parallel.{k}": "communication scheduling only (the same reductions; ZeRO's saved partitions do not depend "
                         "on it)" for k in ("zero_overlap_comm", "zero_contiguous_gradients", "zero_reduce_bucket_size",
                                            "zero_prefetch_bucket_size")},
@@ -43,6 +44,8 @@ APPLIED: dict[str, str] = {
     "data.prepare": "used only when the data is missing",
     "data.cache_dir": "where shards given as URLs are cached (their content is checked)",
     "model.activation_checkpointing": "memory/compute trade-off only (the same arithmetic)",
+    "parallel.sequence_parallel": "memory/communication trade-off only (activations split over TP; no parameter or "
+                                  "optimizer state is sharded differently)",
     "model.compile": "speed only (the same arithmetic, fused by torch.compile)",
     "model.dropout": "regularisation",
     "model.attention_dropout": "regularisation",
@@ -52,7 +55,8 @@ APPLIED: dict[str, str] = {
     "checkpoint.start_over": "whether to discard the run's checkpoints",
     "checkpoint.init_from": "where a fresh run starts from (a resumed run continues its own checkpoint instead)",
 }
-LAYOUT = ("parallel.tp", "parallel.pp", "parallel.zero_stage")  # compared as the resolved layout
+# compared as the resolved layout (a context-parallel change moves ZeRO's partitions, whose group is DP x CP)
+LAYOUT = ("parallel.tp", "parallel.pp", "parallel.zero_stage", "parallel.context_parallel")
 # key -> what it changes (refused on resume)
 REFUSED: dict[str, str] = {
     **{f"model.{k}": "the model" for k in ("hidden_size", "n_heads", "n_blocks", "cond_dim", "mlp_ratio",
@@ -110,23 +114,21 @@ def check_resume(saved: dict, current: dict, saved_layout: dict, layout: dict, *
     """The changes a resume applies from `current`; ResumeRefused naming every change it cannot apply.
 
     `saved` / `current` are resolved recipes (`to_dict(Recipe)`: keys a recipe left out hold their
-    defaults), `saved_layout` / `layout` the {tp, pp, dp, zero_stage} the checkpoint was written under and
+    defaults), `saved_layout` / `layout` the `Layout.as_dict()` the checkpoint was written under and
     the one this run would use. A key in no table is refused: unknown means unsafe.
     """
     found = [c for c in changes(saved, current) if c.key not in LAYOUT]  # the layout is compared whole below
     applied = [c for c in found if c.key in APPLIED]
     lines = [f"  {c.describe()} (changes {REFUSED.get(c.key, 'an unclassified setting')})"
              for c in found if c.key not in APPLIED]
-    moved = {} if saved_layout == "any" else {k: (saved_layout.get(k), v) for k, v in layout.items()
-                                               if saved_layout.get(k) != v}  # "any": a resharded state
+    moved = {} if saved_layout == "any" else layout_changes(saved_layout, layout)  # "any": a resharded state
     lines += [f"  layout {k}: saved {a}, now {b}" for k, (a, b) in moved.items()]
     if not lines:
         return applied
     forward = []
     if moved or any(c.key == "model.precision" for c in found):
         forward.append(f"to continue this run under another layout or precision, convert it first: python "
-                       f"tools/convert_checkpoint.py reshard {run_dir} NEW_DIR --tp {layout.get('tp')} --pp "
-                       f"{layout.get('pp')} --dp {layout.get('dp')} --zero-stage {layout.get('zero_stage')} "
+                       f"tools/convert_checkpoint.py reshard {run_dir} NEW_DIR {reshard_args(layout)} "
                        "[--set model.precision=...], then train with checkpoint.dir=NEW_DIR")
     forward += ["to start a new run, set a new checkpoint.dir (or checkpoint.resume=false with "
                 "checkpoint.start_over=true to discard this run's checkpoints)",

@@ -158,7 +158,7 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    """Tensor x pipeline x data parallelism (DP is what the world size leaves), ZeRO, batch sizes."""
+    """Tensor x context x pipeline x data parallelism (DP is what the world size leaves), ZeRO, batch sizes."""
 
     tp: int = 1  # tensor-parallel size (divides model.n_heads; within a node)
     pp: int = 1  # pipeline stages (divides model.n_blocks)
@@ -192,8 +192,14 @@ class ParallelConfig:
     # (zero_optimization.stage3_prefetch_bucket_size, DeepSpeed's default 5e7: 0.1 GB of bf16, a 7B block's
     # TP1 weights in about four steps); 0 turns prefetching off. ZeRO-3 only.
     zero_prefetch_bucket_size: int = 50_000_000
+    # Context parallelism for long sequences: each sequence's positions split over this many ranks (attention
+    # exchanges heads for positions, DeepSpeed-Ulysses); they share their DP rank's rows. world = tp x cp x pp x dp;
+    # tp x cp divides model.n_heads, cp divides data.seq_len; ZeRO partitions over DP x CP.
+    context_parallel: int = 1
 
     def __post_init__(self):
+        if self.context_parallel < 1:
+            raise ValueError(f"context_parallel must be >= 1, got {self.context_parallel}")
         for key, low in (("zero_reduce_bucket_size", 1), ("zero_prefetch_bucket_size", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -313,12 +319,10 @@ class Recipe:
             m.check_tp(tp)
         except ValueError as e:
             raise ValueError(f"parallel.tp={tp}: {e}") from None
-        if self.parallel.sequence_parallel and self.data.seq_len % tp:
-            raise ValueError(f"parallel.sequence_parallel splits each sequence over tp={tp} ranks but data.seq_len="
-                             f"{self.data.seq_len} is not divisible by {tp}: change seq_len or tp")
         if m.n_blocks % pp:
             raise ValueError(f"parallel.pp={pp} does not divide model.n_blocks={m.n_blocks}: "
                              f"choose pp among {divisors(m.n_blocks)}")
+        self._check_sequence_split()
         if m.precision == "bf16" and self.parallel.zero_stage == 0:
             # Without ZeRO DeepSpeed wraps bf16 weights in another optimizer, whose state nothing here reads.
             raise ValueError("model.precision=bf16 keeps fp32 master weights in DeepSpeed's bf16 optimizer, which "
@@ -346,12 +350,30 @@ class Recipe:
             raise ValueError(f"model.num_tokens={m.num_tokens} does not match data.tokenizer "
                              f"'{self.data.tokenizer}' ({vocab} tokens): set model.num_tokens: {vocab}")
 
+    def _check_sequence_split(self) -> None:
+        """Context parallelism splits heads over TP x CP ranks (Ulysses) and positions over CP; sequence parallelism
+        positions over TP x CP: refuse sizes that do not divide them."""
+        tp, cp, p = self.parallel.tp, self.parallel.context_parallel, self.parallel
+        heads, seq_len = self.model.n_heads, self.data.seq_len
+        valid = [c for c in divisors(heads // tp) if seq_len % c == 0] if heads % tp == 0 else [1]
+        if cp > 1 and heads % (tp * cp):
+            raise ValueError(f"parallel.context_parallel={cp} with tp={tp}: attention splits model.n_heads={heads} "
+                             f"over tp x context_parallel = {tp * cp} ranks, which does not divide it: choose "
+                             f"context_parallel among {valid}")
+        if cp > 1 and seq_len % cp:
+            raise ValueError(f"parallel.context_parallel={cp} does not divide data.seq_len={seq_len}: choose "
+                             f"context_parallel among {valid}")
+        if p.sequence_parallel and seq_len % (tp * cp):
+            raise ValueError(f"parallel.sequence_parallel splits data.seq_len={seq_len} over tp x context_parallel "
+                             f"= {tp}*{cp} = {tp * cp} ranks, which does not divide it: choose a seq_len that is a "
+                             "multiple of it, or sequence_parallel: false")
+
     def layout(self, world_size: int) -> Layout:
         """Resolve DP and gradient accumulation for `world_size` ranks; RecipeError if impossible."""
         p = self.parallel
         try:
             return Layout.resolve(world_size, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, micro_batch=p.micro_batch,
-                                  global_batch=p.global_batch)
+                                  global_batch=p.global_batch, cp=p.context_parallel, sp=p.sequence_parallel)
         except ValueError as e:
             raise RecipeError(str(e)) from None
 

@@ -1,12 +1,15 @@
-"""Process groups and the DeepSpeed engine for a TP x PP x DP layout.
+"""Process groups and the DeepSpeed engine for a TP x CP x PP x DP layout.
 
 megatron-core's tensor-parallel layers talk over megatron's `parallel_state` groups; DeepSpeed's
 ZeRO and pipeline engines use their own. Both are built from the same layout and checked to
-coincide: rank = tp_rank + TP * (dp_rank + DP * pp_rank) in megatron's default order
-"tp-cp-ep-dp-pp" and in DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model).
+coincide: rank = tp_rank + TP * (cp_rank + CP * (dp_rank + DP * pp_rank)) in megatron's default order
+"tp-cp-ep-dp-pp" and in DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model) with a
+data axis of DP x CP ranks: context-parallel ranks hold the same weights and each a share of the
+gradients, so DeepSpeed partitions (ZeRO) and averages over megatron's DP x CP group (the model
+scales its loss by CP, as Megatron does, so that average is the sum over positions).
 
 * PP = 1: the model is an ordinary module, `deepspeed.initialize(mpu=MegatronMPU())`, so ZeRO
-  shards over megatron's data-parallel group and the clipping norm sums over TP shards.
+  shards over megatron's DP x CP group and the clipping norm sums over TP shards.
   Without an mpu DeepSpeed treats every rank as data-parallel and is silently wrong.
 * PP > 1: the model is a DeepSpeed `PipelineModule` built on `init_layout`'s topology; its
   engine takes no mpu (it derives one from the topology) and supports ZeRO-1 only.
@@ -67,23 +70,23 @@ def enable_tf32() -> None:
 
 
 def init_layout(layout: Layout, timeout_s: float | None = None) -> PipeModelDataParallelTopology:
-    """Initialise megatron's TP/PP/DP groups for `layout` (collective timeout `timeout_s`, None: megatron-core's
-    default), check them against DeepSpeed's topology, return it."""
+    """Initialise megatron's TP/CP/PP/DP groups for `layout` (collective timeout `timeout_s`, None: megatron-core's
+    default), check them against DeepSpeed's topology (its data axis is DP x CP), return it."""
     if not dist.is_initialized():
         raise RuntimeError("init_layout needs the default process group: call init_world() first")
     if dist.get_world_size() != layout.world_size:
         raise RuntimeError(f"layout is for {layout.world_size} ranks but {dist.get_world_size()} were launched")
-    parallel.init_model_parallel(layout.tp, layout.pp, timeout_s=timeout_s)
-    topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    parallel.init_model_parallel(layout.tp, layout.pp, cp=layout.cp, timeout_s=timeout_s)
+    topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.data_group_size)
     check_topology(topology)
     return topology
 
 
 def check_topology(topology: PipeModelDataParallelTopology) -> None:
-    """Raise unless this rank's megatron TP/DP/PP groups are DeepSpeed's model/data/pipe axis groups."""
+    """Raise unless this rank's megatron TP / DP x CP / PP groups are DeepSpeed's model/data/pipe axis groups."""
     rank = dist.get_rank()
     pairs = {"model": ("tensor-parallel", ps.get_tensor_model_parallel_group()),
-             "data": ("data-parallel", ps.get_data_parallel_group()),
+             "data": ("data x context-parallel", ps.get_data_parallel_group(with_context_parallel=True)),
              "pipe": ("pipeline-parallel", ps.get_pipeline_model_parallel_group())}
     for axis, (name, group) in pairs.items():
         megatron_ranks = sorted(dist.get_process_group_ranks(group))
@@ -94,8 +97,22 @@ def check_topology(topology: PipeModelDataParallelTopology) -> None:
                                "tp-cp-ep-dp-pp to match PipeModelDataParallelTopology")
 
 
+def _data_group():
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def _data_rank() -> int:
+    return ps.get_data_parallel_rank(with_context_parallel=True)
+
+
+def _data_size() -> int:
+    return ps.get_data_parallel_world_size(with_context_parallel=True)
+
+
 class MegatronMPU:
-    """DeepSpeed's `mpu` protocol over megatron's parallel_state: model-parallel means tensor-parallel."""
+    """DeepSpeed's `mpu` protocol over megatron's parallel_state: model-parallel means tensor-parallel, and
+    data-parallel means DP x CP (what ZeRO partitions over and DeepSpeed averages gradients over: context-parallel
+    ranks hold the same weights)."""
 
     get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
     get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
@@ -107,20 +124,21 @@ class MegatronMPU:
     get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
     get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
     get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
-    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
-    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(_data_rank)
+    get_data_parallel_world_size = staticmethod(_data_size)
+    get_data_parallel_group = staticmethod(_data_group)
 
     @staticmethod
     def get_data_parallel_group_ranks() -> list[int]:
-        """Global ranks of this rank's data-parallel group."""
-        return dist.get_process_group_ranks(ps.get_data_parallel_group())
+        """Global ranks of this rank's data-parallel (DP x CP) group."""
+        return dist.get_process_group_ranks(_data_group())
 
 
 def deepspeed_config(recipe: Recipe, layout: Layout) -> dict[str, Any]:
     """The DeepSpeed config dict for a recipe under a resolved layout (no DeepSpeed-built optimizer)."""
     config: dict[str, Any] = {
-        "train_batch_size": layout.global_batch,
+        # DeepSpeed counts micro-batches over its data group, DP x CP (CP ranks each run a chunk of the same rows)
+        "train_batch_size": layout.global_batch * layout.cp,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": recipe.optim.grad_clip,
@@ -215,7 +233,7 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, layout: Layout, total_s
     parallel.set_group_timeouts(timeout_s(recipe))
     if engine.optimizer is optimizer:  # no ZeRO/bf16 wrapper: DeepSpeed calls ours directly
         _guard_by_grad_norm(engine, optimizer)
-        if layout.dp == 1:
+        if layout.data_group_size == 1:
             # DeepSpeed would flatten every gradient into a bucket, all-reduce it over a group of one and
             # copy it back (three passes over all gradients, for nothing).
             engine.enable_backward_allreduce = False
@@ -264,5 +282,6 @@ def describe_rank() -> str:
     """This rank's place in the layout, for logs."""
     return (f"rank {dist.get_rank()}/{dist.get_world_size()} local {os.environ.get('LOCAL_RANK', '0')} "
             f"master {os.environ.get('MASTER_ADDR', 'none')}:{os.environ.get('MASTER_PORT', 'none')} | "
-            f"tp {ps.get_tensor_model_parallel_rank()} pp {ps.get_pipeline_model_parallel_rank()} "
-            f"dp {ps.get_data_parallel_rank()} | backend {dist.get_backend()}")
+            f"tp {ps.get_tensor_model_parallel_rank()} cp {ps.get_context_parallel_rank()} "
+            f"pp {ps.get_pipeline_model_parallel_rank()} dp {ps.get_data_parallel_rank()} | "
+            f"backend {dist.get_backend()}")

@@ -1,4 +1,4 @@
-"""Process groups for a TP x PP x DP layout (megatron-core `parallel_state`) and small TP helpers."""
+"""Process groups for a TP x CP x PP x DP layout (megatron-core `parallel_state`) and small TP helpers."""
 from __future__ import annotations
 
 import datetime
@@ -48,23 +48,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int | None = None, timeout_s: float | None = None) -> None:
-    """Create megatron's TP/PP/DP groups (DP = world / (tp * pp)) with collectives timing out after `timeout_s`
-    (None: megatron-core's default, 30 min); seed the RNGs when `seed` is given."""
+def init_model_parallel(tp: int = 1, pp: int = 1, *, cp: int = 1, seed: int | None = None,
+                        timeout_s: float | None = None) -> None:
+    """Create megatron's TP/CP/PP/DP groups (DP = world / (tp * cp * pp)) with collectives timing out after
+    `timeout_s` (None: megatron-core's default, 30 min); seed the RNGs when `seed` is given."""
     join_process_group()
     world = dist.get_world_size()
-    if tp < 1 or pp < 1 or world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}: "
-                         f"launch a multiple of {tp * pp} processes or change tp/pp")
+    if tp < 1 or pp < 1 or cp < 1 or world % (tp * cp * pp):
+        raise ValueError(f"world size {world} is not divisible by tp*cp*pp = {tp}*{cp}*{pp}: "
+                         f"launch a multiple of {tp * cp * pp} processes or change tp/cp/pp")
     if ps.model_parallel_is_initialized():
-        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
-        if have != (tp, pp):
-            raise RuntimeError(f"parallel groups already exist for tp={have[0]}, pp={have[1]}; "
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_context_parallel_world_size())
+        if have != (tp, pp, cp):
+            raise RuntimeError(f"parallel groups already exist for tp={have[0]}, pp={have[1]}, cp={have[2]}; "
                                "call sedd_scale.distributed.parallel.destroy_parallel() before asking for "
-                               f"tp={tp}, pp={pp}")
+                               f"tp={tp}, pp={pp}, cp={cp}")
     else:
         timeout = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **timeout)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     context_parallel_size=cp, **timeout)
     if seed is not None:
         seed_parallel(seed)
 

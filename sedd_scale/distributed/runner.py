@@ -34,6 +34,17 @@ MicroBatch = tuple[Tensor, Tensor, Tensor, Tensor]
 """(x0, x_t, total_noise, rate): one noised micro-batch."""
 
 
+def mean_over_cp(loss: Tensor) -> Tensor:
+    """The whole sequences' loss from this context-parallel rank's: each scores its chunk of the positions, times CP
+    (so that DeepSpeed's average over DP x CP sums the chunks), and their mean is the loss of the whole sequences."""
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return loss
+    loss = loss.detach().clone()
+    dist.all_reduce(loss, group=ps.get_context_parallel_group())
+    return loss / cp
+
+
 @contextlib.contextmanager
 def rng_kept():
     """Restore the default CPU and CUDA generators and megatron's tensor-parallel tracker on exit (what dropout
@@ -123,12 +134,14 @@ class PlainRunner:
             self.engine.step()
             losses.append(loss.detach().float())
         loss = torch.stack(losses).mean()
-        dist.all_reduce(loss, group=ps.get_data_parallel_group())
-        return loss / self.layout.dp
+        # Each context-parallel rank's loss is CP times its positions' share (DeepSpeed averages gradients over
+        # DP x CP): the mean over DP x CP is the DP mean of the whole sequences' losses.
+        dist.all_reduce(loss, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return loss / self.layout.data_group_size
 
     def eval_loss(self, x0: Tensor, x_t: Tensor, total_noise: Tensor, rate: Tensor) -> float:
         """The micro-batch loss (mean over rows of rate * sum_i score entropy), the same on every rank."""
-        return float(self.engine.module(x0, x_t, total_noise, rate))
+        return float(mean_over_cp(self.engine.module(x0, x_t, total_noise, rate).float()))
 
     def log_scores(self, x: Tensor, total: Tensor) -> Tensor:
         """Full-vocabulary log-scores (the TP shards gathered), for sampling."""
@@ -183,7 +196,7 @@ class PipelineRunner:
             value[0] = float(out[0])
         src, group = self._last_stage_src()
         dist.broadcast(value, src=src, group=group)
-        return float(value)
+        return float(mean_over_cp(value))
 
     def log_scores(self, x: Tensor, total: Tensor) -> Tensor:
         """Full-vocabulary log-scores through the pipeline, made on the last stage and sent to every stage."""

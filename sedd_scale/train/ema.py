@@ -1,4 +1,5 @@
-"""Exponential moving average of the weights, sharded over the data-parallel group (sedd-math 6).
+"""Exponential moving average of the weights, sharded over the data-parallel group (sedd-math 6): DeepSpeed's,
+DP x CP under context parallelism (the trainer passes it), whose ranks ZeRO partitions over.
 
 Data-parallel replicas hold the same weights, so each DP rank averages only its part of every
 parameter: elements [r*c, (r+1)*c) of the flattened tensor, c = ceil(numel / dp), the rule ZeRO-3

@@ -87,8 +87,7 @@ def check_start(recipe: Recipe, world_size: int) -> RunStart:
     except RecipeError as e:
         raise CheckpointError(f"the recipe saved in {latest / 'meta.json'} is not valid for this version ({e}): "
                               "continue the run with the version that wrote it, or start a new run") from None
-    here = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero_stage": layout.zero_stage}
-    changes = check_resume(to_dict(saved), to_dict(recipe), meta["layout"], here, checkpoint=str(latest),
+    changes = check_resume(to_dict(saved), to_dict(recipe), meta["layout"], layout.as_dict(), checkpoint=str(latest),
                            run_dir=str(ckpts.root))
     return RunStart(latest, changes, init_from=recipe.checkpoint.init_from)
 

@@ -52,7 +52,8 @@ def start_lines(recipe, layout, counts: ParameterCounts) -> list[str]:
     stages = "" if len(counts.per_stage) == 1 else \
         f"; per pipeline stage {', '.join(_count(n) for n in counts.per_stage)}"
     shard = "" if layout.tp == 1 and layout.pp == 1 else f"; up to {_count(counts.per_rank)} on one rank"
-    zero = f" (ZeRO-{layout.zero_stage} partitions them over DP {layout.dp})" if layout.zero_stage == 3 else ""
+    over = f"DP x CP {layout.data_group_size}" if layout.cp > 1 else f"DP {layout.dp}"
+    zero = f" (ZeRO-{layout.zero_stage} partitions them over {over})" if layout.zero_stage == 3 else ""
     tokens = layout.global_batch * recipe.data.seq_len
     return [f"layout: {layout.describe()}",
             f"parameters: {_count(counts.total)}{stages}{shard}{zero}",

@@ -154,8 +154,10 @@ class Trainer:
         self.runner = build_runner(self.model_cfg, recipe, layout, topology, loss_cfg, self.device, warm_up)
         self.engine = self.runner.engine
         self.io = self.engine.checkpoint_engine = SnapshotIO()
-        self.ema = EMA(self._local_params(), recipe.train.ema, dp_rank=self.dp_rank, dp_size=layout.dp,
-                       group=ps.get_data_parallel_group())
+        # Sharded over DeepSpeed's data group, DP x CP: a ZeRO-3 parameter's own partition is its EMA shard.
+        self.ema = EMA(self._local_params(), recipe.train.ema,
+                       dp_rank=ps.get_data_parallel_rank(with_context_parallel=True), dp_size=layout.data_group_size,
+                       group=ps.get_data_parallel_group(with_context_parallel=True))
         self.loader = loader
         self.batches = iter(loader)
         self.checkpoints = CheckpointDir(checkpoint_dir or recipe.checkpoint.dir, keep_last=recipe.train.keep_last)
@@ -341,7 +343,8 @@ class Trainer:
         kept = self.runner.records.take()  # (total noise, per-sequence loss) per micro-batch; none off the last stage
         if not self.base_optimizer().last_skipped:
             self.ema.update(self._local_params())
-            if bands is not None and ps.get_tensor_model_parallel_rank() == 0:  # TP ranks hold the same losses
+            # TP and context-parallel ranks hold the same (whole-sequence) losses: one of them counts
+            if bands is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
                 for total_noise, per_sequence, scored in kept:
                     bands.add(total_noise, per_sequence, scored)
         self.step += 1
