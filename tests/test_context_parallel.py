@@ -61,12 +61,15 @@ def _close(name: str, got: dict, want: dict, offset: int = 0) -> None:
 
 
 def _reshard(step, out, **layout) -> dict:
-    """`convert_checkpoint.py reshard` of `step` to `out` for `layout`; the recipe (as data) that resumes it."""
-    from sedd_scale.apps import convert
+    """`convert_checkpoint.py reshard` of `step` to `out` for `layout` (through its command line); the recipe (as
+    data) that resumes it."""
+    from sedd_scale.cli import convert_checkpoint
 
-    summary = convert.reshard(step, out, **layout)
-    assert summary["exact"] and summary["step"] == SAVE_AT, summary
-    recipe = json.loads((out / f"step_{SAVE_AT:09d}" / "meta.json").read_text())["recipe"]
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in layout.items()]
+    assert convert_checkpoint.main(["reshard", str(step), str(out), *args]) == 0
+    meta = json.loads((out / f"step_{SAVE_AT:09d}" / "meta.json").read_text())
+    assert meta["step"] == SAVE_AT and meta["layout"] == "any", meta["layout"]
+    recipe = meta["recipe"]
     assert recipe["parallel"].get("context_parallel", 1) == layout.get("cp", 1)
     return recipe
 
