@@ -79,6 +79,7 @@ from sedd_scale.plan.memory import (
                                       overlaps_reduction,
                                       precision_of,
                                       reduce_buckets,
+                                      sp_gather_buffer_per_token,
                                       stage_memory,
                                       stage_params,
                                       stages,
@@ -125,6 +126,6 @@ __all__ = [
     "candidate_of", "candidates", "device_bytes", "dp_exchange", "exposed_seconds", "flops_per_token",
     "format_batch_proposal", "format_plan", "format_proposals", "group_bandwidth", "overlaps_reduction",
     "p2p_bandwidth", "p2p_seconds_per_micro_batch", "plan", "plan_without_recompute", "precision_of", "propose",
-    "propose_global_batch", "reduce_buckets", "stage_memory", "stage_params", "stages", "step_time",
-    "uses_bf16_optimizer", "with_global_batch",
+    "propose_global_batch", "reduce_buckets", "sp_gather_buffer_per_token", "stage_memory", "stage_params", "stages",
+    "step_time", "uses_bf16_optimizer", "with_global_batch",
 ]

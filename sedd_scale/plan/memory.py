@@ -141,11 +141,11 @@ def block_saved_bytes_per_token(m: ModelConfig, tp: int, device: str = "cuda", s
     (mlp_ratio x H each). With dropout each branch keeps its mask: 1 B on CUDA, a whole tensor on CPU.
 
     Sequence parallelism (`sp`) splits the replicated part over TP too: its tensors live on a sequence shard,
-    and the column-parallel qkv and mlp_in save their local input shard (megatron re-gathers it in backward:
-    `_backward_transient_per_token`). Context parallelism (`cp` > 1, Ulysses) holds L / cp positions per rank
-    (the caller's token count); per position it trades qkv's output, which the all-to-alls copy and free, for
-    v's and the output's all-to-all copies (v whole heads of the sequence, kept by SDPA; the output back,
-    kept by attn_out): one H / tp of the attention dtype fewer.
+    and the column-parallel qkv and mlp_in save their local input shard (megatron gathers it, forward and again in
+    backward, into a buffer it keeps: `sp_gather_buffer_per_token`, not counted here). Context parallelism (`cp`
+    > 1, Ulysses) holds L / cp positions per rank (the caller's token count); per position it trades qkv's output,
+    which the all-to-alls copy and free, for v's and the output's all-to-all copies (v whole heads of the
+    sequence, kept by SDPA; the output back, kept by attn_out): one H / tp of the attention dtype fewer.
     """
     p = precision_of(m.precision)
     h, r = m.hidden_size, m.mlp_ratio
@@ -156,14 +156,20 @@ def block_saved_bytes_per_token(m: ModelConfig, tp: int, device: str = "cuda", s
     return h * (replicated / (tp if sp else 1) + (attention * p.attention + 2 * r * p.mlp) / tp)
 
 
-def _backward_transient_per_token(m: ModelConfig, tp: int, sp: bool = False, cp: int = 1) -> float:
+def sp_gather_buffer_per_token(m: ModelConfig) -> float:
+    """Bytes per token of the CP chunk of megatron's global memory buffer under SP: the column-parallel layers
+    all-gather their input (forward, and again in backward) into one (tokens, H) buffer of the linear-input dtype,
+    allocated at the first forward and kept for the whole run (measured)."""
+    return m.hidden_size * precision_of(m.precision).linear_in
+
+
+def _backward_transient_per_token(m: ModelConfig, tp: int, cp: int = 1) -> float:
     """The widest gradients of a block's backward, the MLP's (measured: (mlp_ratio + 2) x H / tp of its dtype);
-    under SP also mlp_in's input gathered again over TP for its weight gradient (the whole CP chunk); under CP
-    the attention's all-to-all buffers (a permuted copy and the received tensor, H / tp each)."""
+    under CP the attention's all-to-all buffers (a permuted copy and the received tensor, H / tp each). (SP
+    re-gathers qkv's and mlp_in's inputs for their weight gradients into megatron's persistent buffer:
+    `sp_gather_buffer_per_token`.)"""
     p = precision_of(m.precision)
     extra = m.hidden_size * (m.mlp_ratio + 2) * p.mlp / tp
-    if sp:
-        extra += m.hidden_size * p.linear_in
     if cp > 1:
         extra += 2 * m.hidden_size * p.attention / tp
     return extra
@@ -376,7 +382,7 @@ def _activation_lines(recipe: "Recipe", c: Candidate, stage: int,
     blocks = m.n_blocks // c.pp
     in_flight = min(c.pp - stage, c.grad_accum)
     full = tokens * block_saved_bytes_per_token(m, c.tp, a.device, c.sp, c.cp)
-    grads = tokens * _backward_transient_per_token(m, c.tp, c.sp, c.cp)
+    grads = tokens * _backward_transient_per_token(m, c.tp, c.cp)
     autocast = _autocast_copies(m, c.pp, stage)
 
     def activations(recompute: bool) -> tuple[float, float]:
@@ -397,6 +403,10 @@ def _activation_lines(recipe: "Recipe", c: Candidate, stage: int,
         lines.append(Line("fused loss", 0.0, norm + loss_held + loss_chunks, norm, 0.0,
                           "final norm, head gradients held to backward, chunk logits"
                           + (", SP: the gathered features" if c.sp else "")))
+    if c.sp:
+        gather = tokens * sp_gather_buffer_per_token(m)
+        lines.append(Line("SP gather buffer", gather, gather, gather, gather,
+                          "megatron's all-gather buffer of the column-parallel inputs (kept)"))
     if c.pp > 1:
         # DeepSpeed's pipeline engine (measured on PP 2): the first stage keeps its gradient receive
         # buffer; later stages also an activation receive buffer and, per pipe buffer, the stage
