@@ -388,11 +388,19 @@ def test_proposals_fit_are_sorted_and_are_valid_recipes():
     for p in plans[:20]:
         c = p.candidate
         overrides = [f"parallel.tp={c.tp}", f"parallel.pp={c.pp}", f"parallel.zero_stage={c.zero_stage}",
-                     f"parallel.micro_batch={c.micro_batch}"]
-        layout = load_recipe(RECIPE_7B, overrides).layout(64)
-        assert (layout.dp, layout.grad_accum) == (c.dp, c.grad_accum)
+                     f"parallel.micro_batch={c.micro_batch}", f"parallel.context_parallel={c.cp}",
+                     f"parallel.sequence_parallel={str(c.sp).lower()}"]
+        layout = load_recipe(RECIPE_7B, overrides).layout(64)  # the recipe's checks accept the CP and SP sizes
+        assert (layout.dp, layout.grad_accum, layout.cp, layout.sp) == (c.dp, c.grad_accum, c.cp, c.sp)
     every = {(c.tp, c.pp, c.zero_stage) for c in P.candidates(r, 64)}
     assert (8, 1, 3) in every and (8, 2, 2) not in every and all(r.model.n_heads % tp == 0 for tp, _, _ in every)
+    splits = {(c.tp, c.cp, c.sp) for c in P.candidates(r, 64)}
+    assert (2, 2, True) in splits and (2, 2, False) in splits and not any(sp for tp, _, sp in splits if tp == 1)
+    assert all(r.model.n_heads % (tp * cp) == 0 and tp * cp <= 16 for tp, cp, _ in splits)
+    for c in {(p.candidate.tp, p.candidate.cp, p.candidate.sp, p.candidate.pp) for p in plans}:
+        tp, cp, sp, pp = c  # every proposal's split is one the recipe accepts
+        load_recipe(RECIPE_7B, [f"parallel.tp={tp}", f"parallel.context_parallel={cp}", f"parallel.pp={pp}",
+                                f"parallel.sequence_parallel={str(sp).lower()}"]).layout(64)
 
 
 # --- validation and sampling ---------------------------------------------------------------------
@@ -758,3 +766,54 @@ def test_memory_model_within_15_percent_of_measured_peaks():
     bucket = from_dict(Recipe, validation_recipe(*spec, 1)).parallel.zero_reduce_bucket_size
     assert default[0][name]["peak"] > 2 * 4 * bucket  # both buckets are really there
     assert not problems, "\n".join(problems)
+
+
+# --- long sequences: SP and CP -----------------------------------------------------------------------
+RECIPE_8K = REPO / "recipes" / "sedd-7b-8k.yaml"
+
+
+def test_context_parallel_shares_zero_over_dp_x_cp_and_times_its_all_to_alls():
+    """ZeRO's partitions and the EMA span DP x CP (TP2 CP2 DP16 holds what TP2 DP32 holds); the all-to-alls, by
+    hand: 32 blocks x 8 per micro-batch, each (2 - 1) / 2 of 4,096 positions x 4,096 / 2 bf16 over NVLink."""
+    r = load_recipe(RECIPE_8K)
+    cp2 = P.plan(r, P.Candidate.of(2, 1, 16, 1, 1, 4, False, cp=2, sp=True)).memory[0]
+    cp1 = P.plan(r, P.Candidate.of(2, 1, 32, 1, 1, 2, False, sp=True)).memory[0]
+    for label in ("optimizer", "EMA", "weights", "gradients"):
+        assert cp2.item(label).resident == cp1.item(label).resident, label
+    assert cp2.item("activations").forward < 0.5 * cp1.item("activations").forward  # half the positions, 5/6 attention
+    t = P.plan(r, P.Candidate.of(2, 1, 16, 1, 1, 4, False, cp=2, sp=True)).time
+    assert t.cp_comm == pytest.approx(4 * 32 * 8 * 0.5 * 4096 * 2048 * 2 / 300e9)
+    assert P.plan(r, P.Candidate.of(2, 1, 32, 1, 1, 2, False, sp=True)).time.cp_comm == 0.0
+
+
+def test_sequence_parallel_keeps_tp_traffic_and_adds_the_loss_gather():
+    """SP moves the all-reduces' volume as all-gathers and reduce-scatters; the loss gathers the final features
+    (B x L x H bf16) over TP and reduce-scatters their gradient: 2 x (tp - 1) / tp x that, per micro-batch."""
+    r = load_recipe(RECIPE_8K)
+    on, off = (P.plan(r, P.Candidate.of(2, 1, 16, 1, 1, 4, False, cp=2, sp=sp)) for sp in (True, False))
+    assert on.time.tp_comm - off.time.tp_comm == pytest.approx(4 * 2 * 0.5 * 4096 * 4096 * 2 / 300e9)
+    assert on.worst.training_peak < off.worst.training_peak - 8e9  # the replicated half of the block's tensors
+
+
+def test_proposals_use_context_parallelism_where_dp_cannot_grow():
+    """64 sequences on 1,024 GPUs: DP <= 64, so every fitting layout splits sequences (CP) or the model 16 ways."""
+    r = load_recipe(RECIPE_8K)
+    plans = P.propose(r, 1024)
+    assert plans and all(p.candidate.dp <= 64 for p in plans)
+    assert plans[0].candidate.cp > 1 and any(p.candidate.sp for p in plans)
+    text = P.format_proposals(r, 1024, plans)
+    assert " sp " in text.splitlines()[2] and " cp " in text.splitlines()[2]
+
+
+def test_readme_long_sequence_table_is_the_benchmarks(monkeypatch):
+    """README's SP / CP / overlap_comm table: the rows `benchmarks/bench_planner.py --long-sequence` prints."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.chdir(REPO)
+    bench = importlib.import_module("bench_planner")
+    text = (REPO / "README.md").read_text()
+    rows = [bench.long_sequence_markdown(row) for row in bench.long_sequence_rows()]
+    assert len(rows) == 8 and all(row in text for row in rows), [row for row in rows if row not in text]
+    sys.modules.pop("bench_planner", None)
