@@ -48,6 +48,9 @@ CASES_2 = {  # two ranks
                                         {"zero_stage": 3}),
     "TP2 ZeRO-0 fp32": ({}, {"tp": 2}),
     "TP2 ZeRO-1 bf16-mixed dropout": ({"precision": "bf16-mixed", "dropout": 0.1}, {"tp": 2, "zero_stage": 1}),
+    "TP2 ZeRO-1 bf16": ({"precision": "bf16"}, {"tp": 2, "zero_stage": 1}),
+    "TP2+SP ZeRO-1 bf16": ({"precision": "bf16"}, {"tp": 2, "zero_stage": 1, "sequence_parallel": True}),
+    "CP2 ZeRO-1 bf16": ({"precision": "bf16"}, {"context_parallel": 2, "zero_stage": 1}),
     "PP2 ZeRO-1 fp32": ({}, {"pp": 2, "zero_stage": 1}),
     "PP2 ZeRO-1 bf16": ({"precision": "bf16"}, {"pp": 2, "zero_stage": 1}),
     "PP2 ZeRO-1 bf16 recompute": ({"precision": "bf16", "activation_checkpointing": True}, {"pp": 2, "zero_stage": 1}),
@@ -55,7 +58,7 @@ CASES_2 = {  # two ranks
 }
 QUICK_1 = ("ZeRO-1 fp32", "ZeRO-3 bf16")
 QUICK_2 = ("DP2 ZeRO-0 fp32", "DP2 ZeRO-1 bf16", "DP2 ZeRO-2 fp32", "DP2 ZeRO-3 bf16", "TP2 ZeRO-1 bf16-mixed dropout",
-           "PP2 ZeRO-1 bf16")
+           "TP2 ZeRO-1 bf16", "TP2+SP ZeRO-1 bf16", "CP2 ZeRO-1 bf16", "PP2 ZeRO-1 bf16")
 DEFAULT_BUCKET = {"ZeRO-1 fp32, default 2e8 buckets": ({}, {"zero_stage": 1})}
 
 
@@ -71,6 +74,7 @@ def memory_table(quick: bool) -> list[str]:
             f"{'fwd / bwd / step MiB, measured (planned)':<48}",
             f"{'':<34} {'':>4} {'':>5} | {'meas':>6} {'plan':>6} {'dev':>7} | {'meas':>6} {'plan':>6} {'dev':>7} |"]
     worst = 0.0
+    peaks: dict[str, tuple[float, float]] = {}  # rank 0's (measured, planned) training peak
     for world, cases, bucket in runs:
         started = time.perf_counter()
         results = launch(measure_cases, world, cases, world, bucket, timeout=1800)
@@ -82,6 +86,8 @@ def memory_table(quick: bool) -> list[str]:
             for rank, per_rank in enumerate(results):
                 got = per_rank[name]
                 mem = P.stage_memory(r, c, got["stage"], a)
+                if rank == 0:
+                    peaks[name] = (got["peak"], mem.training_peak)
                 dev_r, dev_p = mem.phase("resident") / got["resident"] - 1, mem.training_peak / got["peak"] - 1
                 worst = max(worst, abs(dev_r), abs(dev_p))
                 phases = " / ".join(f"{got[k] / MiB:.1f} ({mem.phase(k) / MiB:.1f})" for k in P.TRAINING_PHASES
@@ -91,6 +97,14 @@ def memory_table(quick: bool) -> list[str]:
                             f"{mem.training_peak / MiB:>6.1f} {dev_p:>+7.1%} | {phases}")
         rows.append(f"  ({world} rank{'s' if world > 1 else ''}, {len(cases)} layouts: {seconds:.0f} s)")
     rows.append(f"largest deviation (resident and peak): {worst:.1%}")
+    if {"TP2 ZeRO-1 bf16", "TP2+SP ZeRO-1 bf16"} <= peaks.keys():
+        (m0, p0), (m1, p1) = peaks["TP2 ZeRO-1 bf16"], peaks["TP2+SP ZeRO-1 bf16"]
+        rows.append(f"sequence parallelism at TP2 saves {(m0 - m1) / MiB:.2f} MiB of the training peak measured, "
+                    f"{(p0 - p1) / MiB:.2f} MiB planned (the replicated half of each block's saved tensors)")
+    if {"DP2 ZeRO-1 bf16", "CP2 ZeRO-1 bf16"} <= peaks.keys():
+        (m0, p0), (m1, p1) = peaks["DP2 ZeRO-1 bf16"], peaks["CP2 ZeRO-1 bf16"]
+        rows.append(f"context parallelism: CP2 (each rank half of every sequence) peaks {(m0 - m1) / MiB:.2f} MiB "
+                    f"below DP2 (whole sequences) measured, {(p0 - p1) / MiB:.2f} MiB planned")
     rows.append("phases: measured = the peak inside engine.forward / engine.backward (which also all-reduces the DP "
                 "gradients at a step boundary) / engine.step; planned = end of forward / backward peak / DP reduction "
                 "+ optimizer step. Resident = between steps.")
