@@ -803,6 +803,10 @@ def test_proposals_use_context_parallelism_where_dp_cannot_grow():
     assert plans[0].candidate.cp > 1 and any(p.candidate.sp for p in plans)
     text = P.format_proposals(r, 1024, plans)
     assert " sp " in text.splitlines()[2] and " cp " in text.splitlines()[2]
+    # SP on and off plan alike here (sampling's log-scores set the peak): one row each, marked "any"
+    rows = text.splitlines()[3:13]
+    assert len(rows) == 10 and sum(" any " in row for row in rows) >= 2 and "(sp any:" in text
+    assert len({" ".join(row.split()[:9]) for row in rows}) == 10  # ten distinct layouts
 
 
 def test_readme_long_sequence_table_is_the_benchmarks(monkeypatch):

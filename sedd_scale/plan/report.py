@@ -1,6 +1,7 @@
 """Plans and proposals as text, for the pre-flight check."""
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from sedd_scale.plan.flops import projected_fraction
@@ -113,13 +114,36 @@ def format_proposals(recipe: "Recipe", world_size: int, plans: list[Plan], limit
         out.append("(left out: ZeRO-0/2/3 with gradient accumulation, which sum the micro-batches' gradients in bf16)")
     out.append(f"{'tp':>3} {'sp':>3} {'cp':>3} {'pp':>3} {'dp':>5} {'zero':>4} {'micro':>5} {'accum':>5} {'recomp':>6} "
                f"{'GB/GPU':>7} {'bubble':>7} {'step s':>7} {'tokens/s':>11} {'MFU':>6}")
-    for p in plans[:limit]:
+    shown, either = _merge_sp_twins(plans, limit)
+    for p in shown:
         c = p.candidate
-        out.append(f"{c.tp:>3} {'on' if c.sp else '-':>3} {c.cp:>3} {c.pp:>3} {c.dp:>5} {c.zero_stage:>4} "
+        sp = "any" if id(p) in either else "on" if c.sp else "-"
+        out.append(f"{c.tp:>3} {sp:>3} {c.cp:>3} {c.pp:>3} {c.dp:>5} {c.zero_stage:>4} "
                    f"{c.micro_batch:>5} {c.grad_accum:>5} "
                    f"{'on' if c.recompute else 'off':>6} {p.needed_bytes / GB:>7.1f} {p.bubble:>7.1%} "
                    f"{p.time.total:>7.3g} {p.tokens_per_s:>11,.0f} {p.mfu:>6.1%}")
+    if either:
+        out.append("(sp any: sequence parallelism on and off plan alike, to 0.1 GB and 0.5% of the step: one row)")
     return "\n".join(out)
+
+
+def _merge_sp_twins(plans: list[Plan], limit: int) -> tuple[list[Plan], set[int]]:
+    """The first `limit` plans, a layout whose SP-on and SP-off twins plan alike (GB/GPU to 0.1, step within 0.5%)
+    shown once: the faster, its id in the returned set."""
+    shown: list[Plan] = []
+    either: set[int] = set()
+    seen: dict[Candidate, Plan] = {}
+    for p in plans:
+        if len(shown) == limit:
+            break
+        twin = seen.get(dataclasses.replace(p.candidate, sp=not p.candidate.sp)) if p.candidate.tp > 1 else None
+        if (twin is not None and round(twin.needed_bytes / GB, 1) == round(p.needed_bytes / GB, 1)
+                and abs(p.time.total / twin.time.total - 1) <= 0.005):
+            either.add(id(twin))
+            continue
+        seen[p.candidate] = p
+        shown.append(p)
+    return shown, either
 
 
 def format_batch_proposal(recipe: "Recipe", world_size: int, b: BatchProposal | None) -> str:
