@@ -15,6 +15,9 @@
 3. FLOPs per token: the planner's count against torch's FlopCounterMode on a real forward + backward, and
    the old 6 x parameters convention against `flops.training_flops_per_token` (what the trainer logs MFU with).
 4. The shipped multi-node recipes and the issue's layouts: memory, bubble, step time, MFU, warnings.
+5. Long sequences (`--long-sequence` prints this table alone; README's numbers): recipes/sedd-7b-8k.yaml at 64 and
+   1,024 GPUs with sequence parallelism, context parallelism and ZeRO's overlap_comm each turned off, everything
+   else the same: the planner's memory per GPU and step time, and the command that prints each plan.
 """
 from __future__ import annotations
 
@@ -45,6 +48,9 @@ CASES_2 = {  # two ranks
                                         {"zero_stage": 3}),
     "TP2 ZeRO-0 fp32": ({}, {"tp": 2}),
     "TP2 ZeRO-1 bf16-mixed dropout": ({"precision": "bf16-mixed", "dropout": 0.1}, {"tp": 2, "zero_stage": 1}),
+    "TP2 ZeRO-1 bf16": ({"precision": "bf16"}, {"tp": 2, "zero_stage": 1}),
+    "TP2+SP ZeRO-1 bf16": ({"precision": "bf16"}, {"tp": 2, "zero_stage": 1, "sequence_parallel": True}),
+    "CP2 ZeRO-1 bf16": ({"precision": "bf16"}, {"context_parallel": 2, "zero_stage": 1}),
     "PP2 ZeRO-1 fp32": ({}, {"pp": 2, "zero_stage": 1}),
     "PP2 ZeRO-1 bf16": ({"precision": "bf16"}, {"pp": 2, "zero_stage": 1}),
     "PP2 ZeRO-1 bf16 recompute": ({"precision": "bf16", "activation_checkpointing": True}, {"pp": 2, "zero_stage": 1}),
@@ -52,7 +58,7 @@ CASES_2 = {  # two ranks
 }
 QUICK_1 = ("ZeRO-1 fp32", "ZeRO-3 bf16")
 QUICK_2 = ("DP2 ZeRO-0 fp32", "DP2 ZeRO-1 bf16", "DP2 ZeRO-2 fp32", "DP2 ZeRO-3 bf16", "TP2 ZeRO-1 bf16-mixed dropout",
-           "PP2 ZeRO-1 bf16")
+           "TP2 ZeRO-1 bf16", "TP2+SP ZeRO-1 bf16", "CP2 ZeRO-1 bf16", "PP2 ZeRO-1 bf16")
 DEFAULT_BUCKET = {"ZeRO-1 fp32, default 2e8 buckets": ({}, {"zero_stage": 1})}
 
 
@@ -68,6 +74,7 @@ def memory_table(quick: bool) -> list[str]:
             f"{'fwd / bwd / step MiB, measured (planned)':<48}",
             f"{'':<34} {'':>4} {'':>5} | {'meas':>6} {'plan':>6} {'dev':>7} | {'meas':>6} {'plan':>6} {'dev':>7} |"]
     worst = 0.0
+    peaks: dict[str, tuple[float, float]] = {}  # rank 0's (measured, planned) training peak
     for world, cases, bucket in runs:
         started = time.perf_counter()
         results = launch(measure_cases, world, cases, world, bucket, timeout=1800)
@@ -79,6 +86,8 @@ def memory_table(quick: bool) -> list[str]:
             for rank, per_rank in enumerate(results):
                 got = per_rank[name]
                 mem = P.stage_memory(r, c, got["stage"], a)
+                if rank == 0:
+                    peaks[name] = (got["peak"], mem.training_peak)
                 dev_r, dev_p = mem.phase("resident") / got["resident"] - 1, mem.training_peak / got["peak"] - 1
                 worst = max(worst, abs(dev_r), abs(dev_p))
                 phases = " / ".join(f"{got[k] / MiB:.1f} ({mem.phase(k) / MiB:.1f})" for k in P.TRAINING_PHASES
@@ -88,6 +97,14 @@ def memory_table(quick: bool) -> list[str]:
                             f"{mem.training_peak / MiB:>6.1f} {dev_p:>+7.1%} | {phases}")
         rows.append(f"  ({world} rank{'s' if world > 1 else ''}, {len(cases)} layouts: {seconds:.0f} s)")
     rows.append(f"largest deviation (resident and peak): {worst:.1%}")
+    if {"TP2 ZeRO-1 bf16", "TP2+SP ZeRO-1 bf16"} <= peaks.keys():
+        (m0, p0), (m1, p1) = peaks["TP2 ZeRO-1 bf16"], peaks["TP2+SP ZeRO-1 bf16"]
+        rows.append(f"sequence parallelism at TP2 saves {(m0 - m1) / MiB:.2f} MiB of the training peak measured, "
+                    f"{(p0 - p1) / MiB:.2f} MiB planned (the replicated half of each block's saved tensors)")
+    if {"DP2 ZeRO-1 bf16", "CP2 ZeRO-1 bf16"} <= peaks.keys():
+        (m0, p0), (m1, p1) = peaks["DP2 ZeRO-1 bf16"], peaks["CP2 ZeRO-1 bf16"]
+        rows.append(f"context parallelism: CP2 (each rank half of every sequence) peaks {(m0 - m1) / MiB:.2f} MiB "
+                    f"below DP2 (whole sequences) measured, {(p0 - p1) / MiB:.2f} MiB planned")
     rows.append("phases: measured = the peak inside engine.forward / engine.backward (which also all-reduces the DP "
                 "gradients at a step boundary) / engine.step; planned = end of forward / backward peak / DP reduction "
                 "+ optimizer step. Resident = between steps.")
@@ -303,18 +320,84 @@ def recipes_table() -> list[str]:
     return rows
 
 
+LONG_RECIPE = "recipes/sedd-7b-8k.yaml"
+# (GPUs, the recipe's layout at that size): at 1,024 GPUs its 64 sequences need DP <= 64, hence CP 8; ZeRO-2 (one
+# micro-batch per step: no bf16 accumulation) lets overlap_comm act.
+LONG_BASES = ((64, ()), (1024, ("parallel.context_parallel=8", "parallel.zero_stage=2")))
+LONG_CHANGES = (("as shipped", ()), ("SP off", ("parallel.sequence_parallel=false",)),
+                ("CP off", ("parallel.context_parallel=1",)),
+                ("overlap_comm off", ("parallel.zero_overlap_comm=false",)))
+
+
+def long_sequence_rows() -> list[dict]:
+    """Per (GPUs, change): the layout, the planner's GB per GPU (whole run, training alone), step time, MFU and the
+    `python -m sedd_scale.config` options that print the plan (layout None: the world size admits none)."""
+    rows = []
+    for world, base in LONG_BASES:
+        for label, change in LONG_CHANGES:
+            changed = {c.split("=")[0] for c in change}
+            sets = [*(s for s in base if s.split("=")[0] not in changed), *change]
+            row = {"world": world, "change": label,
+                   "options": f"--world-size {world}" + "".join(f" --set {s}" for s in sets)}
+            r = load_recipe(LONG_RECIPE, sets)
+            try:
+                layout = r.layout(world)
+            except ValueError as e:  # CP off at 1,024 GPUs: DP 512 > the 64 sequences of a step
+                rows.append({**row, "layout": None, "why": str(e).split(":")[0]})
+                continue
+            p = P.plan(r, P.candidate_of(r, layout))
+            rows.append({**row, "layout": p.candidate.describe().replace(" recompute off", ""),
+                         "gb": p.needed_bytes / 1e9, "train_gb": P.device_bytes(p.worst.training_peak,
+                                                                                p.assumptions) / 1e9,
+                         "step": p.time.total, "mfu": p.mfu})
+    return rows
+
+
+def long_sequence_markdown(row: dict) -> str:
+    """One row of README's long-sequence table."""
+    if row["layout"] is None:
+        return f"| {row['world']:,} | {row['change']} | no layout ({row['why']}) | - | - | - | - | `{row['options']}` |"
+    return (f"| {row['world']:,} | {row['change']} | {row['layout']} | {row['gb']:.1f} | {row['train_gb']:.1f} | "
+            f"{row['step']:.3g} | {row['mfu']:.1%} | `{row['options']}` |")
+
+
+def long_sequence_table() -> list[str]:
+    """The 7B at 8,192 tokens: what SP, CP and ZeRO's overlap_comm each change in the planner's memory and time, as
+    a table and as README's markdown rows."""
+    rows = [f"{'GPUs':>5} {'change':<17} {'layout':<48} {'GB/GPU':>7} {'train GB':>8} {'step s':>7} {'MFU':>6}  "
+            f"python -m sedd_scale.config {LONG_RECIPE} ..."]
+    found = long_sequence_rows()
+    for row in found:
+        if row["layout"] is None:
+            rows.append(f"{row['world']:>5} {row['change']:<17} {'no layout: ' + row['why']:<74}  {row['options']}")
+            continue
+        rows.append(f"{row['world']:>5} {row['change']:<17} {row['layout']:<48} {row['gb']:>7.1f} "
+                    f"{row['train_gb']:>8.1f} {row['step']:>7.3g} {row['mfu']:>6.1%}  {row['options']}")
+    rows.append("GB/GPU: the planner's need per GPU (tensor peak x 1.05 + 2.5 GB), whose peak is sampling's "
+                "full-vocabulary log-scores of 3 x 8,192 positions; train GB: the same for a training step alone (no "
+                "validation or sampling). H100 80 GB, matmuls at 50% of 989 TFLOP/s. README's rows:")
+    rows += [long_sequence_markdown(row) for row in found]
+    return rows
+
+
 def main() -> None:
     """Print every table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="measure fewer layouts")
+    parser.add_argument("--long-sequence", action="store_true",
+                        help="print only the long-sequence table (README's SP / CP / overlap_comm numbers)")
     args = parser.parse_args()
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if args.long_sequence:
+        print("\n".join(long_sequence_table()))
+        return
     for title, table in (("1. memory: measured (real CPU runs) vs planned", lambda: memory_table(args.quick)),
                          ("1b. validation and sampling: measured (real CPU runs) vs planned",
                           lambda: eval_table(args.quick)),
                          ("2. model states vs DeepSpeed's estimators", deepspeed_table),
                          ("3. FLOPs per token", flops_table),
-                         ("4. plans (H100 80 GB, 989 TFLOP/s, matmuls at 50%)", recipes_table)):
+                         ("4. plans (H100 80 GB, 989 TFLOP/s, matmuls at 50%)", recipes_table),
+                         ("5. long sequences: SP, CP and overlap_comm on vs off (planner)", long_sequence_table)):
         print(f"\n{title}")
         print("\n".join(table()), flush=True)
 

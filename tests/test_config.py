@@ -1,6 +1,7 @@
 """Recipe loading and validation (sedd_scale.config), and every recipe shipped in recipes/."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -100,6 +101,35 @@ def test_multi_node_recipes(name, tp, pp, world):
     assert f"bubble {layout.pp - 1}/{layout.grad_accum + layout.pp - 1} = {plan.bubble:.1%}".replace(".0%", "%") in \
         text.replace("\n# ", " ")
 
+
+
+def test_long_sequence_recipe(capsys):
+    """sedd-7b-8k: the 7B of sedd-7b-pp8 at 8,192 tokens, TP2 + SP x CP2 x DP16 on 64 GPUs, the tokens per step of
+    sedd-7b-pp8; the planner's figures quoted in its comments (64 GPUs, and 1,024 with CP 8 and ZeRO-2) are the
+    planner's, and the pre-flight check prints its plan."""
+    from sedd_scale import plan as planner
+
+    path = REPO / "recipes" / "sedd-7b-8k.yaml"
+    r, seven = load_recipe(path), load_recipe(REPO / "recipes" / "sedd-7b-pp8.yaml")
+    assert r.model == dataclasses.replace(seven.model, name="7b-8k", length=8192) and r.data.seq_len == 8192
+    assert (r.data.tokenizer, r.model.precision, r.model.graph) == ("gpt2", "bf16", "absorb")
+    layout = r.layout(64)
+    assert (layout.tp, layout.sp, layout.cp, layout.pp, layout.dp) == (2, True, 2, 1, 16)
+    assert r.parallel.global_batch * r.data.seq_len == seven.parallel.global_batch * seven.data.seq_len
+    text = " ".join(path.read_text().replace("\n# ", " ").split())
+    nodes = re.search(r"sbatch --nodes (\d+) --ntasks-per-node (\d+) .* recipes/(\S+)", text)
+    assert nodes and int(nodes[1]) * int(nodes[2]) == 64 and nodes[3] == path.name
+    p = planner.plan(r, planner.candidate_of(r, layout))
+    assert p.fits and p.needed_bytes < 0.8 * p.gpu.memory_bytes  # a margin
+    train = planner.device_bytes(p.worst.training_peak, p.assumptions)
+    assert f"{p.needed_bytes / 1e9:.1f} of 80 GB" in text and f"({train / 1e9:.1f} with the CUDA/NCCL" in text
+    assert f"Estimated {p.time.total:.3g} s per step" in text and f"MFU {p.mfu:.1%}" in text
+    big = load_recipe(path, ["parallel.context_parallel=8", "parallel.zero_stage=2"])
+    q = planner.plan(big, planner.candidate_of(big, big.layout(1024)))
+    assert f"{q.needed_bytes / 1e9:.1f} GB per GPU, {q.time.total:.3g} s per step" in text
+    assert f"MFU {q.mfu:.1%}" in text
+    assert cli.main([str(path), "--world-size", "64"]) == 0
+    assert "TP2+SP CP2 PP1 DP16 ZeRO-1" in capsys.readouterr().out
 
 def test_cpu_tiny_is_small_and_local():
     r = load_recipe(REPO / "recipes" / "cpu-tiny.yaml")
@@ -300,7 +330,7 @@ def test_cli_warns_and_proposes(capsys):
     out = capsys.readouterr().out
     assert "plan: A100 SXM 80GB (80 GB)" in out and "of 312 TFLOP/s" in out
     table = out[out.index("layouts fit; the fastest"):].splitlines()
-    assert table[2].split()[:3] == ["tp", "pp", "dp"] and len(table) == 3 + 10
+    assert table[2].split()[:5] == ["tp", "sp", "cp", "pp", "dp"] and len(table) == 3 + 10
     # an impossible world size is refused, and the layouts that do exist are still proposed
     assert cli.main([seven, "--world-size", "4", "--propose"]) == 2
     captured = capsys.readouterr()

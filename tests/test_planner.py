@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,68 @@ def test_block_saved_bytes_match_a_real_block(tp1, precision, dropout, recompute
         # + small tensors the formula leaves out: adaLN outputs (B x 6H), rotary tables cast to bf16 (L x D)
         assert kept == pytest.approx(formula, rel=0.015)
 
+
+
+def _split_block_saved(cases: list[tuple[str, int, int, bool]]) -> dict:
+    """On each rank, per case (precision, tp, cp, sequence parallel): the bytes a real Block keeps after its forward
+    on this rank's share of a (length, batch, H) input (its CP chunk; SP: the TP shard of it), and that share's
+    tokens and input bytes."""
+    import sedd_scale.compat  # noqa: F401  (before DeepSpeed)
+
+    import deepspeed
+
+    from sedd_scale.distributed import parallel
+    from sedd_scale.model import rotary
+    from sedd_scale.model.transformer import Block, megatron_config
+
+    out = {}
+    for precision, tp, cp, sp in cases:
+        parallel.init_model_parallel(tp, cp=cp, seed=0)
+        if cp > 1:  # Ulysses' all-to-alls go through DeepSpeed's communication backend
+            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+        try:
+            r = recipe({"hidden_size": 128, "length": 64, "precision": precision}, zero_stage=1)
+            m, batch, device = r.model, 8, torch.device("cpu")
+            rotary.cos_sin(m.length, m.head_dim, m.rotary_base, device)
+            positions = m.length // cp // (tp if sp else 1)
+            with LiveTensorMemory() as mem:
+                block = Block(m, megatron_config(m, device, sp), device).train()
+                x = torch.randn(positions, batch, m.hidden_size, dtype=m.params_dtype, requires_grad=True)
+                c = torch.randn(batch, m.cond_dim, dtype=m.params_dtype, requires_grad=True)
+                before = mem.current
+                y, _ = block(x, c)
+                gc.collect()  # a finished collective's work object may still hold its (gloo) staging copy
+                kept = mem.current - before - y.untyped_storage().nbytes()
+            out[(precision, tp, cp, sp)] = (kept, m.length // cp * batch, x.untyped_storage().nbytes())
+        finally:
+            parallel.destroy_parallel()
+    return out
+
+
+SPLIT_CASES = [(prec, tp, cp, sp) for prec in ("fp32", "bf16") for tp, cp, sp in ((2, 1, False), (2, 1, True),
+                                                                                   (1, 2, False))]
+
+
+@pytest.mark.slow  # two processes
+@pytest.mark.megatron
+def test_block_saved_bytes_under_sequence_and_context_parallelism():
+    """A real Block at TP2 with and without sequence parallelism and at CP2 (Ulysses), on two gloo ranks: what it
+    keeps after its forward is `block_saved_bytes_per_token` x this rank's tokens (its CP chunk)."""
+    from tests.dist import launch
+
+    ranks = launch(_split_block_saved, 2, SPLIT_CASES, timeout=600)
+    for (precision, tp, cp, sp), (kept, tokens, input_bytes) in (kv for rank in ranks for kv in rank.items()):
+        r = recipe({"hidden_size": 128, "length": 64, "precision": precision}, zero_stage=1)
+        formula = tokens * P.block_saved_bytes_per_token(r.model, tp, "cpu", sp, cp)
+        if P.precision_of(precision).residual == 4:  # fp32 LayerNorm saves the block's input itself (held here)
+            formula -= input_bytes
+        if sp:  # megatron's all-gather buffer, allocated by the first forward (one for the whole model)
+            formula += tokens * P.sp_gather_buffer_per_token(r.model)
+        # + small tensors the formula leaves out (adaLN outputs, B x 6H; rotary tables), a larger share at TP2
+        # + small tensors the formula leaves out (adaLN outputs, B x 6H; rotary tables): a larger share at this size
+        assert kept == pytest.approx(formula, rel=0.03), (precision, tp, cp, sp, kept / formula - 1)
+    for precision in ("fp32", "bf16"):  # SP saves the replicated part's (tp - 1) / tp
+        assert ranks[0][(precision, 2, 1, True)][0] < 0.8 * ranks[0][(precision, 2, 1, False)][0]
 
 # --- FLOPs -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("recompute", [False, True])
@@ -325,11 +388,19 @@ def test_proposals_fit_are_sorted_and_are_valid_recipes():
     for p in plans[:20]:
         c = p.candidate
         overrides = [f"parallel.tp={c.tp}", f"parallel.pp={c.pp}", f"parallel.zero_stage={c.zero_stage}",
-                     f"parallel.micro_batch={c.micro_batch}"]
-        layout = load_recipe(RECIPE_7B, overrides).layout(64)
-        assert (layout.dp, layout.grad_accum) == (c.dp, c.grad_accum)
+                     f"parallel.micro_batch={c.micro_batch}", f"parallel.context_parallel={c.cp}",
+                     f"parallel.sequence_parallel={str(c.sp).lower()}"]
+        layout = load_recipe(RECIPE_7B, overrides).layout(64)  # the recipe's checks accept the CP and SP sizes
+        assert (layout.dp, layout.grad_accum, layout.cp, layout.sp) == (c.dp, c.grad_accum, c.cp, c.sp)
     every = {(c.tp, c.pp, c.zero_stage) for c in P.candidates(r, 64)}
     assert (8, 1, 3) in every and (8, 2, 2) not in every and all(r.model.n_heads % tp == 0 for tp, _, _ in every)
+    splits = {(c.tp, c.cp, c.sp) for c in P.candidates(r, 64)}
+    assert (2, 2, True) in splits and (2, 2, False) in splits and not any(sp for tp, _, sp in splits if tp == 1)
+    assert all(r.model.n_heads % (tp * cp) == 0 and tp * cp <= 16 for tp, cp, _ in splits)
+    for c in {(p.candidate.tp, p.candidate.cp, p.candidate.sp, p.candidate.pp) for p in plans}:
+        tp, cp, sp, pp = c  # every proposal's split is one the recipe accepts
+        load_recipe(RECIPE_7B, [f"parallel.tp={tp}", f"parallel.context_parallel={cp}", f"parallel.pp={pp}",
+                                f"parallel.sequence_parallel={str(sp).lower()}"]).layout(64)
 
 
 # --- validation and sampling ---------------------------------------------------------------------
@@ -695,3 +766,58 @@ def test_memory_model_within_15_percent_of_measured_peaks():
     bucket = from_dict(Recipe, validation_recipe(*spec, 1)).parallel.zero_reduce_bucket_size
     assert default[0][name]["peak"] > 2 * 4 * bucket  # both buckets are really there
     assert not problems, "\n".join(problems)
+
+
+# --- long sequences: SP and CP -----------------------------------------------------------------------
+RECIPE_8K = REPO / "recipes" / "sedd-7b-8k.yaml"
+
+
+def test_context_parallel_shares_zero_over_dp_x_cp_and_times_its_all_to_alls():
+    """ZeRO's partitions and the EMA span DP x CP (TP2 CP2 DP16 holds what TP2 DP32 holds); the all-to-alls, by
+    hand: 32 blocks x 8 per micro-batch, each (2 - 1) / 2 of 4,096 positions x 4,096 / 2 bf16 over NVLink."""
+    r = load_recipe(RECIPE_8K)
+    cp2 = P.plan(r, P.Candidate.of(2, 1, 16, 1, 1, 4, False, cp=2, sp=True)).memory[0]
+    cp1 = P.plan(r, P.Candidate.of(2, 1, 32, 1, 1, 2, False, sp=True)).memory[0]
+    for label in ("optimizer", "EMA", "weights", "gradients"):
+        assert cp2.item(label).resident == cp1.item(label).resident, label
+    assert cp2.item("activations").forward < 0.5 * cp1.item("activations").forward  # half the positions, 5/6 attention
+    t = P.plan(r, P.Candidate.of(2, 1, 16, 1, 1, 4, False, cp=2, sp=True)).time
+    assert t.cp_comm == pytest.approx(4 * 32 * 8 * 0.5 * 4096 * 2048 * 2 / 300e9)
+    assert P.plan(r, P.Candidate.of(2, 1, 32, 1, 1, 2, False, sp=True)).time.cp_comm == 0.0
+
+
+def test_sequence_parallel_keeps_tp_traffic_and_adds_the_loss_gather():
+    """SP moves the all-reduces' volume as all-gathers and reduce-scatters; the loss gathers the final features
+    (B x L x H bf16) over TP and reduce-scatters their gradient: 2 x (tp - 1) / tp x that, per micro-batch."""
+    r = load_recipe(RECIPE_8K)
+    on, off = (P.plan(r, P.Candidate.of(2, 1, 16, 1, 1, 4, False, cp=2, sp=sp)) for sp in (True, False))
+    assert on.time.tp_comm - off.time.tp_comm == pytest.approx(4 * 2 * 0.5 * 4096 * 4096 * 2 / 300e9)
+    assert on.worst.training_peak < off.worst.training_peak - 8e9  # the replicated half of the block's tensors
+
+
+def test_proposals_use_context_parallelism_where_dp_cannot_grow():
+    """64 sequences on 1,024 GPUs: DP <= 64, so every fitting layout splits sequences (CP) or the model 16 ways."""
+    r = load_recipe(RECIPE_8K)
+    plans = P.propose(r, 1024)
+    assert plans and all(p.candidate.dp <= 64 for p in plans)
+    assert plans[0].candidate.cp > 1 and any(p.candidate.sp for p in plans)
+    text = P.format_proposals(r, 1024, plans)
+    assert " sp " in text.splitlines()[2] and " cp " in text.splitlines()[2]
+    # SP on and off plan alike here (sampling's log-scores set the peak): one row each, marked "any"
+    rows = text.splitlines()[3:13]
+    assert len(rows) == 10 and sum(" any " in row for row in rows) >= 2 and "(sp any:" in text
+    assert len({" ".join(row.split()[:9]) for row in rows}) == 10  # ten distinct layouts
+
+
+def test_readme_long_sequence_table_is_the_benchmarks(monkeypatch):
+    """README's SP / CP / overlap_comm table: the rows `benchmarks/bench_planner.py --long-sequence` prints."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.chdir(REPO)
+    bench = importlib.import_module("bench_planner")
+    text = (REPO / "README.md").read_text()
+    rows = [bench.long_sequence_markdown(row) for row in bench.long_sequence_rows()]
+    assert len(rows) == 8 and all(row in text for row in rows), [row for row in rows if row not in text]
+    sys.modules.pop("bench_planner", None)

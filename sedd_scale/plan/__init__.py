@@ -29,6 +29,13 @@ benchmarks/bench_planner.py):
   temporaries count projected tokens only (masked ones for absorb; the worst case, all masked, is
   used since every step draws new t).
 
+* Sequence parallelism (`parallel.sequence_parallel`) divides the replicated part of each block's saved
+  tensors, the pipeline sends and the final norm by TP, and adds megatron's kept all-gather buffer and the
+  loss's gathered features; context parallelism (`parallel.context_parallel`, Ulysses) divides every per-token
+  activation by CP (a rank holds L / CP positions), adds the all-to-alls' copies, and spreads ZeRO's partitions
+  and the EMA over DP x CP (`block_saved_bytes_per_token`, `memory._activation_lines`; a real block's saved
+  bytes at TP2 with and without SP and at CP2 are measured in tests/test_planner.py).
+
 Each item is given at six moments (`Line`): between steps, at the end of a forward pass, at the
 backward peak, after the last backward (the DP gradient reduction and the optimizer step), and during
 validation and sampling, which run between steps with the EMA weights loaded (`EMA.applied` gathers
@@ -44,8 +51,10 @@ the real vocabulary (the fused loss skips MASK and padding); attention is bidire
 whole sequence; flash attention's backward recomputes the scores; activation checkpointing runs
 each block's forward twice. Model FLOPs (for MFU) leave out both recomputations.
 
-Time (`speed.step_time`): per micro-batch the slowest stage's matmuls, its TP all-reduces and its
-pipeline sends (activations forward, their gradients back), times grad_accum + pp - 1 slots, plus the
+Time (`speed.step_time`): per micro-batch the slowest stage's matmuls (a CP rank's share: 1 / CP of the
+tokens, attention over all L keys for its heads / CP), its TP all-reduces (under SP the same volume as
+all-gathers and reduce-scatters, plus the loss's gather), CP's all-to-alls and its pipeline sends
+(activations forward, their gradients back), times grad_accum + pp - 1 slots, plus the
 DP exchange that the backward (and, for ZeRO-3's gathers, the forward) does not hide
 (`speed.dp_exchange`: with overlap_comm at least the last bucket of each overlapped reduction is exposed).
 Collectives follow the nodes (`speed.group_bandwidth`): NVLink inside a node; across nodes a ring is
@@ -79,6 +88,7 @@ from sedd_scale.plan.memory import (
                                       overlaps_reduction,
                                       precision_of,
                                       reduce_buckets,
+                                      sp_gather_buffer_per_token,
                                       stage_memory,
                                       stage_params,
                                       stages,
@@ -125,6 +135,6 @@ __all__ = [
     "candidate_of", "candidates", "device_bytes", "dp_exchange", "exposed_seconds", "flops_per_token",
     "format_batch_proposal", "format_plan", "format_proposals", "group_bandwidth", "overlaps_reduction",
     "p2p_bandwidth", "p2p_seconds_per_micro_batch", "plan", "plan_without_recompute", "precision_of", "propose",
-    "propose_global_batch", "reduce_buckets", "stage_memory", "stage_params", "stages", "step_time",
-    "uses_bf16_optimizer", "with_global_batch",
+    "propose_global_batch", "reduce_buckets", "sp_gather_buffer_per_token", "stage_memory", "stage_params", "stages",
+    "step_time", "uses_bf16_optimizer", "with_global_batch",
 ]

@@ -29,15 +29,16 @@ class Candidate(Layout):
 
     @classmethod
     def of(cls, tp: int, pp: int, dp: int, zero_stage: int, micro_batch: int, grad_accum: int,
-           recompute: bool) -> "Candidate":
+           recompute: bool, *, cp: int = 1, sp: bool = False) -> "Candidate":
         """The candidate with these degrees (world size and global batch follow)."""
-        return cls(tp * pp * dp, tp, pp, dp, zero_stage, micro_batch, micro_batch * dp * grad_accum, grad_accum,
-                   recompute)
+        return cls(tp * cp * pp * dp, tp, pp, dp, zero_stage, micro_batch, micro_batch * dp * grad_accum, grad_accum,
+                   recompute, cp=cp, sp=sp)
 
     def describe(self) -> str:
-        """Short form for tables: TP x PP x DP, ZeRO, micro batch, recompute."""
-        return (f"TP{self.tp} PP{self.pp} DP{self.dp} ZeRO-{self.zero_stage} micro {self.micro_batch} "
-                f"accum {self.grad_accum} recompute {'on' if self.recompute else 'off'}")
+        """Short form for tables: TP (+SP) x CP x PP x DP, ZeRO, micro batch, recompute."""
+        cp = f" CP{self.cp}" if self.cp > 1 else ""
+        return (f"TP{self.tp}{'+SP' if self.sp else ''}{cp} PP{self.pp} DP{self.dp} ZeRO-{self.zero_stage} "
+                f"micro {self.micro_batch} accum {self.grad_accum} recompute {'on' if self.recompute else 'off'}")
 
 
 def candidate_of(recipe: "Recipe", layout: Layout) -> Candidate:
@@ -129,26 +130,55 @@ _PRECISIONS = {"fp32": Precision(4, 4, 4, 4, 4, 4), "bf16": Precision(2, 2, 2, 2
                "bf16-mixed": Precision(4, 4, 4, 2, 4, 2)}
 
 
-def block_saved_bytes_per_token(m: ModelConfig, tp: int, device: str = "cuda") -> float:
-    """Bytes one block saves for backward per token (its input included), without checkpointing.
+def block_saved_bytes_per_token(m: ModelConfig, tp: int, device: str = "cuda", sp: bool = False,
+                                cp: int = 1) -> float:
+    """Bytes one block saves for backward per token this rank holds (its input included), without checkpointing.
 
     Replicated over TP: each LayerNorm keeps its fp32 input, the normalised and the scaled tensor
     (3 x 4 B x H, twice); the qkv and MLP inputs; the two branch outputs (each kept by its gate's
     product). Sharded: qkv (3 H), the rotated q and k and SDPA's output (H each: flash keeps no L x L
     matrix, and its output is laid out so that the head merge is a view), mlp_in's output and GELU's
     (mlp_ratio x H each). With dropout each branch keeps its mask: 1 B on CUDA, a whole tensor on CPU.
+
+    Sequence parallelism (`sp`) splits the replicated part over TP too: its tensors live on a sequence shard,
+    and the column-parallel qkv and mlp_in save their local input shard (megatron gathers it, forward and again in
+    backward, into a buffer it keeps: `sp_gather_buffer_per_token`, not counted here). Context parallelism (`cp`
+    > 1, Ulysses) holds L / cp positions per rank (the caller's token count); per position it trades qkv's output,
+    which the all-to-alls copy and free, for v's and the output's all-to-all copies (v whole heads of the
+    sequence, kept by SDPA; the output back, kept by attn_out): one H / tp of the attention dtype fewer.
     """
     p = precision_of(m.precision)
     h, r = m.hidden_size, m.mlp_ratio
     replicated = 2 * 3 * 4 + 2 * p.linear_in + p.attention + p.mlp
     if m.dropout > 0:
         replicated += 2 if device == "cuda" else p.attention + p.mlp
-    return h * (replicated + (6 * p.attention + 2 * r * p.mlp) / tp)
+    attention = 6 if cp == 1 else 5
+    return h * (replicated / (tp if sp else 1) + (attention * p.attention + 2 * r * p.mlp) / tp)
 
 
-def _backward_transient_per_token(m: ModelConfig, tp: int) -> float:
-    # The widest gradients of a block's backward, the MLP's (measured: (mlp_ratio + 2) x H / tp of its dtype).
-    return m.hidden_size * (m.mlp_ratio + 2) * precision_of(m.precision).mlp / tp
+def sp_gather_buffer_per_token(m: ModelConfig) -> float:
+    """Bytes per token of the CP chunk of megatron's global memory buffer under SP: the column-parallel layers
+    all-gather their input (forward, and again in backward) into one (tokens, H) buffer of the linear-input dtype,
+    allocated at the first forward and kept for the whole run (measured)."""
+    return m.hidden_size * precision_of(m.precision).linear_in
+
+
+def _backward_transient_per_token(m: ModelConfig, tp: int, cp: int = 1) -> float:
+    """The widest gradients of a block's backward, the MLP's (measured: (mlp_ratio + 2) x H / tp of its dtype);
+    under CP the attention's all-to-all buffers (a permuted copy and the received tensor, H / tp each). (SP
+    re-gathers qkv's and mlp_in's inputs for their weight gradients into megatron's persistent buffer:
+    `sp_gather_buffer_per_token`.)"""
+    p = precision_of(m.precision)
+    extra = m.hidden_size * (m.mlp_ratio + 2) * p.mlp / tp
+    if cp > 1:
+        extra += 2 * m.hidden_size * p.attention / tp
+    return extra
+
+
+def tokens_per_rank(recipe: "Recipe", c: Layout) -> int:
+    """Positions of a micro-batch one rank holds through the blocks (its CP chunk; SP's shards are counted
+    in the per-token bytes)."""
+    return c.micro_batch * recipe.data.seq_len // c.cp
 
 
 def _autocast_copies(m: ModelConfig, pp: int, stage: int) -> int:
@@ -264,7 +294,8 @@ def _dp_chunks(key: tuple[int, int, int, int, int], tp: int, pp: int, stage: int
 def _states(recipe: "Recipe", c: Candidate, stage: int, sp: StageParams) -> list[Line]:
     """Weights, gradients, optimizer state, EMA and DeepSpeed's buffers for one GPU of `stage`."""
     m = recipe.model
-    w, p, d = precision_of(m.precision).weight, sp.total, c.dp
+    # DeepSpeed's data group is DP x CP: ZeRO partitions, the EMA shards and the gradient exchange span it.
+    w, p, d = precision_of(m.precision).weight, sp.total, c.data_group_size
     bucket = recipe.parallel.zero_reduce_bucket_size
     n_buckets = reduce_buckets(recipe, c)
     buckets = n_buckets * bucket  # elements
@@ -345,18 +376,19 @@ def _activation_lines(recipe: "Recipe", c: Candidate, stage: int,
     the backward's extra) with checkpointing on and off; the micro-batches in flight."""
     m = recipe.model
     prec = precision_of(m.precision)
-    tokens = c.micro_batch * recipe.data.seq_len
+    tokens = tokens_per_rank(recipe, c)  # CP: this rank's chunk of each sequence
+    stream = tokens // (c.tp if c.sp else 1)  # SP: the residual stream between blocks is a sequence shard
     h = m.hidden_size
     blocks = m.n_blocks // c.pp
     in_flight = min(c.pp - stage, c.grad_accum)
-    full = tokens * block_saved_bytes_per_token(m, c.tp, a.device)
-    grads = tokens * _backward_transient_per_token(m, c.tp)
+    full = tokens * block_saved_bytes_per_token(m, c.tp, a.device, c.sp, c.cp)
+    grads = tokens * _backward_transient_per_token(m, c.tp, c.cp)
     autocast = _autocast_copies(m, c.pp, stage)
 
     def activations(recompute: bool) -> tuple[float, float]:
         """(held at the end of forward, extra at the backward peak)."""
         if recompute:  # each block keeps its input; backward recomputes one block at a time
-            return in_flight * blocks * tokens * h * prec.residual, full + grads
+            return in_flight * blocks * stream * h * prec.residual, full + grads
         # (bf16-mixed: autocast's bf16 copies of the nn.Linear weights are saved too)
         return in_flight * (blocks * full + autocast), grads
 
@@ -369,13 +401,18 @@ def _activation_lines(recipe: "Recipe", c: Candidate, stage: int,
         norm, loss_held, loss_chunks = _loss_bytes(recipe, c, tokens)
         # The loss's gradients go to the head and the final norm first in backward.
         lines.append(Line("fused loss", 0.0, norm + loss_held + loss_chunks, norm, 0.0,
-                          "final norm, head gradients held to backward, chunk logits"))
+                          "final norm, head gradients held to backward, chunk logits"
+                          + (", SP: the gathered features" if c.sp else "")))
+    if c.sp:
+        gather = tokens * sp_gather_buffer_per_token(m)
+        lines.append(Line("SP gather buffer", gather, gather, gather, gather,
+                          "megatron's all-gather buffer of the column-parallel inputs (kept)"))
     if c.pp > 1:
         # DeepSpeed's pipeline engine (measured on PP 2): the first stage keeps its gradient receive
         # buffer; later stages also an activation receive buffer and, per pipe buffer, the stage
         # output (the last stage never clears it). During the pass the outputs of the in-flight
         # micro-batches wait for their backward (no op of this stage saves them).
-        unit = tokens * h * prec.residual
+        unit = stream * h * prec.residual  # SP: each TP rank sends its sequence shard
         buffers = max(2, min(c.pp - stage, c.grad_accum))  # TrainSchedule.num_pipe_buffers
         kept = unit if stage == 0 else (2 + buffers) * unit
         waiting = kept + (in_flight * unit if stage < c.pp - 1 else 0.0)
@@ -399,22 +436,26 @@ def _loss_bytes(recipe: "Recipe", c: Candidate, tokens: int) -> tuple[float, flo
     n_local = min(v_local, m.num_tokens)  # real tokens this shard projects (upper bound)
     projected = tokens  # worst case: every token masked (t near 1)
     chunk = min(_loss_chunk(n_local), projected)
-    norm = tokens * h * 12  # final LayerNorm: fp32 input, normalised, scaled
+    # SP: the final LayerNorm runs on a sequence shard; the loss gathers the features over TP (alive through the
+    # forward's chunks) and holds the gathered features' gradient (backward reduce-scatters it). CP: `tokens` is
+    # this rank's chunk, which it scores alone.
+    norm = tokens * h * 12 / (c.tp if c.sp else 1)  # final LayerNorm: fp32 input, normalised, scaled
     held = tokens * h * w + v_local * h * w + v_local * w  # d hidden, d weight, d bias
     # During the last chunk: the fp32 weight-gradient accumulator and a matmul's fp32 product of
     # that size (the accumulator is the held gradient when the head is fp32), the chunk's logits and
     # their copy for the gradient (fp32), its bf16 cast for bf16 heads, and the projected tokens'
     # hidden rows and their fp32 gradients.
     chunks = (v_local * h * 4 * (2 if w == 2 else 1) + 2 * chunk * n_local * 4 + (chunk * n_local * 2 if w == 2 else 0)
-              + projected * h * (4 + w))
+              + projected * h * (4 + w) + (tokens * h * w if c.sp else 0))
     return norm, held, chunks
 
 
-def _eval_forward_per_token(m: ModelConfig, tp: int) -> float:
+def _eval_forward_per_token(m: ModelConfig, tp: int, sp: bool = False) -> float:
     """Bytes per token alive inside a block's forward without autograd (evaluation, sampling): the stream in
-    and out, the LayerNorm's fp32 output and its modulated cast, and the MLP's hidden before and after GELU."""
+    and out, the LayerNorm's fp32 output and its modulated cast, and the MLP's hidden before and after GELU
+    (SP: the stream and the norm on a sequence shard, mlp_in's input gathered)."""
     p = precision_of(m.precision)
-    return m.hidden_size * (2 * p.residual + 4 + p.linear_in + 2 * m.mlp_ratio * p.mlp / tp)
+    return m.hidden_size * ((2 * p.residual + 4) / (tp if sp else 1) + p.linear_in + 2 * m.mlp_ratio * p.mlp / tp)
 
 
 def _eval_lines(recipe: "Recipe", c: Candidate, stage: int, a: Assumptions) -> list[Line]:
@@ -439,17 +480,20 @@ def _eval_lines(recipe: "Recipe", c: Candidate, stage: int, a: Assumptions) -> l
     m = recipe.model
     w = precision_of(m.precision).weight
     out_bytes = precision_of(m.precision).compute  # the head's raw output (autocast and bf16 heads give bf16)
-    padded, largest = _dp_chunks(_shape_key(m, c.tp), c.tp, c.pp, stage, c.dp)
+    d = c.data_group_size  # the EMA shards over DP x CP
+    padded, largest = _dp_chunks(_shape_key(m, c.tp), c.tp, c.pp, stage, d)
     zero3 = c.zero_stage == 3
-    gathered = 0.0 if zero3 or c.dp == 1 else 4 * c.dp * (padded + largest)
+    gathered = 0.0 if zero3 or d == 1 else 4 * d * (padded + largest)
     saved = w * (padded if zero3 else stage_params(m, c.tp, c.pp, stage).total)
     last = stage == c.pp - 1
     h, s = m.hidden_size, recipe.data.seq_len
     v_pad, dim = m.padded_vocab(c.tp), m.vocab_size
     v_local = v_pad // c.tp
 
-    valid_tokens = c.micro_batch * s
-    validation = valid_tokens * _eval_forward_per_token(m, c.tp)
+    # CP: a rank runs its chunk of every sequence; validation's fused loss scores the chunk, while sampling's
+    # SEDD.forward gathers the head's raw output over CP into whole sequences before the log-scores.
+    valid_tokens = c.micro_batch * s // c.cp
+    validation = valid_tokens * _eval_forward_per_token(m, c.tp, c.sp)
     if last:  # the fused loss without gradients: final norm, projected rows (all, at worst), chunk logits
         n_local = min(v_local, m.num_tokens)
         chunk = min(_loss_chunk(n_local), valid_tokens)
@@ -457,9 +501,10 @@ def _eval_lines(recipe: "Recipe", c: Candidate, stage: int, a: Assumptions) -> l
 
     sample_tokens = SAMPLE_BATCH * s
     full = sample_tokens * v_pad * 4  # the gathered fp32 log-scores (every stage of a pipeline receives them)
-    sampling = sample_tokens * _eval_forward_per_token(m, c.tp)
-    if last:
-        sampling = max(sampling, sample_tokens * v_local * (out_bytes + 8))  # raw output + two fp32 copies
+    sampling = sample_tokens // c.cp * _eval_forward_per_token(m, c.tp, c.sp)
+    if last:  # raw output (CP: the chunk's and the gathered) + two fp32 copies
+        chunk_out = sample_tokens // c.cp * v_local * out_bytes if c.cp > 1 else 0
+        sampling = max(sampling, sample_tokens * v_local * (out_bytes + 8) + chunk_out)
         if c.tp > 1:  # gather_tp: this shard, the tp received shards and their concatenation
             sampling = max(sampling, sample_tokens * v_local * 4 + 2 * full)
     rows = min(max(1, SAMPLER_CHUNK[a.device] // dim), sample_tokens)

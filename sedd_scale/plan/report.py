@@ -1,6 +1,7 @@
 """Plans and proposals as text, for the pre-flight check."""
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from sedd_scale.plan.flops import projected_fraction
@@ -53,13 +54,18 @@ def format_plan(recipe: "Recipe", p: Plan) -> str:
     t, f = p.time, p.flops
     out.append(f"  pipeline bubble: {p.bubble:.1%} (1F1B: (pp - 1) / (grad_accum + pp - 1) = "
                f"{c.pp - 1}/{c.grad_accum + c.pp - 1})")
-    out.append(f"  step: ~{t.total:.3g} s = compute {t.compute:.3g} + TP all-reduce {t.tp_comm:.3g} + pipeline "
+    tp_what = "TP all-gather/reduce-scatter (SP) + loss gather" if c.sp else "TP all-reduce"
+    out.append(f"  step: ~{t.total:.3g} s = compute {t.compute:.3g} + {tp_what} {t.tp_comm:.3g}"
+               + (f" + CP all-to-all {t.cp_comm:.3g}" if c.cp > 1 else "") + f" + pipeline "
                f"p2p {t.p2p:.3g} + bubble {t.bubble:.3g} + DP exchange {t.dp_comm:.3g} exposed"
                + (f" ({t.dp_hidden:.3g} more hidden behind compute)" if t.dp_hidden > 0 else "")
                + f"; {p.tokens_per_s:,.0f} "
                f"tokens/s; MFU {p.mfu:.1%} of {p.peak_tflops:g} TFLOP/s")
-    out.append(f"  network: DP group of {c.dp} ranks {c.tp} apart at {group_bandwidth(c.dp, c.tp, a) / 1e9:.4g} GB/s "
-               f"per rank" + (f", TP at {group_bandwidth(c.tp, 1, a) / 1e9:.4g} GB/s" if c.tp > 1 else "")
+    n = c.data_group_size
+    out.append(f"  network: {'DP x CP' if c.cp > 1 else 'DP'} group of {n} ranks {c.tp} apart at "
+               f"{group_bandwidth(n, c.tp, a) / 1e9:.4g} GB/s per rank"
+               + (f", TP at {group_bandwidth(c.tp, 1, a) / 1e9:.4g} GB/s" if c.tp > 1 else "")
+               + (f", CP all-to-alls at {group_bandwidth(c.cp, c.tp, a) / 1e9:.4g} GB/s" if c.cp > 1 else "")
                + (f", pipeline sends at {p2p_bandwidth(c, a) / 1e9:.4g} GB/s" if c.pp > 1 else "")
                + " (ring all-reduce 2 (n - 1) / n x bytes / B, B = min(NVLink, node network x members per node "
                "/ GPUs per node))")
@@ -78,7 +84,7 @@ def format_plan(recipe: "Recipe", p: Plan) -> str:
 def _overlap_assumption(recipe: "Recipe", c: Candidate) -> str:
     """What the step time assumes about overlapping communication with compute, for this layout."""
     tp_pp = "TP all-reduces and pipeline sends not overlapped with compute"
-    if c.dp == 1:
+    if c.data_group_size == 1:
         return tp_pp
     if not overlaps_reduction(recipe, c):
         why = ("parallel.zero_overlap_comm is false" if not recipe.parallel.zero_overlap_comm else
@@ -98,22 +104,46 @@ def format_proposals(recipe: "Recipe", world_size: int, plans: list[Plan], limit
     """The fastest fitting layouts (`propose`'s result for `world_size`) as a table."""
     if not plans:
         if not candidates(recipe, world_size):
-            return (f"no layout exists for {world_size} GPUs: it must be tp x pp x dp with tp dividing "
-                    f"model.n_heads={recipe.model.n_heads} (at most the GPUs of a node), pp dividing "
+            return (f"no layout exists for {world_size} GPUs: it must be tp x cp x pp x dp with tp x cp dividing "
+                    f"model.n_heads={recipe.model.n_heads} (tp at most the GPUs of a node), pp dividing "
                     f"model.n_blocks={recipe.model.n_blocks} and dp dividing parallel.global_batch="
                     f"{recipe.parallel.global_batch}")
         return f"no layout fits {world_size} GPUs: more GPUs, a smaller model or a GPU with more memory is needed"
     out = [f"{len(plans)} layouts fit; the fastest {min(limit, len(plans))}:"]
     if recipe.model.precision == "bf16":
         out.append("(left out: ZeRO-0/2/3 with gradient accumulation, which sum the micro-batches' gradients in bf16)")
-    out.append(f"{'tp':>3} {'pp':>3} {'dp':>5} {'zero':>4} {'micro':>5} {'accum':>5} {'recomp':>6} {'GB/GPU':>7} "
-               f"{'bubble':>7} {'step s':>7} {'tokens/s':>11} {'MFU':>6}")
-    for p in plans[:limit]:
+    out.append(f"{'tp':>3} {'sp':>3} {'cp':>3} {'pp':>3} {'dp':>5} {'zero':>4} {'micro':>5} {'accum':>5} {'recomp':>6} "
+               f"{'GB/GPU':>7} {'bubble':>7} {'step s':>7} {'tokens/s':>11} {'MFU':>6}")
+    shown, either = _merge_sp_twins(plans, limit)
+    for p in shown:
         c = p.candidate
-        out.append(f"{c.tp:>3} {c.pp:>3} {c.dp:>5} {c.zero_stage:>4} {c.micro_batch:>5} {c.grad_accum:>5} "
+        sp = "any" if id(p) in either else "on" if c.sp else "-"
+        out.append(f"{c.tp:>3} {sp:>3} {c.cp:>3} {c.pp:>3} {c.dp:>5} {c.zero_stage:>4} "
+                   f"{c.micro_batch:>5} {c.grad_accum:>5} "
                    f"{'on' if c.recompute else 'off':>6} {p.needed_bytes / GB:>7.1f} {p.bubble:>7.1%} "
                    f"{p.time.total:>7.3g} {p.tokens_per_s:>11,.0f} {p.mfu:>6.1%}")
+    if either:
+        out.append("(sp any: sequence parallelism on and off plan alike, to 0.1 GB and 0.5% of the step: one row)")
     return "\n".join(out)
+
+
+def _merge_sp_twins(plans: list[Plan], limit: int) -> tuple[list[Plan], set[int]]:
+    """The first `limit` plans, a layout whose SP-on and SP-off twins plan alike (GB/GPU to 0.1, step within 0.5%)
+    shown once: the faster, its id in the returned set."""
+    shown: list[Plan] = []
+    either: set[int] = set()
+    seen: dict[Candidate, Plan] = {}
+    for p in plans:
+        if len(shown) == limit:
+            break
+        twin = seen.get(dataclasses.replace(p.candidate, sp=not p.candidate.sp)) if p.candidate.tp > 1 else None
+        if (twin is not None and round(twin.needed_bytes / GB, 1) == round(p.needed_bytes / GB, 1)
+                and abs(p.time.total / twin.time.total - 1) <= 0.005):
+            either.add(id(twin))
+            continue
+        seen[p.candidate] = p
+        shown.append(p)
+    return shown, either
 
 
 def format_batch_proposal(recipe: "Recipe", world_size: int, b: BatchProposal | None) -> str:

@@ -124,23 +124,38 @@ def accumulates_in_bf16(m: ModelConfig, c: Candidate) -> bool:
     return m.precision == "bf16" and c.zero_stage != 1 and c.grad_accum > 1
 
 
+def sequence_splits(recipe: "Recipe", tp: int, a: Assumptions = Assumptions()) -> list[tuple[int, bool]]:
+    """The (context parallel, sequence parallel) choices the planner tries with `tp`: CP sizes dividing the
+    heads of a TP rank and data.seq_len, with TP x CP at most two nodes' GPUs (Ulysses' all-to-alls cross the
+    network beyond one node); SP on and off when tp > 1 (it needs seq_len divisible by tp x cp)."""
+    m, s = recipe.model, recipe.data.seq_len
+    out = []
+    for cp in divisors(m.n_heads // tp):
+        if s % cp or tp * cp > 2 * a.gpus_per_node:
+            continue
+        out += [(cp, sp) for sp in ((False, True) if tp > 1 and s % (tp * cp) == 0 else (False,))]
+    return out
+
+
 def candidates(recipe: "Recipe", world_size: int, a: Assumptions = Assumptions()) -> list[Candidate]:
-    """Every layout the trainer accepts for `world_size`: tp | heads and tp <= GPUs per node, pp | blocks,
-    ZeRO 0-3 (0-1 with a pipeline; not 0 with bf16 weights), micro batches dividing the per-rank batch,
-    recompute on and off."""
+    """Every layout the trainer accepts for `world_size`: tp | heads and tp <= GPUs per node, CP and SP as
+    `sequence_splits` allows, pp | blocks, ZeRO 0-3 (0-1 with a pipeline; not 0 with bf16 weights), micro
+    batches dividing the per-rank batch, recompute on and off."""
     m, g = recipe.model, recipe.parallel.global_batch
     out = []
     for tp in (t for t in divisors(m.n_heads) if t <= a.gpus_per_node):
-        for pp in divisors(m.n_blocks):
-            if world_size % (tp * pp):
-                continue
-            dp = world_size // (tp * pp)
-            if g % dp:
-                continue
-            for micro in divisors(g // dp):
-                for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3))[1 if m.precision == "bf16" else 0:]:
-                    for recompute in (False, True):
-                        out.append(Candidate.of(tp, pp, dp, zero, micro, g // (dp * micro), recompute))
+        for cp, sp in sequence_splits(recipe, tp, a):
+            for pp in divisors(m.n_blocks):
+                if world_size % (tp * cp * pp):
+                    continue
+                dp = world_size // (tp * cp * pp)
+                if g % dp:
+                    continue
+                for micro in divisors(g // dp):
+                    for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3))[1 if m.precision == "bf16" else 0:]:
+                        for recompute in (False, True):
+                            out.append(Candidate.of(tp, pp, dp, zero, micro, g // (dp * micro), recompute,
+                                                    cp=cp, sp=sp))
     return out
 
 

@@ -12,6 +12,7 @@ from sedd_scale.plan.memory import (
     precision_of,
     stage_params,
     stages,
+    tokens_per_rank,
     uses_bf16_optimizer,
 )
 
@@ -58,6 +59,7 @@ class StepTime:
     total: float
     p2p: float = 0.0  # pipeline sends and receives of activations and their gradients
     dp_hidden: float = 0.0  # DP traffic hidden behind compute (overlap_comm); dp_comm is what is left exposed
+    cp_comm: float = 0.0  # context parallelism's all-to-alls around attention (Ulysses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,23 +92,25 @@ def group_bandwidth(size: int, stride: int, a: Assumptions) -> float:
 
 def p2p_bandwidth(c: Candidate, a: Assumptions) -> float:
     """Bytes/s of one pipeline send between neighbouring stages: NVLink when the whole pipeline of a model
-    replica sits in one node (tp x dp x pp <= g), else the network, whose per-direction bandwidth per node is
-    shared by the ranks of a stage that send across at once: min(g, tp x dp) of them (every DP replica and TP
-    rank sends its own copy of the activations at the same moment of the 1F1B schedule)."""
+    replica sits in one node (tp x cp x dp x pp <= g), else the network, whose per-direction bandwidth per node is
+    shared by the ranks of a stage that send across at once: min(g, tp x cp x dp) of them (every DP replica, CP
+    rank and TP rank sends its own activations at the same moment of the 1F1B schedule)."""
     g = a.gpus_per_node
-    if c.tp * c.dp * c.pp <= g:
+    if c.tp * c.cp * c.dp * c.pp <= g:
         return a.intra_node_gbps * 1e9
-    return min(a.intra_node_gbps, a.inter_node_gbps / min(g, c.tp * c.dp)) * 1e9
+    return min(a.intra_node_gbps, a.inter_node_gbps / min(g, c.tp * c.cp * c.dp)) * 1e9
 
 
 def p2p_seconds_per_micro_batch(recipe: "Recipe", c: Candidate, a: Assumptions) -> float:
     """A stage's pipeline traffic per micro-batch: the activations (micro_batch x seq_len x hidden in the
-    residual stream's dtype) sent forward and their gradient sent back, at `p2p_bandwidth`. DeepSpeed's
-    pipeline engine sends and receives blocking, so this is not overlapped with compute."""
+    residual stream's dtype; a CP rank's chunk, SP: its TP rank's shard of it) sent forward and their gradient
+    sent back, at `p2p_bandwidth`. DeepSpeed's pipeline engine sends and receives blocking, so this is not
+    overlapped with compute."""
     if c.pp == 1:
         return 0.0
     m = recipe.model
-    activation = c.micro_batch * recipe.data.seq_len * m.hidden_size * precision_of(m.precision).residual
+    activation = (tokens_per_rank(recipe, c) // (c.tp if c.sp else 1) * m.hidden_size
+                  * precision_of(m.precision).residual)
     return 2 * activation / p2p_bandwidth(c, a)
 
 
@@ -117,13 +121,50 @@ def _peak_rate(recipe: "Recipe", gpu: Gpu, peak_tflops: float | None) -> float:
     return (peak_tflops or gpu.bf16_tflops) * 1e12
 
 
-def step_time(recipe: "Recipe", c: Candidate, gpu: Gpu, a: Assumptions, peak_tflops: float | None = None) -> StepTime:
-    """Estimated seconds per optimizer step: the slowest stage's compute, TP all-reduces and pipeline sends per
-    micro-batch, times (grad_accum + pp - 1) micro-batch slots (1F1B), plus the data-parallel gradient exchange."""
+def tp_seconds_per_micro_batch(recipe: "Recipe", c: Candidate, a: Assumptions, stage: int) -> float:
+    """A stage's TP traffic per micro-batch: two all-reduces of a rank's (tokens, H) per block forward, two in
+    backward, two more when the forward is recomputed (TP ranks are adjacent: stride 1).
+
+    Sequence parallelism moves the same volume (each all-reduce becomes an all-gather before the column-parallel
+    GEMM and a reduce-scatter after the row-parallel one); the backward's extra all-gathers of qkv's and
+    mlp_in's inputs for their weight gradients run asynchronously under the input-gradient GEMMs (megatron's
+    LinearWithGradAccumulationAndAsyncCommunication) and are not counted. What SP adds is the fused loss's
+    all-gather of the final features over TP on the last stage (a reduce-scatter of their gradient in backward).
+    """
+    if c.tp == 1:
+        return 0.0
     m = recipe.model
     prec = precision_of(m.precision)
+    tokens = tokens_per_rank(recipe, c)
+    bw = group_bandwidth(c.tp, 1, a)
+    reduces = m.n_blocks // c.pp * (6 if c.recompute else 4)
+    seconds = reduces * 2 * (c.tp - 1) / c.tp * tokens * m.hidden_size * prec.compute / bw
+    if c.sp and stage == c.pp - 1:
+        seconds += 2 * (c.tp - 1) / c.tp * tokens * m.hidden_size * prec.weight / bw
+    return seconds
+
+
+def cp_seconds_per_micro_batch(recipe: "Recipe", c: Candidate, a: Assumptions) -> float:
+    """A stage's context-parallel traffic per micro-batch (DeepSpeed-Ulysses): per block four all-to-alls forward
+    (q, k, v from chunks to heads, the output back), four backward, four more when the forward is recomputed;
+    each sends (cp - 1) / cp of a rank's (tokens / cp, H / tp) tensor in the attention dtype over the CP group
+    (ranks tp apart: the rank order is TP, CP, DP, PP)."""
+    if c.cp == 1:
+        return 0.0
+    m = recipe.model
+    count = m.n_blocks // c.pp * (12 if c.recompute else 8)
+    volume = (c.cp - 1) / c.cp * tokens_per_rank(recipe, c) * m.hidden_size / c.tp * precision_of(m.precision).attention
+    return count * volume / group_bandwidth(c.cp, c.tp, a)
+
+
+def step_time(recipe: "Recipe", c: Candidate, gpu: Gpu, a: Assumptions, peak_tflops: float | None = None) -> StepTime:
+    """Estimated seconds per optimizer step: the slowest stage's compute, TP and CP communication and pipeline sends
+    per micro-batch, times (grad_accum + pp - 1) micro-batch slots (1F1B), plus the data-parallel gradient exchange
+    (over DP x CP: DeepSpeed's data group). A CP rank computes its chunk: 1 / cp of the tokens (attention: all L
+    keys for its heads / cp)."""
+    m = recipe.model
     f = flops_per_token(recipe, c.recompute)
-    tokens = c.micro_batch * recipe.data.seq_len
+    tokens = tokens_per_rank(recipe, c)
     rate = _peak_rate(recipe, gpu, peak_tflops) * a.efficiency
     blocks = m.n_blocks // c.pp
     per_block = f.blocks_executed / m.n_blocks
@@ -132,18 +173,15 @@ def step_time(recipe: "Recipe", c: Candidate, gpu: Gpu, a: Assumptions, peak_tfl
     stage_flops = [tokens / c.tp * (blocks * per_block + (head if s == c.pp - 1 else 0.0)) for s in range(c.pp)]
     # Small micro-batches pay a fixed launch/framework cost per block that large ones amortise.
     micro_compute = max(stage_flops) / rate + blocks * a.block_overhead_s
-    # TP: two all-reduces of the (tokens, H) activations per block forward, two in backward, two more
-    # when the forward is recomputed (TP ranks are adjacent: stride 1).
-    reduces = blocks * (6 if c.recompute else 4)
-    micro_tp = 0.0 if c.tp == 1 else (reduces * 2 * (c.tp - 1) / c.tp * tokens * m.hidden_size * prec.compute
-                                      / group_bandwidth(c.tp, 1, a))
+    micro_tp = max(tp_seconds_per_micro_batch(recipe, c, a, s) for s in stages(c.pp))
+    micro_cp = cp_seconds_per_micro_batch(recipe, c, a)
     micro_p2p = p2p_seconds_per_micro_batch(recipe, c, a)
-    slot = micro_compute + micro_tp + micro_p2p
+    slot = micro_compute + micro_tp + micro_cp + micro_p2p
     backward = micro_compute * (2 + c.recompute) / (3 + c.recompute)  # matmul FLOPs: forward 1, backward 2 (+1)
     dp = dp_exchange(recipe, c, a, micro_compute - backward, backward)
     return StepTime(compute=c.grad_accum * micro_compute, tp_comm=c.grad_accum * micro_tp, dp_comm=dp.exposed,
                     bubble=(c.pp - 1) * slot, total=(c.grad_accum + c.pp - 1) * slot + dp.exposed,
-                    p2p=c.grad_accum * micro_p2p, dp_hidden=dp.total - dp.exposed)
+                    p2p=c.grad_accum * micro_p2p, dp_hidden=dp.total - dp.exposed, cp_comm=c.grad_accum * micro_cp)
 
 
 @dataclass(frozen=True)
@@ -193,14 +231,15 @@ def dp_exchange(recipe: "Recipe", c: Candidate, a: Assumptions, forward: float =
     the engine's all-reduce, the whole exchange adds to the step. Only compute hides communication here: the
     TP all-reduces and pipeline sends are not counted as a window, nor do they slow the DP collectives down.
     """
-    if c.dp == 1:
+    n = c.data_group_size  # DeepSpeed's data group: DP x CP
+    if n == 1:
         return DpExchange(0.0, 0.0)
     m = recipe.model
     w = precision_of(m.precision).weight
     p = max(stage_params(m, c.tp, c.pp, s).total for s in stages(c.pp))  # middle stages are alike
-    # A DP group holds ranks tp apart (rank = tp_rank + TP (dp_rank + DP pp_rank)).
-    bw = group_bandwidth(c.dp, c.tp, a)
-    frac = (c.dp - 1) / c.dp
+    # A data group holds ranks tp apart (rank = tp_rank + TP (cp_rank + CP (dp_rank + DP pp_rank))).
+    bw = group_bandwidth(n, c.tp, a)
+    frac = (n - 1) / n
 
     def seconds(elements: float, bytes_: int) -> float:  # a reduce-scatter or all-gather
         return frac * elements * bytes_ / bw

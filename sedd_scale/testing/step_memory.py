@@ -35,7 +35,7 @@ def validation_recipe(model: dict, parallel: dict, world: int, reduce_bucket_siz
     """A raw recipe of VALIDATION_MODEL (with `model` overrides) for `world` ranks: micro 4 x 128 tokens and two
     micro-batches per step on every rank (so gradients exist during the second forward, as at scale);
     `reduce_bucket_size`: parallel.zero_reduce_bucket_size (None: the recipe's default)."""
-    dp = world // (parallel.get("tp", 1) * parallel.get("pp", 1))
+    dp = world // (parallel.get("tp", 1) * parallel.get("context_parallel", 1) * parallel.get("pp", 1))
     if reduce_bucket_size is not None:
         parallel = {**parallel, "zero_reduce_bucket_size": reduce_bucket_size}
     m = {**VALIDATION_MODEL, **model}
