@@ -18,8 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "cpu-tiny.yaml")
-# A world of one has no master (an in-memory store): "master none:none".
-RANK_LINE = re.compile(r"rank (\d+)/(\d+) local (\d+) master (\S+):(\d+|none) \| tp (\d+) pp (\d+) dp (\d+)")
+# A world of one has no master (an in-memory store): "master none:none". These layouts run CP 1: cp rank 0.
+RANK_LINE = re.compile(r"rank (\d+)/(\d+) local (\d+) master (\S+):(\d+|none) \| tp (\d+) cp 0 pp (\d+) dp (\d+)")
 
 FAKE_SRUN = """\
 #!{python}
