@@ -16,8 +16,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch.distributed as dist
-
 SUMS_FILE = "SHA256SUMS"
 _HEX = frozenset("0123456789abcdef")
 # What to do about a damaged exported directory (training checkpoints pass their own advice).
@@ -60,6 +58,8 @@ def once(check: Callable[[], object], errors: tuple[type[Exception], ...] = (Che
     hash the same bytes. Where each node holds its own copy on a local disk, pass one group per node
     (`torch.distributed.new_subgroups()`), so the first rank of each node checks that node's copy.
     """
+    import torch.distributed as dist  # here: the data tools import this module and must start without torch
+
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         check()
         return

@@ -109,10 +109,11 @@ class LayerNorm(nn.Module):
     """LayerNorm with a weight and no bias, computed in float32 even under autocast (the reference's), and the
     adaLN modulation that always follows it (one region, so a compiled model fuses them)."""
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, cfg: ModelConfig, split: SequenceSplit):
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, cfg: ModelConfig,
+                 split: SequenceSplit | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        self.dim, self.config, self.split = dim, cfg, split
+        self.dim, self.config, self.split = dim, cfg, split or SequenceSplit()  # default: the whole sequence
         # apex's fused kernel on CUDA where importable and the blocks are eager (logged once per process).
         self.kernels = accelerators.choose(cuda=torch.device(device).type == "cuda", compiled=cfg.compile)
 
