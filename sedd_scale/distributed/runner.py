@@ -29,6 +29,7 @@ from sedd_scale.distributed.pipeline import LossRecords, SEDDTrainModule, build_
 from sedd_scale.layout import Layout
 from sedd_scale.loss import HeadLossConfig
 from sedd_scale.model import SEDD, Block, ModelConfig
+from sedd_scale.model.sequence import SequenceSplit
 
 MicroBatch = tuple[Tensor, Tensor, Tensor, Tensor]
 """(x0, x_t, total_noise, rate): one noised micro-batch."""
@@ -37,12 +38,8 @@ MicroBatch = tuple[Tensor, Tensor, Tensor, Tensor]
 def mean_over_cp(loss: Tensor) -> Tensor:
     """The whole sequences' loss from this context-parallel rank's: each scores its chunk of the positions, times CP
     (so that DeepSpeed's average over DP x CP sums the chunks), and their mean is the loss of the whole sequences."""
-    cp = ps.get_context_parallel_world_size()
-    if cp == 1:
-        return loss
-    loss = loss.detach().clone()
-    dist.all_reduce(loss, group=ps.get_context_parallel_group())
-    return loss / cp
+    split = SequenceSplit.current()
+    return loss if split.cp == 1 else split.sum_cp(loss) / split.cp
 
 
 @contextlib.contextmanager

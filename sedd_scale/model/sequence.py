@@ -91,10 +91,11 @@ class SequenceSplit:
             x.contiguous(), tensor_parallel_output_grad=False, group=ps.get_context_parallel_group())
 
     def sum_cp(self, t: Tensor) -> Tensor:
-        """`t` summed over the CP group (no autograd: per-sequence records of the chunks)."""
+        """A copy of `t` summed over the CP group (no autograd: per-sequence records and losses of the chunks); `t`
+        itself under CP 1."""
         if self.cp == 1:
             return t
-        t = t.detach().contiguous()
+        t = t.detach().clone(memory_format=torch.contiguous_format)
         dist.all_reduce(t, group=ps.get_context_parallel_group())
         return t
 
